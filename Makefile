@@ -1,0 +1,29 @@
+# The two set-up commands: `make demo` runs the main job, `make test` runs the whole suite.
+# Both create .venv and install what they need on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned first so pip picks the local CPU build, never the CUDA stack.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,sim]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m tessera.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check tessera tests benchmarks scripts
+	$(BIN)/mypy tessera
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info
