@@ -1,0 +1,1 @@
+"""The single-process engine: sequences, KV block accounting, scheduling, model running."""

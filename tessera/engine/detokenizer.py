@@ -1,0 +1,64 @@
+"""Tokenizer loading and incremental detokenization (for stop strings and streaming)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+class TokenizerError(ValueError):
+    """The model's tokenizer is missing or unusable for this request."""
+
+
+def load_tokenizer(model_dir: str) -> Any | None:
+    """The directory's tokenizer, or None when it ships none (token-id prompts still work)."""
+    path = Path(model_dir)
+    if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise TokenizerError(f"cannot load the tokenizer in {model_dir!r}: {e}") from e
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text, one step at a time.
+
+    Decoding a token alone can split a multi-byte character or lose a leading space, so each
+    step decodes a short window that starts a few tokens back and emits only the part after
+    what that window decoded to before (the approach vLLM and TGI use).
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: list[int]) -> None:
+        self.tokenizer = tokenizer
+        self.prefix_offset = max(len(prompt_ids) - 5, 0)
+        self.read_offset = len(prompt_ids)
+        self.text = ""
+
+    def step(self, token_ids: list[int]) -> str:
+        """Append the text of tokens added since the last call; returns the new text."""
+        decode = self.tokenizer.decode
+        prefix = decode(token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        full = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return ""  # an incomplete character: wait for more tokens
+        delta = full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        self.text += delta
+        return delta
+
+
+def find_stop(text: str, num_new_chars: int, stops: list[str]) -> int:
+    """Index of the earliest stop string that ends in the last ``num_new_chars`` characters,
+    or -1."""
+    best = -1
+    for stop in stops:
+        start = max(0, len(text) - num_new_chars - len(stop) + 1)
+        idx = text.find(stop, start)
+        if idx != -1 and (best == -1 or idx < best):
+            best = idx
+    return best

@@ -1,0 +1,258 @@
+"""The engine: requests in, finished outputs out. ``step()`` is schedule, run, postprocess."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tessera.config import EngineConfig, RuntimeInfo
+from tessera.engine.block_manager import BlockManager
+from tessera.engine.detokenizer import (
+    IncrementalDetokenizer,
+    TokenizerError,
+    find_stop,
+    load_tokenizer,
+)
+from tessera.engine.model_runner import ModelRunner
+from tessera.engine.sampler import Sampler
+from tessera.engine.scheduler import Scheduler, SchedulerOutput
+from tessera.engine.sequence import Sequence
+from tessera.model.loader import load_model
+from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.platform import get_platform
+from tessera.sampling_params import SamplingParams
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer | None] = field(default_factory=list)
+    stop_texts: dict[int, str] = field(default_factory=dict)
+    """Text of a completion cut at its stop string, by completion index."""
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    """A single-process engine over one model; not thread-safe (one caller drives ``step``)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.platform = get_platform(config.device)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.spec, self.model = load_model(config.model, config.dtype, self.platform.device)
+        self.tokenizer = load_tokenizer(config.model)
+
+        cache = config.cache
+        bytes_per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size)
+        if cache.kv_cache_memory is not None:
+            kv_bytes = cache.kv_cache_memory
+        else:
+            frac = cache.kv_cache_memory_fraction
+            if frac is None:
+                frac = 0.25 if self.platform.name == "cpu" else 0.8
+            kv_bytes = int(self.platform.free_memory_bytes() * frac)
+        num_blocks = kv_bytes // bytes_per_block
+        if num_blocks < 2:
+            raise ValueError(
+                f"KV cache of {kv_bytes} bytes holds fewer than 2 blocks "
+                f"({bytes_per_block} bytes each); raise kv_cache_memory"
+            )
+        max_model_len = min(
+            config.max_model_len or self.spec.max_position_embeddings,
+            self.spec.max_position_embeddings,
+            num_blocks * cache.block_size,
+        )
+        if not config.scheduler.enable_chunked_prefill:
+            # A whole prompt (or a preempted sequence's tokens) must fit in one step.
+            max_model_len = min(max_model_len, config.scheduler.max_num_batched_tokens)
+        self.runtime = RuntimeInfo(
+            num_kv_blocks=num_blocks,
+            max_model_len=max_model_len,
+            eos_token_ids=frozenset(self._eos_ids()),
+            vocab_size=self.spec.vocab_size,
+        )
+        self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.sampler = Sampler(self.platform.device, config.seed)
+        self.runner = ModelRunner(
+            self.model, self.platform.device, cache.block_size, num_blocks, self.sampler
+        )
+        self.requests: dict[str, Request] = {}
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+
+    def _eos_ids(self) -> set[int]:
+        ids = set(self.spec.eos_token_ids)
+        gen_cfg = Path(self.config.model) / "generation_config.json"
+        if gen_cfg.is_file():
+            try:
+                value = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            except (json.JSONDecodeError, AttributeError):
+                value = None
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, list):
+                ids.update(int(v) for v in value)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return ids
+
+    # ----------------------------------------------------------------- requests
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(
+                "this model directory has no tokenizer; pass prompts as token-id lists"
+            )
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams
+    ) -> None:
+        """Queue a request; raises ValueError for a bad prompt or an id already in use."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ValueError("prompt is empty")
+        vocab = self.spec.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
+            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
+        max_len = self.runtime.max_model_len
+        if len(ids) >= max_len:
+            raise ValueError(
+                f"prompt has {len(ids)} tokens; the maximum context length is {max_len} "
+                "(prompt plus at least one generated token)"
+            )
+        now = time.monotonic()
+        seqs = [Sequence(request_id, ids, params, index=i, arrival_s=now) for i in range(params.n)]
+        detoks: list[IncrementalDetokenizer | None] = [
+            IncrementalDetokenizer(self.tokenizer, ids)
+            if params.stop and self.tokenizer is not None
+            else None
+            for _ in seqs
+        ]
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs, detoks)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        self.num_prompt_tokens_total += len(ids)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request at once and free its KV blocks; False if it is unknown or done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "abort")
+            self.sampler.release(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ----------------------------------------------------------------- one step
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; returns the requests that finished in it."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        tokens, logprobs = self.runner.execute(out)
+        self.scheduler.update(out, tokens)
+        return self._postprocess(out, tokens, logprobs)
+
+    def _postprocess(
+        self,
+        out: SchedulerOutput,
+        tokens: list[int | None],
+        logprobs: list[dict[int, float] | None],
+    ) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        max_len = self.runtime.max_model_len
+        eos = self.runtime.eos_token_ids
+        for seq, token, lp in zip(out.seqs, tokens, logprobs, strict=True):
+            if token is None or seq.is_finished:
+                continue
+            self.num_generation_tokens_total += 1
+            p = seq.params
+            if seq.logprobs is not None and lp is not None:
+                seq.logprobs.append(lp)
+                seq.cumulative_logprob += lp[token]
+            req = self.requests[seq.request_id]
+            reason = None
+            if (not p.ignore_eos and token in eos) or token in p.stop_set:
+                reason = "stop"
+            else:
+                detok = req.detokenizers[seq.index]
+                if detok is not None and p.stop:
+                    delta = detok.step(seq.token_ids)
+                    cut = find_stop(detok.text, len(delta), p.stop) if delta else -1
+                    if cut != -1:
+                        req.stop_texts[seq.index] = detok.text[:cut]
+                        reason = "stop"
+            if reason is None and (
+                (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
+                or seq.num_tokens >= max_len
+            ):
+                reason = "length"
+            if reason is not None:
+                self.scheduler.finish(seq, reason)
+                self.sampler.release(seq)
+                if req.finished:
+                    finished.append(self._make_output(req))
+                    del self.requests[req.request_id]
+        return finished
+
+    def _make_output(self, req: Request) -> RequestOutput:
+        outputs = []
+        for seq in req.seqs:
+            ids = seq.output_token_ids
+            text = req.stop_texts.get(seq.index)
+            if text is None:
+                text = (
+                    self.tokenizer.decode(ids, skip_special_tokens=True)
+                    if self.tokenizer is not None
+                    else ""
+                )
+            outputs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text=text,
+                    token_ids=ids,
+                    finish_reason=seq.finish_reason,
+                    logprobs=seq.logprobs,
+                    cumulative_logprob=seq.cumulative_logprob if seq.logprobs is not None else None,
+                )
+            )
+        return RequestOutput(
+            request_id=req.request_id,
+            prompt=req.prompt,
+            prompt_token_ids=req.prompt_token_ids,
+            outputs=outputs,
+            finished=True,
+            num_cached_tokens=req.seqs[0].num_cached_tokens,
+        )
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> dict[str, Any]:
+        s = self.scheduler
+        return {
+            "num_running": len(s.running),
+            "num_waiting": len(s.waiting),
+            "kv_cache_usage": self.block_manager.usage,
+            "num_preemptions": s.num_preemptions,
+            "prefix_queried_tokens": s.num_prefix_queried_tokens,
+            "prefix_hit_tokens": s.num_prefix_hit_tokens,
+        }

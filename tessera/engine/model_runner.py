@@ -1,0 +1,159 @@
+"""Runs one scheduled step on the device.
+
+This is the one place that builds device inputs from scheduler output and the one place that
+waits for the device (a single ``tolist`` of the sampled tokens per step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tessera.engine.sampler import Sampler
+from tessera.engine.scheduler import SchedulerOutput
+from tessera.model.attention import AttentionMetadata, PrefillChunk
+from tessera.model.context import StepContext
+from tessera.model.dense import DecoderModel
+
+
+@dataclass
+class StepInputs:
+    """Device inputs of one step; token order is decodes first, then prefill chunks."""
+
+    input_ids: torch.Tensor  # [T] int64
+    ctx: StepContext
+    sample_rows: torch.Tensor  # [S] int64: batch rows whose hidden state is sampled
+    sample_seq_indices: list[int]  # index into SchedulerOutput.seqs, per sampled row
+
+
+class ModelRunner:
+    """Owns the KV caches; turns a ``SchedulerOutput`` into sampled tokens."""
+
+    def __init__(
+        self,
+        model: DecoderModel,
+        device: torch.device,
+        block_size: int,
+        num_blocks: int,
+        sampler: Sampler,
+    ) -> None:
+        spec = model.spec
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        self.sampler = sampler
+        dtype = model.embed.weight.dtype
+        # Zero-filled: masked-out slots are multiplied by 0 in attention and must not be NaN.
+        self.kv_caches: list[torch.Tensor | None] = [
+            torch.zeros(
+                2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
+                dtype=dtype, device=device,
+            )
+            for _ in range(spec.num_layers)
+        ]
+        self.units: list[nn.Module] = model.units()
+
+    @staticmethod
+    def kv_bytes_per_block(model: DecoderModel, block_size: int) -> int:
+        spec = model.spec
+        itemsize = model.embed.weight.element_size()
+        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+
+    def prepare(self, out: SchedulerOutput) -> StepInputs:
+        bs = self.block_size
+        decodes = [i for i, n in enumerate(out.num_new_tokens) if n == 1]
+        prefills = [i for i, n in enumerate(out.num_new_tokens) if n > 1]
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sample_seq_indices: list[int] = []
+        tables: list[list[int]] = []
+        seq_lens: list[int] = []
+        for i in decodes:
+            seq = out.seqs[i]
+            pos = seq.num_computed_tokens
+            input_ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
+            tables.append(seq.block_ids)
+            seq_lens.append(pos + 1)
+            if pos + 1 == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_seq_indices.append(i)
+        chunks: list[PrefillChunk] = []
+        for i in prefills:
+            seq, n = out.seqs[i], out.num_new_tokens[i]
+            start = seq.num_computed_tokens
+            chunks.append(
+                PrefillChunk(
+                    start=len(input_ids),
+                    num_tokens=n,
+                    num_context_tokens=start,
+                    block_ids=torch.tensor(
+                        seq.block_ids[: -(-(start + n) // bs)], dtype=torch.int64,
+                        device=self.device,
+                    ),
+                )
+            )
+            input_ids.extend(seq.token_ids[start : start + n])
+            positions.extend(range(start, start + n))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
+            if start + n == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sample_seq_indices.append(i)
+
+        dev = self.device
+        block_tables = seq_len_t = None
+        if decodes:
+            width = max(len(t) for t in tables)
+            block_tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t in tables], dtype=torch.int64, device=dev
+            )
+            seq_len_t = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            num_decode_tokens=len(decodes),
+            decode_block_tables=block_tables,
+            decode_seq_lens=seq_len_t,
+            prefills=chunks,
+        )
+        ctx = StepContext(
+            positions=torch.tensor(positions, dtype=torch.int64, device=dev),
+            attn=meta,
+            kv_caches=self.kv_caches,
+        )
+        return StepInputs(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            ctx=ctx,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
+            sample_seq_indices=sample_seq_indices,
+        )
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [S, V] (float32) of the sampled rows."""
+        hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
+        for unit in self.units:
+            hidden = unit(hidden, inputs.ctx)
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    @torch.inference_mode()
+    def execute(
+        self, out: SchedulerOutput
+    ) -> tuple[list[int | None], list[dict[int, float] | None]]:
+        """Run the step; returns the sampled token (None for a prefill chunk that does not
+        end its prompt) and its logprobs entry, per scheduled sequence."""
+        inputs = self.prepare(out)
+        logits = self.forward(inputs)
+        seqs = [out.seqs[i] for i in inputs.sample_seq_indices]
+        sampled = self.sampler.sample(logits, seqs)
+        tokens: list[int | None] = [None] * len(out.seqs)
+        logprobs: list[dict[int, float] | None] = [None] * len(out.seqs)
+        for row, i in enumerate(inputs.sample_seq_indices):
+            tokens[i] = sampled.token_ids[row]
+            logprobs[i] = sampled.logprobs[row]
+        return tokens, logprobs

@@ -1,0 +1,136 @@
+"""Token sampling for a batch of sequences with per-request parameters.
+
+Random rows sample by the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which
+draws exactly from ``p``. A request with a seed draws its ``q`` from its own generator, so
+its tokens do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tessera.engine.sequence import Sequence
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    """One per input row."""
+    logprobs: list[dict[int, float] | None]
+    """Per row: sampled token and top-N alternatives with their log-probabilities, if asked."""
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self._seq_generators: dict[int, torch.Generator] = {}
+
+    def _generator_for(self, seq: Sequence) -> torch.Generator:
+        g = self._seq_generators.get(seq.seq_id)
+        if g is None:
+            assert seq.params.seed is not None
+            g = torch.Generator(device=self.device)
+            # Completion i of an n>1 request gets its own stream, derived from the seed.
+            g.manual_seed(seq.params.seed + 1_000_003 * seq.index)
+            self._seq_generators[seq.seq_id] = g
+        return g
+
+    def release(self, seq: Sequence) -> None:
+        self._seq_generators.pop(seq.seq_id, None)
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        """logits: [S, V] float32, one row per sequence in ``seqs``."""
+        if not seqs:
+            return SamplerOutput([], [])
+        params = [s.params for s in seqs]
+        want_logprobs = any(p.logprobs is not None for p in params)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+        if any(p.has_penalties for p in params):
+            logits = logits.clone()
+            for i, seq in enumerate(seqs):
+                if seq.params.has_penalties:
+                    _apply_penalties(logits[i], seq)
+
+        if all(p.greedy for p in params):
+            token_t = logits.argmax(dim=-1)
+        else:
+            token_t = self._sample_random(logits, seqs)
+
+        token_ids: list[int] = token_t.tolist()  # the step's device sync
+        logprobs: list[dict[int, float] | None] = [None] * len(seqs)
+        if raw_logprobs is not None:
+            logprobs = _gather_logprobs(raw_logprobs, token_t, token_ids, params)
+        return SamplerOutput(token_ids, logprobs)
+
+    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        dev = logits.device
+        num_rows, vocab = logits.shape
+        greedy = torch.tensor([p.greedy for p in params], device=dev)
+        temps = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=dev)
+        x = logits / temps.unsqueeze(1)
+        top_ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+        if any(k < vocab for k in top_ks) or any(p.top_p < 1.0 for p in params):
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            rank = torch.arange(vocab, device=dev).unsqueeze(0)
+            k_t = torch.tensor(top_ks, device=dev).unsqueeze(1)
+            sorted_x = sorted_x.masked_fill(rank >= k_t, float("-inf"))
+            top_p = torch.tensor([p.top_p for p in params], device=dev).unsqueeze(1)
+            probs = sorted_x.softmax(dim=-1)
+            # Drop a token when the tokens before it already reach top_p (keeps at least one).
+            drop = (probs.cumsum(dim=-1) - probs) >= top_p
+            sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+            x = torch.empty_like(x).scatter_(1, order, sorted_x)
+        min_ps = [p.min_p for p in params]
+        if any(m > 0 for m in min_ps):
+            probs = x.softmax(dim=-1)
+            floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, device=dev).unsqueeze(1)
+            x = x.masked_fill(probs < floor, float("-inf"))
+        probs = x.softmax(dim=-1)
+        q = torch.empty_like(probs).exponential_(generator=self.generator)
+        for i, seq in enumerate(seqs):
+            if seq.params.seed is not None and not seq.params.greedy:
+                q[i].exponential_(generator=self._generator_for(seq))
+        sampled = (probs / q).argmax(dim=-1)
+        return torch.where(greedy, logits.argmax(dim=-1), sampled)
+
+
+def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
+    """In place on one row of logits [V]: repetition (prompt and output), then
+    frequency and presence (output only), as defined by vLLM / OpenAI."""
+    p = seq.params
+    dev = row.device
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.int64, device=dev)
+        vals = row[seen]
+        row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and seq.num_output_tokens:
+        out = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=dev)
+        counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _gather_logprobs(
+    raw: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], params: list
+) -> list[dict[int, float] | None]:
+    num_top = max(p.logprobs or 0 for p in params)
+    chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()
+    top_vals: list[list[float]] = [[] for _ in params]
+    top_ids: list[list[int]] = [[] for _ in params]
+    if num_top:
+        vals, ids = raw.topk(num_top, dim=-1)
+        top_vals, top_ids = vals.tolist(), ids.tolist()
+    result: list[dict[int, float] | None] = []
+    for i, p in enumerate(params):
+        if p.logprobs is None:
+            result.append(None)
+            continue
+        entry = {token_ids[i]: chosen[i]}
+        for tid, val in zip(top_ids[i][: p.logprobs], top_vals[i][: p.logprobs], strict=True):
+            entry.setdefault(tid, val)
+        result.append(entry)
+    return result

@@ -1,0 +1,89 @@
+"""A sequence: one completion being generated. Pure Python (no torch)."""
+
+from __future__ import annotations
+
+from enum import Enum, auto
+from itertools import count
+
+from tessera.sampling_params import SamplingParams
+
+_seq_counter = count()
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Token state of one completion.
+
+    Invariants: ``token_ids`` is prompt followed by output; tokens ``[0, num_computed_tokens)``
+    have their KV in the blocks ``block_ids``; ``block_hashes[i]`` is the prefix-cache key of
+    full block i and is filled lazily.
+    """
+
+    __slots__ = (
+        "seq_id",
+        "request_id",
+        "index",
+        "params",
+        "token_ids",
+        "num_prompt_tokens",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "block_ids",
+        "block_hashes",
+        "status",
+        "finish_reason",
+        "arrival_s",
+        "logprobs",
+        "cumulative_logprob",
+    )
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        arrival_s: float = 0.0,
+    ) -> None:
+        self.seq_id = next(_seq_counter)
+        self.request_id = request_id
+        self.index = index
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_ids: list[int] = []
+        self.block_hashes: list[int] = []
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None
+        self.arrival_s = arrival_s
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.name})"
+        )

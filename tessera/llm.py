@@ -1,0 +1,106 @@
+"""``LLM``: the offline entry point, shaped like vLLM's."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+
+from tqdm import tqdm
+
+from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
+from tessera.engine.llm_engine import LLMEngine
+from tessera.outputs import RequestOutput
+from tessera.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a model once and generate for batches of prompts.
+
+    >>> llm = LLM("path/to/hf-model", dtype="float32")
+    >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8))
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        kv_cache_memory: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        block_size: int = 16,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        enable_chunked_prefill: bool = True,
+        max_model_len: int | None = None,
+        num_threads: int | None = None,
+        kv_cache_memory_fraction: float | None = None,
+    ) -> None:
+        config = EngineConfig(
+            model=model,
+            dtype=dtype,
+            device=device,
+            max_model_len=max_model_len,
+            seed=seed,
+            num_threads=num_threads,
+            scheduler=SchedulerConfig(
+                max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens,
+                enable_chunked_prefill=enable_chunked_prefill,
+            ),
+            cache=CacheConfig(
+                block_size=block_size,
+                kv_cache_memory=kv_cache_memory,
+                kv_cache_memory_fraction=kv_cache_memory_fraction,
+                enable_prefix_caching=enable_prefix_caching,
+            ),
+        )
+        self.engine = LLMEngine(config)
+        self._next_id = 0
+
+    def get_tokenizer(self):  # type: ignore[no-untyped-def]
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: str | SequenceABC[str] | SequenceABC[SequenceABC[int]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; returns one ``RequestOutput`` per prompt, in order."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompt_list = list(prompts)
+        if prompt_list and isinstance(prompt_list[0], int):
+            raise ValueError("prompts must be a list of strings or a list of token-id lists")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompt_list)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(
+                    f"got {len(params_list)} sampling params for {len(prompt_list)} prompts"
+                )
+        engine = self.engine
+        ids: list[str] = []
+        try:
+            for prompt, params in zip(prompt_list, params_list, strict=True):
+                request_id = str(self._next_id)
+                self._next_id += 1
+                engine.add_request(
+                    request_id, prompt if isinstance(prompt, str) else list(prompt), params
+                )
+                ids.append(request_id)
+            results: dict[str, RequestOutput] = {}
+            with tqdm(total=len(ids), desc="generate", disable=not use_tqdm) as bar:
+                while engine.has_unfinished_requests():
+                    for output in engine.step():
+                        results[output.request_id] = output
+                        bar.update(1)
+        except BaseException:
+            # Leave the engine clean (no queued requests, no held blocks) for the next call.
+            for request_id in ids:
+                engine.abort_request(request_id)
+            raise
+        return [results[i] for i in ids]

@@ -1,0 +1,1 @@
+"""Model code: decoder layers as attention and FFN units, with no knowledge of placement."""

@@ -1,0 +1,122 @@
+"""Dense decoder families (Llama, Mistral, Qwen2, Qwen3) as attention and FFN units.
+
+A decoder layer is two units with one interface, ``unit(hidden, ctx) -> hidden``, where
+``hidden`` is the residual stream [T, D]. The model is embedding, a flat list of units and the
+LM head; a runner decides where each unit runs and calls it. Nothing here knows placement.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tessera.model.attention import paged_attention, write_kv
+from tessera.model.context import StepContext
+from tessera.model.layers import RMSNorm, RotaryEmbedding, activation
+from tessera.model.spec import ModelSpec
+from tessera.model.weights import Target, dense_target
+
+
+class AttentionUnit(nn.Module):
+    """norm -> fused qkv -> (q/k norm) -> rope -> paged attention -> o_proj -> residual add."""
+
+    kind = "attention"
+
+    def __init__(self, spec: ModelSpec, layer_id: int, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = spec.num_heads
+        self.num_kv_heads = spec.num_kv_heads
+        self.head_dim = spec.head_dim
+        self.q_size, self.kv_size = spec.q_size, spec.kv_size
+        self.scale = spec.head_dim**-0.5
+        self.window = (
+            spec.sliding_window if spec.layer_sliding and spec.layer_sliding[layer_id] else None
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.qkv_proj = nn.Linear(
+            spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias
+        )
+        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
+        self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
+        self.rope = [rope]  # a list, so the shared rotary tables are not registered per layer
+
+    def forward(self, hidden: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(self.norm(hidden))  # [T, q + 2kv]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope[0](ctx.positions, q, k)
+        kv_cache = ctx.kv_caches[self.layer_id]
+        assert kv_cache is not None, f"no KV cache for layer {self.layer_id}"
+        write_kv(kv_cache, k, v, ctx.attn.slot_mapping)
+        o = paged_attention(q, k, v, kv_cache, ctx.attn, self.scale, self.window)  # [T, H, d]
+        return hidden + self.o_proj(o.view(num_tokens, self.q_size))
+
+
+class DenseFFNUnit(nn.Module):
+    """norm -> fused gate/up -> act(gate) * up -> down -> residual add."""
+
+    kind = "ffn"
+
+    def __init__(self, spec: ModelSpec, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        inter = spec.intermediate_size
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
+        self.act = activation(spec.hidden_act)
+
+    def forward(self, hidden: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        gate, up = self.gate_up_proj(self.norm(hidden)).chunk(2, dim=-1)  # [T, I] each
+        return hidden + self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: nn.Module, ffn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+        self.ffn = ffn
+
+
+class DecoderModel(nn.Module):
+    """Embedding, decoder layers (attention unit + FFN unit each), final norm and LM head."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope)
+        self.layers = nn.ModuleList(
+            DecoderLayer(AttentionUnit(spec, i, self.rotary), self.make_ffn(spec, i))
+            for i in range(spec.num_layers)
+        )
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        if spec.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def make_ffn(self, spec: ModelSpec, layer_id: int) -> nn.Module:
+        """The FFN unit of a layer; MoE families override this."""
+        return DenseFFNUnit(spec, layer_id)
+
+    def units(self) -> list[nn.Module]:
+        """All units in execution order: attention 0, FFN 0, attention 1, ..."""
+        return [u for layer in self.layers for u in (layer.attn, layer.ffn)]
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(input_ids)  # [T, D]
+
+    def checkpoint_target(self, name: str) -> Target | None:
+        """Where checkpoint tensor ``name`` is loaded; None for a tensor this model lacks."""
+        return dense_target(self.spec, name)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden)).float()  # [S, V]
+

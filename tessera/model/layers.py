@@ -1,0 +1,91 @@
+"""Small building blocks shared by the model families: RMSNorm, rotary embedding, activations."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.model.spec import RopeSpec
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, cast back, then scaled (as the HF reference)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def _inv_freq(head_dim: int, rope: RopeSpec) -> torch.Tensor:
+    inv_freq = 1.0 / (
+        rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
+    )
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / rope.factor
+    elif rope.rope_type == "llama3":
+        # Llama 3.1 scaling: long wavelengths are slowed by `factor`, short ones kept, and the
+        # band between is interpolated smoothly.
+        old_len = rope.original_max_position_embeddings or 8192
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding over the whole head (rotate-half layout, as HF Llama)."""
+
+    def __init__(self, head_dim: int, max_positions: int, rope: RopeSpec) -> None:
+        super().__init__()
+        self.head_dim, self.max_positions, self.rope_spec = head_dim, max_positions, rope
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+
+    def build_tables(self, device: torch.device) -> None:
+        """Compute the cos/sin tables on ``device``; the loader calls this once the model's
+        parameters are materialised (models are built on the 'meta' device first)."""
+        inv_freq = _inv_freq(self.head_dim, self.rope_spec)  # [head_dim/2]
+        positions = torch.arange(self.max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # [max_positions, head_dim/2], float32
+        self.cos = freqs.cos().to(device)
+        self.sin = freqs.sin().to(device)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [T]; q: [T, H, d]; k: [T, KVH, d]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, d/2]
+        sin = self.sin[positions].unsqueeze(1)
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    dtype = x.dtype
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
+
+
+def activation(name: str):  # type: ignore[no-untyped-def]
+    """The elementwise activation named by an HF ``hidden_act``."""
+    if name == "silu":
+        return F.silu
+    if name == "gelu_pytorch_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    return F.gelu

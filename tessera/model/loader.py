@@ -1,0 +1,130 @@
+"""Load a Hugging Face model directory (config.json + safetensors) into a ``DecoderModel``.
+
+Checkpoint tensors are mapped onto the model's (possibly fused) parameters row by row; every
+parameter must be covered exactly once and every tensor must be known, so a missing, extra or
+mis-shaped tensor is reported by name instead of producing a silently wrong model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from tessera.model.dense import DecoderModel
+from tessera.model.registry import model_class
+from tessera.model.spec import ModelConfigError, ModelSpec, spec_from_config
+from tessera.model.weights import Target
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_IGNORED = re.compile(r"rotary_emb\.inv_freq$")
+
+
+class ModelLoadError(ValueError):
+    """The model directory cannot be loaded; the message names the problem."""
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory {str(path)!r} does not exist")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{str(path)!r} has no config.json; is it a Hugging Face model?")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"config.json in {str(path)!r} is not valid JSON: {e}") from e
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"config.json in {str(path)!r} is not a JSON object")
+    return cfg
+
+
+def resolve_dtype(name: str, spec: ModelSpec) -> torch.dtype:
+    if name == "auto":
+        return _DTYPES.get(str(spec.checkpoint_dtype), torch.float32)
+    return _DTYPES[name]
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{index.name} is malformed: {e}") from e
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.is_file():
+                raise ModelLoadError(f"{index.name} names {f.name!r}, which is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no .safetensors files in {str(path)!r}")
+    return files
+
+
+def load_model(
+    model_dir: str | Path, dtype: str, device: torch.device
+) -> tuple[ModelSpec, DecoderModel]:
+    """Build the model for ``model_dir`` on ``device`` and load its weights."""
+    path = Path(model_dir)
+    cfg = read_config(path)
+    try:
+        spec = spec_from_config(cfg)
+        cls = model_class(spec)
+    except ModelConfigError as e:
+        raise ModelLoadError(str(e)) from e
+    torch_dtype = resolve_dtype(dtype, spec)
+    with torch.device("meta"):
+        model = cls(spec).to(torch_dtype)
+    model.to_empty(device=device)
+    if spec.tie_word_embeddings:
+        model.lm_head.weight = model.embed.weight
+    load_weights(model, spec, _safetensors_files(path))
+    model.rotary.build_tables(device)
+    model.eval()
+    return spec, model
+
+
+def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> None:
+    params = dict(model.named_parameters())
+    rows_loaded = dict.fromkeys(params, 0)
+    with torch.no_grad():
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise ModelLoadError(f"cannot read {file.name}: {e}") from e
+            with handle as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    if _IGNORED.search(name):
+                        continue
+                    target = model.checkpoint_target(name)
+                    if target is None:
+                        if name == "lm_head.weight" and spec.tie_word_embeddings:
+                            continue
+                        raise ModelLoadError(f"unexpected tensor {name!r} in {file.name}")
+                    if target.param not in params:
+                        if target.param == "lm_head.weight" and spec.tie_word_embeddings:
+                            continue
+                        raise ModelLoadError(f"unexpected tensor {name!r} in {file.name}")
+                    tensor = f.get_tensor(name)
+                    param = params[target.param]
+                    want = (target.num_rows, *param.shape[1:])
+                    if tuple(tensor.shape) != want:
+                        raise ModelLoadError(
+                            f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {want}"
+                        )
+                    param[target.row_offset : target.row_offset + target.num_rows].copy_(tensor)
+                    rows_loaded[target.param] += target.num_rows
+    for name, param in params.items():
+        if rows_loaded[name] != param.shape[0]:
+            what = "missing" if rows_loaded[name] == 0 else "partly missing or duplicated"
+            raise ModelLoadError(f"checkpoint tensor for parameter {name!r} is {what}")
+
+
+__all__ = ["ModelLoadError", "Target", "load_model", "read_config", "resolve_dtype"]

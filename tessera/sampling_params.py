@@ -1,0 +1,92 @@
+"""Per-request sampling parameters, validated once at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample one request's completions; names and defaults follow vLLM.
+
+    Invalid values raise ``ValueError`` naming the field, so a bad request fails before it
+    reaches the scheduler.
+    """
+
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
+    top_k: int = -1
+    """Keep only the k most likely tokens; -1 (or 0) disables."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    seed: int | None = None
+    """Per-request seed: the same seed gives the same output whatever else is in the batch."""
+    max_tokens: int | None = 16
+    """Maximum number of generated tokens; None means up to the model's context length."""
+    stop: list[str] | None = None
+    """Stop strings; generation ends when one appears and it is not included in the text."""
+    stop_token_ids: list[int] | None = None
+    """Extra token ids that end generation (the token is kept in token_ids)."""
+    ignore_eos: bool = False
+    """Keep generating past the end-of-sequence token."""
+    logprobs: int | None = None
+    """Return the log-probability of each sampled token and this many top alternatives."""
+    n: int = 1
+    """Number of completions for the prompt."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_set: frozenset[int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
+
+        if not self.temperature >= 0.0:
+            raise bad("temperature", "must be non-negative")
+        if not 0.0 < self.top_p <= 1.0:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.top_k < -1:
+            raise bad("top_k", "must be -1 (disabled) or a positive integer")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be in [0, 1]")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise bad("max_tokens", "must be at least 1")
+        if self.n < 1:
+            raise bad("n", "must be at least 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise bad("logprobs", "must be between 0 and 20")
+        if not -2.0 <= self.presence_penalty <= 2.0:
+            raise bad("presence_penalty", "must be in [-2, 2]")
+        if not -2.0 <= self.frequency_penalty <= 2.0:
+            raise bad("frequency_penalty", "must be in [-2, 2]")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise bad("repetition_penalty", "must be in (0, 2]")
+        if self.stop is not None:
+            if isinstance(self.stop, str):
+                object.__setattr__(self, "stop", [self.stop])
+            if any(not isinstance(s, str) or not s for s in self.stop or []):
+                raise bad("stop", "must be non-empty strings")
+        if self.stop_token_ids is not None and any(
+            not isinstance(t, int) or t < 0 for t in self.stop_token_ids
+        ):
+            raise bad("stop_token_ids", "must be non-negative integers")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "must be an integer")
+        object.__setattr__(self, "stop_set", frozenset(self.stop_token_ids or ()))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def has_penalties(self) -> bool:
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+        )
