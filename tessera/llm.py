@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as SequenceABC
+from typing import Any
 
 from tqdm import tqdm
 
@@ -57,7 +58,7 @@ class LLM:
         self.engine = LLMEngine(config)
         self._next_id = 0
 
-    def get_tokenizer(self):  # type: ignore[no-untyped-def]
+    def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
     def generate(
@@ -89,7 +90,8 @@ class LLM:
                 request_id = str(self._next_id)
                 self._next_id += 1
                 engine.add_request(
-                    request_id, prompt if isinstance(prompt, str) else list(prompt), params
+                    request_id, prompt if isinstance(prompt, str) else [int(t) for t in prompt],
+                    params,
                 )
                 ids.append(request_id)
             results: dict[str, RequestOutput] = {}

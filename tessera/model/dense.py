@@ -108,7 +108,11 @@ class DecoderModel(nn.Module):
 
     def units(self) -> list[nn.Module]:
         """All units in execution order: attention 0, FFN 0, attention 1, ..."""
-        return [u for layer in self.layers for u in (layer.attn, layer.ffn)]
+        units: list[nn.Module] = []
+        for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
+            units += [layer.attn, layer.ffn]
+        return units
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed(input_ids)  # [T, D]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(dtype)
 
 
-def activation(name: str):  # type: ignore[no-untyped-def]
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The elementwise activation named by an HF ``hidden_act``."""
     if name == "silu":
         return F.silu

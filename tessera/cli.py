@@ -1,0 +1,89 @@
+"""The ``tessera`` command line.
+
+Errors a user can cause (a bad path, a bad value) end with one line on stderr and exit code 2,
+never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _build_generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate a completion for one prompt")
+    p.add_argument("model", help="Hugging Face model directory")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=-1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
+    p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tessera import LLM, SamplingParams
+
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        max_tokens=args.max_tokens,
+    )
+    llm = LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        num_threads=args.threads,
+        kv_cache_memory=args.kv_cache_memory,
+    )
+    start_s = time.perf_counter()
+    out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+    elapsed_s = time.perf_counter() - start_s
+    print(out.outputs[0].text)
+    if args.stats:
+        num_out = len(out.outputs[0].token_ids)
+        print(
+            f"prompt {len(out.prompt_token_ids)} tokens, generated {num_out} tokens in "
+            f"{elapsed_s:.2f} s ({num_out / elapsed_s:.1f} tokens/s)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The simulator owns its own argument parsing.
+    if argv and argv[0] in ("sim", "plan"):
+        try:
+            from tessera.sim import cli as sim_cli
+        except ImportError:
+            print(f"tessera: '{argv[0]}' is not available in this build", file=sys.stderr)
+            return 2
+        return sim_cli.sim_main(argv[1:]) if argv[0] == "sim" else sim_cli.plan_main(argv[1:])
+
+    parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _build_generate_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except (ValueError, OSError) as e:
+        # ValueError covers bad parameters, unloadable models and tokenizer problems.
+        print(f"tessera: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

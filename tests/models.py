@@ -1,0 +1,125 @@
+"""Random-weight Hugging Face models for tests, built with transformers ``from_config``.
+
+Each model ships a byte-level tokenizer (256 byte tokens plus <s> and </s>) so text prompts,
+stop strings and detokenization can be tested without any download.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BOS_ID, EOS_ID = 256, 257
+VOCAB_SIZE = 300
+
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=VOCAB_SIZE,
+    max_position_embeddings=1024,
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+)
+
+# name -> (transformers config class name, architecture, overrides)
+ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama-tied-llama3rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            tie_word_embeddings=True,
+            num_key_value_heads=4,
+            rope_scaling=dict(
+                rope_type="llama3",
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=128,
+            ),
+        ),
+    ),
+    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=24)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, num_key_value_heads=1)),
+}
+
+
+def byte_tokenizer_files(out: Path) -> None:
+    """Write a byte-level BPE tokenizer with no merges: every byte is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
+    vocab["<s>"], vocab["</s>"] = BOS_ID, EOS_ID
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(str(out))
+
+
+def build_model(name: str, out: Path, tokenizer: bool = True, seed: int = 0, **overrides: Any):
+    """Build, save and return (directory, reference HF model in float32 eval mode)."""
+    import transformers
+
+    cfg_cls, arch, arch_overrides = ARCHS[name]
+    kwargs = {**SMALL, **arch_overrides, **overrides, "architectures": [arch]}
+    config = getattr(transformers, cfg_cls)(**kwargs)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    # from_config leaves norms at 1.0; randomise them so a wrongly loaded norm is caught.
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if "norm" in pname:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(str(out))
+    if tokenizer:
+        byte_tokenizer_files(out)
+    return out, model
+
+
+def reference_gaps(
+    model: Any, prompt_ids: list[int], output_ids: list[int], penalties: dict | None = None
+) -> list[float]:
+    """Teacher-forced check: for each generated token, how far its logit is below the
+    reference's best logit at that position (0 means it is the reference's argmax)."""
+    if not output_ids:
+        return []
+    ids = torch.tensor([prompt_ids + output_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    gaps = []
+    for j, tok in enumerate(output_ids):
+        row = logits[len(prompt_ids) - 1 + j].clone()
+        if penalties:
+            row = _penalise(row, prompt_ids, output_ids[:j], **penalties)
+        gaps.append(float(row.max() - row[tok]))
+    return gaps
+
+
+def _penalise(
+    row: torch.Tensor,
+    prompt: list[int],
+    out: list[int],
+    repetition_penalty: float = 1.0,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+) -> torch.Tensor:
+    for t in set(prompt + out):
+        row[t] = row[t] / repetition_penalty if row[t] > 0 else row[t] * repetition_penalty
+    for t in set(out):
+        c = out.count(t)
+        row[t] -= frequency_penalty * c + presence_penalty
+    return row
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())

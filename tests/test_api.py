@@ -1,0 +1,158 @@
+"""The LLM interface, request lifecycle, loader errors and the CLI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from tessera import LLM, SamplingParams
+from tessera.engine.llm_engine import LLMEngine
+from tessera.model.loader import ModelLoadError
+from tests.models import build_model, reference_gaps
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+
+def test_text_and_token_prompts_agree(model_factory):
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    tok = llm.get_tokenizer()
+    by_text = llm.generate(["abc def"], GREEDY, use_tqdm=False)[0]
+    by_ids = llm.generate([tok.encode("abc def")], GREEDY, use_tqdm=False)[0]
+    assert by_text.prompt_token_ids == by_ids.prompt_token_ids
+    assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    assert by_text.outputs[0].text == tok.decode(by_text.outputs[0].token_ids,
+                                                 skip_special_tokens=True)
+    assert by_text.prompt == "abc def" and by_ids.prompt is None
+
+
+def test_model_without_tokenizer(tmp_path):
+    path, hf = build_model("llama", tmp_path / "m", tokenizer=False)
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    out = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0]
+    assert max(reference_gaps(hf, [5, 6, 7], out.outputs[0].token_ids)) <= 1e-4
+    assert out.outputs[0].text == ""
+    with pytest.raises(ValueError, match="no tokenizer"):
+        llm.generate(["hello"], GREEDY, use_tqdm=False)
+    # The failed call left nothing behind.
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_bad_prompts_and_param_lists(model_factory):
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+              max_model_len=64)
+    with pytest.raises(ValueError, match="empty"):
+        llm.generate([[]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match=r"\[0, 300\)"):
+        llm.generate([[1, 300]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="maximum context length is 64"):
+        llm.generate([[1] * 64], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 sampling params for 1 prompts"):
+        llm.generate([[1]], [GREEDY, GREEDY], use_tqdm=False)
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.runtime.num_kv_blocks
+    # Generation stops at the context length with finish_reason "length".
+    out = llm.generate([[1] * 60], SamplingParams(temperature=0, max_tokens=None,
+                                                  ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
+
+
+def test_abort_mid_generation_frees_blocks(model_factory):
+    path, hf = model_factory("llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+              max_num_batched_tokens=32)
+    engine: LLMEngine = llm.engine
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("keep", [4, 5, 6, 7], long)
+    engine.add_request("mid-prefill", list(range(100)), long)
+    engine.add_request("decoding", [9, 8, 7], long)
+    engine.add_request("waiting", [1, 2], long)
+    engine.step()  # prefills keep, decoding and a chunk of mid-prefill
+    engine.step()
+    assert engine.abort_request("mid-prefill") and engine.abort_request("decoding")
+    assert engine.abort_request("waiting")
+    assert not engine.abort_request("waiting") and not engine.abort_request("unknown")
+    done = []
+    while engine.has_unfinished_requests():
+        done += engine.step()
+    assert [o.request_id for o in done] == ["keep"]
+    assert max(reference_gaps(hf, [4, 5, 6, 7], done[0].outputs[0].token_ids)) <= 1e-4
+    assert engine.block_manager.num_free_blocks == engine.runtime.num_kv_blocks
+
+
+@pytest.fixture()
+def model_copy(model_factory, tmp_path):
+    path, _ = model_factory("llama")
+    dst = tmp_path / "copy"
+    shutil.copytree(path, dst)
+    return dst
+
+
+def _load(path):
+    return LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=1 << 20)
+
+
+def test_loader_errors_name_the_problem(model_copy, tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        _load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        _load(tmp_path / "empty")
+    weights = load_file(str(model_copy / "model.safetensors"))
+    w = dict(weights)
+    del w["model.layers.1.mlp.up_proj.weight"]
+    save_file(w, str(model_copy / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"layers\.1\.ffn\.gate_up_proj\.weight.*missing"):
+        _load(model_copy)
+    w = dict(weights)
+    w["model.layers.0.self_attn.k_proj.weight"] = w["model.layers.0.self_attn.q_proj.weight"].clone()
+    save_file(w, str(model_copy / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"k_proj.weight' has shape \(64, 64\), expected"):
+        _load(model_copy)
+    w = dict(weights)
+    w["model.layers.0.mystery.weight"] = w["model.norm.weight"].clone()
+    save_file(w, str(model_copy / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="unexpected tensor 'model.layers.0.mystery"):
+        _load(model_copy)
+    cfg = json.loads((model_copy / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        _load(model_copy)
+
+
+def test_sharded_checkpoint_loads(model_factory, tmp_path):
+    path, hf = model_factory("qwen2")
+    dst = tmp_path / "sharded"
+    hf.save_pretrained(str(dst), max_shard_size="40KB")
+    assert (dst / "model.safetensors.index.json").is_file()
+    llm = LLM(str(dst), dtype="float32", device="cpu", kv_cache_memory=1 << 20)
+    out = llm.generate([[3, 1, 4]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    assert max(reference_gaps(hf, [3, 1, 4], out)) <= 1e-4
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "tessera.cli", *args], capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_generate(model_factory):
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    want = llm.generate(["Hi"], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    r = _cli("generate", str(path), "--prompt", "Hi", "--max-tokens", "5", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == want[0].outputs[0].text + "\n"
+
+
+def test_cli_errors_are_one_line(tmp_path, model_factory):
+    r = _cli("generate", str(tmp_path / "missing"), "--prompt", "x")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr
+    path, _ = model_factory("llama")
+    r = _cli("generate", str(path), "--prompt", "x", "--temperature", "-1")
+    assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
