@@ -70,9 +70,12 @@ class LLM:
         """Generate for every prompt; returns one ``RequestOutput`` per prompt, in order."""
         if isinstance(prompts, str):
             prompts = [prompts]
-        prompt_list = list(prompts)
-        if prompt_list and isinstance(prompt_list[0], int):
-            raise ValueError("prompts must be a list of strings or a list of token-id lists")
+        prompt_list: list[Any] = list(prompts)
+        for prompt in prompt_list:
+            if not isinstance(prompt, str) and not (
+                isinstance(prompt, SequenceABC) and all(isinstance(t, int) for t in prompt)
+            ):
+                raise ValueError("prompts must be a list of strings or a list of token-id lists")
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
@@ -90,8 +93,7 @@ class LLM:
                 request_id = str(self._next_id)
                 self._next_id += 1
                 engine.add_request(
-                    request_id, prompt if isinstance(prompt, str) else [int(t) for t in prompt],
-                    params,
+                    request_id, prompt if isinstance(prompt, str) else list(prompt), params
                 )
                 ids.append(request_id)
             results: dict[str, RequestOutput] = {}
