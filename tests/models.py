@@ -6,13 +6,13 @@ stop strings and detokenization can be tested without any download.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-BOS_ID, EOS_ID = 256, 257
+from tessera.random_models import BOS_ID, EOS_ID, build_random_model
+
 VOCAB_SIZE = 300
 
 SMALL = dict(
@@ -51,38 +51,13 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
-def byte_tokenizer_files(out: Path) -> None:
-    """Write a byte-level BPE tokenizer with no merges: every byte is one token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    vocab["<s>"], vocab["</s>"] = BOS_ID, EOS_ID
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
-    fast.save_pretrained(str(out))
-
-
 def build_model(name: str, out: Path, tokenizer: bool = True, seed: int = 0, **overrides: Any):
     """Build, save and return (directory, reference HF model in float32 eval mode)."""
-    import transformers
-
     cfg_cls, arch, arch_overrides = ARCHS[name]
-    kwargs = {**SMALL, **arch_overrides, **overrides, "architectures": [arch]}
-    config = getattr(transformers, cfg_cls)(**kwargs)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    # from_config leaves norms at 1.0; randomise them so a wrongly loaded norm is caught.
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.uniform_(0.5, 1.5)
-    model.save_pretrained(str(out))
-    if tokenizer:
-        byte_tokenizer_files(out)
+    kwargs = {**SMALL, **arch_overrides, **overrides}
+    model = build_random_model(
+        cfg_cls, arch, out, seed=seed, tokenizer=tokenizer, randomize_norms=True, **kwargs
+    )
     return out, model
 
 
@@ -119,7 +94,3 @@ def _penalise(
         c = out.count(t)
         row[t] -= frequency_penalty * c + presence_penalty
     return row
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
