@@ -13,8 +13,9 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-DEMO_CONFIG = dict(
+DEMO_CONFIG: dict[str, Any] = dict(
     hidden_size=256,
     num_hidden_layers=4,
     num_attention_heads=8,
