@@ -21,6 +21,7 @@ import math
 
 HOTTEST_EXPERT_LOAD_RATIO = 30.0
 EPLB_RESIDUAL_SKEW = 0.25
+NOISE_SCALE = 1.0
 
 
 def rank_imbalance(num_experts: int, num_ranks: int, num_routed_tokens: float,
@@ -33,6 +34,7 @@ def rank_imbalance(num_experts: int, num_ranks: int, num_routed_tokens: float,
         return 1.0
     mean_per_rank = max(num_routed_tokens / num_ranks, 1e-9)
     noise = math.sqrt(2.0 * math.log(num_ranks) / mean_per_rank) if mean_per_rank >= 1 else 1.0
+    noise *= NOISE_SCALE
     if load_balancer:
         return 1.0 + EPLB_RESIDUAL_SKEW + noise
     experts_per_rank = max(num_experts / num_ranks, 1.0)

@@ -14,8 +14,8 @@ class SimResult:
 
     ``decode_tokens_per_s_per_chip`` counts output tokens over the decode (or colocated) pool's
     chips, ``prefill_tokens_per_s_per_chip`` computed prompt tokens over the prefill pool's
-    chips (colocated: all chips), both in the steady window between the 10th and 90th
-    percentile of completions. ``tokens_per_s_per_chip`` is output tokens over all chips.
+    chips (colocated: all chips), each in its steady window: between the 10th and 90th
+    percentile of completions (decode) or of first tokens (prefill). ``tokens_per_s_per_chip`` is output tokens over all chips.
     """
 
     hardware: str
@@ -57,10 +57,10 @@ def mean_p50_p99(values: np.ndarray) -> tuple[float, float, float]:
 
 
 def windowed_rate(end_times: np.ndarray, amounts: np.ndarray, t_lo: float, t_hi: float) -> float:
-    """Amount per second of steps ending within ``[t_lo, t_hi]`` (whole run if the window is empty)."""
+    """Amount per second of steps ending within ``(t_lo, t_hi]`` (whole run if that is empty)."""
     if end_times.size == 0:
         return 0.0
-    mask = (end_times >= t_lo) & (end_times <= t_hi)
+    mask = (end_times > t_lo) & (end_times <= t_hi)
     if t_hi > t_lo and mask.sum() >= 2:
         return float(amounts[mask].sum() / (t_hi - t_lo))
     span = float(end_times.max())

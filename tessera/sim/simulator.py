@@ -8,7 +8,6 @@ batches are events; the KV cache then travels to the decode pool over the fabric
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -295,7 +294,10 @@ class _Run:
         t_lo = float(fin[int(0.1 * (fin.size - 1))]) if fin.size else 0.0
         t_hi = float(fin[int(0.9 * (fin.size - 1))]) if fin.size else 0.0
         dec_rate = windowed_rate(np.array(self.step_end), np.array(self.step_tokens), t_lo, t_hi)
-        pre_rate = windowed_rate(np.array(self.prefill_end), np.array(self.prefill_tokens), t_lo, t_hi)
+        firsts = np.sort(self.first_token[~np.isnan(self.first_token)])
+        p_lo = float(firsts[int(0.1 * (firsts.size - 1))]) if firsts.size else 0.0
+        p_hi = float(firsts[int(0.9 * (firsts.size - 1))]) if firsts.size else 0.0
+        pre_rate = windowed_rate(np.array(self.prefill_end), np.array(self.prefill_tokens), p_lo, p_hi)
         out = self.reqs.output_tokens
         multi = done & (out > 1)
         tpot = (self.finish[multi] - self.first_token[multi]) / (out[multi] - 1) * 1e3
@@ -341,4 +343,4 @@ def kv_transfer_ms(model: ModelSpec, system: System, num_tokens: int) -> float:
     """Milliseconds to move ``num_tokens`` of KV cache between pools (no contention)."""
     kv = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT * (model.num_layers + model.num_mtp_layers)
     fabric = system.scale_up if system.scale_out is None else system.scale_out
-    return (fabric.latency_us * 1e-6 + kv * num_tokens / fabric.bytes_per_s) * 1e3 + 0.0 * math.pi
+    return (fabric.latency_us * 1e-6 + kv * num_tokens / fabric.bytes_per_s) * 1e3
