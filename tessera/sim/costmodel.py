@@ -198,9 +198,8 @@ class PoolCost:
         """Weight bytes resident on one attention device."""
         m, lay = self.model, self.layout
         layers = m.num_layers + m.num_mtp_layers
-        params = layers * m.attn_params + m.num_dense_layers * m.dense_ffn_params
-        params += m.embedding_params + m.num_mtp_layers * m.mtp_extra_params
-        params /= lay.tp
+        params = float(layers * m.attn_params + m.num_dense_layers * m.dense_ffn_params
+                       + m.embedding_params + m.num_mtp_layers * m.mtp_extra_params) / lay.tp
         if not lay.ffn_split:
             params += self._expert_device_params()
         return params * self.weight_bytes
