@@ -15,7 +15,9 @@ class SimResult:
     ``decode_tokens_per_s_per_chip`` counts output tokens over the decode (or colocated) pool's
     chips, ``prefill_tokens_per_s_per_chip`` computed prompt tokens over the prefill pool's
     chips (colocated: all chips), each in its steady window: between the 10th and 90th
-    percentile of completions (decode) or of first tokens (prefill). ``tokens_per_s_per_chip`` is output tokens over all chips.
+    percentile of completions (decode; ending at the last arrival if that is earlier, since the
+    pool only drains afterwards) or of first tokens (prefill). Step time and batch means
+    are over the decode steps of that window too. ``tokens_per_s_per_chip`` is output tokens over all chips.
     """
 
     hardware: str

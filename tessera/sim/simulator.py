@@ -283,6 +283,15 @@ class _Run:
         return events + self._kick_decode(now)
 
     # ----- results -----------------------------------------------------------------------------------
+    def _window_mean(self, values: list[float], t_lo: float, t_hi: float) -> float:
+        """Mean of a per-step quantity over steps ending in the steady window."""
+        n = len(self.step_end)
+        if not n:
+            return 0.0
+        ends, vals = np.array(self.step_end), np.array(values[:n])
+        mask = (ends > t_lo) & (ends <= t_hi)
+        return float(vals[mask].mean() if mask.any() else vals.mean())
+
     def result(self, scenario: Scenario) -> SimResult:
         dep, chip = self.dep, self.system.chip
         per_chip = chip.num_devices_per_chip
@@ -293,6 +302,9 @@ class _Run:
         fin = np.sort(self.finish[done])
         t_lo = float(fin[int(0.1 * (fin.size - 1))]) if fin.size else 0.0
         t_hi = float(fin[int(0.9 * (fin.size - 1))]) if fin.size else 0.0
+        last_arrival = float(np.nanmax(self.arrival)) if np.isfinite(self.arrival).any() else 0.0
+        if last_arrival > t_lo:
+            t_hi = min(t_hi, last_arrival)  # after the last arrival the pool only drains
         dec_rate = windowed_rate(np.array(self.step_end), np.array(self.step_tokens), t_lo, t_hi)
         firsts = np.sort(self.first_token[~np.isnan(self.first_token)])
         p_lo = float(firsts[int(0.1 * (firsts.size - 1))]) if firsts.size else 0.0
@@ -315,8 +327,8 @@ class _Run:
             tokens_per_s_per_chip=dec_rate / chips,
             tpot_ms_mean=tpot_m, tpot_ms_p50=tpot_50, tpot_ms_p99=tpot_99,
             ttft_ms_mean=ttft_m, ttft_ms_p50=ttft_50, ttft_ms_p99=ttft_99,
-            decode_step_ms_mean=float(np.mean(self.step_ms)) if self.step_ms else 0.0,
-            mean_decode_batch_per_dp=float(np.mean(self.step_batch)) if self.step_batch else 0.0,
+            decode_step_ms_mean=self._window_mean(self.step_ms, t_lo, t_hi),
+            mean_decode_batch_per_dp=self._window_mean(self.step_batch, t_lo, t_hi),
             kv_capacity_tokens_per_dp=self.kv_capacity, makespan_s=makespan,
             num_events=self.loop.num_processed)
 

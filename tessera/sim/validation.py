@@ -4,12 +4,15 @@ How each anchor's text maps to a scenario (the efficiency constants are per chip
 change here):
 
 * Decode anchors give tokens/s per chip and a TPOT. By Little's law the sequences in flight per
-  chip are ``value * tpot``; that is the batch the scenario runs (rounded), so the simulator
-  predicts the step time and the throughput follows. Decode runs closed-loop on a decode pool
-  fed by a prefill pool large enough not to starve it, with long outputs so that the 10-90%
-  completion window is steady state; ``kv_tokens`` holds the mean KV length at the figure the
-  text gives (prompts are short so that prefill never starves decode). Where the text does not give the micro-batch count, the faster of one and two is
-  used, as an operator would.
+  chip are ``value * tpot``; that is the running batch of the scenario (rounded), so the
+  simulator predicts the step time and the throughput follows. Decode runs closed-loop on a
+  decode pool fed by a prefill pool, with 50% more requests in flight than decode slots so that
+  every slot stays busy, short prompts so that prefill never starves decode, and ``kv_tokens``
+  holding the mean KV length at the figure the text gives. All three systems overlap two
+  micro-batches (CloudMatrix-Infer's microbatch pipelining, SGLang's two-batch overlap,
+  DeepSeek's dual micro-batch overlap), but no text says whether that holds at every batch
+  size, so the mapping runs one and two micro-batches and keeps the faster, as an operator
+  (and the planner) would.
 * ``cminfer-decode-50ms`` (arXiv 2506.12708): 160 Ascend 910C = 320 dies, DP320 attention and
   EP320 (256 routed + 64 shared/redundant slots, one per die), INT8, 4K KV, one MTP layer. The
   acceptance rate is not in the anchor; 0.85 is the low end of the 85-90% that DeepSeek reports
@@ -61,7 +64,7 @@ def _decode(hw: str, prec: str, num_dp: int, batch: int, kv: int, mtp: float | N
     dep = Deployment(mode="pd", precision=prec, num_dp=num_dp, batch_per_dp=batch,
                      num_micro_batches=mb, num_prefill_devices=prefill_devices,
                      mtp_acceptance=mtp, num_redundant_experts=redundant)
-    conc = num_dp * batch
+    conc = int(num_dp * batch * 1.5)
     wl = Workload(num_requests=3 * conc, input_tokens=128, output_tokens=1024, concurrency=conc,
                   length_cv=0.3, kv_tokens=kv)
     return Scenario(hardware=hw, model="deepseek-v3", deployment=dep, workload=wl)
