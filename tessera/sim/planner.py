@@ -8,11 +8,12 @@ latencies are what the planner reports.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .costmodel import PoolCost, causal_pairs, decode_load, prefill_load
+from .costmodel import PassLoad, PoolCost, causal_pairs, decode_load, prefill_load
 from .deployment import Deployment
 from .errors import SimError
 from .hardware import System, get_system
@@ -22,7 +23,7 @@ from .simulator import Scenario, simulate
 from .workload import Workload
 
 BATCHES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
-PREFILL_SHARES = (0.125, 0.25, 0.375, 0.5)
+PREFILL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 AF_RATIOS = (1.0, 2.0, 3.0, 4.0)
 PREFILL_TOKENS_PER_DEVICE = (4096, 16384)
 
@@ -53,12 +54,19 @@ def _steady(system: System, model: ModelSpec, dep: Deployment, inp: int, out: in
     mtp = decode_load(model, groups, groups * kv, 1) if q > 1 else None
     one = np.ones(1)
     if dep.mode == "colocated":
-        # each step also prefills the prompts of the sequences that finish in it
-        pre_tok = b * gain / out * inp
-        pre = prefill_load(model, groups * 0 + pre_tok, groups * 0 + causal_pairs(pre_tok, 0.0),
-                           groups * 0 + b * gain / out)
-        step = dcost.step_s(type(load)(load.tokens + pre.tokens, load.core_flops + pre.core_flops,
-                                       load.kv_bytes + pre.kv_bytes, load.sampled + pre.sampled), mtp)
+        # Each step also prefills the prompts that replace finishing sequences. Prompts arrive
+        # whole in one group, so the groups that prefill in a step carry a full chunk each and,
+        # in lock step, set the pace for every group.
+        chunk = float(min(dep.chunk_tokens_per_group, inp))
+        prompts_per_step = dep.num_dp * b * gain / out
+        busy = min(float(dep.num_dp), prompts_per_step * inp / chunk)
+        n_busy = max(1, math.ceil(busy))
+        pre_tok = np.zeros(dep.num_dp)
+        pre_tok[:n_busy] = chunk * busy / n_busy
+        pre = prefill_load(model, pre_tok, pre_tok * (pre_tok + 1) / 2.0 + pre_tok * (inp - chunk) / 2.0,
+                           pre_tok / inp)
+        step = dcost.step_s(PassLoad(load.tokens + pre.tokens, load.core_flops + pre.core_flops,
+                                     load.kv_bytes + pre.kv_bytes, load.sampled + pre.sampled), mtp)
         tokens_s = dep.num_dp * b * gain / step
         ttft = step * max(1.0, inp / dep.chunk_tokens_per_group)
     else:
@@ -137,14 +145,16 @@ def plan(hardware: str, model_name: str, num_chips: int, tpot_slo_ms: float,
         raise SimError(f"no deployment of {model_name} fits on {num_chips} chips of {hardware}")
     ok = [c for c in feasible if c.tpot_ms <= tpot_slo_ms
           and (ttft_slo_ms is None or c.ttft_ms <= ttft_slo_ms)]
-    ok.sort(key=lambda c: -c.tokens_per_s_per_chip)
+    ok.sort(key=lambda c: (-round(c.tokens_per_s_per_chip, 1), c.tpot_ms, c.ttft_ms))
     best: list[tuple[Candidate, SimResult | None]] = []
     for i, cand in enumerate(ok[:top]):
         res = None
         if i < verify:
             rate = cand.tokens_per_s_per_chip * cand.chips / output_tokens * 0.9
             conc = cand.deployment.num_dp * cand.deployment.batch_per_dp
-            wl = Workload(num_requests=min(max(2 * conc, 400), 20000), input_tokens=input_tokens,
+            lifetime_s = (cand.ttft_ms + cand.tpot_ms * output_tokens) / 1e3
+            num = int(min(max(2 * conc, 400, 4 * rate * lifetime_s), 60000))
+            wl = Workload(num_requests=num, input_tokens=input_tokens,
                           output_tokens=output_tokens, request_rate_per_s=rate)
             res = simulate(Scenario(hardware, model_name, cand.deployment, wl))
         best.append((cand, res))
@@ -179,6 +189,8 @@ def plan_cli(argv: list[str]) -> int:
     p.add_argument("--mtp-acceptance", type=float)
     p.add_argument("--top", type=int, default=5)
     p.add_argument("--plot", help="write the throughput-latency frontier to this PNG")
+    p.add_argument("--compare", action="append", default=[], metavar="HARDWARE:CHIPS",
+                   help="add another system's frontier to the plot (repeatable)")
     a = p.parse_args(argv)
     if a.input_tokens < 1 or a.output_tokens < 1:
         raise SimError("--input-tokens and --output-tokens must be at least 1")
@@ -198,7 +210,15 @@ def plan_cli(argv: list[str]) -> int:
     if a.plot:
         from .plot import plot_frontier
 
-        plot_frontier({a.hardware: feasible}, a.plot, f"{a.model} on {a.chips} chips",
+        series = {f"{a.hardware} x{a.chips}": feasible}
+        for spec in a.compare:
+            name, _, chips = spec.partition(":")
+            if not chips.isdigit():
+                raise SimError(f"--compare wants HARDWARE:CHIPS, got {spec!r}")
+            _, other = plan(name, a.model, int(chips), a.tpot_slo_ms, None, a.input_tokens,
+                            a.output_tokens, None, a.mtp_acceptance, top=0, verify=0)
+            series[f"{name} x{chips}"] = other
+        plot_frontier(series, a.plot, f"{a.model}, {a.input_tokens} in / {a.output_tokens} out",
                       a.tpot_slo_ms)
         print(f"plot written to {a.plot}")
     return 0

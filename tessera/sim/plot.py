@@ -27,18 +27,22 @@ def plot_frontier(series: dict[str, list[Candidate]], path: str, title: str,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, cands in series.items():
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"colocated": ":", "pd": "--", "afd": "-"}
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, cands) in enumerate(series.items()):
         for mode in ("colocated", "pd", "afd"):
             pts = [(c.tpot_ms, c.tokens_per_s_per_chip) for c in cands
                    if c.deployment.mode == mode]
             front = frontier(pts)
             if front:
                 xs, ys = zip(*front, strict=True)
-                ax.plot(xs, ys, marker="o", ms=3, label=f"{label} {mode}")
+                ax.plot(xs, ys, marker="o", ms=3, ls=styles[mode], color=colors[i % len(colors)],
+                        label=f"{label} {mode}")
     if tpot_slo_ms:
         ax.axvline(tpot_slo_ms, color="grey", ls="--", lw=1, label="TPOT SLO")
     ax.set_xlabel("TPOT (ms)")
+    ax.set_xlim(0, 3 * tpot_slo_ms if tpot_slo_ms else None)
     ax.set_ylabel("output tokens/s per chip")
     ax.set_title(title)
     ax.grid(alpha=0.3)
