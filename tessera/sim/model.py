@@ -43,6 +43,7 @@ class ModelSpec:
     router_params: int
     mtp_extra_params: int
     """Parameters of one MTP module besides its transformer layer (projection of two hiddens)."""
+    tied_embeddings: bool = False
 
     @property
     def is_moe(self) -> bool:
@@ -56,8 +57,8 @@ class ModelSpec:
 
     @property
     def embedding_params(self) -> int:
-        """Input embedding plus output head (untied)."""
-        return 2 * self.vocab_size * self.hidden_size
+        """Input embedding plus output head (one matrix when tied)."""
+        return (1 if self.tied_embeddings else 2) * self.vocab_size * self.hidden_size
 
     def total_params(self, with_mtp: bool = True) -> int:
         """All parameters (MTP modules included when ``with_mtp``)."""
@@ -146,6 +147,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model") -> ModelSpec:
         shared_expert_params=3 * hidden * shared_inter if num_experts else 0,
         router_params=hidden * num_experts,
         mtp_extra_params=2 * hidden * hidden,
+        tied_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
     )
 
 

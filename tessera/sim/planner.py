@@ -26,6 +26,7 @@ BATCHES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 AF_RATIOS = (1.0, 2.0, 3.0, 4.0)
 PREFILL_TOKENS_PER_DEVICE = (4096, 16384)
+COLOCATED_CHUNK_TOKENS = (256, 2048)
 
 
 @dataclass(frozen=True)
@@ -99,12 +100,16 @@ def candidates(system: System, model: ModelSpec, num_chips: int, precision: str,
                       num_redundant_experts=32 if model.is_moe else 0)
     for b in BATCHES:
         for tp in tps:
-            out.append(replace(base, num_dp=devices // tp, tp=tp, batch_per_dp=b))
+            for chunk in COLOCATED_CHUNK_TOKENS:
+                out.append(replace(base, num_dp=devices // tp, tp=tp, batch_per_dp=b,
+                                   chunk_tokens_per_group=chunk))
             for share in PREFILL_SHARES:
                 pre = int(devices * share) // tp * tp
-                inst = min(pre, 32) // tp * tp
-                if pre < tp or not inst or pre % inst:
+                # largest instance of at most 32 devices that splits the pool evenly
+                sizes = [d for d in range(tp, min(pre, 32) + 1, tp) if pre % d == 0]
+                if not sizes:
                     continue
+                inst = sizes[-1]
                 dec = devices - pre
                 for budget in PREFILL_TOKENS_PER_DEVICE:
                     out.append(replace(base, mode="pd", num_dp=dec // tp, tp=tp, batch_per_dp=b,

@@ -42,7 +42,7 @@ def plot_frontier(series: dict[str, list[Candidate]], path: str, title: str,
     if tpot_slo_ms:
         ax.axvline(tpot_slo_ms, color="grey", ls="--", lw=1, label="TPOT SLO")
     ax.set_xlabel("TPOT (ms)")
-    ax.set_xlim(0, 3 * tpot_slo_ms if tpot_slo_ms else None)
+    ax.set_xlim(0, 5 * tpot_slo_ms if tpot_slo_ms else None)
     ax.set_ylabel("output tokens/s per chip")
     ax.set_title(title)
     ax.grid(alpha=0.3)
