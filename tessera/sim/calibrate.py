@@ -8,12 +8,11 @@ engine and returns the fixed cost per step and the cost per token.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
 
-from .errors import SimError
+from .errors import OneLineArgumentParser, SimError
 from .hardware import default_profile_path
 
 
@@ -84,10 +83,12 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
 
 def calibrate_main(argv: list[str]) -> int:
     """Write the local profile (``--out`` or the default profile path)."""
-    p = argparse.ArgumentParser(prog="tessera sim calibrate")
+    p = OneLineArgumentParser(prog="tessera sim calibrate")
     p.add_argument("--out", help="profile path (default: ~/.cache/tessera/cpu-local.json)")
     p.add_argument("--size", type=int, default=1024, help="matmul size")
     args = p.parse_args(argv)
+    if args.size < 16:
+        raise SimError("--size must be at least 16")
     profile = measure(args.size)
     path = Path(args.out) if args.out else default_profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from .errors import SimError
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -50,11 +52,14 @@ def load_model_config(name_or_path: str) -> dict[str, Any]:
     if not path.is_file():
         bundled = DATA_DIR / "models" / f"{name_or_path}.json"
         if not bundled.is_file():
-            from .errors import SimError
-
             names = ", ".join(bundled_model_names())
             raise SimError(f"unknown model {name_or_path!r}: give a config.json path or one of {names}")
         path = bundled
-    with path.open() as f:
-        data: dict[str, Any] = json.load(f)
+    try:
+        with path.open() as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise SimError(f"cannot read model config {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SimError(f"model config {path} is not a JSON object")
     return data

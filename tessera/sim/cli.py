@@ -8,20 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from .deployment import Deployment
-from .errors import SimError
+from .errors import OneLineArgumentParser, SimError
 from .simulator import Scenario, simulate
 from .workload import Workload
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise SimError(message)
+_Parser = OneLineArgumentParser
 
 
-def _positive_int(text: str) -> int:
+def _int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -31,9 +29,12 @@ def _positive_int(text: str) -> int:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def sim_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,7 @@ def sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundled model name or path to a config.json")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp8", "int8"])
     p.add_argument("--deployment", default="colocated", choices=["colocated", "pd", "afd"])
-    i = _positive_int
+    i = _int
     p.add_argument("--dp", type=i, help="data-parallel attention groups (colocated/pd decode)")
     p.add_argument("--ep", type=i, help="expert-parallel ranks; must equal dp*tp (colocated/pd)")
     p.add_argument("--tp", type=i, default=1, help="devices per attention group (tensor parallel)")
@@ -97,13 +98,19 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         dp = args.dp or max(system.num_devices // tp if mode == "colocated" else 0, 1)
     if mode != "afd" and args.ep is not None and model.is_moe and args.ep != dp * tp:
         raise SimError(f"--ep {args.ep} must equal the attention devices dp*tp = {dp * tp}")
-    mb = args.micro_batches or (2 if model.is_moe else 1)
+    mb = args.micro_batches if args.micro_batches is not None else (2 if model.is_moe else 1)
     redundant = args.redundant_experts
     if redundant is None:
         redundant = 32 if model.is_moe else 0
     if args.concurrency is None and args.request_rate is None:
         args.concurrency = dp * args.batch_per_dp
-    num_requests = args.num_requests or max(4 * (args.concurrency or dp * args.batch_per_dp), 200)
+    num_requests = args.num_requests
+    if num_requests is None:
+        num_requests = max(4 * (args.concurrency or dp * args.batch_per_dp), 200)
+    if args.seed < 0:
+        raise SimError("--seed must be non-negative")
+    if redundant < 0:
+        raise SimError("--redundant-experts must be non-negative")
     dep = Deployment(mode=mode, precision=args.precision, num_dp=dp, tp=tp,
                      batch_per_dp=args.batch_per_dp, num_ffn_devices=args.ffn_devices,
                      num_micro_batches=mb, num_prefill_devices=args.prefill_devices,

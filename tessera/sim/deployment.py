@@ -74,6 +74,8 @@ class Deployment:
                             ("chunk tokens per group", self.chunk_tokens_per_group)):
             if value < 1:
                 raise SimError(f"{name} must be at least 1 (got {value})")
+        if self.num_redundant_experts < 0:
+            raise SimError("redundant experts must be non-negative")
         if self.mode == "afd":
             if not model.is_moe:
                 raise SimError("attention/FFN disaggregation (afd) needs an MoE model")

@@ -48,6 +48,7 @@ class _Run:
         self.dep, self.model, self.system = dep, model, system
         self.reqs: Requests = generate(scenario.workload, scenario.seed)
         self.num = scenario.workload.num_requests
+        self.concurrency = scenario.workload.concurrency or 0
         self.loop = EventLoop()
         self.rng = np.random.default_rng(scenario.seed + 1)
         self.decode_cost = PoolCost(system, model, dep.decode_layout(model))
@@ -94,12 +95,10 @@ class _Run:
                 self.loop.schedule(float(reqs.arrival_s[rid]), self._on_arrival, rid)
             self.issued = self.num
         else:
-            conc = min(self.num, int(self.dep_concurrency))
+            conc = min(self.num, int(self.concurrency))
             for rid in range(conc):
                 self.loop.schedule(0.0, self._on_arrival, rid)
             self.issued = conc
-
-    dep_concurrency = 0
 
     def _on_arrival(self, now: float, rid: int) -> list[Event]:
         self.arrival[rid] = now
@@ -345,7 +344,6 @@ def simulate(scenario: Scenario, max_events: int | None = None) -> SimResult:
     scenario.deployment.validate(system, model)
     scenario.workload.validate()
     run = _Run(scenario, system, model)
-    run.dep_concurrency = scenario.workload.concurrency or 0
     run.start()
     run.loop.run(max_events)
     return run.result(scenario)

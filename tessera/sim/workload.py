@@ -38,13 +38,14 @@ class Workload:
             raise SimError("--input-tokens and --output-tokens must be at least 1")
         if (self.request_rate_per_s is None) == (self.concurrency is None):
             raise SimError("give exactly one of --request-rate and --concurrency")
-        if self.request_rate_per_s is not None and not self.request_rate_per_s > 0:
+        rate = self.request_rate_per_s
+        if rate is not None and not (rate > 0 and rate != float("inf")):
             raise SimError("--request-rate must be positive")
         if self.concurrency is not None and self.concurrency < 1:
             raise SimError("--concurrency must be at least 1")
         if not 0.0 <= self.prefix_hit_fraction < 1.0:
             raise SimError("prefix hit fraction must be in [0, 1)")
-        if self.length_cv < 0:
+        if not self.length_cv >= 0:
             raise SimError("length cv must be non-negative")
         if self.kv_tokens is not None and self.kv_tokens < 1:
             raise SimError("--kv-tokens must be at least 1")

@@ -57,3 +57,24 @@ def test_plan_prints_best(capsys: pytest.CaptureFixture[str], tmp_path: object) 
         assert f.read(4) == b"\x89PNG"
     assert plan_main(["--hardware", "gb200-nvl72", "--model", "deepseek-v3", "--chips", "999",
                       "--tpot-slo-ms", "60", "--input-tokens", "1", "--output-tokens", "1"]) == 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "-1"], "seed"),
+    (["--num-requests", "0"], "requests"),
+    (["--request-rate", "inf"], "finite"),
+    (["--tp", "0"], "tp"),
+])
+def test_more_bad_numbers(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = sim_main(["--hardware", "dgx-h200", "--dp", "8", *BASE, *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1
+
+
+def test_malformed_config_file(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    path = f"{tmp_path}/config.json"
+    with open(path, "w") as f:
+        f.write("{not json")
+    rc = sim_main(["--hardware", "dgx-h200", "--model", path, "--input-tokens", "10",
+                   "--output-tokens", "10"])
+    assert rc == 2 and "cannot read model config" in capsys.readouterr().err
