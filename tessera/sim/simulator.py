@@ -19,8 +19,9 @@ from .deployment import Deployment
 from .errors import SimError
 from .events import Event, EventLoop
 from .hardware import System, get_system
+from .metrics import Recorder
 from .model import ModelSpec, load_model
-from .result import SimResult, mean_p50_p99, windowed_rate
+from .result import SimResult
 from .workload import Requests, Workload, generate
 
 
@@ -54,18 +55,10 @@ class _Run:
         self.decode_cost = PoolCost(system, model, dep.decode_layout(model))
         self.kv_capacity = self.decode_cost.kv_capacity_tokens()
         self.slots = DecodeSlots(dep.num_dp, dep.batch_per_dp, self.kv_capacity)
-        self.arrival = np.full(self.num, np.nan)
-        self.first_token = np.full(self.num, np.nan)
-        self.finish = np.full(self.num, np.nan)
+        self.rec = Recorder(self.num)
         self.issued = 0
         self.waiting: deque[int] = deque()
         self.decode_busy = False
-        self.step_end: list[float] = []
-        self.step_tokens: list[float] = []
-        self.step_ms: list[float] = []
-        self.step_batch: list[float] = []
-        self.prefill_end: list[float] = []
-        self.prefill_tokens: list[float] = []
         self.q_per_seq = 2 if dep.mtp_acceptance is not None else 1
         self.colocated = dep.mode == "colocated"
         if self.colocated:
@@ -101,7 +94,7 @@ class _Run:
             self.issued = conc
 
     def _on_arrival(self, now: float, rid: int) -> list[Event]:
-        self.arrival[rid] = now
+        self.rec.arrival[rid] = now
         if self.colocated:
             self.waiting.append(rid)
             self._admit_colocated()
@@ -118,7 +111,7 @@ class _Run:
         return events
 
     def _finish(self, now: float, rids: np.ndarray) -> list[Event]:
-        self.finish[rids] = now
+        self.rec.finish[rids] = now
         return self._issue_next(now, int(rids.size))
 
     # ----- prefill pool (pd / afd) -----------------------------------------------------------------
@@ -158,12 +151,11 @@ class _Run:
     def _on_prefill_done(self, now: float, payload: tuple[int, list[int], int]) -> list[Event]:
         i, batch, used = payload
         self.instance_busy[i] = False
-        self.prefill_end.append(now)
-        self.prefill_tokens.append(float(used))
+        self.rec.prefill_done(now, float(used))
         events: list[Event] = []
         done_now = []
         for rid in batch:
-            self.first_token[rid] = now
+            self.rec.first_token[rid] = now
             if self.reqs.output_tokens[rid] <= 1:
                 done_now.append(rid)
                 continue
@@ -218,8 +210,7 @@ class _Run:
             return []
         dur = self.decode_cost.step_s(load, mtp)
         self.decode_busy = True
-        self.step_ms.append(dur * 1e3)
-        self.step_batch.append(float(seqs.mean()))
+        self.rec.decode_step_started(dur, float(seqs.mean()))
         return [self.loop.make(now + dur, self._on_step_done, (completed, chunk_tokens))]
 
     def _prefill_chunks(self, load: PassLoad) -> tuple[PassLoad, list[int], float]:
@@ -253,16 +244,14 @@ class _Run:
             p = float(self.dep.mtp_acceptance or 0.0)
             gen += self.rng.random(gen.shape) < p
         finished, emitted = self.slots.advance(gen)
-        self.step_end.append(now)
-        self.step_tokens.append(emitted)
+        self.rec.decode_step_done(now, emitted)
         events = self._finish(now, finished) if finished.size else []
         if chunk_tokens:
-            self.prefill_end.append(now)
-            self.prefill_tokens.append(chunk_tokens)
+            self.rec.prefill_done(now, chunk_tokens)
         done_now = []
         for rid in completed:
             self.num_prefilling -= 1
-            self.first_token[rid] = now
+            self.rec.first_token[rid] = now
             if self.reqs.output_tokens[rid] <= 1:
                 done_now.append(rid)
             self.slots.mark_ready(rid)
@@ -282,53 +271,26 @@ class _Run:
         return events + self._kick_decode(now)
 
     # ----- results -----------------------------------------------------------------------------------
-    def _window_mean(self, values: list[float], t_lo: float, t_hi: float) -> float:
-        """Mean of a per-step quantity over steps ending in the steady window."""
-        n = len(self.step_end)
-        if not n:
-            return 0.0
-        ends, vals = np.array(self.step_end), np.array(values[:n])
-        mask = (ends > t_lo) & (ends <= t_hi)
-        return float(vals[mask].mean() if mask.any() else vals.mean())
-
     def result(self, scenario: Scenario) -> SimResult:
-        dep, chip = self.dep, self.system.chip
-        per_chip = chip.num_devices_per_chip
+        dep = self.dep
+        per_chip = self.system.chip.num_devices_per_chip
         chips = dep.num_devices / per_chip
         decode_chips = dep.num_decode_devices / per_chip
         prefill_chips = chips if self.colocated else dep.num_prefill_devices / per_chip
-        done = ~np.isnan(self.finish)
-        fin = np.sort(self.finish[done])
-        t_lo = float(fin[int(0.1 * (fin.size - 1))]) if fin.size else 0.0
-        t_hi = float(fin[int(0.9 * (fin.size - 1))]) if fin.size else 0.0
-        last_arrival = float(np.nanmax(self.arrival)) if np.isfinite(self.arrival).any() else 0.0
-        if last_arrival > t_lo:
-            t_hi = min(t_hi, last_arrival)  # after the last arrival the pool only drains
-        dec_rate = windowed_rate(np.array(self.step_end), np.array(self.step_tokens), t_lo, t_hi)
-        firsts = np.sort(self.first_token[~np.isnan(self.first_token)])
-        p_lo = float(firsts[int(0.1 * (firsts.size - 1))]) if firsts.size else 0.0
-        p_hi = float(firsts[int(0.9 * (firsts.size - 1))]) if firsts.size else 0.0
-        pre_rate = windowed_rate(np.array(self.prefill_end), np.array(self.prefill_tokens), p_lo, p_hi)
-        out = self.reqs.output_tokens
-        multi = done & (out > 1)
-        tpot = (self.finish[multi] - self.first_token[multi]) / (out[multi] - 1) * 1e3
-        ttft = (self.first_token[done] - self.arrival[done]) * 1e3
-        tpot_m, tpot_50, tpot_99 = mean_p50_p99(tpot)
-        ttft_m, ttft_50, ttft_99 = mean_p50_p99(ttft)
-        makespan = float(fin[-1]) if fin.size else 0.0
+        summ = self.rec.summarize(self.reqs.output_tokens)
         return SimResult(
             hardware=scenario.hardware, model=scenario.model, mode=dep.mode, chips=chips,
             devices=dep.num_devices, decode_chips=decode_chips, prefill_chips=prefill_chips,
-            num_requests=self.num, num_finished=int(done.sum()),
-            num_unfinished=int(self.num - done.sum()),
-            decode_tokens_per_s_per_chip=dec_rate / decode_chips,
-            prefill_tokens_per_s_per_chip=pre_rate / prefill_chips,
-            tokens_per_s_per_chip=dec_rate / chips,
-            tpot_ms_mean=tpot_m, tpot_ms_p50=tpot_50, tpot_ms_p99=tpot_99,
-            ttft_ms_mean=ttft_m, ttft_ms_p50=ttft_50, ttft_ms_p99=ttft_99,
-            decode_step_ms_mean=self._window_mean(self.step_ms, t_lo, t_hi),
-            mean_decode_batch_per_dp=self._window_mean(self.step_batch, t_lo, t_hi),
-            kv_capacity_tokens_per_dp=self.kv_capacity, makespan_s=makespan,
+            num_requests=self.num, num_finished=summ.num_finished,
+            num_unfinished=self.num - summ.num_finished,
+            decode_tokens_per_s_per_chip=summ.decode_tokens_per_s / decode_chips,
+            prefill_tokens_per_s_per_chip=summ.prefill_tokens_per_s / prefill_chips,
+            tokens_per_s_per_chip=summ.decode_tokens_per_s / chips,
+            tpot_ms_mean=summ.tpot_ms[0], tpot_ms_p50=summ.tpot_ms[1], tpot_ms_p99=summ.tpot_ms[2],
+            ttft_ms_mean=summ.ttft_ms[0], ttft_ms_p50=summ.ttft_ms[1], ttft_ms_p99=summ.ttft_ms[2],
+            decode_step_ms_mean=summ.decode_step_ms_mean,
+            mean_decode_batch_per_dp=summ.mean_decode_batch_per_dp,
+            kv_capacity_tokens_per_dp=self.kv_capacity, makespan_s=summ.makespan_s,
             num_events=self.loop.num_processed)
 
 
@@ -347,10 +309,3 @@ def simulate(scenario: Scenario, max_events: int | None = None) -> SimResult:
     run.start()
     run.loop.run(max_events)
     return run.result(scenario)
-
-
-def kv_transfer_ms(model: ModelSpec, system: System, num_tokens: int) -> float:
-    """Milliseconds to move ``num_tokens`` of KV cache between pools (no contention)."""
-    kv = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT * (model.num_layers + model.num_mtp_layers)
-    fabric = system.scale_up if system.scale_out is None else system.scale_out
-    return (fabric.latency_us * 1e-6 + kv * num_tokens / fabric.bytes_per_s) * 1e3
