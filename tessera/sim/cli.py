@@ -96,6 +96,9 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         dp = args.decode_devices // tp
     else:
         dp = args.dp or max(system.num_devices // tp if mode == "colocated" else 0, 1)
+    if mode == "afd" and args.ep is not None and args.ep != args.ffn_devices:
+        raise SimError(f"in afd the experts live on the FFN devices: --ep {args.ep} must equal"
+                       f" --ffn-devices {args.ffn_devices}")
     if mode != "afd" and args.ep is not None and model.is_moe and args.ep != dp * tp:
         raise SimError(f"--ep {args.ep} must equal the attention devices dp*tp = {dp * tp}")
     mb = args.micro_batches if args.micro_batches is not None else (2 if model.is_moe else 1)

@@ -78,9 +78,13 @@ class PoolCost:
         self.dispatch_share = self._dispatch_scale_out_share()
 
     # ----- primitives -------------------------------------------------------------------
-    def _matmul_s(self, params: float, tokens: np.ndarray | float) -> np.ndarray | float:
-        """Roofline time of a weight matmul of ``params`` weights over ``tokens`` rows."""
-        shard = params / self.layout.tp
+    def _matmul_s(self, params: float, tokens: np.ndarray | float,
+                  num_shards: int | None = None) -> np.ndarray | float:
+        """Roofline time of a weight matmul of ``params`` weights over ``tokens`` rows.
+
+        The weights are split over ``num_shards`` devices (default: the attention TP degree).
+        """
+        shard = params / (self.layout.tp if num_shards is None else num_shards)
         return np.maximum(2.0 * shard * tokens / self.mm_rate, shard * self.weight_bytes / self.mem_rate)
 
     def _transfer_s(self, num_bytes: np.ndarray | float, num_peers: int,
@@ -147,7 +151,8 @@ class PoolCost:
         active = min(self.num_local_experts, max(dev_tokens * mb, 1.0))
         expert_s = max(2.0 * m.expert_params * dev_tokens / self.mm_rate,
                        active * m.expert_params * self.weight_bytes / self.mem_rate)
-        shared_s = float(self._matmul_s(m.shared_expert_params + m.router_params, shared_tokens / mb))
+        shared_s = float(self._matmul_s(m.shared_expert_params + m.router_params, shared_tokens / mb,
+                                        1 if lay.ffn_split else None))
         frac = 0.0 if lay.ffn_split else remote_fraction(lay.num_ep)
         per_token = m.hidden_size * (self.act_bytes + COMBINE_BYTES_PER_ELEMENT)
         send = float(np.max(tokens)) / mb * m.num_experts_per_token * per_token
