@@ -57,9 +57,13 @@ def _steady(system: System, model: ModelSpec, dep: Deployment, inp: int, out: in
     if dep.mode == "colocated":
         # Each step also prefills the prompts that replace finishing sequences. Prompts arrive
         # whole in one group, so the groups that prefill in a step carry a full chunk each and,
-        # in lock step, set the pace for every group.
+        # in lock step, set the pace for every group. When all groups together cannot prefill
+        # a chunk each fast enough, prefill bounds the output rate.
         chunk = float(min(dep.chunk_tokens_per_group, inp))
-        prompts_per_step = dep.num_dp * b * gain / out
+        decode_per_step = dep.num_dp * b * gain
+        prefill_bound = dep.num_dp * chunk / inp * out
+        out_per_step = min(decode_per_step, prefill_bound)
+        prompts_per_step = out_per_step / out
         busy = min(float(dep.num_dp), prompts_per_step * inp / chunk)
         n_busy = max(1, math.ceil(busy))
         pre_tok = np.zeros(dep.num_dp)
@@ -68,7 +72,7 @@ def _steady(system: System, model: ModelSpec, dep: Deployment, inp: int, out: in
                            pre_tok / inp)
         step = dcost.step_s(PassLoad(load.tokens + pre.tokens, load.core_flops + pre.core_flops,
                                      load.kv_bytes + pre.kv_bytes, load.sampled + pre.sampled), mtp)
-        tokens_s = dep.num_dp * b * gain / step
+        tokens_s = out_per_step / step
         ttft = step * max(1.0, inp / dep.chunk_tokens_per_group)
     else:
         step = dcost.step_s(load, mtp)
