@@ -1,0 +1,33 @@
+"""Print published vs simulated figures for every result in published.json.
+
+The mapping from each anchor's text to a scenario is documented in
+:mod:`tessera.sim.validation`. Exit status is 1 when any error exceeds 15%.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tessera.sim.validation import anchors, run_anchor
+
+TOLERANCE = 0.15
+
+
+def main() -> int:
+    """Run every anchor and print the table."""
+    print(f"{'anchor':<36} {'metric':<30} {'published':>10} {'simulated':>10} {'error':>8}")
+    worst = 0.0
+    start = time.perf_counter()
+    for anchor in anchors():
+        sim = run_anchor(anchor)
+        err = (sim - anchor.published) / anchor.published
+        worst = max(worst, abs(err))
+        print(f"{anchor.anchor_id:<36} {anchor.metric:<30} {anchor.published:>10.0f}"
+              f" {sim:>10.0f} {err:>+8.1%}")
+    print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - start:.1f} s")
+    return 0 if worst <= TOLERANCE else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

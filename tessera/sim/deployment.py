@@ -1,0 +1,116 @@
+"""Deployment description (mode, device counts, batching) and its mapping to pool layouts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .costmodel import PoolLayout
+from .errors import SimError
+from .hardware import PRECISIONS, System
+from .model import ModelSpec
+
+MODES = ("colocated", "pd", "afd")
+DEFAULT_PREFILL_INSTANCE_DEVICES = 32
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """How a model is served.
+
+    * ``colocated``: ``num_dp`` data-parallel attention groups of ``tp`` devices; experts spread
+      over the same devices (expert parallelism over all of them); prefill chunks and decode
+      share each step.
+    * ``pd``: a prefill pool of ``num_prefill_devices`` (instances of
+      ``prefill_instance_devices``) and a decode pool laid out as in ``colocated``.
+    * ``afd``: a prefill pool and a decode pool split into ``num_dp * tp`` attention devices and
+      ``num_ffn_devices`` expert devices, with ``num_micro_batches`` ping-pong micro-batches.
+
+    ``batch_per_dp`` is the most sequences one data-parallel group decodes at once in every
+    mode; ``mtp_acceptance`` turns on one-draft multi-token prediction with that acceptance rate.
+    """
+
+    mode: str
+    precision: str = "bf16"
+    num_dp: int = 1
+    tp: int = 1
+    batch_per_dp: int = 64
+    num_ffn_devices: int = 0
+    num_micro_batches: int = 1
+    num_prefill_devices: int = 0
+    prefill_instance_devices: int = 0
+    prefill_tokens_per_device: int = 16384
+    chunk_tokens_per_group: int = 2048
+    mtp_acceptance: float | None = None
+    load_balancer: bool = True
+    num_redundant_experts: int = 0
+
+    @property
+    def num_decode_devices(self) -> int:
+        """Devices of the decode (or colocated) pool."""
+        return self.num_dp * self.tp + (self.num_ffn_devices if self.mode == "afd" else 0)
+
+    @property
+    def num_devices(self) -> int:
+        """All devices used."""
+        return self.num_decode_devices + (self.num_prefill_devices if self.mode != "colocated" else 0)
+
+    def instance_devices(self) -> int:
+        """Devices per prefill instance (pd/afd)."""
+        if self.prefill_instance_devices:
+            return self.prefill_instance_devices
+        return min(self.num_prefill_devices, DEFAULT_PREFILL_INSTANCE_DEVICES)
+
+    def validate(self, system: System, model: ModelSpec) -> None:
+        """Raise :class:`SimError` when the deployment cannot run on ``system``."""
+        if self.mode not in MODES:
+            raise SimError(f"unknown deployment {self.mode!r}: use one of {', '.join(MODES)}")
+        if self.precision not in PRECISIONS:
+            raise SimError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        system.chip.matmul_flops_per_s(self.precision)
+        for name, value in (("--dp", self.num_dp), ("--tp", self.tp),
+                            ("--batch-per-dp", self.batch_per_dp),
+                            ("--micro-batches", self.num_micro_batches),
+                            ("prefill tokens per device", self.prefill_tokens_per_device),
+                            ("chunk tokens per group", self.chunk_tokens_per_group)):
+            if value < 1:
+                raise SimError(f"{name} must be at least 1 (got {value})")
+        if self.num_redundant_experts < 0:
+            raise SimError("redundant experts must be non-negative")
+        if self.mode == "afd":
+            if not model.is_moe:
+                raise SimError("attention/FFN disaggregation (afd) needs an MoE model")
+            if self.num_ffn_devices < 1:
+                raise SimError("afd needs --ffn-devices of at least 1")
+        if self.mode != "colocated":
+            if self.num_prefill_devices < 1:
+                raise SimError(f"{self.mode} needs --prefill-devices of at least 1")
+            inst = self.instance_devices()
+            if self.num_prefill_devices % inst or inst % self.tp:
+                raise SimError(f"prefill pool of {self.num_prefill_devices} devices does not split"
+                               f" into instances of {inst} devices (tp {self.tp})")
+        if self.mtp_acceptance is not None:
+            if not 0.0 <= self.mtp_acceptance <= 1.0:
+                raise SimError(f"--mtp-acceptance must be in [0, 1] (got {self.mtp_acceptance})")
+            if model.num_mtp_layers < 1:
+                raise SimError(f"{model.name} has no MTP layers (num_nextn_predict_layers)")
+        if self.num_devices > system.num_devices:
+            raise SimError(f"deployment needs {self.num_devices} devices but {system.name} has"
+                           f" {system.num_devices}")
+
+    def decode_layout(self, model: ModelSpec) -> PoolLayout:
+        """Layout of the decode (or colocated) pool."""
+        afd = self.mode == "afd"
+        ep = self.num_ffn_devices if afd else (self.num_dp * self.tp if model.is_moe else 1)
+        return PoolLayout(num_groups=self.num_dp, tp=self.tp, num_ep=ep, ffn_split=afd,
+                          num_micro_batches=self.num_micro_batches, precision=self.precision,
+                          load_balancer=self.load_balancer,
+                          num_redundant_experts=self.num_redundant_experts)
+
+    def prefill_layout(self, model: ModelSpec) -> PoolLayout:
+        """Layout of one prefill instance (two micro-batches, DP attention, EP over it)."""
+        inst = self.instance_devices()
+        return PoolLayout(num_groups=inst // self.tp, tp=self.tp,
+                          num_ep=inst if model.is_moe else 1, ffn_split=False,
+                          num_micro_batches=2 if model.is_moe else 1, precision=self.precision,
+                          load_balancer=self.load_balancer,
+                          num_redundant_experts=self.num_redundant_experts)

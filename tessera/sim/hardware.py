@@ -1,0 +1,177 @@
+"""Hardware dataclasses (chip, efficiency, fabric, system) built from the bundled catalog.
+
+A *device* is what the runtime addresses (one die of an Ascend 910C, one GPU); a *chip* is the
+package that per-chip throughput is normalised to. Rates stored here are per device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .catalog import load_hardware
+from .errors import SimError
+
+PRECISIONS = ("bf16", "fp8", "int8")
+BYTES_PER_ELEMENT = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0}
+LOCAL_CHIP = "cpu-local"
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Per-chip-family constants: fractions of peak and fixed costs (same for every scenario)."""
+
+    matmul: float
+    attention: float
+    memory: float
+    fabric: float
+    op_overhead_us: float
+    ops_per_layer: int
+    step_overhead_ms: float
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One accelerator package; rates are per device (die or GPU)."""
+
+    name: str
+    num_devices_per_chip: int
+    tflops: dict[str, float]
+    memory_bytes: float
+    memory_bytes_per_s: float
+    efficiency: Efficiency
+
+    def matmul_flops_per_s(self, precision: str) -> float:
+        """Peak dense matrix rate of one device at ``precision`` (raises if unsupported)."""
+        if precision not in self.tflops:
+            have = ", ".join(sorted(self.tflops))
+            raise SimError(f"chip {self.name} has no {precision} matrix unit (has {have})")
+        return self.tflops[precision] * 1e12
+
+
+@dataclass(frozen=True)
+class Fabric:
+    """An interconnect: per-device bandwidth each way and per-message latency."""
+
+    name: str
+    bytes_per_s: float
+    latency_us: float
+
+
+@dataclass(frozen=True)
+class System:
+    """A deployable system: chips, its scale-up domain and an optional scale-out network."""
+
+    name: str
+    chip: Chip
+    num_chips: int
+    scale_up: Fabric
+    num_scale_up_chips: int
+    scale_out: Fabric | None
+
+    @property
+    def num_devices(self) -> int:
+        """Devices the runtime can address in the whole system."""
+        return self.num_chips * self.chip.num_devices_per_chip
+
+    @property
+    def num_scale_up_devices(self) -> int:
+        """Devices inside one scale-up (all-to-all, high bandwidth) domain."""
+        return self.num_scale_up_chips * self.chip.num_devices_per_chip
+
+
+def _efficiency(raw: dict[str, Any]) -> Efficiency:
+    return Efficiency(
+        matmul=float(raw["matmul"]),
+        attention=float(raw["attention"]),
+        memory=float(raw["memory"]),
+        fabric=float(raw["fabric"]),
+        op_overhead_us=float(raw["op_overhead_us"]),
+        ops_per_layer=int(raw["ops_per_layer"]),
+        step_overhead_ms=float(raw["step_overhead_ms"]),
+    )
+
+
+def chip_names() -> list[str]:
+    """Names of catalog chips."""
+    return sorted(load_hardware()["chips"])
+
+
+def system_names() -> list[str]:
+    """Names of catalog systems, plus the calibrated local machine."""
+    return sorted(load_hardware()["systems"]) + [LOCAL_CHIP]
+
+
+def get_chip(name: str) -> Chip:
+    """Build a :class:`Chip` from the catalog."""
+    hw = load_hardware()
+    if name not in hw["chips"]:
+        raise SimError(f"unknown chip {name!r}: known chips are {', '.join(chip_names())}")
+    raw = hw["chips"][name]
+    return Chip(
+        name=name,
+        num_devices_per_chip=int(raw["devices_per_chip"]),
+        tflops={k: float(v) for k, v in raw["tflops"].items()},
+        memory_bytes=float(raw["memory_gb"]) * 1e9,
+        memory_bytes_per_s=float(raw["memory_tb_s"]) * 1e12,
+        efficiency=_efficiency(hw["efficiency"][raw["efficiency"]]),
+    )
+
+
+def get_fabric(name: str) -> Fabric:
+    """Build a :class:`Fabric` from the catalog."""
+    raw = load_hardware()["fabrics"][name]
+    return Fabric(name=name, bytes_per_s=float(raw["gb_s_per_direction"]) * 1e9,
+                  latency_us=float(raw["latency_us"]))
+
+
+def default_profile_path() -> Path:
+    """Where ``tessera sim calibrate`` writes the local profile (override: TESSERA_SIM_PROFILE)."""
+    env = os.environ.get("TESSERA_SIM_PROFILE")
+    if env:
+        return Path(env)
+    return Path.home() / ".cache" / "tessera" / "cpu-local.json"
+
+
+def local_system(profile_path: Path | None = None) -> System:
+    """The calibrated local machine as a one-device system (see :mod:`tessera.sim.calibrate`)."""
+    path = profile_path or default_profile_path()
+    if not path.is_file():
+        bundled = Path(__file__).resolve().parent / "data" / "cpu-local-example.json"
+        path = bundled
+    try:
+        raw = json.loads(path.read_text())
+        chip = Chip(
+            name=LOCAL_CHIP,
+            num_devices_per_chip=1,
+            tflops={k: float(v) for k, v in raw["tflops"].items()},
+            memory_bytes=float(raw["memory_gb"]) * 1e9,
+            memory_bytes_per_s=float(raw["memory_gb_s"]) * 1e9,
+            efficiency=_efficiency(raw["efficiency"]),
+        )
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise SimError(f"bad local profile {path}: {exc}") from exc
+    fabric = Fabric(name="none", bytes_per_s=1e12, latency_us=0.0)
+    return System(name=LOCAL_CHIP, chip=chip, num_chips=1, scale_up=fabric,
+                  num_scale_up_chips=1, scale_out=None)
+
+
+def get_system(name: str) -> System:
+    """Build a :class:`System` from the catalog (or the local calibrated profile)."""
+    if name == LOCAL_CHIP:
+        return local_system()
+    hw = load_hardware()
+    if name not in hw["systems"]:
+        raise SimError(f"unknown hardware {name!r}: known systems are {', '.join(system_names())}")
+    raw = hw["systems"][name]
+    return System(
+        name=name,
+        chip=get_chip(raw["chip"]),
+        num_chips=int(raw["num_chips"]),
+        scale_up=get_fabric(raw["scale_up"]),
+        num_scale_up_chips=int(raw["scale_up_chips"]),
+        scale_out=get_fabric(raw["scale_out"]) if raw["scale_out"] else None,
+    )

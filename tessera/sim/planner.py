@@ -1,0 +1,233 @@
+"""Deployment search: modes, A:F ratios, batch per group and pool sizes under latency SLOs.
+
+Every candidate is first scored by the steady state of the cost model (one decode step at full
+batch with the mean KV length, prefill capacity of the prefill pool, both balanced); the best
+few that meet the SLO are then run through the event simulation, whose throughput and p99
+latencies are what the planner reports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .costmodel import PassLoad, PoolCost, causal_pairs, decode_load, prefill_load
+from .deployment import Deployment
+from .errors import SimError
+from .hardware import System, get_system
+from .model import ModelSpec, load_model
+from .result import SimResult
+from .simulator import Scenario, simulate
+from .workload import Workload
+
+BATCHES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
+PREFILL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
+AF_RATIOS = (1.0, 2.0, 3.0, 4.0)
+PREFILL_TOKENS_PER_DEVICE = (4096, 16384)
+COLOCATED_CHUNK_TOKENS = (256, 2048)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A deployment and its steady-state estimate."""
+
+    deployment: Deployment
+    tokens_per_s_per_chip: float
+    tpot_ms: float
+    ttft_ms: float
+    chips: float
+
+
+def _steady(system: System, model: ModelSpec, dep: Deployment, inp: int, out: int) -> Candidate:
+    dpc = system.chip.num_devices_per_chip
+    dep.validate(system, model)
+    dcost = PoolCost(system, model, dep.decode_layout(model))
+    kv = inp + out / 2.0
+    b = float(dep.batch_per_dp)
+    if dcost.kv_capacity_tokens() < b * (inp + out):
+        raise SimError("batch does not fit the KV cache")
+    groups = np.full(dep.num_dp, b)
+    q = 2 if dep.mtp_acceptance is not None else 1
+    gain = 1.0 + (dep.mtp_acceptance or 0.0)
+    load = decode_load(model, groups, groups * kv, q)
+    mtp = decode_load(model, groups, groups * kv, 1) if q > 1 else None
+    one = np.ones(1)
+    if dep.mode == "colocated":
+        # Each step also prefills the prompts that replace finishing sequences. Prompts arrive
+        # whole in one group, so the groups that prefill in a step carry a full chunk each and,
+        # in lock step, set the pace for every group. When all groups together cannot prefill
+        # a chunk each fast enough, prefill bounds the output rate.
+        chunk = float(min(dep.chunk_tokens_per_group, inp))
+        decode_per_step = dep.num_dp * b * gain
+        prefill_bound = dep.num_dp * chunk / inp * out
+        out_per_step = min(decode_per_step, prefill_bound)
+        prompts_per_step = out_per_step / out
+        busy = min(float(dep.num_dp), prompts_per_step * inp / chunk)
+        n_busy = max(1, math.ceil(busy))
+        pre_tok = np.zeros(dep.num_dp)
+        pre_tok[:n_busy] = chunk * busy / n_busy
+        pre = prefill_load(model, pre_tok, pre_tok * (pre_tok + 1) / 2.0 + pre_tok * (inp - chunk) / 2.0,
+                           pre_tok / inp)
+        step = dcost.step_s(PassLoad(load.tokens + pre.tokens, load.core_flops + pre.core_flops,
+                                     load.kv_bytes + pre.kv_bytes, load.sampled + pre.sampled), mtp)
+        tokens_s = out_per_step / step
+        ttft = step * max(1.0, inp / dep.chunk_tokens_per_group)
+    else:
+        step = dcost.step_s(load, mtp)
+        decode_tokens_s = dep.num_dp * b * gain / step
+        pcost = PoolCost(system, model, dep.prefill_layout(model))
+        inst = dep.instance_devices()
+        n_seq = max(1, dep.prefill_tokens_per_device * inst // inp)
+        g = pcost.layout.num_groups
+        pl = prefill_load(model, one.repeat(g) * n_seq * inp / g,
+                          one.repeat(g) * n_seq * causal_pairs(inp, 0.0) / g, one.repeat(g) * n_seq / g)
+        pre_s = pcost.step_s(pl)
+        prefill_req_s = n_seq / pre_s * (dep.num_prefill_devices // inst)
+        tokens_s = min(decode_tokens_s, prefill_req_s * out)
+        ttft = pre_s
+    return Candidate(dep, tokens_s / (dep.num_devices / dpc), step / gain * 1e3, ttft * 1e3,
+                     dep.num_devices / dpc)
+
+
+def candidates(system: System, model: ModelSpec, num_chips: int, precision: str,
+               mtp: float | None) -> list[Deployment]:
+    """Deployments to try on ``num_chips`` chips."""
+    devices = num_chips * system.chip.num_devices_per_chip
+    if num_chips < 1 or devices > system.num_devices:
+        raise SimError(f"--chips must be between 1 and {system.num_chips} for {system.name}")
+    out: list[Deployment] = []
+    tps = [t for t in (1, 2, 4, 8) if devices % t == 0] if not model.is_moe else [1]
+    base = Deployment(mode="colocated", precision=precision, mtp_acceptance=mtp,
+                      num_micro_batches=2 if model.is_moe else 1,
+                      num_redundant_experts=32 if model.is_moe else 0)
+    for b in BATCHES:
+        for tp in tps:
+            for chunk in COLOCATED_CHUNK_TOKENS:
+                out.append(replace(base, num_dp=devices // tp, tp=tp, batch_per_dp=b,
+                                   chunk_tokens_per_group=chunk))
+            for share in PREFILL_SHARES:
+                pre = int(devices * share) // tp * tp
+                # largest instance of at most 32 devices that splits the pool evenly
+                sizes = [d for d in range(tp, min(pre, 32) + 1, tp) if pre % d == 0]
+                if not sizes:
+                    continue
+                inst = sizes[-1]
+                dec = devices - pre
+                for budget in PREFILL_TOKENS_PER_DEVICE:
+                    out.append(replace(base, mode="pd", num_dp=dec // tp, tp=tp, batch_per_dp=b,
+                                       num_prefill_devices=pre, prefill_instance_devices=inst,
+                                       prefill_tokens_per_device=budget))
+                if not model.is_moe:
+                    continue
+                for ratio in AF_RATIOS:
+                    ffn = int(dec / (1.0 + ratio))
+                    if ffn < 1:
+                        continue
+                    for mb, budget in ((2, 4096), (2, 16384), (3, 16384)):
+                        out.append(replace(base, mode="afd", num_dp=dec - ffn, batch_per_dp=b,
+                                           num_ffn_devices=ffn, num_micro_batches=mb,
+                                           num_prefill_devices=pre, prefill_instance_devices=inst,
+                                           prefill_tokens_per_device=budget))
+    return out
+
+
+def plan(hardware: str, model_name: str, num_chips: int, tpot_slo_ms: float,
+         ttft_slo_ms: float | None, input_tokens: int, output_tokens: int,
+         precision: str | None = None, mtp: float | None = None, top: int = 5,
+         verify: int = 3) -> tuple[list[tuple[Candidate, SimResult | None]], list[Candidate]]:
+    """Search deployments; return (best verified, every feasible candidate)."""
+    system = get_system(hardware)
+    model = load_model(model_name)
+    if precision is None:
+        precision = "int8" if "fp8" not in system.chip.tflops else "fp8"
+    if tpot_slo_ms <= 0 or (ttft_slo_ms is not None and ttft_slo_ms <= 0):
+        raise SimError("SLOs must be positive")
+    feasible: list[Candidate] = []
+    for dep in candidates(system, model, num_chips, precision, mtp):
+        try:
+            feasible.append(_steady(system, model, dep, input_tokens, output_tokens))
+        except SimError:
+            continue
+    if not feasible:
+        raise SimError(f"no deployment of {model_name} fits on {num_chips} chips of {hardware}")
+    ok = [c for c in feasible if c.tpot_ms <= tpot_slo_ms
+          and (ttft_slo_ms is None or c.ttft_ms <= ttft_slo_ms)]
+    ok.sort(key=lambda c: (-round(c.tokens_per_s_per_chip, 1), c.tpot_ms, c.ttft_ms))
+    best: list[tuple[Candidate, SimResult | None]] = []
+    for i, cand in enumerate(ok[:top]):
+        res = None
+        if i < verify:
+            rate = cand.tokens_per_s_per_chip * cand.chips / output_tokens * 0.9
+            conc = cand.deployment.num_dp * cand.deployment.batch_per_dp
+            lifetime_s = (cand.ttft_ms + cand.tpot_ms * output_tokens) / 1e3
+            num = int(min(max(2 * conc, 400, 4 * rate * lifetime_s), 60000))
+            wl = Workload(num_requests=num, input_tokens=input_tokens,
+                          output_tokens=output_tokens, request_rate_per_s=rate)
+            res = simulate(Scenario(hardware, model_name, cand.deployment, wl))
+        best.append((cand, res))
+    return best, feasible
+
+
+def describe(dep: Deployment) -> str:
+    """Short text for a deployment."""
+    text = f"{dep.mode} dp={dep.num_dp}"
+    if dep.tp > 1:
+        text += f" tp={dep.tp}"
+    if dep.mode == "afd":
+        text += f" ffn={dep.num_ffn_devices} mb={dep.num_micro_batches}"
+    if dep.mode != "colocated":
+        text += f" prefill={dep.num_prefill_devices}"
+    return text + f" batch/dp={dep.batch_per_dp}"
+
+
+def plan_cli(argv: list[str]) -> int:
+    """``tessera plan`` implementation (errors raise :class:`SimError`)."""
+    from .cli import _Parser
+
+    p = _Parser(prog="tessera plan", description="Find the best deployments under an SLO.")
+    p.add_argument("--hardware", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--chips", type=int, required=True)
+    p.add_argument("--tpot-slo-ms", type=float, required=True)
+    p.add_argument("--ttft-slo-ms", type=float)
+    p.add_argument("--input-tokens", type=int, required=True)
+    p.add_argument("--output-tokens", type=int, required=True)
+    p.add_argument("--precision", choices=["bf16", "fp8", "int8"])
+    p.add_argument("--mtp-acceptance", type=float)
+    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--plot", help="write the throughput-latency frontier to this PNG")
+    p.add_argument("--compare", action="append", default=[], metavar="HARDWARE:CHIPS",
+                   help="add another system's frontier to the plot (repeatable)")
+    a = p.parse_args(argv)
+    if a.input_tokens < 1 or a.output_tokens < 1:
+        raise SimError("--input-tokens and --output-tokens must be at least 1")
+    best, feasible = plan(a.hardware, a.model, a.chips, a.tpot_slo_ms, a.ttft_slo_ms,
+                          a.input_tokens, a.output_tokens, a.precision, a.mtp_acceptance, a.top)
+    print(f"{len(feasible)} feasible deployments; best under TPOT <= {a.tpot_slo_ms} ms"
+          + (f", TTFT <= {a.ttft_slo_ms} ms" if a.ttft_slo_ms else ""))
+    if not best:
+        print("none meets the SLO")
+    for cand, res in best:
+        line = (f"{describe(cand.deployment):<55} {cand.tokens_per_s_per_chip:8.0f} tok/s/chip"
+                f"  tpot {cand.tpot_ms:6.1f} ms  ttft {cand.ttft_ms:7.0f} ms")
+        if res is not None:
+            line += (f"  | simulated {res.tokens_per_s_per_chip:6.0f} tok/s/chip"
+                     f" tpot p99 {res.tpot_ms_p99:6.1f} ms ttft p99 {res.ttft_ms_p99:7.0f} ms")
+        print(line)
+    if a.plot:
+        from .plot import plot_frontier
+
+        series = {f"{a.hardware} x{a.chips}": feasible}
+        for spec in a.compare:
+            name, _, chips = spec.partition(":")
+            if not chips.isdigit():
+                raise SimError(f"--compare wants HARDWARE:CHIPS, got {spec!r}")
+            _, other = plan(name, a.model, int(chips), a.tpot_slo_ms, None, a.input_tokens,
+                            a.output_tokens, None, a.mtp_acceptance, top=0, verify=0)
+            series[f"{name} x{chips}"] = other
+        plot_frontier(series, a.plot, f"{a.model}, {a.input_tokens} in / {a.output_tokens} out",
+                      a.tpot_slo_ms)
+        print(f"plot written to {a.plot}")
+    return 0

@@ -1,0 +1,80 @@
+"""CLI: --json keys, one-line errors with non-zero status, plan output."""
+
+import json
+
+import pytest
+
+from tessera.sim.cli import plan_main, sim_main
+
+BASE = ["--model", "qwen3-235b-a22b", "--precision", "fp8", "--input-tokens", "200",
+        "--output-tokens", "20", "--num-requests", "60"]
+
+
+def test_json_keys(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = sim_main(["--hardware", "dgx-h200", "--deployment", "pd", "--decode-devices", "8",
+                   "--prefill-devices", "8", "--batch-per-dp", "8", "--json", *BASE])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    for key in ("decode_tokens_per_s_per_chip", "prefill_tokens_per_s_per_chip", "tpot_ms_mean",
+                "tpot_ms_p99", "ttft_ms_mean", "ttft_ms_p99", "chips"):
+        assert key in data
+    assert data["chips"] == 16 and data["num_finished"] == 60
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--hardware", "nope", "--dp", "8"], "unknown hardware"),
+    (["--hardware", "gb200-nvl72", "--dp", "100"], "has 72"),
+    (["--hardware", "dgx-h100", "--dp", "2"], "does not fit"),
+    (["--hardware", "dgx-h200", "--dp", "8", "--batch-per-dp", "0"], "at least 1"),
+    (["--hardware", "dgx-h200", "--dp", "8", "--mtp-acceptance", "2"], "mtp"),
+    (["--hardware", "dgx-h200", "--dp", "8", "--request-rate", "-1"], "request-rate"),
+    (["--hardware", "dgx-h200", "--dp", "8", "--precision", "fp4"], "precision"),
+])
+def test_bad_scenarios_give_one_line_errors(argv: list[str], needle: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    args = [*BASE, *argv]
+    rc = sim_main(args)
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and needle.lower() in err.lower()
+    assert "Traceback" not in err
+
+
+def test_ascend_has_no_fp8(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = sim_main(["--hardware", "cloudmatrix384", "--model", "deepseek-v3", "--precision", "fp8",
+                   "--input-tokens", "10", "--output-tokens", "10"])
+    assert rc == 2 and "no fp8" in capsys.readouterr().err
+
+
+def test_plan_prints_best(capsys: pytest.CaptureFixture[str], tmp_path: object) -> None:
+    png = f"{tmp_path}/f.png"
+    rc = plan_main(["--hardware", "gb200-nvl72", "--model", "deepseek-v3", "--chips", "72",
+                    "--tpot-slo-ms", "60", "--input-tokens", "1000", "--output-tokens", "200",
+                    "--plot", png])
+    out = capsys.readouterr().out
+    assert rc == 0 and "tok/s/chip" in out
+    with open(png, "rb") as f:
+        assert f.read(4) == b"\x89PNG"
+    assert plan_main(["--hardware", "gb200-nvl72", "--model", "deepseek-v3", "--chips", "999",
+                      "--tpot-slo-ms", "60", "--input-tokens", "1", "--output-tokens", "1"]) == 2
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--seed", "-1"], "seed"),
+    (["--num-requests", "0"], "requests"),
+    (["--request-rate", "inf"], "finite"),
+    (["--tp", "0"], "tp"),
+])
+def test_more_bad_numbers(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = sim_main(["--hardware", "dgx-h200", "--dp", "8", *BASE, *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and err.count("\n") == 1
+
+
+def test_malformed_config_file(tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    path = f"{tmp_path}/config.json"
+    with open(path, "w") as f:
+        f.write("{not json")
+    rc = sim_main(["--hardware", "dgx-h200", "--model", path, "--input-tokens", "10",
+                   "--output-tokens", "10"])
+    assert rc == 2 and "cannot read model config" in capsys.readouterr().err

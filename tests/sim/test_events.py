@@ -1,0 +1,57 @@
+"""Event loop ordering and request conservation."""
+
+from tessera.sim.deployment import Deployment
+from tessera.sim.events import EventLoop
+from tessera.sim.simulator import Scenario, simulate
+from tessera.sim.workload import Workload
+
+
+def test_events_run_in_time_order_with_fifo_ties() -> None:
+    loop = EventLoop()
+    seen: list[tuple[float, str]] = []
+
+    def h(now: float, tag: str) -> list:
+        seen.append((now, tag))
+        return [loop.make(now + 0.5, h, tag + "+")] if len(tag) < 2 else []
+
+    loop.schedule(1.0, h, "b")
+    loop.schedule(0.0, h, "a")
+    loop.schedule(1.0, h, "c")
+    loop.run()
+    assert seen == [(0.0, "a"), (0.5, "a+"), (1.0, "b"), (1.0, "c"), (1.5, "b+"), (1.5, "c+")]
+
+
+def _scenario(mode: str, **wl: object) -> Scenario:
+    dep = {
+        "colocated": Deployment(mode="colocated", precision="fp8", num_dp=8, batch_per_dp=8,
+                                num_micro_batches=2, num_redundant_experts=0),
+        "pd": Deployment(mode="pd", precision="fp8", num_dp=8, batch_per_dp=8,
+                         num_prefill_devices=8),
+        "afd": Deployment(mode="afd", precision="fp8", num_dp=8, batch_per_dp=8,
+                          num_ffn_devices=8, num_micro_batches=2, num_prefill_devices=8),
+    }[mode]
+    args = {"num_requests": 150, "input_tokens": 300, "output_tokens": 40, "length_cv": 0.5}
+    args.update(wl)  # type: ignore[arg-type]
+    return Scenario("dgx-h200", "qwen3-235b-a22b", dep, Workload(**args), seed=3)  # type: ignore[arg-type]
+
+
+def test_every_request_finishes_in_each_mode() -> None:
+    for mode in ("colocated", "pd", "afd"):
+        res = simulate(_scenario(mode, request_rate_per_s=50.0))
+        assert res.num_finished == 150 and res.num_unfinished == 0, mode
+        assert res.tpot_ms_p99 >= res.tpot_ms_mean > 0
+        assert res.ttft_ms_p99 >= res.ttft_ms_mean > 0
+        assert res.decode_tokens_per_s_per_chip > 0
+
+
+def test_closed_loop_and_event_limit_reports_unfinished() -> None:
+    res = simulate(_scenario("pd", concurrency=16))
+    assert res.num_finished == 150
+    cut = simulate(_scenario("pd", concurrency=16), max_events=50)
+    assert cut.num_finished + cut.num_unfinished == 150 and cut.num_unfinished > 0
+
+
+def test_higher_load_raises_latency() -> None:
+    low = simulate(_scenario("colocated", request_rate_per_s=5.0))
+    high = simulate(_scenario("colocated", request_rate_per_s=500.0))
+    assert high.ttft_ms_mean > low.ttft_ms_mean

@@ -1,0 +1,79 @@
+"""Cost model against hand-computed FLOPs and bytes on small configs."""
+
+import numpy as np
+import pytest
+
+from tessera.sim.costmodel import PoolCost, PoolLayout, causal_pairs, decode_load
+from tessera.sim.hardware import get_system
+from tessera.sim.model import load_model, spec_from_config
+
+DENSE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "vocab_size": 100, "intermediate_size": 128}
+MLA = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 100,
+       "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8,
+       "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
+       "q_lora_rank": 16, "kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
+       "v_head_dim": 8, "num_nextn_predict_layers": 1}
+
+
+def test_dense_gqa_counts() -> None:
+    m = spec_from_config(DENSE)
+    hd = 16
+    assert m.attn_params == 64 * hd * 4 + 2 * 64 * hd * 2 + 4 * hd * 64
+    assert m.kv_elements_per_token == 2 * 2 * hd
+    assert m.attn_flops_per_kv_decode == 4 * 4 * hd
+    assert m.dense_ffn_params == 3 * 64 * 128
+    assert m.num_dense_layers == 2 and m.num_moe_layers == 0
+    assert m.total_params() == 2 * (m.attn_params + m.dense_ffn_params) + 2 * 100 * 64
+
+
+def test_mla_moe_counts() -> None:
+    m = spec_from_config(MLA)
+    q = 64 * 16 + 16 * 4 * 12
+    kv = 64 * (8 + 4) + 8 * 4 * (8 + 8)
+    assert m.attn_params == q + kv + 4 * 8 * 64
+    assert m.kv_elements_per_token == 12
+    assert m.attn_flops_per_kv_decode == 2 * 4 * 12 + 2 * 4 * 8
+    assert m.attn_flops_per_pair_prefill == 2 * 4 * 12 + 2 * 4 * 8
+    assert (m.num_dense_layers, m.num_moe_layers, m.num_mtp_layers) == (1, 2, 1)
+    assert m.expert_params == 3 * 64 * 32 and m.shared_expert_params == 3 * 64 * 32
+    active = 3 * m.attn_params + m.dense_ffn_params + 2 * (2 * m.expert_params
+                                                          + m.shared_expert_params + 64 * 8)
+    assert m.active_params_per_token() == active + 100 * 64
+
+
+def test_bundled_models_match_published_sizes() -> None:
+    assert load_model("deepseek-v3").total_params(with_mtp=False) == pytest.approx(671e9, rel=0.01)
+    assert load_model("deepseek-v3").active_params_per_token() == pytest.approx(37e9, rel=0.02)
+    assert load_model("llama-3-70b").total_params() == pytest.approx(70.6e9, rel=0.01)
+    assert load_model("qwen3-235b-a22b").active_params_per_token() == pytest.approx(22e9, rel=0.03)
+
+
+def test_causal_pairs() -> None:
+    assert causal_pairs(4, 0) == 10
+    assert causal_pairs(2, 3) == 2 * 3 + 3
+
+
+def test_decode_step_is_memory_bound_roofline() -> None:
+    m = spec_from_config(DENSE)
+    sys = get_system("dgx-h100")
+    cost = PoolCost(sys, m, PoolLayout(1, 1, 1, False, 1, "bf16"))
+    eff = sys.chip.efficiency
+    one = np.ones(1)
+    load = decode_load(m, one, one * 10)
+    weights = 2 * (m.attn_params + m.dense_ffn_params) + 100 * 64
+    kv = 2 * 10 * m.kv_elements_per_token * 2.0
+    expect = (weights * 2.0 + kv) / (sys.chip.memory_bytes_per_s * eff.memory)
+    expect += 2 * eff.ops_per_layer * eff.op_overhead_us * 1e-6 + eff.step_overhead_ms * 1e-3
+    assert cost.step_s(load) == pytest.approx(expect, rel=1e-9)
+
+
+def test_more_tokens_cost_more_and_balancer_helps() -> None:
+    m = load_model("deepseek-v3")
+    sys = get_system("cloudmatrix384")
+    lay = PoolLayout(64, 1, 64, False, 2, "int8", True, 0)
+    bal, unbal = PoolCost(sys, m, lay), PoolCost(sys, m, PoolLayout(64, 1, 64, False, 2, "int8", False))
+    n = np.full(64, 32.0)
+    small, big = decode_load(m, n, n * 1000), decode_load(m, n * 2, n * 2000)
+    assert bal.step_s(big) > bal.step_s(small)
+    assert unbal.step_s(big) > bal.step_s(big)

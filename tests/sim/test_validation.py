@@ -1,0 +1,29 @@
+"""Published anchors: the catalog loads and the fast anchors reproduce within 15%."""
+
+import pytest
+
+from tessera.sim.catalog import DATA_DIR, load_published, published_path
+from tessera.sim.validation import anchors, run_anchor
+
+FAST = ("cminfer-decode-15ms", "cminfer-prefill", "cminfer-prefill (perfect EPLB)",
+        "sglang-h100-prefill", "sglang-h100-prefill (perfect EPLB)")
+
+
+def test_every_published_result_has_an_anchor() -> None:
+    ids = {a.anchor_id.split(" (")[0] for a in anchors()}
+    assert ids == {r["id"] for r in load_published()["results"]}
+    assert (DATA_DIR / "published.json").is_file()
+    assert published_path().name == "published.json"
+
+
+@pytest.mark.parametrize("anchor_id", FAST)
+def test_fast_anchors_within_tolerance(anchor_id: str) -> None:
+    anchor = next(a for a in anchors() if a.anchor_id == anchor_id)
+    simulated = run_anchor(anchor)
+    assert abs(simulated / anchor.published - 1.0) <= 0.15
+
+
+def test_balancer_gap_has_published_direction() -> None:
+    real, perfect = (next(a for a in anchors() if a.anchor_id == i)
+                     for i in ("sglang-h100-prefill", "sglang-h100-prefill (perfect EPLB)"))
+    assert run_anchor(real) < run_anchor(perfect)
