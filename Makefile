@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python -m tessera.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check tessera tests benchmarks scripts
+	$(BIN)/ruff check tessera tests benchmarks
 	$(BIN)/mypy tessera
 
 test: $(STAMP) lint
