@@ -81,6 +81,7 @@ CASES = [
     (3, 6, 4, 2, 64, 16, 300, 37),  # sliding window, window not a block multiple
     (4, 4, 4, 4, 24, 1, 80, 16),  # window, block size 1, head_dim not a multiple of 16
     (5, 4, 2, 1, 16, 16, 300, 1000),  # window longer than every sequence
+    (6, 12, 6, 3, 16, 16, 200, None),  # kv heads split into uneven ranges across work items
 ]
 IDS = [f"h{c[2]}kv{c[3]}d{c[4]}bs{c[5]}w{c[7]}" for c in CASES]
 

@@ -38,6 +38,14 @@ constexpr int64_t kTile = 32;
 // vectorises the loop without -ffast-math (which it would need to reorder one float sum).
 constexpr int kLanes = 16;
 
+// How many keys ahead K rows are prefetched.
+constexpr int64_t kAhead = 4;
+
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
 inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
@@ -125,87 +133,112 @@ void decode(const T* q, const T* kv, const int64_t* tables, const int64_t* lens,
   const int64_t block_stride = s.block_size * row_stride;
   const T* k_base = kv;
   const T* v_base = kv + s.num_blocks * block_stride;
+  const int64_t num_threads = std::max<int64_t>(1, at::get_num_threads());
 
+  // A work item is one sequence and a range of its kv heads. Whole sequences (all heads) read
+  // each token's K/V for every head as one contiguous run, which streams from memory ~1.5x
+  // faster than per-head rows strided by KVH * d; the heads are split into ranges only when
+  // there are too few sequences to keep every thread busy.
+  const int64_t num_ranges =
+      std::min(kvh, std::max<int64_t>(1, (8 * num_threads + s.batch - 1) / s.batch));
   // Longest sequences first, handed out dynamically: contexts differ by 40x within a batch, and
-  // a static split of the (sequence, kv head) range leaves threads idle.
+  // a static split of the items leaves threads idle.
   std::vector<int64_t> order(s.batch);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(),
                    [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
-  const int64_t num_items = s.batch * kvh;
+  const int64_t num_items = s.batch * num_ranges;
   std::atomic<int64_t> next{0};
 
-  const int64_t num_threads = std::max<int64_t>(1, at::get_num_threads());
   at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+    const int64_t max_heads = ((kvh + num_ranges - 1) / num_ranges) * group;
     // Per-thread scratch: scaled queries, accumulators, scores/probabilities, converted rows.
-    std::vector<float> qf(group * d), acc(group * d), scores(group * kTile);
-    std::vector<float> m(group), l(group), k_scratch(d), v_scratch(d);
-    std::vector<const T*> k_rows(kTile), v_rows(kTile);
+    std::vector<float> qf(max_heads * d), acc(max_heads * d), scores(max_heads * kTile);
+    std::vector<float> m(max_heads), l(max_heads), k_scratch(d), v_scratch(d);
+    std::vector<int64_t> rows(kTile);
 
     for (int64_t item = next.fetch_add(1); item < num_items; item = next.fetch_add(1)) {
-      const int64_t b = order[item / kvh];
-      const int64_t h = item % kvh;
+      const int64_t b = order[item / num_ranges];
+      const int64_t r = item % num_ranges;
+      const int64_t h0 = r * kvh / num_ranges, h1 = (r + 1) * kvh / num_ranges;  // kv heads
+      const int64_t nq = (h1 - h0) * group;  // query heads h0 * group .. h1 * group
       const int64_t len = lens[b];
       const int64_t lo = s.window > 0 ? std::max<int64_t>(0, len - s.window) : 0;
       const int64_t* table = tables + b * s.max_blocks;
+      const T* q_item = q + (b * s.num_heads + h0 * group) * d;
+      T* out_item = out + (b * s.num_heads + h0 * group) * d;
 
-      for (int64_t g = 0; g < group; ++g) {
-        const T* src = q + (b * s.num_heads + h * group + g) * d;
-        const float* qrow = Row<T>::read(src, k_scratch.data(), d);
-        for (int64_t i = 0; i < d; ++i) qf[g * d + i] = qrow[i] * s.scale;
+      for (int64_t j = 0; j < nq; ++j) {
+        const float* qrow = Row<T>::read(q_item + j * d, k_scratch.data(), d);
+        for (int64_t i = 0; i < d; ++i) qf[j * d + i] = qrow[i] * s.scale;
       }
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
-      std::fill(l.begin(), l.end(), 0.0f);
+      std::fill(acc.begin(), acc.begin() + nq * d, 0.0f);
+      std::fill(m.begin(), m.begin() + nq, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + nq, 0.0f);
 
-      for (int64_t t0 = lo; t0 < len; t0 += kTile) {
-        const int64_t n = std::min(kTile, len - t0);
-        // Row addresses of this tile, walking blocks without a division per key.
-        int64_t bi = t0 / s.block_size, off = t0 % s.block_size;
-        for (int64_t t = 0; t < n; ++t) {
-          const int64_t row = (table[bi] * s.block_size + off) * row_stride + h * d;
-          k_rows[t] = k_base + row;
-          v_rows[t] = v_base + row;
+      // Offsets of every visible key's row (at kv head h0), walking blocks without a division
+      // per key; computed up front so rows can be prefetched across tile boundaries.
+      rows.resize(len - lo);
+      {
+        int64_t bi = lo / s.block_size, off = lo % s.block_size;
+        for (int64_t t = 0; t < len - lo; ++t) {
+          rows[t] = (table[bi] * s.block_size + off) * row_stride + h0 * d;
           if (++off == s.block_size) {
             off = 0;
             ++bi;
           }
         }
-        // Scores of every query head of the group against each key row (loaded once).
+      }
+      const int64_t run_bytes = (h1 - h0) * d * static_cast<int64_t>(sizeof(T));
+
+      for (int64_t t0 = 0; t0 < len - lo; t0 += kTile) {
+        const int64_t n = std::min(kTile, len - lo - t0);
+        const int64_t* tile_rows = rows.data() + t0;
+        // The loads are far apart in memory (blocks are scattered); ask for them ahead of use so
+        // the compute overlaps the memory latency: K a few rows ahead, this tile's V now.
         for (int64_t t = 0; t < n; ++t) {
-          const float* krow = Row<T>::read(k_rows[t], k_scratch.data(), d);
-          for (int64_t g = 0; g < group; ++g) {
-            scores[g * kTile + t] = dot(qf.data() + g * d, krow, d);
+          if (t0 + t + kAhead < len - lo) prefetch(k_base + tile_rows[t + kAhead], run_bytes);
+          prefetch(v_base + tile_rows[t], run_bytes);
+          // Scores: each K row is loaded once and shared by the query heads of its kv head (GQA).
+          for (int64_t kh = 0; kh < h1 - h0; ++kh) {
+            const float* krow = Row<T>::read(k_base + tile_rows[t] + kh * d, k_scratch.data(), d);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t j = kh * group + g;
+              scores[j * kTile + t] = dot(qf.data() + j * d, krow, d);
+            }
           }
         }
         // Online softmax: raise the running max, rescale what was accumulated under the old one.
-        for (int64_t g = 0; g < group; ++g) {
-          float* sc = scores.data() + g * kTile;
+        for (int64_t j = 0; j < nq; ++j) {
+          float* sc = scores.data() + j * kTile;
           float tile_max = sc[0];
           for (int64_t t = 1; t < n; ++t) tile_max = std::max(tile_max, sc[t]);
-          const float new_max = std::max(m[g], tile_max);
-          const float correction = std::exp(m[g] - new_max);  // 0 on the first tile
+          const float new_max = std::max(m[j], tile_max);
+          const float correction = std::exp(m[j] - new_max);  // 0 on the first tile
           float sum = 0.0f;
           for (int64_t t = 0; t < n; ++t) {
             sc[t] = std::exp(sc[t] - new_max);
             sum += sc[t];
           }
-          if (correction != 1.0f) scale_row(acc.data() + g * d, correction, d);
-          l[g] = l[g] * correction + sum;
-          m[g] = new_max;
+          if (correction != 1.0f) scale_row(acc.data() + j * d, correction, d);
+          l[j] = l[j] * correction + sum;
+          m[j] = new_max;
         }
         for (int64_t t = 0; t < n; ++t) {
-          const float* vrow = Row<T>::read(v_rows[t], v_scratch.data(), d);
-          for (int64_t g = 0; g < group; ++g) {
-            axpy(scores[g * kTile + t], vrow, acc.data() + g * d, d);
+          for (int64_t kh = 0; kh < h1 - h0; ++kh) {
+            const float* vrow = Row<T>::read(v_base + tile_rows[t] + kh * d, v_scratch.data(), d);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t j = kh * group + g;
+              axpy(scores[j * kTile + t], vrow, acc.data() + j * d, d);
+            }
           }
         }
       }
 
-      for (int64_t g = 0; g < group; ++g) {
-        float* a = acc.data() + g * d;
-        scale_row(a, 1.0f / l[g], d);  // len >= 1 and the query always sees itself: l[g] > 0
-        Row<T>::write(out + (b * s.num_heads + h * group + g) * d, a, d);
+      for (int64_t j = 0; j < nq; ++j) {
+        float* a = acc.data() + j * d;
+        scale_row(a, 1.0f / l[j], d);  // len >= 1 and the query always sees itself: l[j] > 0
+        Row<T>::write(out_item + j * d, a, d);
       }
     }
   });
