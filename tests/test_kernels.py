@@ -204,3 +204,24 @@ def test_import_does_not_build() -> None:
         "assert 'tried' not in pd._state"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_build_failure_falls_back(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A source that does not compile: one warning, then the fallback's results, no exception."""
+    broken = tmp_path / "paged_decode.cpp"
+    broken.write_text("#error deliberately broken\n")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    monkeypatch.delenv("TESSERA_DISABLE_KERNELS", raising=False)
+    monkeypatch.setattr(pd, "_SOURCE", broken)
+    monkeypatch.setattr(pd, "_state", {})  # restored afterwards: the real build stays usable
+    q, cache, tables, lens = _case(12, 3, 4, 2, 16, 16, 60, torch.float32)
+    with caplog.at_level("WARNING", logger=pd.__name__):
+        first = pd.paged_decode_attention(q, cache, tables, lens, 0.25)
+        second = pd.paged_decode_attention(q, cache, tables, lens, 0.25)
+    warnings = [r for r in caplog.records if "fallback" in r.getMessage()]
+    assert len(warnings) == 1
+    ref = pd.paged_decode_reference(q, cache, tables, lens, 0.25)
+    torch.testing.assert_close(first, ref)
+    torch.testing.assert_close(second, ref)
