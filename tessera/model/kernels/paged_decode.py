@@ -1,8 +1,9 @@
 """Fused paged decode attention: a C++ CPU kernel with a pure-torch fallback.
 
 The kernel (``paged_decode.cpp`` next to this file) is compiled with
-``torch.utils.cpp_extension.load`` on the first call, never on import. Building it takes
-about 20 s on a 2-core machine; later processes reuse the build cached in torch's extensions
+``torch.utils.cpp_extension.load`` on the first call, never on import. Building it took
+11-18 s on a 2-core machine shared with other work; later processes reuse the build cached in
+torch's extensions
 directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and load it in well
 under a second. When the build fails, the tensors are not on CPU, the dtype is not float32,
 bfloat16 or float16, or ``TESSERA_DISABLE_KERNELS=1`` is set, the fallback runs instead: same
