@@ -3,9 +3,8 @@
 The kernel (``paged_decode.cpp`` next to this file) is compiled with
 ``torch.utils.cpp_extension.load`` on the first call, never on import. Building it took
 11-18 s on a 2-core machine shared with other work; later processes reuse the build cached in
-torch's extensions
-directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``) and load it in well
-under a second. When the build fails, the tensors are not on CPU, the dtype is not float32,
+torch's extensions directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+and load it in well under a second. When the build fails, the tensors are not on CPU, the dtype is not float32,
 bfloat16 or float16, or ``TESSERA_DISABLE_KERNELS=1`` is set, the fallback runs instead: same
 semantics, one ``index_select`` of each sequence's own blocks and SDPA (no padding, no mask).
 """
