@@ -1,0 +1,320 @@
+// Fused paged decode attention for CPU (Tessera).
+//
+// One query token per sequence attends over that sequence's keys, read in place from the paged
+// KV cache [2, num_blocks, block_size, KVH, d]: no gather, no padding. Softmax is computed online
+// (streaming) in float32, one tile of keys at a time, so every K and V row is read exactly once.
+// Work items are (sequence, kv head) pairs; all query heads of a kv head (GQA) share each row load.
+//
+// Registered as the dispatcher op tessera_kernels::paged_decode. Only light ATen headers are
+// included (no torch/extension.h, no pybind11) to keep the first-use build short.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+// Keys scored between two softmax rescales of the accumulators: large enough to amortise the
+// rescale, small enough that the scores and row pointers stay in L1.
+constexpr int64_t kTile = 32;
+
+// Lane count of the portable dot product: each lane is an independent partial sum, so gcc
+// vectorises the loop without -ffast-math (which it would need to reorder one float sum).
+constexpr int kLanes = 16;
+
+// How many keys ahead K rows are prefetched.
+constexpr int64_t kAhead = 4;
+
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
+}
+
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  }
+  float s = _mm512_reduce_add_ps(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+#else
+  float part[kLanes] = {0.0f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) part[l] += a[i + l] * b[i + l];
+  }
+  float s = 0.0f;
+  for (; i < n; ++i) s += a[i] * b[i];
+  for (int l = 0; l < kLanes; ++l) s += part[l];
+  return s;
+#endif
+}
+
+// y += alpha * x
+inline void axpy(float alpha, const float* __restrict__ x, float* __restrict__ y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// y *= alpha
+inline void scale_row(float* __restrict__ y, float alpha, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= alpha;
+}
+
+// A cache row as float32: float rows are used in place, others are converted into `scratch`.
+template <typename T>
+struct Row;
+
+template <>
+struct Row<float> {
+  static const float* read(const float* src, float* /*scratch*/, int64_t /*n*/) { return src; }
+  static void write(float* dst, const float* src, int64_t n) {
+    std::memcpy(dst, src, n * sizeof(float));
+  }
+};
+
+template <>
+struct Row<c10::BFloat16> {
+  static const float* read(const c10::BFloat16* src, float* __restrict__ scratch, int64_t n) {
+    // bf16 is the top half of a float32: widen by shifting the bits (vectorises).
+    const uint16_t* __restrict__ bits = reinterpret_cast<const uint16_t*>(src);
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t u = static_cast<uint32_t>(bits[i]) << 16;
+      std::memcpy(&scratch[i], &u, sizeof(float));
+    }
+    return scratch;
+  }
+  static void write(c10::BFloat16* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = c10::BFloat16(src[i]);  // round to nearest even
+  }
+};
+
+template <>
+struct Row<c10::Half> {
+  static const float* read(const c10::Half* src, float* __restrict__ scratch, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
+    return scratch;
+  }
+  static void write(c10::Half* dst, const float* src, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]);
+  }
+};
+
+struct Shape {
+  int64_t batch, num_heads, num_kv_heads, head_dim, num_blocks, block_size, max_blocks;
+  float scale;
+  int64_t window;  // <= 0: no sliding window
+};
+
+template <typename T>
+void decode(const T* q, const T* kv, const int64_t* tables, const int64_t* lens, T* out,
+            const Shape& s) {
+  const int64_t d = s.head_dim, kvh = s.num_kv_heads;
+  const int64_t group = s.num_heads / kvh;  // query heads per kv head
+  const int64_t row_stride = kvh * d;       // between consecutive tokens of a block
+  const int64_t block_stride = s.block_size * row_stride;
+  const T* k_base = kv;
+  const T* v_base = kv + s.num_blocks * block_stride;
+  const int64_t num_threads = std::max<int64_t>(1, at::get_num_threads());
+
+  // A work item is one sequence and a range of its kv heads. Whole sequences (all heads) read
+  // each token's K/V for every head as one contiguous run, which streams from memory ~1.5x
+  // faster than per-head rows strided by KVH * d; the heads are split into ranges only when
+  // there are too few sequences to keep every thread busy.
+  const int64_t num_ranges =
+      std::min(kvh, std::max<int64_t>(1, (8 * num_threads + s.batch - 1) / s.batch));
+  // Longest sequences first, handed out dynamically: contexts differ by 40x within a batch, and
+  // a static split of the items leaves threads idle.
+  std::vector<int64_t> order(s.batch);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return lens[a] > lens[b]; });
+  const int64_t num_items = s.batch * num_ranges;
+  std::atomic<int64_t> next{0};
+
+  at::parallel_for(0, num_threads, 1, [&](int64_t, int64_t) {
+    const int64_t max_heads = ((kvh + num_ranges - 1) / num_ranges) * group;
+    // Per-thread scratch: scaled queries, accumulators, scores/probabilities, converted rows.
+    std::vector<float> qf(max_heads * d), acc(max_heads * d), scores(max_heads * kTile);
+    std::vector<float> m(max_heads), l(max_heads), k_scratch(d), v_scratch(d);
+    std::vector<int64_t> rows(kTile);
+
+    for (int64_t item = next.fetch_add(1); item < num_items; item = next.fetch_add(1)) {
+      const int64_t b = order[item / num_ranges];
+      const int64_t r = item % num_ranges;
+      const int64_t h0 = r * kvh / num_ranges, h1 = (r + 1) * kvh / num_ranges;  // kv heads
+      const int64_t nq = (h1 - h0) * group;  // query heads h0 * group .. h1 * group
+      const int64_t len = lens[b];
+      const int64_t lo = s.window > 0 ? std::max<int64_t>(0, len - s.window) : 0;
+      const int64_t* table = tables + b * s.max_blocks;
+      const T* q_item = q + (b * s.num_heads + h0 * group) * d;
+      T* out_item = out + (b * s.num_heads + h0 * group) * d;
+
+      for (int64_t j = 0; j < nq; ++j) {
+        const float* qrow = Row<T>::read(q_item + j * d, k_scratch.data(), d);
+        for (int64_t i = 0; i < d; ++i) qf[j * d + i] = qrow[i] * s.scale;
+      }
+      std::fill(acc.begin(), acc.begin() + nq * d, 0.0f);
+      std::fill(m.begin(), m.begin() + nq, -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.begin() + nq, 0.0f);
+
+      // Offsets of every visible key's row (at kv head h0), walking blocks without a division
+      // per key; computed up front so rows can be prefetched across tile boundaries.
+      rows.resize(len - lo);
+      {
+        int64_t bi = lo / s.block_size, off = lo % s.block_size;
+        for (int64_t t = 0; t < len - lo; ++t) {
+          rows[t] = (table[bi] * s.block_size + off) * row_stride + h0 * d;
+          if (++off == s.block_size) {
+            off = 0;
+            ++bi;
+          }
+        }
+      }
+      const int64_t run_bytes = (h1 - h0) * d * static_cast<int64_t>(sizeof(T));
+
+      for (int64_t t0 = 0; t0 < len - lo; t0 += kTile) {
+        const int64_t n = std::min(kTile, len - lo - t0);
+        const int64_t* tile_rows = rows.data() + t0;
+        // The loads are far apart in memory (blocks are scattered); ask for them ahead of use so
+        // the compute overlaps the memory latency: K a few rows ahead, this tile's V now.
+        for (int64_t t = 0; t < n; ++t) {
+          if (t0 + t + kAhead < len - lo) prefetch(k_base + tile_rows[t + kAhead], run_bytes);
+          prefetch(v_base + tile_rows[t], run_bytes);
+          // Scores: each K row is loaded once and shared by the query heads of its kv head (GQA).
+          for (int64_t kh = 0; kh < h1 - h0; ++kh) {
+            const float* krow = Row<T>::read(k_base + tile_rows[t] + kh * d, k_scratch.data(), d);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t j = kh * group + g;
+              scores[j * kTile + t] = dot(qf.data() + j * d, krow, d);
+            }
+          }
+        }
+        // Online softmax: raise the running max, rescale what was accumulated under the old one.
+        for (int64_t j = 0; j < nq; ++j) {
+          float* sc = scores.data() + j * kTile;
+          float tile_max = sc[0];
+          for (int64_t t = 1; t < n; ++t) tile_max = std::max(tile_max, sc[t]);
+          const float new_max = std::max(m[j], tile_max);
+          const float correction = std::exp(m[j] - new_max);  // 0 on the first tile
+          float sum = 0.0f;
+          for (int64_t t = 0; t < n; ++t) {
+            sc[t] = std::exp(sc[t] - new_max);
+            sum += sc[t];
+          }
+          if (correction != 1.0f) scale_row(acc.data() + j * d, correction, d);
+          l[j] = l[j] * correction + sum;
+          m[j] = new_max;
+        }
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t kh = 0; kh < h1 - h0; ++kh) {
+            const float* vrow = Row<T>::read(v_base + tile_rows[t] + kh * d, v_scratch.data(), d);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t j = kh * group + g;
+              axpy(scores[j * kTile + t], vrow, acc.data() + j * d, d);
+            }
+          }
+        }
+      }
+
+      for (int64_t j = 0; j < nq; ++j) {
+        float* a = acc.data() + j * d;
+        scale_row(a, 1.0f / l[j], d);  // len >= 1 and the query always sees itself: l[j] > 0
+        Row<T>::write(out_item + j * d, a, d);
+      }
+    }
+  });
+}
+
+// q [B, H, d]; kv_cache [2, num_blocks, block_size, KVH, d]; block_tables [B, max_blocks] int64;
+// seq_lens [B] int64 (>= 1). window <= 0 means none. Returns [B, H, d] in q's dtype.
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache,
+                        const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                        int64_t window) {
+  TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "paged_decode: CPU tensors only");
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode: shapes");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "paged_decode: q/cache dtype mismatch");
+  TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous(), "paged_decode: need contiguous q, cache");
+  TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
+              "paged_decode: block_tables and seq_lens must be int64");
+  TORCH_CHECK(block_tables.is_contiguous() && seq_lens.is_contiguous(), "paged_decode: contiguous");
+
+  Shape s{};
+  s.batch = q.size(0);
+  s.num_heads = q.size(1);
+  s.head_dim = q.size(2);
+  s.num_blocks = kv_cache.size(1);
+  s.block_size = kv_cache.size(2);
+  s.num_kv_heads = kv_cache.size(3);
+  s.max_blocks = block_tables.dim() == 2 ? block_tables.size(1) : 0;
+  s.scale = static_cast<float>(scale);
+  s.window = window;
+  TORCH_CHECK(kv_cache.size(4) == s.head_dim, "paged_decode: head_dim mismatch");
+  TORCH_CHECK(s.num_kv_heads > 0 && s.num_heads % s.num_kv_heads == 0, "paged_decode: GQA ratio");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == s.batch && seq_lens.dim() == 1 &&
+                  seq_lens.size(0) == s.batch,
+              "paged_decode: block_tables [B, max_blocks], seq_lens [B]");
+
+  // Validate every block id the kernel will dereference: a bad table must raise, not read
+  // outside the cache. Cheap next to the attention itself.
+  const int64_t* lens = seq_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    TORCH_CHECK(lens[b] >= 1 && lens[b] <= s.max_blocks * s.block_size,
+                "paged_decode: seq_len out of range for the block table");
+    const int64_t used = (lens[b] + s.block_size - 1) / s.block_size;
+    const int64_t first = s.window > 0 ? std::max<int64_t>(0, lens[b] - s.window) / s.block_size : 0;
+    for (int64_t i = first; i < used; ++i) {
+      const int64_t id = tables[b * s.max_blocks + i];
+      TORCH_CHECK(id >= 0 && id < s.num_blocks, "paged_decode: block id out of range");
+    }
+  }
+
+  at::Tensor out = at::empty({s.batch, s.num_heads, s.head_dim}, q.options());
+  if (s.batch == 0) return out;
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      decode<float>(q.data_ptr<float>(), kv_cache.data_ptr<float>(), tables, lens,
+                    out.data_ptr<float>(), s);
+      break;
+    case at::kBFloat16:
+      decode<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), kv_cache.data_ptr<c10::BFloat16>(),
+                            tables, lens, out.data_ptr<c10::BFloat16>(), s);
+      break;
+    case at::kHalf:
+      decode<c10::Half>(q.data_ptr<c10::Half>(), kv_cache.data_ptr<c10::Half>(), tables, lens,
+                        out.data_ptr<c10::Half>(), s);
+      break;
+    default:
+      TORCH_CHECK(false, "paged_decode: unsupported dtype ", q.scalar_type());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tessera_kernels, m) {
+  m.def(
+      "paged_decode(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor seq_lens, float scale, "
+      "int window) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) { m.impl("paged_decode", &paged_decode); }

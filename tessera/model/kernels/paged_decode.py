@@ -1,0 +1,189 @@
+"""Fused paged decode attention: a C++ CPU kernel with a pure-torch fallback.
+
+The kernel (``paged_decode.cpp`` next to this file) is compiled with
+``torch.utils.cpp_extension.load`` on the first call, never on import. Building it took
+11-18 s on a 2-core machine shared with other work; later processes reuse the build cached in
+torch's extensions directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
+and load it in well under a second. When the build fails, the tensors are not on CPU, the dtype is not float32,
+bfloat16 or float16, or ``TESSERA_DISABLE_KERNELS=1`` is set, the fallback runs instead: same
+semantics, one ``index_select`` of each sequence's own blocks and SDPA (no padding, no mask).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("paged_decode.cpp")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_lock = threading.Lock()
+_state: dict[str, bool] = {}  # "tried": build attempted; "ok": op registered and usable
+
+
+def kernels_disabled() -> bool:
+    """True when ``TESSERA_DISABLE_KERNELS`` is set to a true value (forces the fallback)."""
+    return os.environ.get("TESSERA_DISABLE_KERNELS", "").strip().lower() in ("1", "true", "yes")
+
+
+def _native_arch() -> str | None:
+    """The CPU the compiler targets with ``-march=native`` (e.g. ``sapphirerapids``), or None
+    if it does not accept the flag. Part of the extension name, so a build cached on a shared
+    home directory is never loaded on a machine with a different instruction set."""
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        res = subprocess.run(
+            [cxx, "-march=native", "-Q", "--help=target"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    for line in res.stdout.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "-march=":
+            return "".join(c if c.isalnum() else "_" for c in parts[1])
+    return "native"  # accepted, but the compiler (e.g. clang) does not print the target
+
+
+def _ensure_ninja_on_path() -> None:
+    """cpp_extension looks for ``ninja`` on PATH; the pip package puts it in the venv's bin,
+    which is not on PATH when the interpreter is run without activating the venv."""
+    if shutil.which("ninja") is not None:
+        return
+    try:
+        import ninja  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def _build() -> bool:
+    """Compile and register ``torch.ops.tessera_kernels.paged_decode``; False on any failure."""
+    from torch.utils import cpp_extension
+
+    _ensure_ninja_on_path()
+    arch = _native_arch()
+    attempts: list[tuple[str, list[str]]] = []
+    if arch is not None:
+        attempts.append((f"tessera_paged_decode_{arch}", ["-O3", "-march=native"]))
+    attempts.append(("tessera_paged_decode_generic", ["-O3"]))
+    errors = []
+    for name, flags in attempts:
+        try:
+            cpp_extension.load(
+                name=name,
+                sources=[str(_SOURCE)],
+                extra_cflags=flags,
+                is_python_module=False,
+                verbose=False,
+            )
+            torch.ops.tessera_kernels.paged_decode  # noqa: B018 - raises if not registered
+            return True
+        except Exception as e:  # noqa: BLE001 - a build failure must never crash the engine
+            errors.append(f"{name} ({' '.join(flags)}): {type(e).__name__}: {e}")
+    logger.warning(
+        "paged decode kernel unavailable, using the pure-torch fallback: %s",
+        " | ".join(errors)[:2000],
+    )
+    return False
+
+
+def kernel_available() -> bool:
+    """Whether the C++ kernel can run here; builds it on the first call (thread-safe)."""
+    if kernels_disabled():
+        return False
+    if "tried" not in _state:
+        with _lock:
+            if "tried" not in _state:
+                _state["ok"] = _build()
+                _state["tried"] = True
+    return _state["ok"]
+
+
+def _kernel_applies(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and kv_cache.device.type == "cpu"
+        and q.dtype in _KERNEL_DTYPES
+        and kv_cache.dtype == q.dtype
+        and kv_cache.is_contiguous()  # never copy the cache to fit the kernel
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged KV cache; returns [B, H, d].
+
+    q: [B, H, d], the token at position ``seq_lens[b] - 1``; kv_cache:
+    [2, num_blocks, block_size, KVH, d] (K then V); block_tables: [B, max_blocks] int64, padded
+    with 0; seq_lens: [B] int64, tokens in the cache including the new one (>= 1). With a
+    sliding ``window`` the query at position p sees keys j with ``p - window < j <= p``. GQA: H
+    is a multiple of KVH and head h reads kv head ``h // (H // KVH)``. Output dtype is q's.
+    """
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if _kernel_applies(q, kv_cache) and kernel_available():
+        return torch.ops.tessera_kernels.paged_decode(
+            q.contiguous(),
+            kv_cache,
+            block_tables.to(torch.int64).contiguous(),
+            seq_lens.to(torch.int64).contiguous(),
+            float(scale),
+            0 if window is None else int(window),
+        )
+    return paged_decode_reference(q, kv_cache, block_tables, seq_lens, scale, window)
+
+
+def paged_decode_reference(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """The pure-torch fallback of :func:`paged_decode_attention` (same arguments, same result):
+    per sequence, gather only the blocks holding its visible keys, then SDPA without a mask."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    out = torch.empty_like(q)  # [B, H, d]
+    lens = seq_lens.tolist()
+    for b, length in enumerate(lens):
+        lo = 0 if window is None else max(0, length - window)  # first visible key
+        first, last = lo // block_size, (length + block_size - 1) // block_size
+        ids = block_tables[b, first:last]  # [n_blocks]
+        # [n_blocks, block_size, KVH, d] -> [n_blocks * block_size, KVH, d] -> visible rows
+        keys = kv_cache[0].index_select(0, ids).view(-1, num_kv_heads, head_dim)
+        values = kv_cache[1].index_select(0, ids).view(-1, num_kv_heads, head_dim)
+        start = lo - first * block_size
+        keys = keys[start : length - first * block_size]  # [L, KVH, d]
+        values = values[start : length - first * block_size]
+        o = F.scaled_dot_product_attention(
+            q[b].unsqueeze(1),  # [H, 1, d]
+            keys.transpose(0, 1),  # [KVH, L, d]
+            values.transpose(0, 1),
+            scale=scale,
+            enable_gqa=num_heads != num_kv_heads,
+        )  # [H, 1, d]
+        out[b] = o.squeeze(1)
+    return out
