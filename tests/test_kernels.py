@@ -106,6 +106,17 @@ def test_fallback_matches_naive(case: tuple) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_padded_batched_path_matches_naive(case: tuple) -> None:
+    # The accelerator path, checked here on CPU tensors.
+    seed, batch, heads, kv_heads, dim, bs, max_len, window = case
+    q, cache, tables, lens = _case(seed, batch, heads, kv_heads, dim, bs, max_len, torch.float32)
+    scale = dim**-0.5
+    ref = _naive(q, cache, tables, lens, scale, window)
+    got = pd.paged_decode_padded(q, cache, tables, lens, scale, window)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_kernel_matches_naive_and_fallback_fp32(case: tuple) -> None:
     _require_kernel()
     seed, batch, heads, kv_heads, dim, bs, max_len, window = case
