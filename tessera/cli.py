@@ -63,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     # The simulator owns its own argument parsing.
     if argv and argv[0] in ("sim", "plan"):
         try:
-            from tessera.sim import cli as sim_cli
-        except ImportError:
-            print(f"tessera: '{argv[0]}' is not available in this build", file=sys.stderr)
+            from tessera.sim.cli import plan_main, sim_main
+        except ImportError as e:
+            print(f"tessera: '{argv[0]}' is not available: {e}", file=sys.stderr)
             return 2
-        return sim_cli.sim_main(argv[1:]) if argv[0] == "sim" else sim_cli.plan_main(argv[1:])
+        return sim_main(argv[1:]) if argv[0] == "sim" else plan_main(argv[1:])
 
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
