@@ -314,13 +314,19 @@ class _Slot:
         return self.num_prompt_fed < len(self.prompt)
 
 
-def _run_continuous(engine: _Engine, requests: Workload, n_parallel: int) -> int:
+def _run_continuous(
+    engine: _Engine,
+    requests: Workload,
+    n_parallel: int,
+    outputs: list[list[int]] | None = None,
+) -> int:
     """Serve ``requests`` with continuous batching; returns the number of llama_decode calls.
 
     Each step builds one llama_batch of at most n_batch tokens: first one token for every
     sequence that is decoding, then prompt chunks of sequences still prefilling (chunked
     prefill, logits only on the last prompt token). A finished sequence frees its slot (its KV
-    is removed with ``llama_memory_seq_rm``) and the next queued request takes it.
+    is removed with ``llama_memory_seq_rm``) and the next queued request takes it. When
+    ``outputs`` is given, request i's generated ids are appended to ``outputs[i]``.
     """
     import llama_cpp as lc
 
@@ -363,6 +369,8 @@ def _run_continuous(engine: _Engine, requests: Workload, n_parallel: int) -> int
         num_steps += 1
         for slot, batch_index in sampled:
             slot.last_token = _argmax(engine, batch_index)  # EOS is ignored on purpose
+            if outputs is not None:
+                outputs[slot.request_index].append(slot.last_token)
             slot.num_output_done += 1
             if slot.num_output_done >= slot.num_output_wanted:
                 lc.llama_memory_seq_rm(engine.memory, slot.seq_id, -1, -1)
@@ -426,6 +434,26 @@ def bench_batched(
         flash_attn=flash_attn,
         num_decode_calls=num_steps,
     )
+
+
+def generate_greedy(
+    gguf_path: str,
+    requests: Workload,
+    n_threads: int,
+    n_parallel: int,
+    kv_unified: bool = False,
+    n_batch: int = 2048,
+) -> list[list[int]]:
+    """Greedy output ids per request from the same continuous-batching loop (for checks)."""
+    n_parallel = max(1, min(n_parallel, len(requests)))
+    n_ctx = _slot_context_tokens(requests) * n_parallel
+    engine = _open(gguf_path, n_ctx, n_parallel, n_threads, n_batch, 512, kv_unified, None)
+    outputs: list[list[int]] = [[] for _ in requests]
+    try:
+        _run_continuous(engine, requests, n_parallel, outputs)
+    finally:
+        engine.close()
+    return outputs
 
 
 def bench_decode_batch1(
