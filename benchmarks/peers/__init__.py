@@ -7,7 +7,9 @@ transformers ``generate``. Both take a workload as ``list[tuple[list[int], int]]
 
 from __future__ import annotations
 
+import os
 import random
+import time
 
 Workload = list[tuple[list[int], int]]
 
@@ -38,6 +40,30 @@ def make_workload(
         ]
         requests.append((prompt_ids, num_output_tokens))
     return requests
+
+
+class CpuMeter:
+    """Measures how much CPU a timed region got, to flag runs on a shared, busy machine.
+
+    ``cpu_share`` = process CPU seconds / (wall seconds x threads): near 1.0 means the threads
+    had their cores; well below 1.0 means other work took them. ``loadavg_1m`` is read at start.
+    """
+
+    def __init__(self, n_threads: int) -> None:
+        self.n_threads = n_threads
+        self.loadavg_1m = os.getloadavg()[0]
+        self._cpu_start_s = time.process_time()
+        self._wall_start_s = time.perf_counter()
+
+    def stop(self) -> dict[str, float]:
+        """Return ``cpu_s``, ``cpu_share`` and ``loadavg_1m`` for the region since construction."""
+        cpu_s = time.process_time() - self._cpu_start_s
+        wall_s = time.perf_counter() - self._wall_start_s
+        return {
+            "cpu_s": cpu_s,
+            "cpu_share": cpu_s / max(wall_s * self.n_threads, 1e-9),
+            "loadavg_1m": self.loadavg_1m,
+        }
 
 
 def summarize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 if __package__ in (None, ""):  # executed as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.peers import Workload, make_workload, summarize
+from benchmarks.peers import CpuMeter, Workload, make_workload, summarize
 
 
 def bench_transformers(
@@ -74,10 +75,12 @@ def bench_transformers(
 
     run_batch([(requests[0][0][:8], 2)])  # warm-up
     num_generated_tokens = 0
+    meter = CpuMeter(n_threads)
     start_s = time.perf_counter()
     for first in range(0, len(requests), batch_size):
         num_generated_tokens += run_batch(requests[first : first + batch_size])
     wall_s = time.perf_counter() - start_s
+    cpu = meter.stop()
     return summarize(
         wall_s,
         sum(len(prompt) for prompt, _ in requests),
@@ -86,6 +89,8 @@ def bench_transformers(
         batch_size=batch_size,
         n_threads=n_threads,
         num_generated_tokens=num_generated_tokens,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+        **cpu,
     )
 
 
@@ -101,7 +106,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-output", type=int, default=16)
     parser.add_argument("--max-output", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active", "unset"],
+        default="passive",
+        help="OMP_WAIT_POLICY for PyTorch's threads (unset: leave the environment alone)",
+    )
     args = parser.parse_args(argv)
+    if args.omp_wait_policy != "unset":
+        if "torch" in sys.modules:
+            raise RuntimeError("set OMP_WAIT_POLICY before torch is imported")
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
     vocab_size = int(json.loads((Path(args.hf_dir) / "config.json").read_text())["vocab_size"])
     requests = make_workload(
         args.num_requests,

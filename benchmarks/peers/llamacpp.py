@@ -13,6 +13,13 @@ from it, with the vendored ``gguf`` package.
 CLI::
 
     python benchmarks/peers/llamacpp.py --hf-dir .bench/models/llama-100m --threads 2 --parallel 32
+
+Shared machines: llama.cpp's CPU threads meet at OpenMP barriers that spin by default. When
+another process holds one of the cores, a 2-thread decode step then slows down ~10x (measured
+here: 1.9 vs 22.6 tokens/s at batch 1). The CLI therefore sets ``OMP_WAIT_POLICY=PASSIVE``
+unless told otherwise (``--omp-wait-policy``); it must be in the environment before llama_cpp
+is first imported. Use the same setting for every engine in one comparison (PyTorch's OpenMP
+reads it too). Each result also carries ``cpu_share`` and ``loadavg_1m`` to flag busy runs.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -31,7 +39,7 @@ from typing import Any
 if __package__ in (None, ""):  # executed as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.peers import Workload, make_workload, summarize
+from benchmarks.peers import CpuMeter, Workload, make_workload, summarize
 
 LLAMACPP_VERSION = "0.3.36"
 INSTALL_COMMAND = (
@@ -414,9 +422,11 @@ def bench_batched(
         # Warm-up: one short request per slot shape, then clear every sequence.
         _run_continuous(engine, [([WARMUP_TOKEN_ID] * 8, 2)] * min(2, n_parallel), n_parallel)
         _clear_memory(engine)
+        meter = CpuMeter(n_threads)
         start_s = time.perf_counter()
         num_steps = _run_continuous(engine, requests, n_parallel)
         wall_s = time.perf_counter() - start_s
+        cpu = meter.stop()
         _clear_memory(engine)
     finally:
         engine.close()
@@ -433,6 +443,8 @@ def bench_batched(
         kv_unified=kv_unified,
         flash_attn=flash_attn,
         num_decode_calls=num_steps,
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", ""),
+        **cpu,
     )
 
 
@@ -489,6 +501,7 @@ def bench_decode_batch1(
             if last_chunk:
                 token = _argmax(engine, len(entries) - 1)
         prefill_s = time.perf_counter() - start_s
+        meter = CpuMeter(n_threads)
         start_s = time.perf_counter()
         pos = len(prompt_ids)
         for _ in range(num_output_tokens):
@@ -496,6 +509,7 @@ def bench_decode_batch1(
             token = _argmax(engine, 0)
             pos += 1
         decode_s = time.perf_counter() - start_s
+        cpu = meter.stop()
     finally:
         engine.close()
     return {
@@ -508,6 +522,8 @@ def bench_decode_batch1(
         "decode_tokens_per_s": num_output_tokens / decode_s,
         "n_threads": n_threads,
         "flash_attn": flash_attn,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
+        **cpu,
     }
 
 
@@ -539,8 +555,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--flash-attn", choices=["auto", "on", "off"], default="auto", help="flash attention"
     )
+    parser.add_argument(
+        "--omp-wait-policy",
+        choices=["passive", "active", "unset"],
+        default="passive",
+        help="OMP_WAIT_POLICY for llama.cpp's threads (unset: leave the environment alone)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON lines only")
     args = parser.parse_args(argv)
+    if args.omp_wait_policy != "unset":
+        if "llama_cpp" in sys.modules:
+            raise RuntimeError("set OMP_WAIT_POLICY before llama_cpp is imported")
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
 
     ensure_llamacpp()
     gguf = args.gguf or f"{args.hf_dir.rstrip('/')}-{args.outtype}.gguf"
