@@ -73,7 +73,8 @@ class EngineClient:
         self._sync_ctx = zmq.Context()
         self._input = self._sync_ctx.socket(zmq.PUSH)
         self._input.setsockopt(zmq.SNDHWM, 0)
-        self._input.bind(self._input_address)
+        # Connecting (the core binds) queues messages even before the core is up.
+        self._input.connect(self._input_address)
         self._ctx = zmq.asyncio.Context()
         self._output = self._ctx.socket(zmq.PULL)
         self._output.bind(self._output_address)
@@ -169,7 +170,8 @@ class EngineClient:
         return queue
 
     def _send(self, msg: AddRequest | AbortRequests | Shutdown) -> None:
-        # Again means no core on the other end: the watchdog is about to report it dead.
+        # A connecting PUSH with no high-water mark always queues; Again cannot happen, but a
+        # send must never block the event loop, so say so.
         with contextlib.suppress(zmq.Again):
             self._input.send(self._encoder.encode(msg), zmq.NOBLOCK)
 

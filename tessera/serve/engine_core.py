@@ -56,8 +56,11 @@ class EngineCore:
     def __init__(self, config: CoreConfig, engine: LLMEngine, ctx: zmq.Context) -> None:
         self.config = config
         self.engine = engine
+        # The core binds its input and connects its output; the API process does the
+        # opposite. The connecting side of a ZeroMQ pipe queues messages from the start, so
+        # neither side can lose a message sent before the other has finished connecting.
         self.inputs = ctx.socket(zmq.PULL)
-        self.inputs.connect(config.input_address)
+        self.inputs.bind(config.input_address)
         self.outputs = ctx.socket(zmq.PUSH)
         self.outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
         self.outputs.connect(config.output_address)
@@ -144,4 +147,9 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is closed; skipping interpreter teardown (about a second with torch loaded)
+    # lets the server stop promptly.
+    os._exit(exit_code)

@@ -114,10 +114,16 @@ async def serve(args: argparse.Namespace) -> int:
     if args.max_waiting < 0:
         raise ValueError(f"--max-waiting must be non-negative, got {args.max_waiting}")
     sock = _bind(args.host, args.port)
-    tokenizer = load_tokenizer(str(model_dir))
     client = EngineClient(engine_config)
     try:
-        ready = await client.start()
+        # The core loads the model while this process loads the tokenizer.
+        starting = asyncio.create_task(client.start())
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, str(model_dir))
+        except BaseException:
+            starting.cancel()
+            raise
+        ready = await starting
         metrics = ServerMetrics(config.served_model_name)
         client.on_stats = metrics.update_engine
         state = ServerState(
