@@ -240,6 +240,16 @@ def test_disconnect_aborts_and_frees_kv(server):
     assert server.metric("tessera:generation_tokens_total") - tokens_before < 4000
 
 
+def test_non_stream_disconnect_aborts(server):
+    _wait_idle(server)
+    tokens_before = server.metric("tessera:generation_tokens_total")
+    body = {"model": "tiny", "prompt": "abc", "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=0.3)
+    _wait_idle(server)
+    assert server.metric("tessera:generation_tokens_total") - tokens_before < 4000
+
+
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="metrics please", max_tokens=3)
     text = httpx.get(f"{server.base_url}/metrics").text

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hmac
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera.serve.chat import create_chat_completion
 from tessera.serve.completions import create_completion
@@ -33,10 +33,32 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+class _APIKeyMiddleware:
+    """Refuse ``/v1/*`` requests without ``Authorization: Bearer KEY`` before the body is read.
+
+    Plain ASGI (not BaseHTTPMiddleware), so streaming and disconnect detection pass through.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(auth.strip(), self.expected):
+                err = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def build_app(state: ServerState) -> FastAPI:
     """The app over an already started engine client."""
     app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tessera = state
+    if state.config.api_key is not None:
+        app.add_middleware(_APIKeyMiddleware, api_key=state.config.api_key)
 
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -55,23 +77,6 @@ def build_app(state: ServerState) -> FastAPI:
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         traceback.print_exception(exc, file=sys.stderr)
         return JSONResponse(error_body(500, f"internal error: {exc}"), status_code=500)
-
-    @app.middleware("http")
-    async def check_key(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        # A middleware, so a bad key is refused before the body is even parsed.
-        key = state.config.api_key
-        if key is not None and request.url.path.startswith("/v1/"):
-            auth = request.headers.get("authorization", "")
-            scheme, _, token = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                token.strip().encode(), key.encode()
-            ):
-                return error_response(
-                    APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
-                )
-        return await call_next(request)
 
     def check_model(model: str | None) -> None:
         name = state.config.served_model_name
