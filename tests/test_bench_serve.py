@@ -75,6 +75,7 @@ def test_bench_against_server(server, tmp_path, capsys):
         "--base-url", server.base_url, "--model", "tiny", "--dataset", "prefix",
         "--prefix-len", "32", "--num-prefixes", "2", "--random-input-len", "4",
         "--random-output-len", "3", "--num-prompts", "4", "--no-progress",
+        "--max-concurrency", "1",  # one at a time, so later prompts hit the cached prefix
     ])  # fmt: skip
     assert rc == 0
     assert server.metric("tessera:prefix_cache_hits_total") > 0
