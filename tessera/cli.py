@@ -27,6 +27,14 @@ def _build_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
+def _build_serve_parser(sub: argparse._SubParsersAction) -> None:
+    try:
+        from tessera.serve.cli import add_serve_parser
+    except ImportError:  # the server's dependencies are not installed
+        return
+    add_serve_parser(sub)
+
+
 def _generate(args: argparse.Namespace) -> int:
     from tessera import LLM, SamplingParams
 
@@ -69,13 +77,27 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return sim_main(argv[1:]) if argv[0] == "sim" else plan_main(argv[1:])
 
+    if argv[:2] == ["bench", "serve"]:
+        from tessera.bench.serve import bench_serve_main
+
+        return bench_serve_main(argv[2:])
+
     parser = argparse.ArgumentParser(prog="tessera", description="Tessera LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
     _build_generate_parser(sub)
+    _build_serve_parser(sub)
+    sub.add_parser("bench", help="benchmarks: 'tessera bench serve --help'")
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            from tessera.serve.cli import run_serve
+
+            return run_serve(args)
+        if args.command == "bench":
+            print("tessera: error: use 'tessera bench serve ...'", file=sys.stderr)
+            return 2
     except (ValueError, OSError) as e:
         # ValueError covers bad parameters, unloadable models and tokenizer problems.
         print(f"tessera: error: {e}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""What generate() returns: one RequestOutput per prompt, shaped like vLLM's."""
+"""What the engine returns: one RequestOutput per prompt (shaped like vLLM's), and per step the
+new token of every completion that advanced (for streaming)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,26 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+
+
+@dataclass
+class TokenDelta:
+    """The one token a completion gained in one engine step.
+
+    ``logprobs`` is that step's entry of ``CompletionOutput.logprobs`` (None unless requested);
+    ``finish_reason`` is set when this token ended the completion.
+    """
+
+    request_id: str
+    index: int
+    token_id: int
+    logprobs: dict[int, float] | None
+    finish_reason: str | None
+
+
+@dataclass
+class StepOutput:
+    """Everything one engine step produced: the requests that finished and the new tokens."""
+
+    finished: list[RequestOutput] = field(default_factory=list)
+    deltas: list[TokenDelta] = field(default_factory=list)

@@ -1,4 +1,7 @@
-"""The engine: requests in, finished outputs out. ``step()`` is schedule, run, postprocess."""
+"""The engine: requests in, finished outputs out. ``step()`` is schedule, run, postprocess.
+
+``step_with_deltas()`` also reports each step's new tokens, for streaming servers.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
 from tessera.engine.sequence import Sequence
 from tessera.model.loader import load_model
-from tessera.outputs import CompletionOutput, RequestOutput
+from tessera.outputs import CompletionOutput, RequestOutput, StepOutput, TokenDelta
 from tessera.platform import get_platform
 from tessera.sampling_params import SamplingParams
 
@@ -166,9 +169,13 @@ class LLMEngine:
     # ----------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
         """Run one batch; returns the requests that finished in it."""
+        return self.step_with_deltas().finished
+
+    def step_with_deltas(self) -> StepOutput:
+        """Run one batch; returns the finished requests and the token each completion gained."""
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            return StepOutput()
         tokens, logprobs = self.runner.execute(out)
         self.scheduler.update(out, tokens)
         return self._postprocess(out, tokens, logprobs)
@@ -178,8 +185,8 @@ class LLMEngine:
         out: SchedulerOutput,
         tokens: list[int | None],
         logprobs: list[dict[int, float] | None],
-    ) -> list[RequestOutput]:
-        finished: list[RequestOutput] = []
+    ) -> StepOutput:
+        result = StepOutput()
         max_len = self.runtime.max_model_len
         eos = self.runtime.eos_token_ids
         for seq, token, lp in zip(out.seqs, tokens, logprobs, strict=True):
@@ -207,13 +214,14 @@ class LLMEngine:
                 or seq.num_tokens >= max_len
             ):
                 reason = "length"
+            result.deltas.append(TokenDelta(seq.request_id, seq.index, token, lp, reason))
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 self.sampler.release(seq)
                 if req.finished:
-                    finished.append(self._make_output(req))
+                    result.finished.append(self._make_output(req))
                     del self.requests[req.request_id]
-        return finished
+        return result
 
     def _make_output(self, req: Request) -> RequestOutput:
         outputs = []

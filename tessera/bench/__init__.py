@@ -1,0 +1,1 @@
+"""Benchmark clients (``tessera bench serve``)."""

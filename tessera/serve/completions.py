@@ -1,0 +1,110 @@
+"""``POST /v1/completions``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from tessera.serve.errors import APIError
+from tessera.serve.openai_models import CompletionRequest
+from tessera.serve.prompts import check_prompt, completion_prompts
+from tessera.serve.responses import (
+    admitted,
+    completion_logprobs,
+    new_id,
+    run_prompts,
+    sse,
+    stream_response,
+    until_disconnect,
+    usage,
+)
+from tessera.serve.state import ServerState
+
+
+async def create_completion(
+    body: CompletionRequest, request: Request, state: ServerState
+) -> JSONResponse | StreamingResponse:
+    if body.echo:
+        raise APIError(400, "echo is not supported", param="echo")
+    if body.suffix:
+        raise APIError(400, "suffix is not supported", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
+    try:
+        params = body.sampling_params(body.max_tokens, body.logprobs)
+    except ValueError as e:
+        raise APIError(400, str(e)) from e
+    prompts = completion_prompts(body.prompt, state.tokenizer)
+    for ids in prompts:
+        check_prompt(ids, state.max_model_len, state.vocab_size)
+    num_seqs = params.n * len(prompts)
+    state.check_capacity(num_seqs)
+
+    request_id = new_id("cmpl")
+    created_s = int(time.time())
+    model = state.config.served_model_name
+    num_prompt_tokens = sum(len(p) for p in prompts)
+    tok = state.tokenizer
+    updates = admitted(state, num_seqs, run_prompts(state, request_id, prompts, params))
+    header = {"id": request_id, "object": "text_completion", "created": created_s, "model": model}
+
+    if body.stream:
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+        async def chunks() -> AsyncIterator[bytes]:
+            num_tokens = 0
+            offsets = [0] * num_seqs
+            async for i, u in updates:
+                index = i * params.n + u.index
+                choice: dict[str, Any] = {"index": index, "text": u.text, "logprobs": None}
+                if body.logprobs is not None and u.logprobs:
+                    choice["logprobs"] = completion_logprobs(
+                        tok, u.token_ids, u.logprobs, body.logprobs, offsets[index]
+                    )
+                offsets[index] += len(u.text)
+                choice["finish_reason"] = u.finish_reason
+                if body.return_token_ids:
+                    choice["token_ids"] = u.token_ids
+                num_tokens += len(u.token_ids)
+                chunk = header | {"choices": [choice]}
+                yield sse(chunk | {"usage": None} if include_usage else chunk)
+            if include_usage:
+                yield sse(header | {"choices": [], "usage": usage(num_prompt_tokens, num_tokens)})
+
+        return stream_response(chunks())
+
+    async def collect() -> dict[str, Any]:
+        texts: dict[int, str] = {}
+        ids: dict[int, list[int]] = {}
+        lps: dict[int, list[dict[int, float]]] = {}
+        reasons: dict[int, str | None] = {}
+        async for i, u in updates:
+            index = i * params.n + u.index
+            texts[index] = texts.get(index, "") + u.text
+            ids.setdefault(index, []).extend(u.token_ids)
+            lps.setdefault(index, []).extend(u.logprobs)
+            reasons[index] = u.finish_reason
+        choices = []
+        for index in range(num_seqs):
+            choice: dict[str, Any] = {
+                "index": index,
+                "text": texts.get(index, ""),
+                "logprobs": None,
+                "finish_reason": reasons.get(index),
+            }
+            if body.logprobs is not None:
+                choice["logprobs"] = completion_logprobs(
+                    tok, ids.get(index, []), lps.get(index, []), body.logprobs, 0
+                )
+            if body.return_token_ids:
+                choice["token_ids"] = ids.get(index, [])
+                choice["prompt_token_ids"] = prompts[index // params.n]
+            choices.append(choice)
+        num_tokens = sum(len(v) for v in ids.values())
+        return header | {"choices": choices, "usage": usage(num_prompt_tokens, num_tokens)}
+
+    return JSONResponse(await until_disconnect(request, collect))

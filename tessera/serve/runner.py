@@ -1,0 +1,148 @@
+"""Running the server: bind, start the engine core, serve, drain on a signal, stop the core.
+
+Start-up order makes every failure cheap and clean: bind the port (in use: one line, exit 2),
+start the engine core (bad model: one line, exit 2, the core reaped), then serve. SIGINT and
+SIGTERM stop accepting, give in-flight requests ``--shutdown-timeout`` seconds, abort the rest
+with a proper final chunk, stop the core and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+from collections.abc import Generator
+from pathlib import Path
+
+import uvicorn
+
+from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
+from tessera.engine.detokenizer import load_tokenizer
+from tessera.serve.api_server import build_app
+from tessera.serve.engine_client import EngineClient, Finished
+from tessera.serve.metrics import ServerMetrics
+from tessera.serve.state import ServeConfig, ServerState
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, but a signal starts our drain and the process exits 0 afterwards."""
+
+    def __init__(self, config: uvicorn.Config, state: ServerState) -> None:
+        super().__init__(config)
+        self.state = state
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the signal after a graceful exit; we exit 0 instead.
+        self.loop = asyncio.get_running_loop()
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        forced = self.should_exit
+        self.should_exit = True
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(_begin_drain, self.state, forced)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _begin_drain(state: ServerState, forced: bool) -> None:
+    state.shutting_down = True
+    grace_s = 0.0 if forced else state.config.shutdown_grace_s
+
+    async def drain() -> None:
+        waited_s = 0.0
+        while state.client.num_in_flight and waited_s < grace_s:
+            await asyncio.sleep(0.05)
+            waited_s += 0.05
+        state.client.fail_all(Finished("abort"))
+
+    asyncio.get_running_loop().create_task(drain())
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def serve(args: argparse.Namespace) -> int:
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").is_file():
+        raise ValueError(f"{args.model!r} is not a model directory (no config.json)")
+    engine_config = EngineConfig(
+        model=str(model_dir),
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        num_threads=args.threads,
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+        cache=CacheConfig(
+            kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching
+        ),
+    )
+    config = ServeConfig(
+        served_model_name=args.served_model_name or args.model,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        max_num_seqs=args.max_num_seqs,
+        max_waiting=args.max_waiting,
+        shutdown_grace_s=args.shutdown_timeout,
+    )
+    if args.max_waiting < 0:
+        raise ValueError(f"--max-waiting must be non-negative, got {args.max_waiting}")
+    sock = _bind(args.host, args.port)
+    client = EngineClient(engine_config)
+    try:
+        # The core loads the model while this process loads the tokenizer.
+        starting = asyncio.create_task(client.start())
+        try:
+            tokenizer = await asyncio.to_thread(load_tokenizer, str(model_dir))
+        except BaseException:
+            starting.cancel()
+            raise
+        ready = await starting
+        metrics = ServerMetrics(config.served_model_name)
+        client.on_stats = metrics.update_engine
+        state = ServerState(
+            config, client, tokenizer, metrics, ready.max_model_len, ready.vocab_size
+        )
+        uv_config = uvicorn.Config(
+            build_app(state),
+            log_level=args.log_level,
+            lifespan="off",
+            timeout_graceful_shutdown=args.shutdown_timeout + 10,
+        )
+        server = _Server(uv_config, state)
+        print(
+            f"tessera: serving {config.served_model_name!r} on http://{args.host}:{args.port}",
+            file=sys.stderr,
+            flush=True,
+        )
+        await server.serve(sockets=[sock])
+    finally:
+        await client.shutdown()
+        sock.close()
+    return 0

@@ -1,0 +1,152 @@
+"""Server start-up failures, API keys, the queue limit, graceful shutdown and a dying core.
+
+Every server here runs as a subprocess and is stopped (or killed) by the test; none outlives it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.test_serve_util import (
+    SERVER_ENV,
+    ServerProcess,
+    build_server_model,
+    child_pids,
+    free_port,
+    pid_alive,
+)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_server_model(tmp_path_factory.mktemp("serve-life"), chat_template=False)
+
+
+def _serve_cmd(model: str, port: int) -> list[str]:
+    return [sys.executable, "-m", "tessera.cli", "serve", model, "--port", str(port),
+            "--device", "cpu", "--threads", "1"]  # fmt: skip
+
+
+def test_startup_errors_are_one_line(tmp_path, model_dir):
+    # Not a model directory.
+    r = subprocess.run(_serve_cmd(str(tmp_path / "missing"), free_port()), env=SERVER_ENV,
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no config.json" in r.stderr
+    # A model the engine core cannot load: the core reports it and is reaped.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"architectures": ["NopeForCausalLM"]}))
+    r = subprocess.run(_serve_cmd(str(bad), free_port()), env=SERVER_ENV, capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 2 and r.stderr.startswith("tessera: error:"), r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    # A port already in use.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = subprocess.run(_serve_cmd(str(model_dir), port), env=SERVER_ENV,
+                           capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert r.stderr.count("\n") == 1
+
+
+def test_api_key_queue_limit_and_no_chat_template(model_dir):
+    srv = ServerProcess(model_dir, "--api-key", "sekret", "--max-num-seqs", "1",
+                        "--max-waiting", "0")  # fmt: skip
+    try:
+        srv.wait_ready()
+        url = f"{srv.base_url}/v1/completions"
+        good = {"Authorization": "Bearer sekret"}
+        body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
+        assert httpx.post(url, json=body).status_code == 401
+        r = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == 401
+        assert httpx.get(f"{srv.base_url}/v1/models").status_code == 401
+        assert httpx.post(url, json=body, headers=good).status_code == 200
+        # Health and metrics stay open.
+        assert httpx.get(f"{srv.base_url}/health").status_code == 200
+        # No chat template: a clear 400.
+        r = httpx.post(
+            f"{srv.base_url}/v1/chat/completions",
+            headers=good,
+            json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+        # One sequence may run and none wait: a second request is refused with Retry-After.
+        long = {"model": "tiny", "prompt": "hi", "max_tokens": 4000, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        with httpx.stream("POST", url, json=long, headers=good) as r:
+            lines = r.iter_lines()  # kept: dropping the iterator closes the stream
+            assert next(lines).startswith("data: ")
+            busy = httpx.post(url, json=body, headers=good)
+            assert busy.status_code == 503 and "Retry-After" in busy.headers
+            assert busy.json()["error"]["type"] == "ServiceUnavailableError"
+    finally:
+        srv.stop()
+
+
+def test_sigterm_aborts_streams_and_exits_zero(model_dir):
+    srv = ServerProcess(model_dir, "--shutdown-timeout", "0.2")
+    try:
+        srv.wait_ready()
+        core_pid = srv.core_pid
+        assert core_pid is not None and pid_alive(core_pid)
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 4000, "ignore_eos": True,
+                "stream": True}  # fmt: skip
+        events: list[str] = []
+        with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if len(events) == 3:
+                        srv.proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last["choices"][0]["finish_reason"] == "abort"
+        assert srv.proc.wait(30) == 0
+        deadline_s = time.monotonic() + 5
+        while pid_alive(core_pid) and time.monotonic() < deadline_s:
+            time.sleep(0.05)
+        assert not pid_alive(core_pid)
+    finally:
+        srv.stop()
+
+
+def test_dead_core_fails_requests_and_health(model_dir):
+    srv = ServerProcess(model_dir)
+    try:
+        srv.wait_ready()
+        assert srv.core_pid is not None
+        result: dict[str, httpx.Response] = {}
+        body = {"model": "tiny", "prompt": "abc", "max_tokens": 4000, "ignore_eos": True}
+
+        def long_request() -> None:
+            result["r"] = httpx.post(f"{srv.base_url}/v1/completions", json=body, timeout=60)
+
+        thread = threading.Thread(target=long_request)
+        thread.start()
+        deadline_s = time.monotonic() + 10
+        while srv.metric("tessera:num_requests_running") == 0:
+            assert time.monotonic() < deadline_s
+            time.sleep(0.02)
+        os.kill(srv.core_pid, signal.SIGKILL)
+        thread.join(30)
+        r = result["r"]
+        assert r.status_code == 500 and "engine core" in r.json()["error"]["message"]
+        assert httpx.get(f"{srv.base_url}/health").status_code == 503
+        assert httpx.post(f"{srv.base_url}/v1/completions", json=body).status_code == 503
+        assert child_pids(srv.proc.pid) == []
+    finally:
+        srv.stop()
+    assert srv.proc.returncode == 0

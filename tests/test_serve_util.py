@@ -1,0 +1,115 @@
+"""Helpers for the server tests: a tiny chat-capable model and a server subprocess.
+
+(No tests here; the name keeps it with the other server test files.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.models import build_model
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SERVER_ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def build_server_model(out: Path, chat_template: bool = True) -> Path:
+    """A tiny random Llama with the byte tokenizer (4096 positions, so long streams take a
+    while) and, optionally, a chat template in tokenizer_config.json."""
+    path, _ = build_model("llama", out, max_position_embeddings=4096)
+    if chat_template:
+        cfg_path = path / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["chat_template"] = CHAT_TEMPLATE
+        cfg_path.write_text(json.dumps(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
+
+
+class ServerProcess:
+    """``tessera serve`` in a subprocess on a free port; ``stop()`` leaves nothing behind."""
+
+    def __init__(self, model: Path, *extra: str, name: str = "tiny") -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.name = name
+        cmd = [
+            sys.executable, "-m", "tessera.cli", "serve", str(model),
+            "--port", str(self.port), "--served-model-name", name,
+            "--dtype", "float32", "--device", "cpu", "--threads", "1",
+            "--kv-cache-memory", str(16 << 20), *extra,
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, env=SERVER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.core_pid: int | None = None
+
+    def wait_ready(self, timeout_s: float = 90.0) -> ServerProcess:
+        deadline_s = time.monotonic() + timeout_s
+        while time.monotonic() < deadline_s:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
+                    kids = child_pids(self.proc.pid)
+                    self.core_pid = kids[0] if kids else None
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("server did not become healthy")
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
+        for line in text.splitlines():
+            if line.startswith(name + "{") or line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL for anything (server or core) still running."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.core_pid is not None and pid_alive(self.core_pid):
+            os.kill(self.core_pid, signal.SIGKILL)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
