@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,15 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest tests
+
+# Peers for the benchmarks: llama-cpp-python builds llama.cpp from source (~5 minutes on 2 cores).
+bench-deps: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q \
+		--no-binary llama-cpp-python llama-cpp-python==0.3.36 sentencepiece
+
+bench: bench-deps
+	$(BIN)/python benchmarks/offline_throughput.py
+	$(BIN)/python benchmarks/prefix_caching.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -3,14 +3,18 @@
 Model: a ~110M-parameter random Llama (hidden 768, 12 layers, vocab 32000), float32.
 Workload: seeded requests with prompts of 32..1024 tokens and outputs of 16..256 tokens, every
 request emitting exactly its output count (EOS ignored). Each engine runs in a fresh process
-with the same number of threads and ``OMP_WAIT_POLICY=PASSIVE`` (see benchmarks/peers).
+with the same number of threads and the same OpenMP wait policy: the runtime's default unless
+``--omp-wait-policy`` is given (PASSIVE is fairer on a busy machine, where spinning threads
+collapse; ACTIVE or the default is faster on a quiet one; see benchmarks/peers).
 
     python benchmarks/offline_throughput.py [--num-requests 64] [--threads 2] [--json out.json]
 
 Peers: transformers ``generate`` (static batches of ``--hf-batch-size``, left-padded, greedy)
 and llama.cpp (llama-cpp-python, continuous batching with ``--parallel`` slots); a peer whose
 package is missing is reported as skipped (``make bench-deps`` installs llama-cpp-python).
-Also measured: batch-1 decode speed (prompt of 32 tokens, 128 decoded tokens).
+Also measured: batch-1 decode speed (prompt of 32 tokens, 128 decoded tokens). Tessera runs
+twice: with its default float32 KV cache, and with a float16 KV cache (``kv_cache_dtype``),
+which is what llama.cpp uses by default; weights and activations are float32 in every run.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
@@ -37,11 +40,13 @@ BATCH1_PROMPT = list(range(300, 332))
 BATCH1_OUTPUT_TOKENS = 128
 
 
-def tessera_batched(model_dir: str, requests: Workload, n_threads: int) -> dict[str, Any]:
+def tessera_batched(
+    model_dir: str, requests: Workload, n_threads: int, kv_cache_dtype: str = "auto"
+) -> dict[str, Any]:
     from tessera import LLM, SamplingParams
 
     llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=n_threads,
-              kv_cache_memory=4 << 30, max_num_batched_tokens=2048)
+              kv_cache_memory=4 << 30, max_num_batched_tokens=2048, kv_cache_dtype=kv_cache_dtype)
     llm.generate([[300] * 16], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
     meter = CpuMeter(n_threads)
@@ -54,11 +59,11 @@ def tessera_batched(model_dir: str, requests: Workload, n_threads: int) -> dict[
                      num_preemptions=llm.engine.scheduler.num_preemptions, **meter.stop())
 
 
-def tessera_batch1(model_dir: str, n_threads: int) -> dict[str, Any]:
+def tessera_batch1(model_dir: str, n_threads: int, kv_cache_dtype: str = "auto") -> dict[str, Any]:
     from tessera import LLM, SamplingParams
 
     llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=n_threads,
-              kv_cache_memory=1 << 30)
+              kv_cache_memory=1 << 30, kv_cache_dtype=kv_cache_dtype)
     engine = llm.engine
     llm.generate([[300] * 16], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     engine.add_request("b1", BATCH1_PROMPT,
@@ -96,6 +101,14 @@ def llamacpp_batch1(model_dir: str, n_threads: int) -> dict:
     return llamacpp.bench_decode_batch1(gguf, BATCH1_PROMPT, BATCH1_OUTPUT_TOKENS, n_threads)
 
 
+def set_wait_policy(policy: str | None) -> None:
+    """Apply one OpenMP wait policy to every engine process started after this call."""
+    if policy is None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
+    else:
+        os.environ["OMP_WAIT_POLICY"] = policy
+
+
 def _child(queue: Any, fn: Callable[..., dict], args: tuple) -> None:
     try:
         queue.put(("ok", fn(*args)))
@@ -120,10 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hf-batch-size", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=32, help="llama.cpp parallel slots")
-    parser.add_argument("--peers", default="hf,llamacpp", help="comma list, or 'none'")
+    parser.add_argument("--peers", default="hf,llamacpp",
+                        help="comma list of hf, llamacpp; or 'none'")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write all results to this file")
+    parser.add_argument("--omp-wait-policy", choices=["ACTIVE", "PASSIVE"], default=None,
+                        help="OpenMP wait policy for every engine (default: leave unset)")
     args = parser.parse_args(argv)
+    set_wait_policy(args.omp_wait_policy)
 
     from benchmarks.models import make_random_llama
 
@@ -131,19 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     requests = make_workload(args.num_requests, seed=args.seed)
     peers = set() if args.peers == "none" else set(args.peers.split(","))
     t = args.threads
-    results: dict[str, dict[str, Any]] = {"tessera": isolated(tessera_batched, model_dir, requests, t)}
+    results: dict[str, dict[str, Any]] = {
+        "tessera": isolated(tessera_batched, model_dir, requests, t),
+        "tessera f16-kv": isolated(tessera_batched, model_dir, requests, t, "float16"),
+    }
     if "hf" in peers:
         results["transformers"] = isolated(hf_batched, model_dir, requests, t, args.hf_batch_size)
     if "llamacpp" in peers:
         results["llama.cpp"] = isolated(llamacpp_batched, model_dir, requests, t, args.parallel)
-    batch1 = {"tessera": isolated(tessera_batch1, model_dir, t)}
+    batch1 = {
+        "tessera": isolated(tessera_batch1, model_dir, t),
+        "tessera f16-kv": isolated(tessera_batch1, model_dir, t, "float16"),
+    }
     if "llamacpp" in peers:
         batch1["llama.cpp"] = isolated(llamacpp_batch1, model_dir, t)
 
     num_prompt = sum(len(p) for p, _ in requests)
     num_out = sum(n for _, n in requests)
+    policy = args.omp_wait_policy or "default"
     print(f"\nworkload: {len(requests)} requests, {num_prompt} prompt + {num_out} output tokens; "
-          f"float32; {t} threads")
+          f"float32; {t} threads; OpenMP wait policy {policy}")
     base = results["tessera"].get("output_tokens_per_s")
     print(f"{'engine':<14}{'output tok/s':>14}{'total tok/s':>14}{'wall s':>10}"
           f"{'cpu share':>11}{'Tessera x':>11}")

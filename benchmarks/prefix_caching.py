@@ -12,21 +12,18 @@ what the cache must beat.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from benchmarks.offline_throughput import MODEL_DIR, isolated, set_wait_policy  # noqa: E402
 from benchmarks.peers import FIRST_PLAIN_TOKEN_ID  # noqa: E402
-
-from benchmarks.offline_throughput import MODEL_DIR, isolated  # noqa: E402
 
 
 def make_prefix_workload(
@@ -73,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--omp-wait-policy", choices=["ACTIVE", "PASSIVE"], default=None)
     args = parser.parse_args(argv)
+    set_wait_policy(args.omp_wait_policy)
 
     from benchmarks.models import make_random_llama
 

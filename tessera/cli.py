@@ -24,6 +24,9 @@ def _build_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
+    p.add_argument("--kv-cache-dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="KV cache dtype (auto: the model's)")
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
@@ -51,6 +54,7 @@ def _generate(args: argparse.Namespace) -> int:
         device=args.device,
         num_threads=args.threads,
         kv_cache_memory=args.kv_cache_memory,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     start_s = time.perf_counter()
     out = llm.generate([args.prompt], params, use_tqdm=False)[0]

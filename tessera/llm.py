@@ -35,6 +35,7 @@ class LLM:
         max_model_len: int | None = None,
         num_threads: int | None = None,
         kv_cache_memory_fraction: float | None = None,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -53,6 +54,7 @@ class LLM:
                 kv_cache_memory=kv_cache_memory,
                 kv_cache_memory_fraction=kv_cache_memory_fraction,
                 enable_prefix_caching=enable_prefix_caching,
+                kv_cache_dtype=kv_cache_dtype,
             ),
         )
         self.engine = LLMEngine(config)

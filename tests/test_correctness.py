@@ -87,13 +87,31 @@ def test_preemption_matches_reference(model_factory, arch):
     assert llm.engine.block_manager.num_free_blocks == 12
 
 
-def test_bfloat16_runs_close_to_reference(model_factory):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_runs_close_to_reference(model_factory, dtype):
     path, hf = model_factory("llama")
-    llm = LLM(str(path), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(path), dtype=dtype, device="cpu", kv_cache_memory=4 << 20)
     prompts = _prompts(6, [9, 30])
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
-    assert llm.engine.model.embed.weight.dtype.is_floating_point
-    assert str(llm.engine.model.embed.weight.dtype) == "torch.bfloat16"
+    assert str(llm.engine.model.embed.weight.dtype) == f"torch.{dtype}"
+    assert llm.engine.runner.kv_caches[0] is not None
+    assert str(llm.engine.runner.kv_caches[0].dtype) == f"torch.{dtype}"
     for prompt, out in zip(prompts, outputs, strict=True):
-        # bfloat16 keeps ~3 significant digits: allow a small gap against the fp32 reference.
+        # Half precision keeps ~3 significant digits: allow a small gap to the fp32 reference.
+        assert max(reference_gaps(hf, prompt, out.outputs[0].token_ids)) < 0.05
+
+
+@pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
+def test_narrow_kv_cache_close_to_reference(model_factory, kv_dtype):
+    path, hf = model_factory("llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+              kv_cache_dtype=kv_dtype, max_num_batched_tokens=32)
+    cache = llm.engine.runner.kv_caches[0]
+    assert cache is not None and str(cache.dtype) == f"torch.{kv_dtype}"
+    # Half the bytes per block: twice the blocks of a float32 cache of the same size.
+    wide = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    assert llm.engine.runtime.num_kv_blocks == 2 * wide.engine.runtime.num_kv_blocks
+    prompts = _prompts(7, [5, 40, 70])
+    outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for prompt, out in zip(prompts, outputs, strict=True):
         assert max(reference_gaps(hf, prompt, out.outputs[0].token_ids)) < 0.05

@@ -236,3 +236,19 @@ def test_build_failure_falls_back(
     ref = pd.paged_decode_reference(q, cache, tables, lens, 0.25)
     torch.testing.assert_close(first, ref)
     torch.testing.assert_close(second, ref)
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:6], ids=IDS[:6])
+def test_fp32_queries_over_a_half_precision_cache(case: tuple, cache_dtype: torch.dtype) -> None:
+    # kv_cache_dtype narrower than the model: the kernel and both fallbacks read the narrow
+    # cache and compute in float32; all must agree with the naive loop over the same values.
+    seed, batch, heads, kv_heads, dim, bs, max_len, window = case
+    q, cache, tables, lens = _case(seed, batch, heads, kv_heads, dim, bs, max_len, torch.float32)
+    narrow = cache.to(cache_dtype)
+    scale = dim**-0.5
+    ref = _naive(q, narrow.float(), tables, lens, scale, window)
+    for fn in (pd.paged_decode_reference, pd.paged_decode_padded, pd.paged_decode_attention):
+        got = fn(q, narrow, tables, lens, scale, window)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)

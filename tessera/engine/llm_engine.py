@@ -59,7 +59,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.model)
 
         cache = config.cache
-        bytes_per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size)
+        kv_dtype = None if cache.kv_cache_dtype == "auto" else getattr(torch, cache.kv_cache_dtype)
+        bytes_per_block = ModelRunner.kv_bytes_per_block(self.model, cache.block_size, kv_dtype)
         if cache.kv_cache_memory is not None:
             kv_bytes = cache.kv_cache_memory
         else:
@@ -91,7 +92,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.platform.device, config.seed)
         self.runner = ModelRunner(
-            self.model, self.platform.device, cache.block_size, num_blocks, self.sampler
+            self.model, self.platform.device, cache.block_size, num_blocks, self.sampler, kv_dtype
         )
         self.requests: dict[str, Request] = {}
         self.num_prompt_tokens_total = 0

@@ -38,13 +38,14 @@ class ModelRunner:
         block_size: int,
         num_blocks: int,
         sampler: Sampler,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         spec = model.spec
         self.model = model
         self.device = device
         self.block_size = block_size
         self.sampler = sampler
-        dtype = model.embed.weight.dtype
+        dtype = kv_dtype or model.embed.weight.dtype
         # Zero-filled: masked-out slots are multiplied by 0 in attention and must not be NaN.
         self.kv_caches: list[torch.Tensor | None] = [
             torch.zeros(
@@ -56,9 +57,11 @@ class ModelRunner:
         self.units: list[nn.Module] = model.units()
 
     @staticmethod
-    def kv_bytes_per_block(model: DecoderModel, block_size: int) -> int:
+    def kv_bytes_per_block(
+        model: DecoderModel, block_size: int, kv_dtype: torch.dtype | None = None
+    ) -> int:
         spec = model.spec
-        itemsize = model.embed.weight.element_size()
+        itemsize = (kv_dtype or model.embed.weight.dtype).itemsize
         return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:

@@ -43,8 +43,9 @@ class AttentionMetadata:
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     """Store the new tokens' K and V at their slots. k, v: [T, KVH, d]."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v)
+    dtype = kv_cache.dtype  # may be narrower than the model's (kv_cache_dtype)
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(dtype))
 
 
 def paged_attention(
@@ -88,6 +89,7 @@ def paged_attention(
             ids = chunk.block_ids
             keys = kv_cache[0].index_select(0, ids).view(-1, num_kv_heads, head_dim)[:total]
             values = kv_cache[1].index_select(0, ids).view(-1, num_kv_heads, head_dim)[:total]
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
         if ctx == 0 and window is None:
             o = F.scaled_dot_product_attention(
                 query,

@@ -99,7 +99,8 @@ async def serve(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
         ),
         cache=CacheConfig(
-            kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching
+            kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+            kv_cache_dtype=args.kv_cache_dtype,
         ),
     )
     config = ServeConfig(

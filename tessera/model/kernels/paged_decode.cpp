@@ -124,15 +124,16 @@ struct Shape {
   int64_t window;  // <= 0: no sliding window
 };
 
-template <typename T>
-void decode(const T* q, const T* kv, const int64_t* tables, const int64_t* lens, T* out,
+// T: queries and output; C: the KV cache (an fp32 model may keep a bf16/fp16 cache).
+template <typename T, typename C>
+void decode(const T* q, const C* kv, const int64_t* tables, const int64_t* lens, T* out,
             const Shape& s) {
   const int64_t d = s.head_dim, kvh = s.num_kv_heads;
   const int64_t group = s.num_heads / kvh;  // query heads per kv head
   const int64_t row_stride = kvh * d;       // between consecutive tokens of a block
   const int64_t block_stride = s.block_size * row_stride;
-  const T* k_base = kv;
-  const T* v_base = kv + s.num_blocks * block_stride;
+  const C* k_base = kv;
+  const C* v_base = kv + s.num_blocks * block_stride;
   const int64_t num_threads = std::max<int64_t>(1, at::get_num_threads());
 
   // A work item is one sequence and a range of its kv heads. Whole sequences (all heads) read
@@ -189,7 +190,7 @@ void decode(const T* q, const T* kv, const int64_t* tables, const int64_t* lens,
           }
         }
       }
-      const int64_t run_bytes = (h1 - h0) * d * static_cast<int64_t>(sizeof(T));
+      const int64_t run_bytes = (h1 - h0) * d * static_cast<int64_t>(sizeof(C));
 
       for (int64_t t0 = 0; t0 < len - lo; t0 += kTile) {
         const int64_t n = std::min(kTile, len - lo - t0);
@@ -201,7 +202,7 @@ void decode(const T* q, const T* kv, const int64_t* tables, const int64_t* lens,
           prefetch(v_base + tile_rows[t], run_bytes);
           // Scores: each K row is loaded once and shared by the query heads of its kv head (GQA).
           for (int64_t kh = 0; kh < h1 - h0; ++kh) {
-            const float* krow = Row<T>::read(k_base + tile_rows[t] + kh * d, k_scratch.data(), d);
+            const float* krow = Row<C>::read(k_base + tile_rows[t] + kh * d, k_scratch.data(), d);
             for (int64_t g = 0; g < group; ++g) {
               const int64_t j = kh * group + g;
               scores[j * kTile + t] = dot(qf.data() + j * d, krow, d);
@@ -226,7 +227,7 @@ void decode(const T* q, const T* kv, const int64_t* tables, const int64_t* lens,
         }
         for (int64_t t = 0; t < n; ++t) {
           for (int64_t kh = 0; kh < h1 - h0; ++kh) {
-            const float* vrow = Row<T>::read(v_base + tile_rows[t] + kh * d, v_scratch.data(), d);
+            const float* vrow = Row<C>::read(v_base + tile_rows[t] + kh * d, v_scratch.data(), d);
             for (int64_t g = 0; g < group; ++g) {
               const int64_t j = kh * group + g;
               axpy(scores[j * kTile + t], vrow, acc.data() + j * d, d);
@@ -251,7 +252,8 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache,
                         int64_t window) {
   TORCH_CHECK(q.device().is_cpu() && kv_cache.device().is_cpu(), "paged_decode: CPU tensors only");
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_decode: shapes");
-  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type(), "paged_decode: q/cache dtype mismatch");
+  TORCH_CHECK(q.scalar_type() == kv_cache.scalar_type() || q.scalar_type() == at::kFloat,
+              "paged_decode: a half-precision query needs a cache of its own dtype");
   TORCH_CHECK(q.is_contiguous() && kv_cache.is_contiguous(), "paged_decode: need contiguous q, cache");
   TORCH_CHECK(block_tables.scalar_type() == at::kLong && seq_lens.scalar_type() == at::kLong,
               "paged_decode: block_tables and seq_lens must be int64");
@@ -290,21 +292,25 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& kv_cache,
 
   at::Tensor out = at::empty({s.batch, s.num_heads, s.head_dim}, q.options());
   if (s.batch == 0) return out;
-  switch (q.scalar_type()) {
-    case at::kFloat:
-      decode<float>(q.data_ptr<float>(), kv_cache.data_ptr<float>(), tables, lens,
-                    out.data_ptr<float>(), s);
-      break;
-    case at::kBFloat16:
-      decode<c10::BFloat16>(q.data_ptr<c10::BFloat16>(), kv_cache.data_ptr<c10::BFloat16>(),
-                            tables, lens, out.data_ptr<c10::BFloat16>(), s);
-      break;
-    case at::kHalf:
-      decode<c10::Half>(q.data_ptr<c10::Half>(), kv_cache.data_ptr<c10::Half>(), tables, lens,
-                        out.data_ptr<c10::Half>(), s);
-      break;
-    default:
-      TORCH_CHECK(false, "paged_decode: unsupported dtype ", q.scalar_type());
+  const auto qt = q.scalar_type(), ct = kv_cache.scalar_type();
+  if (qt == at::kFloat && ct == at::kFloat) {
+    decode<float, float>(q.data_ptr<float>(), kv_cache.data_ptr<float>(), tables, lens,
+                         out.data_ptr<float>(), s);
+  } else if (qt == at::kFloat && ct == at::kBFloat16) {
+    decode<float, c10::BFloat16>(q.data_ptr<float>(), kv_cache.data_ptr<c10::BFloat16>(), tables,
+                                 lens, out.data_ptr<float>(), s);
+  } else if (qt == at::kFloat && ct == at::kHalf) {
+    decode<float, c10::Half>(q.data_ptr<float>(), kv_cache.data_ptr<c10::Half>(), tables, lens,
+                             out.data_ptr<float>(), s);
+  } else if (qt == at::kBFloat16 && ct == at::kBFloat16) {
+    decode<c10::BFloat16, c10::BFloat16>(q.data_ptr<c10::BFloat16>(),
+                                         kv_cache.data_ptr<c10::BFloat16>(), tables, lens,
+                                         out.data_ptr<c10::BFloat16>(), s);
+  } else if (qt == at::kHalf && ct == at::kHalf) {
+    decode<c10::Half, c10::Half>(q.data_ptr<c10::Half>(), kv_cache.data_ptr<c10::Half>(), tables,
+                                 lens, out.data_ptr<c10::Half>(), s);
+  } else {
+    TORCH_CHECK(false, "paged_decode: unsupported dtypes ", qt, " / ", ct);
   }
   return out;
 }

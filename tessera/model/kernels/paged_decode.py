@@ -119,7 +119,8 @@ def _kernel_applies(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
         q.device.type == "cpu"
         and kv_cache.device.type == "cpu"
         and q.dtype in _KERNEL_DTYPES
-        and kv_cache.dtype == q.dtype
+        and kv_cache.dtype in _KERNEL_DTYPES
+        and (kv_cache.dtype == q.dtype or q.dtype == torch.float32)
         and kv_cache.is_contiguous()  # never copy the cache to fit the kernel
     )
 
@@ -173,6 +174,7 @@ def paged_decode_padded(
     # [B * max_blocks, block_size, KVH, d] -> [B, KVH, L, d]
     keys = kv_cache[0].index_select(0, flat).view(batch, -1, num_kv_heads, head_dim)
     values = kv_cache[1].index_select(0, flat).view(batch, -1, num_kv_heads, head_dim)
+    keys, values = keys.to(q.dtype), values.to(q.dtype)  # a cache may be narrower than q
     idx = torch.arange(keys.shape[1], device=q.device)  # [L]
     lens = seq_lens.unsqueeze(1)  # [B, 1]
     mask = idx < lens
@@ -211,8 +213,8 @@ def paged_decode_reference(
         keys = kv_cache[0].index_select(0, ids).view(-1, num_kv_heads, head_dim)
         values = kv_cache[1].index_select(0, ids).view(-1, num_kv_heads, head_dim)
         start = lo - first * block_size
-        keys = keys[start : length - first * block_size]  # [L, KVH, d]
-        values = values[start : length - first * block_size]
+        keys = keys[start : length - first * block_size].to(q.dtype)  # [L, KVH, d]
+        values = values[start : length - first * block_size].to(q.dtype)
         o = F.scaled_dot_product_attention(
             q[b].unsqueeze(1),  # [H, 1, d]
             keys.transpose(0, 1),  # [KVH, L, d]
