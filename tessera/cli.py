@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from tessera.engine_args import add_engine_args, engine_config_from_args
+
 
 def _build_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion for one prompt")
@@ -19,14 +21,7 @@ def _build_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=-1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
-    p.add_argument("--kv-cache-dtype", default="auto",
-                   choices=["auto", "float32", "bfloat16", "float16"],
-                   help="KV cache dtype (auto: the model's)")
+    add_engine_args(p)
     p.add_argument("--stats", action="store_true", help="print token counts and speed to stderr")
 
 
@@ -45,17 +40,9 @@ def _generate(args: argparse.Namespace) -> int:
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
-        seed=args.seed,
         max_tokens=args.max_tokens,
     )
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        num_threads=args.threads,
-        kv_cache_memory=args.kv_cache_memory,
-        kv_cache_dtype=args.kv_cache_dtype,
-    )
+    llm = LLM.from_config(engine_config_from_args(args))
     start_s = time.perf_counter()
     out = llm.generate([args.prompt], params, use_tqdm=False)[0]
     elapsed_s = time.perf_counter() - start_s

@@ -60,6 +60,14 @@ class LLM:
         self.engine = LLMEngine(config)
         self._next_id = 0
 
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LLM:
+        """An ``LLM`` over an engine built from a ready ``EngineConfig`` (used by the CLI)."""
+        llm = cls.__new__(cls)
+        llm.engine = LLMEngine(config)
+        llm._next_id = 0
+        return llm
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

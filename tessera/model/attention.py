@@ -90,28 +90,21 @@ def paged_attention(
             keys = kv_cache[0].index_select(0, ids).view(-1, num_kv_heads, head_dim)[:total]
             values = kv_cache[1].index_select(0, ids).view(-1, num_kv_heads, head_dim)[:total]
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        if ctx == 0 and window is None:
-            o = F.scaled_dot_product_attention(
-                query,
-                keys.transpose(0, 1),
-                values.transpose(0, 1),
-                is_causal=True,
-                scale=scale,
-                enable_gqa=gqa,
-            )
-        else:
+        mask = None  # no context and no window: plain causal, SDPA's fastest path
+        if ctx or window is not None:
             q_pos = torch.arange(ctx, total, device=q.device).unsqueeze(1)  # [n, 1]
             k_pos = torch.arange(total, device=q.device).unsqueeze(0)  # [1, total]
             mask = k_pos <= q_pos
             if window is not None:
                 mask &= k_pos > q_pos - window
-            o = F.scaled_dot_product_attention(
-                query,
-                keys.transpose(0, 1),
-                values.transpose(0, 1),
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=gqa,
-            )
+        o = F.scaled_dot_product_attention(
+            query,
+            keys.transpose(0, 1),  # [KVH, total, d]
+            values.transpose(0, 1),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=scale,
+            enable_gqa=gqa,
+        )  # [H, n, d]
         out[s : s + n] = o.transpose(0, 1)
     return out

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import uvicorn
 
-from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
 from tessera.engine.detokenizer import load_tokenizer
+from tessera.engine_args import engine_config_from_args
 from tessera.serve.api_server import build_app
 from tessera.serve.engine_client import EngineClient, Finished
 from tessera.serve.metrics import ServerMetrics
@@ -88,21 +88,7 @@ async def serve(args: argparse.Namespace) -> int:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{args.model!r} is not a model directory (no config.json)")
-    engine_config = EngineConfig(
-        model=str(model_dir),
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        num_threads=args.threads,
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
-        ),
-        cache=CacheConfig(
-            kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
-            kv_cache_dtype=args.kv_cache_dtype,
-        ),
-    )
+    engine_config = engine_config_from_args(args)
     config = ServeConfig(
         served_model_name=args.served_model_name or args.model,
         host=args.host,

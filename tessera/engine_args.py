@@ -1,0 +1,44 @@
+"""Engine options shared by every command that builds an engine (generate, serve)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
+
+_DTYPES = ["auto", "float32", "bfloat16", "float16"]
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """Add the engine's options to a command's parser."""
+    p.add_argument("--dtype", default="auto", choices=_DTYPES)
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=_DTYPES,
+                   help="KV cache dtype (auto: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build the frozen engine config from parsed options; bad values raise ValueError."""
+    return EngineConfig(
+        model=str(args.model),
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        seed=args.seed,
+        num_threads=args.threads,
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
+        ),
+        cache=CacheConfig(
+            kv_cache_memory=args.kv_cache_memory,
+            kv_cache_dtype=args.kv_cache_dtype,
+            enable_prefix_caching=not args.no_prefix_caching,
+        ),
+    )
