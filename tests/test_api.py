@@ -156,3 +156,14 @@ def test_cli_errors_are_one_line(tmp_path, model_factory):
     path, _ = model_factory("llama")
     r = _cli("generate", str(path), "--prompt", "x", "--temperature", "-1")
     assert r.returncode == 2 and "temperature" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_warm_up_leaves_no_trace(model_factory):
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    engine = llm.engine
+    engine.warm_up()
+    assert engine.num_prompt_tokens_total == 0 and engine.num_generation_tokens_total == 0
+    assert engine.stats()["prefix_queried_tokens"] == 0 and not engine.block_manager.cached
+    assert engine.block_manager.num_free_blocks == engine.runtime.num_kv_blocks
+    assert not engine.has_unfinished_requests()

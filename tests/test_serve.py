@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tessera import LLM, SamplingParams
-from tests.test_serve_util import CHAT_TEMPLATE, ServerProcess, build_server_model
+from tests.test_serve_util import CHAT_TEMPLATE, ServerProcess, build_server_model, http
 
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 + 1 ="]
 
@@ -192,17 +192,17 @@ def test_errors_have_openai_shape(server):
     ]
     for path, body, status in cases:
         if isinstance(body, bytes):
-            r = httpx.post(
+            r = http.post(
                 f"{url}/{path}", content=body, headers={"content-type": "application/json"}
             )
         else:
-            r = httpx.post(f"{url}/{path}", json=body)
+            r = http.post(f"{url}/{path}", json=body)
         assert r.status_code == status, (body, r.text)
         err = r.json()["error"]
         assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    r = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "x", "temperature": -1})
+    r = http.post(f"{url}/completions", json={"model": "tiny", "prompt": "x", "temperature": -1})
     assert "temperature must be non-negative" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": [1] * 4096})
+    r = http.post(f"{url}/completions", json={"model": "tiny", "prompt": [1] * 4096})
     assert "maximum context length is 4096" in r.json()["error"]["message"]
     with (
         openai.OpenAI(base_url=url, api_key="none", max_retries=0) as c,
@@ -229,7 +229,7 @@ def test_disconnect_aborts_and_frees_kv(server):
     tokens_before = server.metric("tessera:generation_tokens_total")
     body = {"model": "tiny", "prompt": "abc", "max_tokens": 4000, "stream": True,
             "ignore_eos": True}  # fmt: skip
-    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=body) as r:
+    with http.stream("POST", f"{server.base_url}/v1/completions", json=body) as r:
         lines = r.iter_lines()
         for line in lines:
             if line.startswith("data: "):
@@ -252,7 +252,7 @@ def test_non_stream_disconnect_aborts(server):
 
 def test_metrics(server, client):
     client.completions.create(model="tiny", prompt="metrics please", max_tokens=3)
-    text = httpx.get(f"{server.base_url}/metrics").text
+    text = http.get(f"{server.base_url}/metrics").text
     for name in [
         "tessera:num_requests_running", "tessera:num_requests_waiting",
         "tessera:kv_cache_usage_perc", "tessera:prompt_tokens_total",
@@ -263,13 +263,13 @@ def test_metrics(server, client):
         assert f"{name}{{" in text, name
     assert server.metric("tessera:prompt_tokens_total") > 0
     assert server.metric("tessera:e2e_request_latency_seconds_count") >= 1
-    assert httpx.get(f"{server.base_url}/health").json() == {"status": "ok"}
+    assert http.get(f"{server.base_url}/health").json() == {"status": "ok"}
 
 
 def test_stream_raw_sse_format(server):
     body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2,
             "stream": True}  # fmt: skip
-    with httpx.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as r:
+    with http.stream("POST", f"{server.base_url}/v1/chat/completions", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

@@ -23,6 +23,7 @@ from tests.test_serve_util import (
     build_server_model,
     child_pids,
     free_port,
+    http,
     pid_alive,
 )
 
@@ -69,15 +70,15 @@ def test_api_key_queue_limit_and_no_chat_template(model_dir):
         url = f"{srv.base_url}/v1/completions"
         good = {"Authorization": "Bearer sekret"}
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 2}
-        assert httpx.post(url, json=body).status_code == 401
-        r = httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"})
+        assert http.post(url, json=body).status_code == 401
+        r = http.post(url, json=body, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["code"] == 401
-        assert httpx.get(f"{srv.base_url}/v1/models").status_code == 401
-        assert httpx.post(url, json=body, headers=good).status_code == 200
+        assert http.get(f"{srv.base_url}/v1/models").status_code == 401
+        assert http.post(url, json=body, headers=good).status_code == 200
         # Health and metrics stay open.
-        assert httpx.get(f"{srv.base_url}/health").status_code == 200
+        assert http.get(f"{srv.base_url}/health").status_code == 200
         # No chat template: a clear 400.
-        r = httpx.post(
+        r = http.post(
             f"{srv.base_url}/v1/chat/completions",
             headers=good,
             json={"model": "tiny", "messages": [{"role": "user", "content": "x"}]},
@@ -86,10 +87,10 @@ def test_api_key_queue_limit_and_no_chat_template(model_dir):
         # One sequence may run and none wait: a second request is refused with Retry-After.
         long = {"model": "tiny", "prompt": "hi", "max_tokens": 4000, "ignore_eos": True,
                 "stream": True}  # fmt: skip
-        with httpx.stream("POST", url, json=long, headers=good) as r:
+        with http.stream("POST", url, json=long, headers=good) as r:
             lines = r.iter_lines()  # kept: dropping the iterator closes the stream
             assert next(lines).startswith("data: ")
-            busy = httpx.post(url, json=body, headers=good)
+            busy = http.post(url, json=body, headers=good)
             assert busy.status_code == 503 and "Retry-After" in busy.headers
             assert busy.json()["error"]["type"] == "ServiceUnavailableError"
     finally:
@@ -105,7 +106,7 @@ def test_sigterm_aborts_streams_and_exits_zero(model_dir):
         body = {"model": "tiny", "prompt": "abc", "max_tokens": 4000, "ignore_eos": True,
                 "stream": True}  # fmt: skip
         events: list[str] = []
-        with httpx.stream("POST", f"{srv.base_url}/v1/completions", json=body) as r:
+        with http.stream("POST", f"{srv.base_url}/v1/completions", json=body) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     events.append(line[6:])
@@ -144,8 +145,8 @@ def test_dead_core_fails_requests_and_health(model_dir):
         thread.join(30)
         r = result["r"]
         assert r.status_code == 500 and "engine core" in r.json()["error"]["message"]
-        assert httpx.get(f"{srv.base_url}/health").status_code == 503
-        assert httpx.post(f"{srv.base_url}/v1/completions", json=body).status_code == 503
+        assert http.get(f"{srv.base_url}/health").status_code == 503
+        assert http.post(f"{srv.base_url}/v1/completions", json=body).status_code == 503
         assert child_pids(srv.proc.pid) == []
     finally:
         srv.stop()

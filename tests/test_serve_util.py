@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 
@@ -113,3 +115,14 @@ class ServerProcess:
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+# Generous client timeouts: a loaded CI machine must not turn a slow answer into a failure.
+# Tests that check a timeout on purpose pass their own.
+HTTP_TIMEOUT_S = 60.0
+http = SimpleNamespace(
+    get=partial(httpx.get, timeout=HTTP_TIMEOUT_S),
+    post=partial(httpx.post, timeout=HTTP_TIMEOUT_S),
+    stream=partial(httpx.stream, timeout=HTTP_TIMEOUT_S),
+)
+

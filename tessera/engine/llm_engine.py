@@ -164,6 +164,23 @@ class LLMEngine:
             self.sampler.release(seq)
         return True
 
+    def warm_up(self) -> None:
+        """Run one tiny request through prefill and decode before serving, so one-time costs
+        (loading the decode kernel, first allocations) are not paid by the first user.
+        Leaves no trace: counters, prefix cache and blocks are as before."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("warm_up must run before any request is added")
+        s = self.scheduler
+        counters = (self.num_prompt_tokens_total, self.num_generation_tokens_total,
+                    s.num_prefix_queried_tokens, s.num_prefix_hit_tokens)
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        self.add_request("__warm_up__", [0, 0], params)
+        while self.has_unfinished_requests():
+            self.step()
+        (self.num_prompt_tokens_total, self.num_generation_tokens_total,
+         s.num_prefix_queried_tokens, s.num_prefix_hit_tokens) = counters
+        self.block_manager.reset_prefix_cache()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 

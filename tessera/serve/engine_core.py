@@ -129,6 +129,7 @@ def main(argv: list[str]) -> int:
     try:
         try:
             engine = LLMEngine(config.engine)
+            engine.warm_up()
         except Exception as e:  # any load failure becomes one line in the API process
             out = ctx.socket(zmq.PUSH)
             out.connect(config.output_address)
