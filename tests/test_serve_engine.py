@@ -47,3 +47,9 @@ def test_sampling_options_round_trip():
     # Stop strings stay in the API process; everything else crosses unchanged.
     assert back.stop is None
     assert back == dataclasses.replace(p, stop=None)
+
+
+def test_sampling_options_carry_every_param_but_stop_strings():
+    # A new SamplingParams field must cross to the core (or be listed here on purpose).
+    params_fields = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
+    assert set(SamplingOptions.__struct_fields__) == params_fields - {"stop"}

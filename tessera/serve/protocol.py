@@ -33,21 +33,7 @@ class SamplingOptions(msgspec.Struct, frozen=True):
     @classmethod
     def from_params(cls, params: SamplingParams) -> SamplingOptions:
         """The core's half of already validated params (``stop`` is dropped)."""
-        return cls(
-            temperature=params.temperature,
-            top_p=params.top_p,
-            top_k=params.top_k,
-            min_p=params.min_p,
-            seed=params.seed,
-            max_tokens=params.max_tokens,
-            stop_token_ids=params.stop_token_ids,
-            ignore_eos=params.ignore_eos,
-            logprobs=params.logprobs,
-            n=params.n,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            repetition_penalty=params.repetition_penalty,
-        )
+        return cls(**{name: getattr(params, name) for name in cls.__struct_fields__})
 
     def to_params(self) -> SamplingParams:
         return SamplingParams(**msgspec.structs.asdict(self))
