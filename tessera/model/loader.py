@@ -76,11 +76,11 @@ def load_model(
     try:
         spec = spec_from_config(cfg)
         cls = model_class(spec)
+        torch_dtype = resolve_dtype(dtype, spec)
+        with torch.device("meta"):
+            model = cls(spec).to(torch_dtype)  # MoE families check their MoE fields here
     except ModelConfigError as e:
         raise ModelLoadError(str(e)) from e
-    torch_dtype = resolve_dtype(dtype, spec)
-    with torch.device("meta"):
-        model = cls(spec).to(torch_dtype)
     model.to_empty(device=device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -117,7 +117,7 @@ def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> Non
                         raise ModelLoadError(f"unexpected tensor {name!r} in {file.name}")
                     tensor = f.get_tensor(name)
                     param = params[target.param]
-                    want, dest = _destination(param, target)
+                    want, dest = target_slice(param, target)
                     if tuple(tensor.shape) != want:
                         raise ModelLoadError(
                             f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {want}"
@@ -132,7 +132,7 @@ def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> Non
             raise ModelLoadError(f"checkpoint tensor for parameter {name!r} is {what}")
 
 
-def _destination(param: torch.Tensor, t: Target) -> tuple[tuple[int, ...], torch.Tensor]:
+def target_slice(param: torch.Tensor, t: Target) -> tuple[tuple[int, ...], torch.Tensor]:
     """The checkpoint shape target ``t`` expects and the slice of ``param`` it fills."""
     rows = slice(t.row_offset, t.row_offset + t.num_rows)
     if t.source_experts is not None:  # all experts stacked: [E, rows, C] -> param[:, rows]
@@ -142,4 +142,4 @@ def _destination(param: torch.Tensor, t: Target) -> tuple[tuple[int, ...], torch
     return (t.num_rows, *param.shape[1:]), param[rows]
 
 
-__all__ = ["ModelLoadError", "Target", "load_model", "read_config", "resolve_dtype"]
+__all__ = ["ModelLoadError", "Target", "load_model", "read_config", "resolve_dtype", "target_slice"]
