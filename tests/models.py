@@ -48,6 +48,39 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=24)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, num_key_value_heads=1)),
+    # MoE families: 4-8 experts, top-2, and mixes of dense and MoE layers.
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    ),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        # Layers 0 and 2 MoE (shared expert with its gate), layer 1 dense.
+        dict(
+            num_hidden_layers=3,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        # decoder_sparse_step=2: layers 1 and 3 MoE, 0 and 2 dense.
+        dict(
+            num_hidden_layers=4,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+        ),
+    ),
 }
 
 

@@ -76,11 +76,11 @@ def load_model(
     try:
         spec = spec_from_config(cfg)
         cls = model_class(spec)
+        torch_dtype = resolve_dtype(dtype, spec)
+        with torch.device("meta"):
+            model = cls(spec).to(torch_dtype)  # MoE families check their MoE fields here
     except ModelConfigError as e:
         raise ModelLoadError(str(e)) from e
-    torch_dtype = resolve_dtype(dtype, spec)
-    with torch.device("meta"):
-        model = cls(spec).to(torch_dtype)
     model.to_empty(device=device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
@@ -92,7 +92,8 @@ def load_model(
 
 def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> None:
     params = dict(model.named_parameters())
-    rows_loaded = dict.fromkeys(params, 0)
+    # Counted in elements so stacked expert parameters are checked like row-fused ones.
+    elems_loaded = dict.fromkeys(params, 0)
     with torch.no_grad():
         for file in files:
             try:
@@ -104,6 +105,8 @@ def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> Non
                     if _IGNORED.search(name):
                         continue
                     target = model.checkpoint_target(name)
+                    if target is not None and target.skip:
+                        continue
                     if target is None:
                         if name == "lm_head.weight" and spec.tie_word_embeddings:
                             continue
@@ -114,17 +117,29 @@ def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> Non
                         raise ModelLoadError(f"unexpected tensor {name!r} in {file.name}")
                     tensor = f.get_tensor(name)
                     param = params[target.param]
-                    want = (target.num_rows, *param.shape[1:])
+                    want, dest = target_slice(param, target)
                     if tuple(tensor.shape) != want:
                         raise ModelLoadError(
                             f"tensor {name!r} has shape {tuple(tensor.shape)}, expected {want}"
                         )
-                    param[target.row_offset : target.row_offset + target.num_rows].copy_(tensor)
-                    rows_loaded[target.param] += target.num_rows
+                    if target.source_experts is not None:
+                        tensor = tensor[list(target.source_experts)]
+                    dest.copy_(tensor)
+                    elems_loaded[target.param] += dest.numel()
     for name, param in params.items():
-        if rows_loaded[name] != param.shape[0]:
-            what = "missing" if rows_loaded[name] == 0 else "partly missing or duplicated"
+        if elems_loaded[name] != param.numel():
+            what = "missing" if elems_loaded[name] == 0 else "partly missing or duplicated"
             raise ModelLoadError(f"checkpoint tensor for parameter {name!r} is {what}")
 
 
-__all__ = ["ModelLoadError", "Target", "load_model", "read_config", "resolve_dtype"]
+def target_slice(param: torch.Tensor, t: Target) -> tuple[tuple[int, ...], torch.Tensor]:
+    """The checkpoint shape target ``t`` expects and the slice of ``param`` it fills."""
+    rows = slice(t.row_offset, t.row_offset + t.num_rows)
+    if t.source_experts is not None:  # all experts stacked: [E, rows, C] -> param[:, rows]
+        return (t.num_source_experts, t.num_rows, *param.shape[2:]), param[:, rows]
+    if t.expert is not None:  # one expert: [rows, C] -> param[expert, rows]
+        return (t.num_rows, *param.shape[2:]), param[t.expert, rows]
+    return (t.num_rows, *param.shape[1:]), param[rows]
+
+
+__all__ = ["ModelLoadError", "Target", "load_model", "read_config", "resolve_dtype", "target_slice"]

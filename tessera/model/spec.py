@@ -91,6 +91,16 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+# Families whose q/k/v projections have a bias and o_proj none (Qwen2-MoE: ``qkv_bias``).
+_QKV_BIAS_ONLY = ("qwen2", "qwen2_moe")
+
+
+def _qkv_bias(cfg: dict[str, Any], model_type: str) -> bool:
+    if model_type in _QKV_BIAS_ONLY:
+        return bool(cfg.get("qkv_bias", True))
+    return bool(cfg.get("attention_bias", False))
+
+
 def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
     """Build a ``ModelSpec`` from a config dict; raises ``ModelConfigError`` on bad fields."""
     archs = cfg.get("architectures") or []
@@ -110,7 +120,8 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
         )
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    qwen_family = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+    if model_type in qwen_family and not cfg.get("use_sliding_window", False):
         window = None
     if window is not None:
         if layer_types:
@@ -137,10 +148,10 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         rope=_rope_from(cfg),
         hidden_act=act,
-        qkv_bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2",
-        o_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
+        qkv_bias=_qkv_bias(cfg, model_type),
+        o_bias=bool(cfg.get("attention_bias", False)) and model_type not in _QKV_BIAS_ONLY,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         sliding_window=int(window) if window is not None else None,
         layer_sliding=layer_sliding,
