@@ -97,14 +97,16 @@ def paged_attention(
             mask = k_pos <= q_pos
             if window is not None:
                 mask &= k_pos > q_pos - window
+        # 4-D inputs: on CPU, SDPA takes its flash kernel only for [B, H, L, d] (3-D inputs
+        # fall back to the math path, 3-4x slower with or without a mask).
         o = F.scaled_dot_product_attention(
-            query,
-            keys.transpose(0, 1),  # [KVH, total, d]
-            values.transpose(0, 1),
-            attn_mask=mask,
+            query.unsqueeze(0),  # [1, H, n, d]
+            keys.transpose(0, 1).unsqueeze(0),  # [1, KVH, total, d]
+            values.transpose(0, 1).unsqueeze(0),
+            attn_mask=None if mask is None else mask[None, None],  # [1, 1, n, total]
             is_causal=mask is None,
             scale=scale,
             enable_gqa=gqa,
-        )  # [H, n, d]
-        out[s : s + n] = o.transpose(0, 1)
+        )  # [1, H, n, d]
+        out[s : s + n] = o[0].transpose(0, 1)
     return out
