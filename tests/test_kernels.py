@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tessera.model.kernels import build as kb
 from tessera.model.kernels import paged_decode as pd
 
 
@@ -89,9 +90,9 @@ _EDGE_LENS = [1, 2, 15, 16, 17, 31, 32, 33, 255, 300]  # around block and tile e
 
 
 def _require_kernel() -> None:
-    if pd.kernels_disabled():
+    if kb.kernels_disabled():
         pytest.skip("TESSERA_DISABLE_KERNELS is set")
-    if not pd.kernel_available():
+    if not kb.kernel_available():
         pytest.skip("paged decode C++ extension could not be built here (see the warning log)")
 
 
@@ -211,8 +212,8 @@ def test_import_does_not_build() -> None:
     import sys
 
     code = (
-        "import tessera.model.attention, tessera.model.kernels.paged_decode as pd; "
-        "assert 'tried' not in pd._state"
+        "import tessera.model.dense, tessera.model.kernels.build as kb; "
+        "assert 'tried' not in kb._state"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -225,10 +226,10 @@ def test_build_failure_falls_back(
     broken.write_text("#error deliberately broken\n")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
     monkeypatch.delenv("TESSERA_DISABLE_KERNELS", raising=False)
-    monkeypatch.setattr(pd, "_SOURCE", broken)
-    monkeypatch.setattr(pd, "_state", {})  # restored afterwards: the real build stays usable
+    monkeypatch.setattr(kb, "_SOURCES", [broken])
+    monkeypatch.setattr(kb, "_state", {})  # restored afterwards: the real build stays usable
     q, cache, tables, lens = _case(12, 3, 4, 2, 16, 16, 60, torch.float32)
-    with caplog.at_level("WARNING", logger=pd.__name__):
+    with caplog.at_level("WARNING", logger=kb.__name__):
         first = pd.paged_decode_attention(q, cache, tables, lens, 0.25)
         second = pd.paged_decode_attention(q, cache, tables, lens, 0.25)
     warnings = [r for r in caplog.records if "fallback" in r.getMessage()]

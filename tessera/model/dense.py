@@ -12,6 +12,7 @@ from torch import nn
 
 from tessera.model.attention import paged_attention, write_kv
 from tessera.model.context import StepContext
+from tessera.model.kernels import silu_mul
 from tessera.model.layers import RMSNorm, RotaryEmbedding, activation
 from tessera.model.spec import ModelSpec
 from tessera.model.weights import Target, dense_target
@@ -56,7 +57,8 @@ class AttentionUnit(nn.Module):
         assert kv_cache is not None, f"no KV cache for layer {self.layer_id}"
         write_kv(kv_cache, k, v, ctx.attn.slot_mapping)
         o = paged_attention(q, k, v, kv_cache, ctx.attn, self.scale, self.window)  # [T, H, d]
-        return hidden + self.o_proj(o.view(num_tokens, self.q_size))
+        # The residual add goes into the fresh projection output (no new [T, D] tensor).
+        return self.o_proj(o.view(num_tokens, self.q_size)).add_(hidden)
 
 
 class DenseFFNUnit(nn.Module):
@@ -72,10 +74,16 @@ class DenseFFNUnit(nn.Module):
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias)
         self.down_proj = nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
         self.act = activation(spec.hidden_act)
+        self.fused_silu = spec.hidden_act == "silu"
 
     def forward(self, hidden: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
-        gate, up = self.gate_up_proj(self.norm(hidden)).chunk(2, dim=-1)  # [T, I] each
-        return hidden + self.down_proj(self.act(gate) * up)
+        gate_up = self.gate_up_proj(self.norm(hidden))  # [T, 2I]
+        if self.fused_silu:
+            act = silu_mul(gate_up)  # [T, I], one pass
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)  # [T, I] each
+            act = self.act(gate) * up
+        return self.down_proj(act).add_(hidden)  # residual add in place of a new tensor
 
 
 class DecoderLayer(nn.Module):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tessera.model.kernels import apply_rotary_, rms_norm
 from tessera.model.spec import RopeSpec
 
 
@@ -21,10 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return rms_norm(x, self.weight, self.eps)  # one fused op on CPU
 
 
 def _inv_freq(head_dim: int, rope: RopeSpec) -> torch.Tensor:
@@ -56,6 +54,7 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, rope: RopeSpec) -> None:
         super().__init__()
         self.head_dim, self.max_positions, self.rope_spec = head_dim, max_positions, rope
+        self.fused = True  # rotate-half layout: apply_rotary_ handles it
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
 
@@ -72,6 +71,10 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, H, d]; k: [T, KVH, d]
+        if self.fused:
+            # One op for q and k, in place (they are fresh projections nobody else holds).
+            apply_rotary_(q, k, positions, self.cos, self.sin)
+            return q, k
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, d/2]
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

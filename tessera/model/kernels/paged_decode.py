@@ -1,117 +1,20 @@
 """Fused paged decode attention: a C++ CPU kernel with a pure-torch fallback.
 
-The kernel (``paged_decode.cpp`` next to this file) is compiled with
-``torch.utils.cpp_extension.load`` on the first call, never on import. Building it took
-11-18 s on a 2-core machine shared with other work; later processes reuse the build cached in
-torch's extensions directory (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``)
-and load it in well under a second. When the build fails, the tensors are not on CPU, the dtype is not float32,
-bfloat16 or float16, or ``TESSERA_DISABLE_KERNELS=1`` is set, the fallback runs instead: same
-semantics, one ``index_select`` of each sequence's own blocks and SDPA (no padding, no mask).
+The kernel (``paged_decode.cpp`` next to this file) is compiled on the first call, never on
+import (see ``build.py``). When the build fails, the tensors are not on CPU, the dtype is not
+float32, bfloat16 or float16, or ``TESSERA_DISABLE_KERNELS=1`` is set, the fallback runs
+instead: same semantics, one ``index_select`` of each sequence's own blocks and SDPA (no
+padding, no mask).
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import subprocess
-import threading
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger(__name__)
+from tessera.model.kernels.build import kernel_available
 
-_SOURCE = Path(__file__).with_name("paged_decode.cpp")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-_lock = threading.Lock()
-_state: dict[str, bool] = {}  # "tried": build attempted; "ok": op registered and usable
-
-
-def kernels_disabled() -> bool:
-    """True when ``TESSERA_DISABLE_KERNELS`` is set to a true value (forces the fallback)."""
-    return os.environ.get("TESSERA_DISABLE_KERNELS", "").strip().lower() in ("1", "true", "yes")
-
-
-def _native_arch() -> str | None:
-    """The CPU the compiler targets with ``-march=native`` (e.g. ``sapphirerapids``), or None
-    if it does not accept the flag. Part of the extension name, so a build cached on a shared
-    home directory is never loaded on a machine with a different instruction set."""
-    cxx = os.environ.get("CXX", "c++")
-    try:
-        res = subprocess.run(
-            [cxx, "-march=native", "-Q", "--help=target"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0:
-        return None
-    for line in res.stdout.splitlines():
-        parts = line.split()
-        if len(parts) >= 2 and parts[0] == "-march=":
-            return "".join(c if c.isalnum() else "_" for c in parts[1])
-    return "native"  # accepted, but the compiler (e.g. clang) does not print the target
-
-
-def _ensure_ninja_on_path() -> None:
-    """cpp_extension looks for ``ninja`` on PATH; the pip package puts it in the venv's bin,
-    which is not on PATH when the interpreter is run without activating the venv."""
-    if shutil.which("ninja") is not None:
-        return
-    try:
-        import ninja  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def _build() -> bool:
-    """Compile and register ``torch.ops.tessera_kernels.paged_decode``; False on any failure."""
-    from torch.utils import cpp_extension
-
-    _ensure_ninja_on_path()
-    arch = _native_arch()
-    attempts: list[tuple[str, list[str]]] = []
-    if arch is not None:
-        attempts.append((f"tessera_paged_decode_{arch}", ["-O3", "-march=native"]))
-    attempts.append(("tessera_paged_decode_generic", ["-O3"]))
-    errors = []
-    for name, flags in attempts:
-        try:
-            cpp_extension.load(
-                name=name,
-                sources=[str(_SOURCE)],
-                extra_cflags=flags,
-                is_python_module=False,
-                verbose=False,
-            )
-            torch.ops.tessera_kernels.paged_decode  # noqa: B018 - raises if not registered
-            return True
-        except Exception as e:  # noqa: BLE001 - a build failure must never crash the engine
-            errors.append(f"{name} ({' '.join(flags)}): {type(e).__name__}: {e}")
-    logger.warning(
-        "paged decode kernel unavailable, using the pure-torch fallback: %s",
-        " | ".join(errors)[:2000],
-    )
-    return False
-
-
-def kernel_available() -> bool:
-    """Whether the C++ kernel can run here; builds it on the first call (thread-safe)."""
-    if kernels_disabled():
-        return False
-    if "tried" not in _state:
-        with _lock:
-            if "tried" not in _state:
-                _state["ok"] = _build()
-                _state["tried"] = True
-    return _state["ok"]
 
 
 def _kernel_applies(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
