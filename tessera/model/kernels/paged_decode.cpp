@@ -134,15 +134,9 @@ struct Widen {
   static constexpr bool kInRegisters = false;  // convert the row once into scratch (Row<C>)
 };
 
-template <>
-struct Widen<float> {
-  static constexpr bool kInRegisters = true;
-  static float dot_row(const float* q, const float* row, int64_t n) { return dot(q, row, n); }
-  static void axpy_row(float alpha, const float* row, float* y, int64_t n) { axpy(alpha, row, y, n); }
-};
-
 #if defined(__AVX512F__)
 // 16 cache values as float32 lanes.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
@@ -177,6 +171,8 @@ template <>
 struct Widen<c10::Half> : WidenAvx512<c10::Half> {};
 template <>
 struct Widen<c10::BFloat16> : WidenAvx512<c10::BFloat16> {};
+template <>
+struct Widen<float> : WidenAvx512<float> {};
 #endif
 
 struct Shape {
