@@ -71,7 +71,7 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # positions: [T]; q: [T, H, d]; k: [T, KVH, d]
-        if self.fused:
+        if self.fused and q.device.type == "cpu":
             # One op for q and k, in place (they are fresh projections nobody else holds).
             apply_rotary_(q, k, positions, self.cos, self.sin)
             return q, k
