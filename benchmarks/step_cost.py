@@ -84,11 +84,13 @@ def batch1(model_dir: str, threads: int, num_tokens: int, profile: bool,
 
 
 def batched(model_dir: str, threads: int, num_requests: int, profile: bool,
-            kv_cache_dtype: str) -> dict[str, Any]:
+            kv_cache_dtype: str, max_prompt_tokens: int = 512,
+            max_output_tokens: int = 64) -> dict[str, Any]:
     from benchmarks.peers import make_workload
     from tessera import LLM, SamplingParams
 
-    requests = make_workload(num_requests, max_prompt_tokens=512, max_output_tokens=64, seed=0)
+    requests = make_workload(num_requests, max_prompt_tokens=max_prompt_tokens,
+                             max_output_tokens=max_output_tokens, seed=0)
     llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=threads,
               kv_cache_memory=2 << 30, kv_cache_dtype=kv_cache_dtype)
     llm.generate([[300] * 16], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--num-requests", type=int, default=16, help="batched workload size")
+    parser.add_argument("--max-prompt-tokens", type=int, default=512, help="batched workload")
+    parser.add_argument("--max-output-tokens", type=int, default=64, help="batched workload")
     parser.add_argument("--kv-cache-dtype", default="auto")
     parser.add_argument("--skip", choices=["batch1", "batched"], default=None)
     parser.add_argument("--profile", action="store_true", help="also count and time torch ops")
@@ -137,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                args.kv_cache_dtype)
     if args.skip != "batched":
         out["batched"] = batched(model_dir, args.threads, args.num_requests, args.profile,
-                                 args.kv_cache_dtype)
+                                 args.kv_cache_dtype, args.max_prompt_tokens,
+                                 args.max_output_tokens)
     if args.json:
         print(json.dumps(out))
         return 0
