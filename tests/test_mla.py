@@ -16,6 +16,7 @@ from tessera.engine.model_runner import ModelRunner
 from tessera.model.layers import RotaryEmbedding, _inv_freq, rope_attention_factor
 from tessera.model.loader import ModelLoadError, load_model
 from tessera.model.mla_attention import absorbed_decode, expanded_prefill, write_latent
+from tests.models import reference_gaps
 
 # Greedy argmax checks barely see attention details on flat random models, so these tests
 # compare the top-5 logprobs themselves: a wrong softmax scale or rope moves them by ~1e-3.
@@ -164,3 +165,18 @@ def test_missing_mla_field_is_a_clear_error(model_factory, tmp_path):
     (tmp_path / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
     with pytest.raises(ModelLoadError, match="kv_lora_rank"):
         load_model(tmp_path, "float32", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(("dtype", "kv_dtype"), [("float32", "float16"), ("bfloat16", "auto")])
+def test_narrow_cache_or_model_close_to_reference(model_factory, dtype, kv_dtype):
+    path, hf = model_factory("deepseek-v3")
+    llm = LLM(str(path), dtype=dtype, device="cpu", kv_cache_memory=4 << 20,
+              kv_cache_dtype=kv_dtype, max_num_batched_tokens=32)
+    cache = llm.engine.runner.kv_caches[0]
+    want = dtype if kv_dtype == "auto" else kv_dtype
+    assert cache is not None and str(cache.dtype) == f"torch.{want}"
+    prompts = _prompts(7, [5, 40])
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    for prompt, out in zip(prompts, llm.generate(prompts, params, use_tqdm=False), strict=True):
+        # About 3 significant digits: allow a small gap to the float32 reference's best logit.
+        assert max(reference_gaps(hf, prompt, out.outputs[0].token_ids)) < 0.05
