@@ -35,6 +35,13 @@ MLA = dict(
     v_head_dim=32,
     first_k_dense_replace=2,
 )
+MLA_MOE = dict(
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+)
 
 # name -> (transformers config class name, architecture, overrides)
 ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -112,6 +119,19 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
     "deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(MLA, q_lora_rank=None)),
+    # MLA with MoE layers: layer 0 dense, layers 1 and 2 routed experts plus a shared expert.
+    "deepseek-v3-moe": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(MLA, q_lora_rank=32, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
+             n_group=4, topk_group=2),
+    ),
+    "deepseek-v2-moe": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(MLA, q_lora_rank=None, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
+             topk_method="group_limited_greedy", n_group=4, topk_group=2),
+    ),
 }
 
 

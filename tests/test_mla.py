@@ -21,7 +21,9 @@ from tests.models import reference_gaps
 # Greedy argmax checks barely see attention details on flat random models, so these tests
 # compare the top-5 logprobs themselves: a wrong softmax scale or rope moves them by ~1e-3.
 LOGPROB_TOL = 2e-5
-MLA_ARCHS = ["deepseek-v3", "deepseek-v3-yarn", "deepseek-v2-lite"]
+MLA_ARCHS = [
+    "deepseek-v3", "deepseek-v3-yarn", "deepseek-v2-lite", "deepseek-v3-moe", "deepseek-v2-moe"
+]
 
 
 def _prompts(seed: int, lengths: list[int]) -> list[list[int]]:
