@@ -142,19 +142,25 @@ class ModelRunner:
             hidden = unit(hidden, inputs.ctx)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
+    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Logits [S, V] of the rows to sample and, per row, its index into ``out.seqs``.
+
+        The hook for runners that place units elsewhere (attention/FFN disaggregation)."""
+        inputs = self.prepare(out)
+        return self.forward(inputs), inputs.sample_seq_indices
+
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput
     ) -> tuple[list[int | None], list[dict[int, float] | None]]:
         """Run the step; returns the sampled token (None for a prefill chunk that does not
         end its prompt) and its logprobs entry, per scheduled sequence."""
-        inputs = self.prepare(out)
-        logits = self.forward(inputs)
-        seqs = [out.seqs[i] for i in inputs.sample_seq_indices]
+        logits, sample_seq_indices = self.compute_logits(out)
+        seqs = [out.seqs[i] for i in sample_seq_indices]
         sampled = self.sampler.sample(logits, seqs)
         tokens: list[int | None] = [None] * len(out.seqs)
         logprobs: list[dict[int, float] | None] = [None] * len(out.seqs)
-        for row, i in enumerate(inputs.sample_seq_indices):
+        for row, i in enumerate(sample_seq_indices):
             tokens[i] = sampled.token_ids[row]
             logprobs[i] = sampled.logprobs[row]
         return tokens, logprobs
