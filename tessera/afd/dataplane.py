@@ -15,6 +15,7 @@ wait for one another; it answers with a partial ``[T, D]`` on tag ``RESULT_TAG +
 from __future__ import annotations
 
 import datetime
+import re
 import time
 
 import torch
@@ -52,7 +53,7 @@ class DataPlane:
         try:
             work = dist.isend(tensor, dst, tag=tag)
         except RuntimeError as e:
-            raise TransferError(f"send to rank {dst} failed: {e}") from e
+            raise TransferError(f"send to rank {dst} failed: {brief(e)}") from e
         assert work is not None
         return work
 
@@ -60,7 +61,7 @@ class DataPlane:
         try:
             work = dist.irecv(tensor, src, tag=tag)
         except RuntimeError as e:
-            raise TransferError(f"receive from rank {src} failed: {e}") from e
+            raise TransferError(f"receive from rank {src} failed: {brief(e)}") from e
         assert work is not None
         return work
 
@@ -73,7 +74,7 @@ class DataPlane:
             work.wait(_IDLE_WAIT)
             return int(work._source_rank())
         except RuntimeError as e:
-            raise TransferError(f"receive failed: {e}") from e
+            raise TransferError(f"receive failed: {brief(e)}") from e
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None:
         wait(self.irecv(tensor, src, tag), deadline_s, f"receive from rank {src}")
@@ -81,6 +82,12 @@ class DataPlane:
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def brief(error: Exception) -> str:
+    """The gist of a backend error: its first sentence, without gloo's source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])
+    return text.split(". ")[0].rstrip(".")
 
 
 def wait(work: dist.Work, deadline_s: float, what: str) -> None:
@@ -91,6 +98,6 @@ def wait(work: dist.Work, deadline_s: float, what: str) -> None:
     try:
         ok = work.wait(datetime.timedelta(seconds=remaining))
     except RuntimeError as e:
-        raise TransferError(f"{what} failed: {e}") from e
+        raise TransferError(f"{what} failed: {brief(e)}") from e
     if ok is False:
         raise TransferError(f"{what} missed its deadline")

@@ -94,14 +94,17 @@ class AFDEngine:
         self._generation = -1
         self._pool: WorkerPool | None = None
         self._closed = False
+        self._starting = self._broken = False
         try:
-            self._start_pool()
+            self._spawn_pool()
+            self._await_pool()
         except BaseException:
             self.shutdown()
             raise
 
     # ----------------------------------------------------------------- the pool
-    def _start_pool(self) -> None:
+    def _spawn_pool(self) -> None:
+        """Start the next generation's processes; ``_await_pool`` waits until they are up."""
         self._generation += 1
         pool = WorkerPool(self.config, self.afd, self._generation, self._front_address,
                           self._ipc_dir)
@@ -117,6 +120,26 @@ class AFDEngine:
         self._stats = {name: WorkerStats() for name in self._pushes}
         self._load = dict.fromkeys(self._pushes, 0)
         self._totals_base = getattr(self, "_totals", WorkerStats())
+        self._starting = True
+
+    def _await_pool(self) -> None:
+        """Wait until every worker of the pool is ready; a pool that failed to start before
+        is spawned again first."""
+        if self._broken:
+            self._broken = False
+            self._spawn_pool()
+        if not self._starting:
+            return
+        self._starting = False
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._broken = True
+            raise
+
+    def _wait_ready(self) -> None:
+        pool = self._pool
+        assert pool is not None
         pending = set(self._ranks)
         limits: list[Ready] = []
         deadline = time.monotonic() + self.afd.startup_timeout_s
@@ -162,7 +185,8 @@ class AFDEngine:
         return None
 
     def _recover(self, reason: str, result: StepOutput) -> StepOutput:
-        """End every unfinished request with an error and start a new pool."""
+        """End every unfinished request with an error at once and start a new pool (the
+        next request waits for it to be up)."""
         self.num_recoveries += 1
         self.last_failure = reason
         print(f"tessera: worker pool failed ({reason}); restarting it", file=sys.stderr)
@@ -173,7 +197,7 @@ class AFDEngine:
         for request_id, req in self.requests.items():
             result.finished.append(self._error_output(request_id, req, message))
         self.requests.clear()
-        self._start_pool()
+        self._spawn_pool()
         return result
 
     def _error_output(self, request_id: str, req: _Request, message: str) -> RequestOutput:
@@ -199,6 +223,7 @@ class AFDEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._await_pool()
         check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
         worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
         self._pushes[worker].send(self._encoder.encode(AddRequest(request_id, text, ids, params)))

@@ -72,7 +72,7 @@ class WorkerPool:
         for name, proc in self.procs.items():
             code = proc.poll()
             if code is not None:
-                return f"worker {name} exited (code {code})"
+                return f"worker {name.split('.')[0]} exited (code {code})"
         return None
 
     def kill(self) -> None:

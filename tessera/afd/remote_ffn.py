@@ -24,7 +24,7 @@ class PendingFFN:
     """One micro-batch's FFN of one layer, in flight."""
 
     residual: torch.Tensor  # [T, D]
-    results: list[tuple[int, torch.Tensor, dist.Work]]  # (FFN rank, partial [T, D], receive)
+    results: list[tuple[str, torch.Tensor, dist.Work]]  # (FFN worker, partial [T, D], receive)
     sends: list[tuple[torch.Tensor, dist.Work]] = field(default_factory=list)
     layer_id: int = 0
     micro_batch: int = 0
@@ -34,8 +34,8 @@ class PendingFFN:
         """The residual stream after this FFN: residual + sum of the partials. [T, D]"""
         wait_start = tracer.now_us()
         out = self.residual
-        for rank, partial, work in self.results:
-            wait(work, deadline_s, f"FFN result of layer {self.layer_id} from rank {rank}")
+        for worker, partial, work in self.results:
+            wait(work, deadline_s, f"FFN result of layer {self.layer_id} from {worker}")
             out = out + partial
         for _, work in self.sends:
             wait(work, deadline_s, f"FFN request of layer {self.layer_id}")
@@ -70,7 +70,7 @@ class RemoteFFN:
             partial = torch.empty_like(normed)  # [T, D]
             # Post the receive first so the reply never waits for a buffer.
             recv = self.plane.irecv(partial, rank, RESULT_TAG + micro_batch)
-            pending.results.append((rank, partial, recv))
+            pending.results.append((f"ffn{rank - self.ffn_ranks[0]}", partial, recv))
             pending.sends.append((header, self.plane.isend(header, rank, HEADER_TAG)))
             pending.sends.append((normed, self.plane.isend(normed, rank, PAYLOAD_TAG)))
         return pending

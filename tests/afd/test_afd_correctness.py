@@ -1,0 +1,76 @@
+"""Disaggregated serving gives the single-process engine's greedy tokens at every A:F ratio,
+with and without micro-batching, under mixed prompt lengths, chunked prefill and an abort."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tessera import LLM, SamplingParams
+from tests.afd.conftest import worker_pids
+
+COMMON = dict(
+    dtype="float32",
+    device="cpu",
+    kv_cache_memory=1 << 22,
+    num_threads=1,
+    max_num_batched_tokens=24,  # the 40-token prompt is prefilled in chunks
+    block_size=8,
+)
+LENGTHS = [3, 40, 11, 1, 17, 6]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(0, 256) for _ in range(n)] for n in LENGTHS]
+
+
+def _run(llm: LLM) -> tuple[dict[str, list[int]], bool]:
+    """Generate for every prompt, aborting request "a" after two steps; returns the tokens of
+    the others and whether the abort went through."""
+    engine = llm.engine
+    for i, prompt in enumerate(_prompts()):
+        engine.add_request(str(i), prompt, GREEDY)
+    engine.add_request("a", [7] * 9, SamplingParams(temperature=0.0, max_tokens=50))
+    results: dict[str, list[int]] = {}
+    aborted = False
+    num_steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            assert out.outputs[0].finish_reason == "length", out.outputs[0]
+            results[out.request_id] = out.outputs[0].token_ids
+        num_steps += 1
+        if num_steps == 2:
+            aborted = engine.abort_request("a")
+    return results, aborted
+
+
+@pytest.fixture(scope="module")
+def reference(model_factory):
+    path, _ = model_factory("llama")
+    results, aborted = _run(LLM(str(path), **COMMON))
+    assert aborted and len(results) == len(LENGTHS)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("num_attention", "num_ffn", "num_micro_batches"),
+    [(1, 1, 2), (2, 1, 1), (1, 2, 2), (3, 2, 2)],
+)
+def test_greedy_tokens_match_single_process(
+    model_factory, reference, num_attention, num_ffn, num_micro_batches
+):
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), attention_workers=num_attention, ffn_workers=num_ffn,
+              micro_batches=num_micro_batches, **COMMON)
+    try:
+        assert len(worker_pids()) == num_attention + num_ffn
+        results, aborted = _run(llm)
+        assert aborted
+        assert results == reference
+        assert llm.engine.stats()["num_running"] == 0
+    finally:
+        llm.close()
+    assert worker_pids() == []
