@@ -44,6 +44,8 @@ class AttentionRunner(ModelRunner):
     num_micro_batches: int
     transfer_timeout_s: float
     tracer: Tracer
+    last_batch: dict[str, int]
+    """Size of the last step's batch, for its trace span."""
 
     def attach(self, remote: RemoteFFN, num_micro_batches: int, transfer_timeout_s: float,
                tracer: Tracer) -> None:
@@ -57,6 +59,7 @@ class AttentionRunner(ModelRunner):
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
         deadline_s = time.monotonic() + self.transfer_timeout_s
         tracer = self.tracer
+        self.last_batch = {"tokens": out.num_batched_tokens, "seqs": len(out.seqs)}
         groups = split_micro_batches(out.num_new_tokens, self.num_micro_batches)
         inputs = [
             self.prepare(

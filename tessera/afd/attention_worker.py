@@ -85,11 +85,15 @@ def run(cfg: WorkerConfig, engine: LLMEngine, inputs: zmq.Socket, front: zmq.Soc
             if num_inputs:
                 front.send(encoder.encode(StepReport(cfg.name, [], [], worker_stats(engine))))
             continue
+        start = tracer.now_us()
         try:
             step = engine.step_with_deltas()
         except TransferError as e:
             front.send(encoder.encode(StepFailed(cfg.name, str(e))))
             return 1
+        runner = engine.runner
+        assert isinstance(runner, AttentionRunner)
+        tracer.add("step", "step", start, tracer.now_us(), dict(runner.last_batch))
         front.send(encoder.encode(
             StepReport(cfg.name, step.deltas, step.finished, worker_stats(engine), tracer.take())
         ))

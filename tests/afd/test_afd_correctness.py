@@ -28,21 +28,21 @@ def _prompts() -> list[list[int]]:
 
 
 def _run(llm: LLM) -> tuple[dict[str, list[int]], bool]:
-    """Generate for every prompt, aborting request "a" after two steps; returns the tokens of
-    the others and whether the abort went through."""
+    """Generate for every prompt, aborting request "a" once it has its first token; returns
+    the tokens of the others and whether the abort went through."""
     engine = llm.engine
     for i, prompt in enumerate(_prompts()):
         engine.add_request(str(i), prompt, GREEDY)
-    engine.add_request("a", [7] * 9, SamplingParams(temperature=0.0, max_tokens=50))
+    engine.add_request("a", [7] * 9, SamplingParams(temperature=0.0, max_tokens=900,
+                                                    ignore_eos=True))
     results: dict[str, list[int]] = {}
     aborted = False
-    num_steps = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        step = engine.step_with_deltas()
+        for out in step.finished:
             assert out.outputs[0].finish_reason == "length", out.outputs[0]
             results[out.request_id] = out.outputs[0].token_ids
-        num_steps += 1
-        if num_steps == 2:
+        if not aborted and any(d.request_id == "a" for d in step.deltas):
             aborted = engine.abort_request("a")
     return results, aborted
 
