@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 
 import torch
+from torch import nn
 
 from tessera.afd.remote_ffn import PendingFFN, RemoteFFN
 from tessera.afd.trace import Tracer
@@ -35,6 +36,14 @@ def split_micro_batches(num_new_tokens: list[int], num_micro_batches: int) -> li
         groups[g].append(i)
         loads[g] += num_new_tokens[i]
     return [sorted(g) for g in groups if g]
+
+
+def ffn_input_norm(unit: nn.Module) -> nn.Module:
+    """The FFN unit's input norm, applied where the residual stream lives (here)."""
+    norm = getattr(unit, "norm", None)
+    if not isinstance(norm, nn.Module):
+        raise TypeError(f"FFN unit {type(unit).__name__} has no input norm")
+    return norm
 
 
 class AttentionRunner(ModelRunner):
@@ -80,7 +89,7 @@ class AttentionRunner(ModelRunner):
                     hidden[m] = p.wait(deadline_s, tracer)
                 start = tracer.now_us()
                 h = attn(hidden[m], inp.ctx)  # [T_m, D]
-                normed = ffn.norm(h)
+                normed = ffn_input_norm(ffn)(h)  # [T_m, D]
                 tracer.add(f"attn L{layer_id} mb{m}", "attn", start, tracer.now_us(),
                            {"layer": layer_id, "micro_batch": m, "tokens": h.shape[0]})
                 pending[m] = self.remote.submit(layer_id, m, h, normed)

@@ -7,6 +7,7 @@ worker's trace spans and ends the process when the front (its parent) is gone.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -30,10 +31,8 @@ def start_heartbeat(
             if os.getppid() != parent_pid:
                 os._exit(1)  # the front died: never linger as an orphan
             spans = tracer.take() if tracer is not None else []
-            try:
+            with contextlib.suppress(zmq.ZMQError):
                 sock.send(encoder.encode(Heartbeat(worker, spans)), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                pass
             threading.Event().wait(interval_s)
 
     thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
