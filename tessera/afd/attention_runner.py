@@ -8,7 +8,8 @@ that builds them). Layers are pipelined across micro-batches::
 
 so the FFN round trip of one micro-batch runs while the others do attention. Model code is
 untouched: the runner walks ``model.units()`` in (attention, FFN) pairs, calls attention units
-as they are and, for each FFN unit, applies only its input norm locally and sends the rest.
+as they are and, for each FFN unit, applies only its input norm (and a MoE unit's router)
+locally and sends the rest.
 Every wait shares one deadline counted from the start of the step, so an idle worker is never
 timed out but a stalled step always ends.
 """
@@ -24,6 +25,7 @@ from tessera.afd.remote_ffn import PendingFFN, RemoteFFN
 from tessera.afd.trace import Tracer
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.scheduler import SchedulerOutput
+from tessera.model.moe import MoEFFNUnit
 
 
 def split_micro_batches(num_new_tokens: list[int], num_micro_batches: int) -> list[list[int]]:
@@ -90,9 +92,15 @@ class AttentionRunner(ModelRunner):
                 start = tracer.now_us()
                 h = attn(hidden[m], inp.ctx)  # [T_m, D]
                 normed = ffn_input_norm(ffn)(h)  # [T_m, D]
+                topk_ids = topk_weights = None
+                if isinstance(ffn, MoEFFNUnit):
+                    topk_ids, topk_weights = ffn.route(normed)  # [T_m, k] each
                 tracer.add(f"attn L{layer_id} mb{m}", "attn", start, tracer.now_us(),
                            {"layer": layer_id, "micro_batch": m, "tokens": h.shape[0]})
-                pending[m] = self.remote.submit(layer_id, m, h, normed)
+                pending[m] = self.remote.submit(
+                    layer_id, m, h, normed, topk_ids, topk_weights,
+                    all_tokens_to_first=getattr(ffn, "shared_expert", None) is not None,
+                )
         logits, rows = [], []
         for m, inp in enumerate(inputs):
             p = pending[m]

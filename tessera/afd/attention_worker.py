@@ -17,6 +17,7 @@ import sys
 
 import msgspec
 import zmq
+from torch import nn
 
 from tessera.afd.attention_runner import AttentionRunner
 from tessera.afd.dataplane import DataPlane, TransferError
@@ -33,9 +34,12 @@ from tessera.afd.messages import (
     WorkerInput,
     WorkerStats,
 )
+from tessera.afd.placement import expert_owners
 from tessera.afd.remote_ffn import RemoteFFN
 from tessera.afd.trace import Tracer
 from tessera.engine.llm_engine import LLMEngine
+from tessera.model.dense import DecoderModel, DenseFFNUnit
+from tessera.model.loader import moe_spec_of
 
 _IDLE_POLL_MS = 100
 
@@ -53,6 +57,16 @@ def worker_stats(engine: LLMEngine) -> WorkerStats:
         num_prefix_queried_tokens_total=s["prefix_queried_tokens"],
         num_prefix_hit_tokens_total=s["prefix_hit_tokens"],
     )
+
+
+def release_dense_ffn_weights(model: DecoderModel) -> None:
+    """Drop the dense FFN projections (they run on the FFN workers); norms stay here."""
+    for unit in model.units()[1::2]:
+        if isinstance(unit, DenseFFNUnit):
+            for linear in (unit.gate_up_proj, unit.down_proj):
+                linear.weight = nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
+                if linear.bias is not None:
+                    linear.bias = nn.Parameter(linear.bias.new_empty(0), requires_grad=False)
 
 
 def run(cfg: WorkerConfig, engine: LLMEngine, inputs: zmq.Socket, front: zmq.Socket,
@@ -114,12 +128,17 @@ def main(argv: list[str]) -> int:
     try:
         inputs = ctx.socket(zmq.PULL)
         inputs.bind(cfg.input_address)
-        engine = LLMEngine(cfg.engine, make_runner=AttentionRunner)
+        moe = moe_spec_of(cfg.engine.model)
+        # Routed experts live on the FFN workers only; the router stays here.
+        engine = LLMEngine(cfg.engine, make_runner=AttentionRunner,
+                           expert_ids=[] if moe else None)
+        release_dense_ffn_weights(engine.model)
+        owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
         plane = DataPlane(cfg.rank, cfg.afd.world_size, "127.0.0.1", cfg.master_port,
                           engine.platform.dist_backend, cfg.afd.startup_timeout_s)
         runner = engine.runner
         assert isinstance(runner, AttentionRunner)
-        runner.attach(RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer), cfg.afd.micro_batches,
+        runner.attach(RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners), cfg.afd.micro_batches,
                       cfg.afd.transfer_timeout_s, tracer)
         engine.warm_up()
         tracer.take()  # warm-up spans are not part of the workload

@@ -7,8 +7,8 @@ does not survive a dead member) and the front rebuilds the whole pool on a fresh
 
 Message layout, per FFN request: a small int64 header ``[src_rank, layer_id, micro_batch,
 num_tokens, top_k]`` (tag ``HEADER_TAG``), then the payload from the same rank (tag
-``PAYLOAD_TAG``): the normed hidden ``[T, D]``, and for MoE layers the expert ids ``[T, k]`` and
-weights ``[T, k]``. The FFN worker receives headers from any source, so attention workers never
+``PAYLOAD_TAG``): the normed hidden ``[T, D]``, and for MoE layers (``top_k > 0``) the expert
+ids ``[T, k]`` int64 (``IDS_TAG``) and routing weights ``[T, k]`` float32 (``WEIGHTS_TAG``). The FFN worker receives headers from any source, so attention workers never
 wait for one another; it answers with a partial ``[T, D]`` on tag ``RESULT_TAG + micro_batch``.
 """
 
@@ -23,6 +23,8 @@ import torch.distributed as dist
 
 HEADER_TAG = 1
 PAYLOAD_TAG = 2
+IDS_TAG = 3
+WEIGHTS_TAG = 4
 RESULT_TAG = 16
 HEADER_LEN = 5
 _IDLE_WAIT = datetime.timedelta(days=365)

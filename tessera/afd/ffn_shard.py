@@ -1,4 +1,4 @@
-"""The FFN side of every layer held by one FFN worker: a tensor-parallel shard of dense FFNs.
+"""The FFN side of every layer held by one FFN worker: dense shards and MoE expert shards.
 
 Dense FFNs are split along the intermediate dimension across the F FFN workers (rows of the
 fused gate/up projection, columns of the down projection), not replicated: each worker holds
@@ -7,6 +7,11 @@ ratio (no idle replicas when A < F), and the attention worker sums the F partial
 residual add and the FFN's input norm stay on the attention worker, so a request carries the
 normed hidden state and a reply is a bare partial ``down(act(gate) * up)``. Only shard 0
 holds the down projection's bias, so it is added once.
+
+MoE layers are split by expert (see ``placement.py``): the worker holds the layer's
+``MoEFFNUnit`` loaded with only its experts and returns ``experts_forward`` over them for the
+tokens routed there (ids and weights come from the router on the attention worker); worker 0
+also adds the shared expert. Every shard is called as ``shard(normed, topk_ids, topk_weights)``.
 """
 
 from __future__ import annotations
@@ -14,15 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tessera.afd.placement import shard_range
 from tessera.model.dense import DecoderModel, DenseFFNUnit
 from tessera.model.layers import activation
-
-
-def shard_range(size: int, num_shards: int, index: int) -> tuple[int, int]:
-    """``[start, end)`` of shard ``index`` when ``size`` rows are split as evenly as possible."""
-    base, extra = divmod(size, num_shards)
-    start = index * base + min(index, extra)
-    return start, start + base + (1 if index < extra else 0)
+from tessera.model.moe import MoEFFNUnit
 
 
 class DenseFFNShard(nn.Module):
@@ -47,13 +47,33 @@ class DenseFFNShard(nn.Module):
             self.down.bias = nn.Parameter(down.bias.detach().clone(), requires_grad=False)
         self.act = activation(hidden_act)
 
-    def forward(self, normed: torch.Tensor) -> torch.Tensor:
+    def forward(self, normed: torch.Tensor, topk_ids: torch.Tensor | None = None,
+                topk_weights: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = self.gate_up(normed).chunk(2, dim=-1)  # [T, I/F] each
         return self.down(self.act(gate) * up)  # [T, D] partial
 
 
-def dense_shards(model: DecoderModel, num_shards: int, index: int) -> list[DenseFFNShard]:
-    """This worker's shard of every layer's dense FFN."""
+class MoEShard(nn.Module):
+    """One MoE layer's experts held here (and the shared expert on worker 0)."""
+
+    def __init__(self, unit: MoEFFNUnit, with_shared: bool) -> None:
+        super().__init__()
+        self.unit = unit
+        self.with_shared = with_shared
+
+    def forward(self, normed: torch.Tensor, topk_ids: torch.Tensor | None = None,
+                topk_weights: torch.Tensor | None = None) -> torch.Tensor:
+        assert topk_ids is not None and topk_weights is not None, "MoE layer without routing"
+        out = self.unit.experts_forward(normed, topk_ids, topk_weights)  # [T, D]
+        if self.with_shared:
+            shared = self.unit.shared_forward(normed)
+            if shared is not None:
+                out = out + shared
+        return out
+
+
+def ffn_shards(model: DecoderModel, num_shards: int, index: int) -> list[nn.Module]:
+    """This worker's part of every layer's FFN (``model`` loaded with this worker's experts)."""
     spec = model.spec
     if num_shards > spec.intermediate_size:
         raise ValueError(
@@ -61,9 +81,12 @@ def dense_shards(model: DecoderModel, num_shards: int, index: int) -> list[Dense
             f"({spec.intermediate_size})"
         )
     start, end = shard_range(spec.intermediate_size, num_shards, index)
-    shards = []
+    shards: list[nn.Module] = []
     for unit in model.units()[1::2]:
-        if not isinstance(unit, DenseFFNUnit):
+        if isinstance(unit, MoEFFNUnit):
+            shards.append(MoEShard(unit, index == 0))
+        elif isinstance(unit, DenseFFNUnit):
+            shards.append(DenseFFNShard(unit, start, end, index == 0, spec.hidden_act))
+        else:
             raise ValueError(f"FFN unit {type(unit).__name__} cannot be placed on FFN workers")
-        shards.append(DenseFFNShard(unit, start, end, index == 0, spec.hidden_act))
     return shards

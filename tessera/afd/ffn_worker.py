@@ -22,16 +22,19 @@ import zmq
 from tessera.afd.dataplane import (
     HEADER_LEN,
     HEADER_TAG,
+    IDS_TAG,
     PAYLOAD_TAG,
     RESULT_TAG,
+    WEIGHTS_TAG,
     DataPlane,
     TransferError,
 )
-from tessera.afd.ffn_shard import dense_shards
+from tessera.afd.ffn_shard import ffn_shards
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.messages import Ready, StartupFailed, WorkerConfig
+from tessera.afd.placement import expert_ids_of
 from tessera.afd.trace import Tracer
-from tessera.model.loader import load_model
+from tessera.model.loader import load_model, moe_spec_of
 from tessera.platform import get_platform
 
 
@@ -42,12 +45,19 @@ def serve(plane: DataPlane, shards: list[torch.nn.Module], hidden_size: int,
     while True:
         src = plane.recv_any(header, HEADER_TAG)
         recv_start = tracer.now_us()
-        _, layer_id, micro_batch, num_tokens, _top_k = header.tolist()
+        _, layer_id, micro_batch, num_tokens, top_k = header.tolist()
+        deadline_s = time.monotonic() + timeout_s
         normed = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)  # [T, D]
-        plane.recv(normed, src, PAYLOAD_TAG, time.monotonic() + timeout_s)
+        plane.recv(normed, src, PAYLOAD_TAG, deadline_s)
+        topk_ids = topk_weights = None
+        if top_k:
+            topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+            topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+            plane.recv(topk_ids, src, IDS_TAG, deadline_s)
+            plane.recv(topk_weights, src, WEIGHTS_TAG, deadline_s)
         start = tracer.now_us()
         with torch.inference_mode():
-            partial = shards[layer_id](normed)  # [T, D]
+            partial = shards[layer_id](normed, topk_ids, topk_weights)  # [T, D]
         end = tracer.now_us()
         args = {"layer": layer_id, "micro_batch": micro_batch, "src": src, "tokens": num_tokens}
         tracer.add(f"recv L{layer_id} from {src}", "recv", recv_start, start, args)
@@ -70,9 +80,14 @@ def main(argv: list[str]) -> int:
         platform = get_platform(cfg.engine.device)
         if cfg.engine.num_threads is not None:
             torch.set_num_threads(cfg.engine.num_threads)
-        spec, model = load_model(cfg.engine.model, cfg.engine.dtype, platform.device)
+        moe = moe_spec_of(cfg.engine.model)
+        expert_ids = (
+            expert_ids_of(moe.num_experts, cfg.afd.ffn_workers, cfg.index) if moe else None
+        )
+        spec, model = load_model(cfg.engine.model, cfg.engine.dtype, platform.device,
+                                 expert_ids=expert_ids)
         dtype = model.embed.weight.dtype
-        shards = dense_shards(model, cfg.afd.ffn_workers, cfg.index)
+        shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index)
         del model
         plane = DataPlane(cfg.rank, cfg.afd.world_size, "127.0.0.1", cfg.master_port,
                           platform.dist_backend, cfg.afd.startup_timeout_s)

@@ -45,6 +45,7 @@ from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
 from tessera.engine.llm_engine import check_prompt_ids
 from tessera.model.loader import read_config
+from tessera.model.moe_spec import moe_spec_from_config
 from tessera.model.spec import ModelConfigError, spec_from_config
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
@@ -72,11 +73,17 @@ class AFDEngine:
         self.afd = config.afd
         try:
             self.spec = spec_from_config(read_config(config.model))
+            moe = moe_spec_from_config(self.spec.raw or {})
         except ModelConfigError as e:
             raise ValueError(str(e)) from e
-        if self.afd.ffn_workers > self.spec.intermediate_size:
+        num_ffn = self.afd.ffn_workers
+        if moe is not None and num_ffn > moe.num_experts:
             raise ValueError(
-                f"ffn_workers ({self.afd.ffn_workers}) exceeds the FFN intermediate size "
+                f"ffn_workers ({num_ffn}) exceeds the number of experts ({moe.num_experts})"
+            )
+        if (moe is None or not all(moe.moe_layers)) and num_ffn > self.spec.intermediate_size:
+            raise ValueError(
+                f"ffn_workers ({num_ffn}) exceeds the FFN intermediate size "
                 f"({self.spec.intermediate_size})"
             )
         self.tokenizer = load_tokenizer(config.model)

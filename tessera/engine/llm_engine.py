@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,14 +68,20 @@ def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> Non
 class LLMEngine:
     """A single-process engine over one model; not thread-safe (one caller drives ``step``)."""
 
-    def __init__(self, config: EngineConfig, make_runner: RunnerFactory | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, make_runner: RunnerFactory | None = None,
+        expert_ids: SequenceABC[int] | None = None,
+    ) -> None:
         """``make_runner`` builds the model runner (default ``ModelRunner``); a disaggregated
-        attention worker passes one that sends FFN units to remote workers."""
+        attention worker passes one that sends FFN units to remote workers, and
+        ``expert_ids=[]`` so it loads no routed experts (see ``load_model``)."""
         self.config = config
         self.platform = get_platform(config.device)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.spec, self.model = load_model(config.model, config.dtype, self.platform.device)
+        self.spec, self.model = load_model(
+            config.model, config.dtype, self.platform.device, expert_ids=expert_ids
+        )
         self.tokenizer = load_tokenizer(config.model)
 
         cache = config.cache

@@ -7,14 +7,17 @@ mis-shaped tensor is reported by name instead of producing a silently wrong mode
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from tessera.model.dense import DecoderModel
+from tessera.model.moe_spec import MoESpec, moe_spec_from_config
 from tessera.model.registry import model_class
 from tessera.model.spec import ModelConfigError, ModelSpec, spec_from_config
 from tessera.model.weights import Target
@@ -68,9 +71,13 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def load_model(
-    model_dir: str | Path, dtype: str, device: torch.device
+    model_dir: str | Path, dtype: str, device: torch.device,
+    expert_ids: Sequence[int] | None = None,
 ) -> tuple[ModelSpec, DecoderModel]:
-    """Build the model for ``model_dir`` on ``device`` and load its weights."""
+    """Build the model for ``model_dir`` on ``device`` and load its weights.
+
+    ``expert_ids`` (MoE families only) loads just those routed experts of every MoE layer
+    (an empty list: none, for a worker that only routes); the rest are never read."""
     path = Path(model_dir)
     cfg = read_config(path)
     try:
@@ -78,7 +85,9 @@ def load_model(
         cls = model_class(spec)
         torch_dtype = resolve_dtype(dtype, spec)
         with torch.device("meta"):
-            model = cls(spec).to(torch_dtype)  # MoE families check their MoE fields here
+            # MoE families check their MoE fields here.
+            model = (cls(spec) if expert_ids is None else _with_experts(cls, spec, expert_ids))
+            model = model.to(torch_dtype)
     except ModelConfigError as e:
         raise ModelLoadError(str(e)) from e
     model.to_empty(device=device)
@@ -88,6 +97,22 @@ def load_model(
     model.rotary.build_tables(device)
     model.eval()
     return spec, model
+
+
+def moe_spec_of(model_dir: str | Path) -> MoESpec | None:
+    """The MoE shape of a model directory; None for a dense model."""
+    try:
+        return moe_spec_from_config(read_config(model_dir))
+    except ModelConfigError as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def _with_experts(
+    cls: type[DecoderModel], spec: ModelSpec, expert_ids: Sequence[int]
+) -> DecoderModel:
+    if "expert_ids" not in inspect.signature(cls).parameters:
+        raise ModelConfigError(f"{spec.architecture} has no experts to place")
+    return cls(spec, expert_ids=expert_ids)  # type: ignore[call-arg]
 
 
 def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> None:
