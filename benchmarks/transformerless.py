@@ -6,7 +6,7 @@ Reported per run: overall tokens/s, decode tokens/s (decode-only steps: tokens o
 time, timed on the attention worker for the disaggregated runs), mean step time, and for the disaggregated runs the fraction of FFN transfer
 time hidden behind attention compute (from the trace: 1 - blocked / in flight).
 
-    python benchmarks/transformerless.py [--num-requests 32] [--max-tokens 64] [--json out.json]
+    python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
     python benchmarks/transformerless.py --tiny   # a seconds-long smoke run on a tiny model
 
 Targets on a quiet machine: M=2 at least 1.4x the tokens/s of M=1, and at least 0.85x the
@@ -106,7 +106,8 @@ def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: the ~100M Llama)")
-    p.add_argument("--num-requests", type=int, default=32)
+    p.add_argument("--num-requests", type=int, default=64,
+                   help="concurrent requests (micro-batches need big batches to pay off)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="threads of the single-process run")

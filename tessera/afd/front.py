@@ -207,6 +207,18 @@ class AFDEngine:
         self._spawn_pool()
         return result
 
+    def _check_idle_pool(self) -> None:
+        """Before new work on an idle pool: restart it if a worker died meanwhile (no request
+        is lost, so the restart is silent but for a line on stderr)."""
+        result = StepOutput()
+        failure = None
+        while self._pull.poll(0):
+            failure = self._handle(self._decoder.decode(self._pull.recv()), result) or failure
+        failure = failure or self._health()
+        if failure is not None:
+            self._recover(failure, result)
+            self._await_pool()
+
     def _error_output(self, request_id: str, req: _Request, message: str) -> RequestOutput:
         outputs = []
         for index in range(req.params.n):
@@ -231,6 +243,8 @@ class AFDEngine:
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._await_pool()
+        if not self.requests:
+            self._check_idle_pool()
         check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
         worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
         self._pushes[worker].send(self._encoder.encode(AddRequest(request_id, text, ids, params)))
@@ -344,12 +358,17 @@ class AFDEngine:
             for sock in self._pushes.values():
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
-            # Collect the last spans while the workers wind down.
-            end = time.monotonic() + 2 * self.afd.heartbeat_interval_s
-            while time.monotonic() < end and self._pull.poll(50):
-                msg = self._decoder.decode(self._pull.recv())
-                if isinstance(msg, Heartbeat | StepReport) and msg.worker in self._ranks:
-                    self._add_spans(msg.worker, msg.spans)
+            if self.afd.trace_path is not None:
+                # FFN workers ship spans with heartbeats: wait for one more from each.
+                quiet = {name for name in self._ranks if name not in self._pushes}
+                end = time.monotonic() + 2 * self.afd.heartbeat_interval_s + 0.5
+                while quiet and time.monotonic() < end:
+                    if not self._pull.poll(50):
+                        continue
+                    msg = self._decoder.decode(self._pull.recv())
+                    if isinstance(msg, Heartbeat | StepReport) and msg.worker in self._ranks:
+                        self._add_spans(msg.worker, msg.spans)
+                        quiet.discard(msg.worker)
             self._pool.kill()
         if self.afd.trace_path is not None:
             write_trace(self.afd.trace_path, self._trace_events)

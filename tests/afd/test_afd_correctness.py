@@ -3,11 +3,13 @@ with and without micro-batching, under mixed prompt lengths, chunked prefill and
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
 
 from tessera import LLM, SamplingParams
+from tessera.afd.trace import hidden_transfer_fraction
 from tests.afd.conftest import worker_pids
 
 COMMON = dict(
@@ -60,11 +62,12 @@ def reference(model_factory):
     [(1, 1, 2), (2, 1, 1), (1, 2, 2), (3, 2, 2)],
 )
 def test_greedy_tokens_match_single_process(
-    model_factory, reference, num_attention, num_ffn, num_micro_batches
+    model_factory, reference, tmp_path, num_attention, num_ffn, num_micro_batches
 ):
     path, _ = model_factory("llama")
+    trace = tmp_path / "trace.json"
     llm = LLM(str(path), attention_workers=num_attention, ffn_workers=num_ffn,
-              micro_batches=num_micro_batches, **COMMON)
+              micro_batches=num_micro_batches, trace_path=str(trace), **COMMON)
     try:
         assert len(worker_pids()) == num_attention + num_ffn
         results, aborted = _run(llm)
@@ -74,3 +77,17 @@ def test_greedy_tokens_match_single_process(
     finally:
         llm.close()
     assert worker_pids() == []
+    # The trace has every worker's spans: attention and transfers on attention workers,
+    # compute on FFN workers, for every layer.
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert names == {f"attn{i}" for i in range(num_attention)} | {
+        f"ffn{i}" for i in range(num_ffn)}
+    cats = {(e["pid"], e["cat"]) for e in events if e["ph"] == "X"}
+    for rank in range(num_attention + num_ffn):
+        want = ("attn", "send", "wait", "step") if rank < num_attention else ("ffn", "recv")
+        assert all((rank, c) in cats for c in want), (rank, cats)
+    layers = {e["args"]["layer"] for e in events if e["ph"] == "X" and e["cat"] == "ffn"}
+    assert layers == {0, 1}
+    hidden = hidden_transfer_fraction(events)
+    assert hidden is not None and 0.0 <= hidden <= 1.0
