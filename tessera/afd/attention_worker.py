@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 
 import msgspec
 import zmq
-from torch import nn
 
 from tessera.afd.attention_runner import AttentionRunner
 from tessera.afd.dataplane import DataPlane, TransferError
@@ -38,7 +38,6 @@ from tessera.afd.placement import expert_owners
 from tessera.afd.remote_ffn import RemoteFFN
 from tessera.afd.trace import Tracer
 from tessera.engine.llm_engine import LLMEngine
-from tessera.model.dense import DecoderModel, DenseFFNUnit
 from tessera.model.loader import moe_spec_of
 
 _IDLE_POLL_MS = 100
@@ -59,14 +58,13 @@ def worker_stats(engine: LLMEngine) -> WorkerStats:
     )
 
 
-def release_dense_ffn_weights(model: DecoderModel) -> None:
-    """Drop the dense FFN projections (they run on the FFN workers); norms stay here."""
-    for unit in model.units()[1::2]:
-        if isinstance(unit, DenseFFNUnit):
-            for linear in (unit.gate_up_proj, unit.down_proj):
-                linear.weight = nn.Parameter(linear.weight.new_empty(0), requires_grad=False)
-                if linear.bias is not None:
-                    linear.bias = nn.Parameter(linear.bias.new_empty(0), requires_grad=False)
+_DENSE_FFN_PARAM = re.compile(r"^layers\.\d+\.ffn\.(gate_up_proj|down_proj)\.")
+
+
+def attention_side(param_name: str) -> bool:
+    """Parameters an attention worker loads: all but dense FFN projections (they live on the
+    FFN workers; the FFN norms stay here)."""
+    return not _DENSE_FFN_PARAM.match(param_name)
 
 
 def run(cfg: WorkerConfig, engine: LLMEngine, inputs: zmq.Socket, front: zmq.Socket,
@@ -131,8 +129,7 @@ def main(argv: list[str]) -> int:
         moe = moe_spec_of(cfg.engine.model)
         # Routed experts live on the FFN workers only; the router stays here.
         engine = LLMEngine(cfg.engine, make_runner=AttentionRunner,
-                           expert_ids=[] if moe else None)
-        release_dense_ffn_weights(engine.model)
+                           expert_ids=[] if moe else None, keep_param=attention_side)
         owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
         plane = DataPlane(cfg.rank, cfg.afd.world_size, "127.0.0.1", cfg.master_port,
                           engine.platform.dist_backend, cfg.afd.startup_timeout_s)

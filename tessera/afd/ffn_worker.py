@@ -38,6 +38,14 @@ from tessera.model.loader import load_model, moe_spec_of
 from tessera.platform import get_platform
 
 
+def ffn_side(param_name: str) -> bool:
+    """Parameters an FFN worker loads: FFN projections and experts (norms, routers and
+    attention stay on the attention workers)."""
+    return param_name.startswith("layers.") and ".ffn." in param_name and ".norm." not in (
+        param_name
+    ) and ".router." not in param_name
+
+
 def serve(plane: DataPlane, shards: list[torch.nn.Module], hidden_size: int,
           dtype: torch.dtype, device: torch.device, timeout_s: float, tracer: Tracer) -> None:
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
@@ -85,7 +93,7 @@ def main(argv: list[str]) -> int:
             expert_ids_of(moe.num_experts, cfg.afd.ffn_workers, cfg.index) if moe else None
         )
         spec, model = load_model(cfg.engine.model, cfg.engine.dtype, platform.device,
-                                 expert_ids=expert_ids)
+                                 expert_ids=expert_ids, keep=ffn_side)
         dtype = model.embed.weight.dtype
         shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index)
         del model

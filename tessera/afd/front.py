@@ -101,6 +101,8 @@ class AFDEngine:
         self._generation = -1
         self._pool: WorkerPool | None = None
         self._closed = False
+        self._pending = StepOutput()  # taken in outside a step, returned by the next one
+        self._pending_failure: str | None = None
         self._starting = self._broken = False
         try:
             self._spawn_pool()
@@ -210,13 +212,11 @@ class AFDEngine:
     def _check_idle_pool(self) -> None:
         """Before new work on an idle pool: restart it if a worker died meanwhile (no request
         is lost, so the restart is silent but for a line on stderr)."""
-        result = StepOutput()
-        failure = None
-        while self._pull.poll(0):
-            failure = self._handle(self._decoder.decode(self._pull.recv()), result) or failure
+        self._take_in()
+        failure, self._pending_failure = self._pending_failure, None
         failure = failure or self._health()
         if failure is not None:
-            self._recover(failure, result)
+            self._recover(failure, self._pending)
             self._await_pool()
 
     def _error_output(self, request_id: str, req: _Request, message: str) -> RequestOutput:
@@ -269,13 +269,20 @@ class AFDEngine:
     def step(self) -> list[RequestOutput]:
         return self.step_with_deltas().finished
 
+    def _take_in(self) -> None:
+        """Handle what has arrived, without waiting; tokens and failures are kept for the
+        next step."""
+        while self._pull.poll(0):
+            failure = self._handle(self._decoder.decode(self._pull.recv()), self._pending)
+            self._pending_failure = self._pending_failure or failure
+
     def step_with_deltas(self) -> StepOutput:
         """What the workers reported since the last call; waits until there is something
         (or a failure ended the unfinished requests)."""
-        result = StepOutput()
+        result, self._pending = self._pending, StepOutput()
         poll_ms = int(self.afd.heartbeat_interval_s * 1000)
         while True:
-            failure = None
+            failure, self._pending_failure = self._pending_failure, None
             timeout = 0 if (result.deltas or result.finished or not self.requests) else poll_ms
             while self._pull.poll(timeout):
                 timeout = 0
@@ -328,6 +335,9 @@ class AFDEngine:
         return self._sum_stats().num_generation_tokens_total
 
     def stats(self) -> dict[str, Any]:
+        """Totals over the workers as of their latest reports (taken in without waiting);
+        an abort shows once its worker has handled it."""
+        self._take_in()
         per = list(self._stats.values())
         totals = self._sum_stats()
         return {

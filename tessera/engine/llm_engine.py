@@ -71,16 +71,18 @@ class LLMEngine:
     def __init__(
         self, config: EngineConfig, make_runner: RunnerFactory | None = None,
         expert_ids: SequenceABC[int] | None = None,
+        keep_param: Callable[[str], bool] | None = None,
     ) -> None:
         """``make_runner`` builds the model runner (default ``ModelRunner``); a disaggregated
         attention worker passes one that sends FFN units to remote workers, and
-        ``expert_ids=[]`` so it loads no routed experts (see ``load_model``)."""
+        ``expert_ids=[]`` and ``keep_param`` so it loads no FFN weights (see ``load_model``)."""
         self.config = config
         self.platform = get_platform(config.device)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.spec, self.model = load_model(
-            config.model, config.dtype, self.platform.device, expert_ids=expert_ids
+            config.model, config.dtype, self.platform.device, expert_ids=expert_ids,
+            keep=keep_param,
         )
         self.tokenizer = load_tokenizer(config.model)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import pytest
 
@@ -73,6 +74,10 @@ def test_greedy_tokens_match_single_process(
         results, aborted = _run(llm)
         assert aborted
         assert results == reference
+        # Stats follow the workers' reports: the abort shows once its worker handled it.
+        deadline = time.monotonic() + 10
+        while llm.engine.stats()["num_running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert llm.engine.stats()["num_running"] == 0
     finally:
         llm.close()
