@@ -104,6 +104,7 @@ class AFDEngine:
         self._pending = StepOutput()  # taken in outside a step, returned by the next one
         self._pending_failure: str | None = None
         self._starting = self._broken = False
+        self._totals = WorkerStats()  # counters of earlier pool generations
         try:
             self._spawn_pool()
             self._await_pool()
@@ -128,7 +129,6 @@ class AFDEngine:
         self._ranks = {cfg.name: cfg.rank for cfg in pool.configs}
         self._stats = {name: WorkerStats() for name in self._pushes}
         self._load = dict.fromkeys(self._pushes, 0)
-        self._totals_base = getattr(self, "_totals", WorkerStats())
         self._starting = True
 
     def _await_pool(self) -> None:
@@ -272,6 +272,8 @@ class AFDEngine:
     def _take_in(self) -> None:
         """Handle what has arrived, without waiting; tokens and failures are kept for the
         next step."""
+        if self._starting or self._broken:
+            return  # Ready messages are for _wait_ready
         while self._pull.poll(0):
             failure = self._handle(self._decoder.decode(self._pull.recv()), self._pending)
             self._pending_failure = self._pending_failure or failure
@@ -280,6 +282,8 @@ class AFDEngine:
         """What the workers reported since the last call; waits until there is something
         (or a failure ended the unfinished requests)."""
         result, self._pending = self._pending, StepOutput()
+        if self._starting or self._broken:
+            return result  # a new pool is coming up; no request can be on it yet
         poll_ms = int(self.afd.heartbeat_interval_s * 1000)
         while True:
             failure, self._pending_failure = self._pending_failure, None
@@ -294,6 +298,7 @@ class AFDEngine:
                 return result
 
     def _handle(self, msg: Any, result: StepOutput) -> str | None:
+        """Apply one message of a running pool; returns a failure reason, if it reports one."""
         if msg.worker not in self._ranks:
             return None  # an older generation
         self._last_seen[msg.worker] = time.monotonic()
@@ -318,7 +323,7 @@ class AFDEngine:
 
     # ----------------------------------------------------------------- stats, trace
     def _sum_stats(self) -> WorkerStats:
-        base = getattr(self, "_totals", WorkerStats())
+        base = self._totals
         fields = ("num_prompt_tokens_total", "num_generation_tokens_total",
                   "num_prefix_queried_tokens_total", "num_prefix_hit_tokens_total",
                   "num_preemptions")

@@ -42,6 +42,11 @@ def _fail_and_recover(engine, victim: str, sig: int) -> None:
         comp = out.outputs[0]
         assert comp.finish_reason == "error" and victim in (comp.error or ""), comp
         assert len(comp.token_ids) < 400
+    # As the server does after every step: stats while the new pool comes up must not
+    # swallow its start-up messages.
+    for _ in range(20):
+        engine.stats()
+        time.sleep(0.05)
 
 
 def test_dead_then_stalled_ffn_worker(model_factory):
