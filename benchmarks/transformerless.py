@@ -1,13 +1,15 @@
 """Transformerless (attention/FFN disaggregated) serving vs the single-process engine.
 
-One model, one workload, three runs: the single-process engine (``--threads`` threads), then
+One model (the ~100M dense Llama, or with ``--moe`` a random Mixtral: 8 experts, top-2), one
+workload, three runs: the single-process engine (``--threads`` threads), then
 one attention worker and one FFN worker (one thread each) with 1 and with 2 micro-batches.
 Reported per run: overall tokens/s, decode tokens/s (decode-only steps: tokens over their
 time, timed on the attention worker for the disaggregated runs), mean step time, and for the disaggregated runs the fraction of FFN transfer
 time hidden behind attention compute (from the trace: 1 - blocked / in flight).
 
     python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
-    python benchmarks/transformerless.py --tiny   # a seconds-long smoke run on a tiny model
+    python benchmarks/transformerless.py --moe    # the same for a MoE model
+    python benchmarks/transformerless.py --tiny [--moe]   # a smoke run on a tiny model
 
 Targets on a quiet machine: M=2 at least 1.4x the tokens/s of M=1, and at least 0.85x the
 single-process engine.
@@ -111,18 +113,30 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="threads of the single-process run")
+    p.add_argument("--moe", action="store_true",
+                   help="a random Mixtral (8 experts, top-2) instead of the dense Llama")
     p.add_argument("--tiny", action="store_true", help="tiny model and workload (smoke run)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from benchmarks.models import make_random_llama
+    from benchmarks.models import make_random_llama, make_random_model
 
     if args.tiny:
-        model_dir = str(REPO_ROOT / ".bench" / "models" / "llama-tiny")
-        make_random_llama(model_dir, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                          intermediate_size=128, vocab_size=512, max_position_embeddings=512)
+        tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+                    max_position_embeddings=512)
+        if args.moe:
+            model_dir = make_random_model(
+                "mixtral", str(REPO_ROOT / ".bench" / "models" / "mixtral-tiny"), **tiny,
+                num_local_experts=4, num_experts_per_tok=2)
+        else:
+            model_dir = make_random_model(
+                "llama", str(REPO_ROOT / ".bench" / "models" / "llama-tiny"), **tiny)
         args.num_requests, args.prompt_len, args.max_tokens = 4, 8, 8
+    elif args.moe:
+        model_dir = args.model or make_random_model(
+            "mixtral", str(REPO_ROOT / ".bench" / "models" / "mixtral-afd"))
     else:
         model_dir = args.model or str(MODEL_DIR)
         if args.model is None:
