@@ -56,12 +56,16 @@ class WorkerPool:
             ))
         self.procs: dict[str, subprocess.Popen] = {}
         _live_pools.add(self)
-        for cfg in self.configs:
-            module = f"tessera.afd.{cfg.role}_worker"
-            self.procs[cfg.name] = subprocess.Popen(
-                [sys.executable, "-m", module, msgspec.json.encode(cfg).decode()],
-                start_new_session=True,
-            )
+        try:
+            for cfg in self.configs:
+                module = f"tessera.afd.{cfg.role}_worker"
+                self.procs[cfg.name] = subprocess.Popen(
+                    [sys.executable, "-m", module, msgspec.json.encode(cfg).decode()],
+                    start_new_session=True,
+                )
+        except BaseException:
+            self.kill()  # none of a half-started pool may outlive this
+            raise
 
     @property
     def attention(self) -> list[WorkerConfig]:
