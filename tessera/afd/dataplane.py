@@ -43,13 +43,20 @@ class DataPlane:
     ) -> None:
         self.rank = rank
         self.world_size = world_size
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{master_addr}:{master_port}",
-            rank=rank,
-            world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
-        )
+        try:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        except RuntimeError as e:  # DistNetworkError and friends
+            if "EADDRINUSE" in str(e):
+                raise OSError(
+                    f"data-plane rendezvous port {master_port} is already in use"
+                ) from e
+            raise
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> dist.Work:
         try:

@@ -107,7 +107,14 @@ class AFDEngine:
         self._totals = WorkerStats()  # counters of earlier pool generations
         try:
             self._spawn_pool()
-            self._await_pool()
+            try:
+                self._await_pool()
+            except WorkerStartupError as e:
+                # A free port picked for us can be taken by someone else before rank 0
+                # binds it; try once more on another. A port the user chose is not retried.
+                if self.afd.master_port is not None or "already in use" not in str(e):
+                    raise
+                self._await_pool()  # respawns the broken pool on a fresh port
         except BaseException:
             self.shutdown()
             raise
