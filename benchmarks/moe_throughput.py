@@ -8,8 +8,7 @@ Models (random weights, float32, vocab 32000, built offline by ``benchmarks/mode
   (~89M params, ~52M active).
 - ``qwen2-moe``: as qwen3-moe plus a gated shared expert of intermediate 512 (~98M params).
 - ``deepseek-v3``: MLA attention, 1 dense + 7 MoE layers, 16 routed experts in 4 groups
-  (top-2 groups, top-4 experts, sigmoid + score bias), 1 shared expert. Needs Tessera's MLA
-  support; until then its rows report why they were skipped.
+  (top-2 groups, top-4 experts, sigmoid + score bias), 1 shared expert.
 
 Workload: the same shape as ``offline_throughput.py`` (``make_workload``: prompts of 32..1024
 tokens, outputs of 16..256, EOS ignored), each engine in a fresh process with the same threads

@@ -43,9 +43,12 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
     )
     llm = LLM.from_config(engine_config_from_args(args))
-    start_s = time.perf_counter()
-    out = llm.generate([args.prompt], params, use_tqdm=False)[0]
-    elapsed_s = time.perf_counter() - start_s
+    try:
+        start_s = time.perf_counter()
+        out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+        elapsed_s = time.perf_counter() - start_s
+    finally:
+        llm.close()  # stops disaggregated workers and writes --trace
     print(out.outputs[0].text)
     if args.stats:
         num_out = len(out.outputs[0].token_ids)

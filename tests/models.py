@@ -27,6 +27,22 @@ SMALL = dict(
     eos_token_id=EOS_ID,
 )
 
+MLA = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    first_k_dense_replace=2,
+)
+MLA_MOE = dict(
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+)
+
 # name -> (transformers config class name, architecture, overrides)
 ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -80,6 +96,41 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
             decoder_sparse_step=2,
             norm_topk_prob=True,
         ),
+    ),
+    # MLA with all layers dense (first_k_dense_replace >= num_hidden_layers).
+    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MLA, q_lora_rank=32)),
+    "deepseek-v3-yarn": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            MLA,
+            q_lora_rank=32,
+            num_hidden_layers=3,
+            first_k_dense_replace=3,
+            rope_scaling=dict(
+                rope_type="yarn",
+                factor=8.0,
+                original_max_position_embeddings=128,
+                mscale=1.0,
+                mscale_all_dim=0.707,
+                beta_fast=32,
+                beta_slow=1,
+            ),
+        ),
+    ),
+    "deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(MLA, q_lora_rank=None)),
+    # MLA with MoE layers: layer 0 dense, layers 1 and 2 routed experts plus a shared expert.
+    "deepseek-v3-moe": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(MLA, q_lora_rank=32, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
+             n_group=4, topk_group=2),
+    ),
+    "deepseek-v2-moe": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(MLA, q_lora_rank=None, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
+             topk_method="group_limited_greedy", n_group=4, topk_group=2),
     ),
 }
 

@@ -72,6 +72,8 @@ class Experts(nn.Module):
         # The one host sync of the layer: the per-expert token counts size the matmuls.
         counts = torch.bincount(local, minlength=num_local + 1)[:num_local].tolist()
         num_routed = sum(counts)
+        if num_routed == 0:
+            return out  # no token routed to the experts held here
         order = order[:num_routed]  # drop pairs routed to experts held elsewhere
         token_rows = order // top_k  # [N] token of each (token, expert) pair
         x_sorted = x[token_rows]  # [N, D]

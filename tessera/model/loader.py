@@ -7,14 +7,18 @@ mis-shaped tensor is reported by name instead of producing a silently wrong mode
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from tessera.model.dense import DecoderModel
+from tessera.model.moe_spec import MoESpec, moe_spec_from_config
 from tessera.model.registry import model_class
 from tessera.model.spec import ModelConfigError, ModelSpec, spec_from_config
 from tessera.model.weights import Target
@@ -68,9 +72,16 @@ def _safetensors_files(path: Path) -> list[Path]:
 
 
 def load_model(
-    model_dir: str | Path, dtype: str, device: torch.device
+    model_dir: str | Path, dtype: str, device: torch.device,
+    expert_ids: Sequence[int] | None = None,
+    keep: Callable[[str], bool] | None = None,
 ) -> tuple[ModelSpec, DecoderModel]:
-    """Build the model for ``model_dir`` on ``device`` and load its weights."""
+    """Build the model for ``model_dir`` on ``device`` and load its weights.
+
+    ``expert_ids`` (MoE families only) loads just those routed experts of every MoE layer
+    (an empty list: none, for a worker that only routes); the rest are never read.
+    ``keep(param_name)`` false leaves that parameter empty (never allocated nor read): a
+    process that runs only some units loads only their weights."""
     path = Path(model_dir)
     cfg = read_config(path)
     try:
@@ -78,20 +89,56 @@ def load_model(
         cls = model_class(spec)
         torch_dtype = resolve_dtype(dtype, spec)
         with torch.device("meta"):
-            model = cls(spec).to(torch_dtype)  # MoE families check their MoE fields here
+            # MoE families check their MoE fields here.
+            model = (cls(spec) if expert_ids is None else _with_experts(cls, spec, expert_ids))
+            model = model.to(torch_dtype)
     except ModelConfigError as e:
         raise ModelLoadError(str(e)) from e
+    dropped = _drop_params(model, keep) if keep is not None else set()
     model.to_empty(device=device)
     if spec.tie_word_embeddings:
         model.lm_head.weight = model.embed.weight
-    load_weights(model, spec, _safetensors_files(path))
+    load_weights(model, spec, _safetensors_files(path), dropped)
     model.rotary.build_tables(device)
     model.eval()
     return spec, model
 
 
-def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> None:
-    params = dict(model.named_parameters())
+def moe_spec_of(model_dir: str | Path) -> MoESpec | None:
+    """The MoE shape of a model directory; None for a dense model."""
+    try:
+        return moe_spec_from_config(read_config(model_dir))
+    except ModelConfigError as e:
+        raise ModelLoadError(str(e)) from e
+
+
+def _with_experts(
+    cls: type[DecoderModel], spec: ModelSpec, expert_ids: Sequence[int]
+) -> DecoderModel:
+    if "expert_ids" not in inspect.signature(cls).parameters:
+        raise ModelConfigError(f"{spec.architecture} has no experts to place")
+    return cls(spec, expert_ids=expert_ids)  # type: ignore[call-arg]
+
+
+def _drop_params(model: DecoderModel, keep: Callable[[str], bool]) -> set[str]:
+    """Replace the parameters ``keep`` rejects with empty ones; returns their names."""
+    dropped = set()
+    for name, param in list(model.named_parameters()):
+        if not keep(name):
+            owner, _, attr = name.rpartition(".")
+            empty = torch.empty(0, dtype=param.dtype, device=param.device)
+            setattr(model.get_submodule(owner), attr, nn.Parameter(empty, requires_grad=False))
+            dropped.add(name)
+    return dropped
+
+
+def load_weights(
+    model: DecoderModel, spec: ModelSpec, files: list[Path], dropped: set[str] | None = None
+) -> None:
+    """Fill every parameter from the checkpoint; tensors of ``dropped`` parameters are
+    skipped unread."""
+    dropped = dropped or set()
+    params = {k: v for k, v in model.named_parameters() if k not in dropped}
     # Counted in elements so stacked expert parameters are checked like row-fused ones.
     elems_loaded = dict.fromkeys(params, 0)
     with torch.no_grad():
@@ -111,6 +158,8 @@ def load_weights(model: DecoderModel, spec: ModelSpec, files: list[Path]) -> Non
                         if name == "lm_head.weight" and spec.tie_word_embeddings:
                             continue
                         raise ModelLoadError(f"unexpected tensor {name!r} in {file.name}")
+                    if target.param in dropped:
+                        continue
                     if target.param not in params:
                         if target.param == "lm_head.weight" and spec.tie_word_embeddings:
                             continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from tessera.model.deepseek import DeepseekModel
 from tessera.model.dense import DecoderModel
 from tessera.model.moe_models import MOE_ARCHITECTURES
 from tessera.model.spec import ModelConfigError, ModelSpec
@@ -14,6 +15,8 @@ _ARCHITECTURES: dict[str, type[DecoderModel]] = {
     "Qwen2ForCausalLM": DecoderModel,
     "Qwen3ForCausalLM": DecoderModel,
     **MOE_ARCHITECTURES,
+    "DeepseekV2ForCausalLM": DeepseekModel,
+    "DeepseekV3ForCausalLM": DeepseekModel,
 }
 
 

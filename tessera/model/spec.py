@@ -20,6 +20,14 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    # YaRN (HF ``_compute_yarn_parameters``); unused by the other rope types.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    """Scale of the cos/sin tables; None derives it from ``factor`` and the mscales."""
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,41 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
 
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _rope_from(cfg: dict[str, Any]) -> RopeSpec:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ModelConfigError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
+    if rope_type not in _ROPE_TYPES:
+        raise ModelConfigError(
+            f"unsupported rope_type {rope_type!r} (supported: {', '.join(_ROPE_TYPES)})"
+        )
+    original_max = params.get("original_max_position_embeddings")
+    factor = params.get("factor")
+    if rope_type == "yarn":
+        if original_max is None:
+            raise ModelConfigError("yarn rope_scaling lacks 'original_max_position_embeddings'")
+        if factor is None:  # as HF: the context extension ratio
+            factor = int(cfg.get("max_position_embeddings", 4096)) / int(original_max)
     return RopeSpec(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=float(1.0 if factor is None else factor),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        original_max_position_embeddings=original_max,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=_optional_float(params.get("mscale")),
+        mscale_all_dim=_optional_float(params.get("mscale_all_dim")),
+        attention_factor=_optional_float(params.get("attention_factor")),
+        truncate=bool(params.get("truncate", True)),
     )
 
 
