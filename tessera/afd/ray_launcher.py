@@ -52,7 +52,7 @@ def connect(address: str) -> Any:
         return ray
     _probe(address)
     try:
-        ray.init(address=None if address == "local" else address, log_to_driver=False,
+        ray.init(address=address, log_to_driver=False,
                  logging_level="ERROR", configure_logging=True)
     except (Exception, SystemExit) as e:  # Ray exits when its retries run out
         with contextlib.suppress(Exception):
