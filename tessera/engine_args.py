@@ -32,6 +32,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="micro-batches per step on an attention worker")
     afd.add_argument("--trace", default=None, metavar="FILE",
                      help="write a Chrome trace of worker compute and transfers to FILE")
+    afd.add_argument("--ray-address", default=None, metavar="ADDR",
+                     help="place the workers on a Ray cluster: auto (the cluster started on "
+                     "this host with 'ray start'), HOST:PORT, or local (a private Ray)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -60,10 +63,13 @@ def afd_config_from_args(args: argparse.Namespace) -> AFDConfig | None:
     if not args.attention_workers and not args.ffn_workers:
         if args.trace is not None:
             raise ValueError("--trace needs --attention-workers and --ffn-workers")
+        if args.ray_address is not None:
+            raise ValueError("--ray-address needs --attention-workers and --ffn-workers")
         return None
     return AFDConfig(
         attention_workers=args.attention_workers,
         ffn_workers=args.ffn_workers,
         micro_batches=args.micro_batches,
         trace_path=args.trace,
+        ray_address=args.ray_address,
     )

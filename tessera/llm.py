@@ -41,17 +41,22 @@ class LLM:
         ffn_workers: int = 0,
         micro_batches: int = 1,
         trace_path: str | None = None,
+        ray_address: str | None = None,
         afd: AFDConfig | None = None,
     ) -> None:
         """``attention_workers`` and ``ffn_workers`` (both at least 1) run the model
         disaggregated over worker processes (see ``AFDConfig``; ``afd`` gives every option);
-        0 and 0 run it in this process."""
+        0 and 0 run it in this process. ``ray_address`` places the workers on a Ray cluster
+        (``AFDConfig.ray_address``)."""
+        if ray_address is not None and afd is None and not (attention_workers or ffn_workers):
+            raise ValueError("ray_address needs attention_workers and ffn_workers")
         if afd is None and (attention_workers or ffn_workers):
             afd = AFDConfig(
                 attention_workers=attention_workers,
                 ffn_workers=ffn_workers,
                 micro_batches=micro_batches,
                 trace_path=trace_path,
+                ray_address=ray_address,
             )
         config = EngineConfig(
             model=model,

@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
         engine = LLMEngine(cfg.engine, make_runner=AttentionRunner,
                            expert_ids=[] if moe else None, keep_param=attention_side)
         owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
-        plane = DataPlane(cfg.rank, cfg.afd.world_size, "127.0.0.1", cfg.master_port,
+        plane = DataPlane(cfg.rank, cfg.afd.world_size, cfg.master_addr, cfg.master_port,
                           engine.platform.dist_backend, cfg.afd.startup_timeout_s)
         runner = engine.runner
         assert isinstance(runner, AttentionRunner)

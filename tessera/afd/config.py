@@ -30,6 +30,12 @@ class AFDConfig:
     always picks a fresh free port."""
     trace_path: str | None = None
     """Write a Chrome trace-event JSON of per-layer compute and transfer spans here."""
+    ray_address: str | None = None
+    """Place the workers on a Ray cluster instead of local processes: ``"auto"`` (the cluster
+    ``ray start`` runs on this host), ``"HOST:PORT"`` (its GCS address) or ``"local"`` (a
+    private single-node Ray started for this process). None: local processes."""
+    placement_timeout_s: float = 60.0
+    """Ray only: longest wait for the cluster to grant the workers' placement group."""
 
     def __post_init__(self) -> None:
         for name in ("attention_workers", "ffn_workers", "micro_batches"):
@@ -39,7 +45,7 @@ class AFDConfig:
         if self.micro_batches > 16:
             raise ValueError(f"micro_batches must be at most 16, got {self.micro_batches}")
         for name in ("transfer_timeout_s", "heartbeat_interval_s", "failure_detect_s",
-                     "startup_timeout_s"):
+                     "startup_timeout_s", "placement_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
         if self.failure_detect_s <= self.heartbeat_interval_s:
@@ -47,6 +53,15 @@ class AFDConfig:
                 f"failure_detect_s ({self.failure_detect_s}) must exceed heartbeat_interval_s "
                 f"({self.heartbeat_interval_s})"
             )
+
+        if self.ray_address is not None:
+            if not isinstance(self.ray_address, str) or not self.ray_address.strip():
+                raise ValueError(f"ray_address must be a non-empty string, got {self.ray_address!r}")
+            if self.ray_address.startswith("ray://"):
+                raise ValueError(
+                    f"ray_address {self.ray_address!r}: Ray Client (ray://) is not supported; "
+                    "run tessera on a node of the cluster with 'auto' or the GCS HOST:PORT"
+                )
 
     @property
     def world_size(self) -> int:

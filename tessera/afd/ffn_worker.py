@@ -97,7 +97,7 @@ def main(argv: list[str]) -> int:
         dtype = model.embed.weight.dtype
         shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index)
         del model
-        plane = DataPlane(cfg.rank, cfg.afd.world_size, "127.0.0.1", cfg.master_port,
+        plane = DataPlane(cfg.rank, cfg.afd.world_size, cfg.master_addr, cfg.master_port,
                           platform.dist_backend, cfg.afd.startup_timeout_s)
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"

@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from tessera.afd.launcher import WorkerPool
+from tessera.afd.launcher import Pool, WorkerStartupError, bind_front, start_pool
 from tessera.afd.messages import (
     AbortRequests,
     AddRequest,
@@ -49,10 +49,6 @@ from tessera.model.moe_spec import moe_spec_from_config
 from tessera.model.spec import ModelConfigError, spec_from_config
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
-
-
-class WorkerStartupError(ValueError):
-    """The worker pool could not start; the message names the worker and the problem."""
 
 
 @dataclass
@@ -93,19 +89,18 @@ class AFDEngine:
         self._ipc_dir = tempfile.mkdtemp(prefix="tessera-afd-")
         self._ctx = zmq.Context()
         self._pull = self._ctx.socket(zmq.PULL)
-        self._front_address = f"ipc://{self._ipc_dir}/front"
-        self._pull.bind(self._front_address)
         self._decoder = msgspec.msgpack.Decoder(FrontInput)
         self._encoder = msgspec.msgpack.Encoder()
         self._trace_events: list[dict] = []
         self._generation = -1
-        self._pool: WorkerPool | None = None
+        self._pool: Pool | None = None
         self._closed = False
         self._pending = StepOutput()  # taken in outside a step, returned by the next one
         self._pending_failure: str | None = None
         self._starting = self._broken = False
         self._totals = WorkerStats()  # counters of earlier pool generations
         try:
+            self._front_address = bind_front(self._pull, self.afd, self._ipc_dir)
             self._spawn_pool()
             try:
                 self._await_pool()
@@ -123,8 +118,12 @@ class AFDEngine:
     def _spawn_pool(self) -> None:
         """Start the next generation's processes; ``_await_pool`` waits until they are up."""
         self._generation += 1
-        pool = WorkerPool(self.config, self.afd, self._generation, self._front_address,
-                          self._ipc_dir)
+        try:
+            pool = start_pool(self.config, self.afd, self._generation, self._front_address,
+                              self._ipc_dir)
+        except WorkerStartupError:
+            self._broken = True  # the next _await_pool tries again and raises to its caller
+            raise
         self._pool = pool
         self._pushes: dict[str, zmq.Socket] = {}
         for cfg in pool.attention:
@@ -213,7 +212,8 @@ class AFDEngine:
         for request_id, req in self.requests.items():
             result.finished.append(self._error_output(request_id, req, message))
         self.requests.clear()
-        self._spawn_pool()
+        with contextlib.suppress(WorkerStartupError):  # reported to the next request
+            self._spawn_pool()
         return result
 
     def _check_idle_pool(self) -> None:

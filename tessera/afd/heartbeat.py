@@ -2,7 +2,8 @@
 
 It runs beside the worker's main loop (torch releases the GIL while computing), so a busy
 worker keeps beating and only a dead or stopped process falls silent. It also ships the
-worker's trace spans and ends the process when the front (its parent) is gone.
+worker's trace spans and ends the process when the front (its parent) is gone. A Ray actor has
+no such parent (``parent_pid`` 0): Ray kills actors whose owner, the front, has died.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def start_heartbeat(
         sock.connect(front_address)
         encoder = msgspec.msgpack.Encoder()
         while True:
-            if os.getppid() != parent_pid:
+            if parent_pid and os.getppid() != parent_pid:
                 os._exit(1)  # the front died: never linger as an orphan
             spans = tracer.take() if tracer is not None else []
             with contextlib.suppress(zmq.ZMQError):

@@ -1,4 +1,8 @@
-"""Starts one generation of the worker pool as local processes, and makes sure it ends.
+"""Starts one generation of the worker pool, and makes sure it ends.
+
+This is the one place that chooses where workers run: local processes (here) by default, Ray
+actors across hosts (``ray_launcher.py``) when ``AFDConfig.ray_address`` is set. Either way a
+pool is started from the same ``WorkerConfig`` per worker, running the same worker main.
 
 Each worker is ``python -m tessera.afd.{attention,ffn}_worker CONFIG_JSON`` in its own session
 (so a terminal's Ctrl-C reaches only the front, which then stops them in order). Workers are
@@ -16,14 +20,61 @@ import socket
 import subprocess
 import sys
 import weakref
+from typing import Protocol
 
 import msgspec
+import zmq
 
 from tessera.afd.config import AFDConfig
 from tessera.afd.messages import WorkerConfig
 from tessera.config import EngineConfig
 
-_live_pools: weakref.WeakSet[WorkerPool] = weakref.WeakSet()
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+class WorkerStartupError(ValueError):
+    """The worker pool could not start; the message names the worker and the problem."""
+
+
+class Pool(Protocol):
+    """One generation of workers, wherever they run."""
+
+    configs: list[WorkerConfig]
+
+    @property
+    def attention(self) -> list[WorkerConfig]: ...
+
+    def exited(self) -> str | None:
+        """A line naming a worker that has exited, if any."""
+
+    def kill(self) -> None:
+        """End every worker of the pool; safe to call twice."""
+
+
+def bind_front(sock: zmq.Socket, afd: AFDConfig, ipc_dir: str) -> str:
+    """Bind the front's PULL socket where every worker can reach it; returns its address.
+    Local workers use an ipc socket; Ray workers, on any node, a TCP port on this node's IP
+    (this connects to the Ray cluster first: WorkerStartupError if that fails)."""
+    if afd.ray_address is None:
+        address = f"ipc://{ipc_dir}/front"
+        sock.bind(address)
+        return address
+    from tessera.afd.ray_launcher import node_ip  # ray is an optional dependency
+
+    ip = node_ip(afd.ray_address)
+    port = sock.bind_to_random_port(f"tcp://{ip}")
+    return f"tcp://{ip}:{port}"
+
+
+def start_pool(engine: EngineConfig, afd: AFDConfig, generation: int, front_address: str,
+               ipc_dir: str) -> Pool:
+    """Start generation ``generation`` of the pool: Ray actors if ``afd.ray_address`` is set,
+    else local processes. Returns once every worker is started (not yet ready)."""
+    if afd.ray_address is None:
+        return WorkerPool(engine, afd, generation, front_address, ipc_dir)
+    from tessera.afd.ray_launcher import RayWorkerPool
+
+    return RayWorkerPool(engine, afd, generation, front_address)
 
 
 def free_port() -> int:
@@ -33,7 +84,7 @@ def free_port() -> int:
 
 
 class WorkerPool:
-    """The processes of one pool generation: attention ranks first, then FFN ranks."""
+    """The local processes of one pool generation: attention ranks first, then FFN ranks."""
 
     def __init__(self, engine: EngineConfig, afd: AFDConfig, generation: int,
                  front_address: str, ipc_dir: str) -> None:
@@ -86,6 +137,15 @@ class WorkerPool:
         for proc in self.procs.values():
             proc.wait()
         _live_pools.discard(self)
+
+
+def track(pool: Pool) -> None:
+    """Kill ``pool`` at interpreter exit if it is still alive then."""
+    _live_pools.add(pool)
+
+
+def untrack(pool: Pool) -> None:
+    _live_pools.discard(pool)
 
 
 @atexit.register

@@ -29,7 +29,8 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     master_port: int
     front_address: str
     input_address: str | None  # attention workers only
-    parent_pid: int
+    parent_pid: int  # 0: no parent to watch (a Ray actor; Ray ends it with its owner)
+    master_addr: str = "127.0.0.1"  # data-plane rendezvous: the host of rank 0
 
     @property
     def name(self) -> str:
