@@ -56,9 +56,9 @@ MODEL_CONFIG: dict[str, Any] = dict(
 )
 
 # The tokenizer zero-pads 1- and 2-digit numbers to three digits when encoding ("347+58" is
-# seen as "347+058"): with the operands' digits in fixed columns, a model this small learns
-# addition in minutes instead of failing to align them. Only the model's input changes; answers
-# are generated, and read, without padding. (Zero-width regex matches, applied in order.)
+# seen as "347+058"): the operands' digits then sit in fixed columns, so the model need not
+# learn to align numbers of different lengths. Only the model's input changes; answers are
+# generated, and read, without padding. (Zero-width regex matches, applied in order.)
 NUMBER_PADDING = (
     (r"(?<![0-9])(?=[0-9](?![0-9]))", "00"),
     (r"(?<![0-9])(?=[0-9]{2}(?![0-9]))", "0"),
@@ -80,14 +80,11 @@ def vocabulary() -> dict[str, int]:
 
 def write_tokenizer(out: Path) -> Any:
     """A character-level tokenizer (one token per character; role markers are single tokens)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.WordPiece(vocab=vocabulary(), unk_token=UNK, max_input_chars_per_word=10**6))
-    # WordPiece on a whole string with no pre-tokenizer would try sub-words; splitting every
-    # character into its own word makes it a pure character lookup.
-    from tokenizers import pre_tokenizers
-
+    # Every character is its own word, so WordPiece is a pure character lookup.
     tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
     tok.normalizer = normalizers.Sequence(
         [normalizers.Replace(Regex(pattern), zeros) for pattern, zeros in NUMBER_PADDING]
