@@ -108,7 +108,9 @@ async def stream_chat(
                 num_tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
                 piece = choice["delta"].get("content") or ""
-                if piece and not pieces:
+                if not piece:  # the opening role chunk and the closing finish chunk
+                    continue
+                if not pieces:
                     ttft_s = time.perf_counter() - start_s
                 pieces.append(piece)
                 if echo:
