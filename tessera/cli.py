@@ -58,14 +58,17 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         max_tokens=args.max_tokens,
     )
-    llm = LLM.from_config(engine_config_from_args(args))
     chat_ids = _chat_prompt_ids(args.model, args.prompt) if args.chat else None
-    start_s = time.perf_counter()
-    if chat_ids is not None:
-        out = llm.generate([chat_ids], params, use_tqdm=False)[0]
-    else:
-        out = llm.generate([args.prompt], params, use_tqdm=False)[0]
-    elapsed_s = time.perf_counter() - start_s
+    llm = LLM.from_config(engine_config_from_args(args))
+    try:
+        start_s = time.perf_counter()
+        if chat_ids is not None:
+            out = llm.generate([chat_ids], params, use_tqdm=False)[0]
+        else:
+            out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+        elapsed_s = time.perf_counter() - start_s
+    finally:
+        llm.close()  # stops disaggregated workers and writes --trace
     print(out.outputs[0].text)
     if args.stats:
         num_out = len(out.outputs[0].token_ids)

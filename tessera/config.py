@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tessera.afd.config import AFDConfig
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -82,6 +84,8 @@ class EngineConfig:
     """CPU threads for torch; None keeps torch's default."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    afd: AFDConfig | None = None
+    """Attention/FFN disaggregation over worker processes; None runs in this process."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from tessera.afd.config import AFDConfig
 from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
 
 _DTYPES = ["auto", "float32", "bfloat16", "float16"]
@@ -22,6 +23,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
+    afd = p.add_argument_group("attention/FFN disaggregation (both counts >= 1 to enable)")
+    afd.add_argument("--attention-workers", type=int, default=0,
+                     help="data-parallel attention worker processes")
+    afd.add_argument("--ffn-workers", type=int, default=0,
+                     help="FFN worker processes (tensor-parallel FFN shards)")
+    afd.add_argument("--micro-batches", type=int, default=1,
+                     help="micro-batches per step on an attention worker")
+    afd.add_argument("--trace", default=None, metavar="FILE",
+                     help="write a Chrome trace of worker compute and transfers to FILE")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -41,4 +51,19 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
             kv_cache_dtype=args.kv_cache_dtype,
             enable_prefix_caching=not args.no_prefix_caching,
         ),
+        afd=afd_config_from_args(args),
+    )
+
+
+def afd_config_from_args(args: argparse.Namespace) -> AFDConfig | None:
+    """None (single process) unless worker counts were given; bad values raise ValueError."""
+    if not args.attention_workers and not args.ffn_workers:
+        if args.trace is not None:
+            raise ValueError("--trace needs --attention-workers and --ffn-workers")
+        return None
+    return AFDConfig(
+        attention_workers=args.attention_workers,
+        ffn_workers=args.ffn_workers,
+        micro_batches=args.micro_batches,
+        trace_path=args.trace,
     )

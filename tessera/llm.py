@@ -7,8 +7,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+from tessera.afd.config import AFDConfig
 from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
-from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.factory import create_engine
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 
@@ -36,7 +37,22 @@ class LLM:
         num_threads: int | None = None,
         kv_cache_memory_fraction: float | None = None,
         kv_cache_dtype: str = "auto",
+        attention_workers: int = 0,
+        ffn_workers: int = 0,
+        micro_batches: int = 1,
+        trace_path: str | None = None,
+        afd: AFDConfig | None = None,
     ) -> None:
+        """``attention_workers`` and ``ffn_workers`` (both at least 1) run the model
+        disaggregated over worker processes (see ``AFDConfig``; ``afd`` gives every option);
+        0 and 0 run it in this process."""
+        if afd is None and (attention_workers or ffn_workers):
+            afd = AFDConfig(
+                attention_workers=attention_workers,
+                ffn_workers=ffn_workers,
+                micro_batches=micro_batches,
+                trace_path=trace_path,
+            )
         config = EngineConfig(
             model=model,
             dtype=dtype,
@@ -56,17 +72,24 @@ class LLM:
                 enable_prefix_caching=enable_prefix_caching,
                 kv_cache_dtype=kv_cache_dtype,
             ),
+            afd=afd,
         )
-        self.engine = LLMEngine(config)
+        self.engine = create_engine(config)
         self._next_id = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> LLM:
         """An ``LLM`` over an engine built from a ready ``EngineConfig`` (used by the CLI)."""
         llm = cls.__new__(cls)
-        llm.engine = LLMEngine(config)
+        llm.engine = create_engine(config)
         llm._next_id = 0
         return llm
+
+    def close(self) -> None:
+        """Stop worker processes (disaggregated mode); a no-op in single-process mode."""
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

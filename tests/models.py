@@ -27,6 +27,22 @@ SMALL = dict(
     eos_token_id=EOS_ID,
 )
 
+MLA = dict(
+    num_key_value_heads=4,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=32,
+    first_k_dense_replace=2,
+)
+MLA_MOE = dict(
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    n_shared_experts=1,
+    routed_scaling_factor=1.5,
+)
+
 # name -> (transformers config class name, architecture, overrides)
 ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -48,6 +64,74 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=24)),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, num_key_value_heads=1)),
+    # MoE families: 4-8 experts, top-2, and mixes of dense and MoE layers.
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
+    ),
+    "qwen2-moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        # Layers 0 and 2 MoE (shared expert with its gate), layer 1 dense.
+        dict(
+            num_hidden_layers=3,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            mlp_only_layers=[1],
+        ),
+    ),
+    "qwen3-moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        # decoder_sparse_step=2: layers 1 and 3 MoE, 0 and 2 dense.
+        dict(
+            num_hidden_layers=4,
+            head_dim=32,
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            decoder_sparse_step=2,
+            norm_topk_prob=True,
+        ),
+    ),
+    # MLA with all layers dense (first_k_dense_replace >= num_hidden_layers).
+    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MLA, q_lora_rank=32)),
+    "deepseek-v3-yarn": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(
+            MLA,
+            q_lora_rank=32,
+            num_hidden_layers=3,
+            first_k_dense_replace=3,
+            rope_scaling=dict(
+                rope_type="yarn",
+                factor=8.0,
+                original_max_position_embeddings=128,
+                mscale=1.0,
+                mscale_all_dim=0.707,
+                beta_fast=32,
+                beta_slow=1,
+            ),
+        ),
+    ),
+    "deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(MLA, q_lora_rank=None)),
+    # MLA with MoE layers: layer 0 dense, layers 1 and 2 routed experts plus a shared expert.
+    "deepseek-v3-moe": (
+        "DeepseekV3Config",
+        "DeepseekV3ForCausalLM",
+        dict(MLA, q_lora_rank=32, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
+             n_group=4, topk_group=2),
+    ),
+    "deepseek-v2-moe": (
+        "DeepseekV2Config",
+        "DeepseekV2ForCausalLM",
+        dict(MLA, q_lora_rank=None, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
+             topk_method="group_limited_greedy", n_group=4, topk_group=2),
+    ),
 }
 
 

@@ -1,5 +1,5 @@
-"""Greedy output matches transformers, teacher-forced, for every dense architecture, under
-mixed batches, chunked prefill on and off, prefix-cache hits and preemption."""
+"""Greedy output matches transformers, teacher-forced, for every architecture (dense, MoE, MLA),
+under mixed batches, chunked prefill on and off, prefix-cache hits and preemption."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def test_mixed_batch_matches_reference(model_factory, arch, chunked):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.runtime.num_kv_blocks
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral-sliding"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral-sliding", "qwen3-moe", "deepseek-v3"])
 def test_prefix_cache_hits_match_reference(model_factory, arch):
     path, hf = model_factory(arch)
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
@@ -69,7 +69,7 @@ def test_prefix_cache_hits_match_reference(model_factory, arch):
     assert all(o.num_cached_tokens >= 32 for o in outputs)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2-moe", "deepseek-v2-lite"])
 def test_preemption_matches_reference(model_factory, arch):
     path, hf = model_factory(arch)
     # 12 blocks of 16 tokens: far less than 6 sequences of ~70 tokens need at once.

@@ -186,3 +186,16 @@ def test_scheduler_imports_no_torch():
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_prefix_stats_count_a_request_once_even_if_preempted_mid_prompt():
+    sched, bm = make(num_blocks=4, block_size=4, budget=4)
+    a = Sequence("a", list(range(8)), P)
+    sched.add(a)
+    run_step(sched)  # a: first chunk of 4 prompt tokens
+    sched._preempt(a)  # out of blocks before its first token
+    assert a.num_output_tokens == 0 and a.num_preemptions == 1
+    while sched.has_unfinished() and a.num_output_tokens == 0:
+        run_step(sched)
+    assert sched.num_prefix_queried_tokens == 8  # not 16: counted at first admission only
+    assert sched.num_prefix_hit_tokens == 0

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ from tessera.outputs import CompletionOutput, RequestOutput, StepOutput, TokenDe
 from tessera.platform import get_platform
 from tessera.sampling_params import SamplingParams
 
+RunnerFactory = Callable[..., ModelRunner]
+"""(model, device, block_size, num_blocks, sampler, kv_dtype) -> runner."""
+
 
 @dataclass
 class Request:
@@ -47,15 +52,38 @@ class Request:
         return all(s.is_finished for s in self.seqs)
 
 
+def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError for an empty prompt, an unknown token or a prompt that leaves no room."""
+    if not ids:
+        raise ValueError("prompt is empty")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"prompt has {len(ids)} tokens; the maximum context length is {max_model_len} "
+            "(prompt plus at least one generated token)"
+        )
+
+
 class LLMEngine:
     """A single-process engine over one model; not thread-safe (one caller drives ``step``)."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(
+        self, config: EngineConfig, make_runner: RunnerFactory | None = None,
+        expert_ids: SequenceABC[int] | None = None,
+        keep_param: Callable[[str], bool] | None = None,
+    ) -> None:
+        """``make_runner`` builds the model runner (default ``ModelRunner``); a disaggregated
+        attention worker passes one that sends FFN units to remote workers, and
+        ``expert_ids=[]`` and ``keep_param`` so it loads no FFN weights (see ``load_model``)."""
         self.config = config
         self.platform = get_platform(config.device)
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
-        self.spec, self.model = load_model(config.model, config.dtype, self.platform.device)
+        self.spec, self.model = load_model(
+            config.model, config.dtype, self.platform.device, expert_ids=expert_ids,
+            keep=keep_param,
+        )
         self.tokenizer = load_tokenizer(config.model)
 
         cache = config.cache
@@ -91,7 +119,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.platform.device, config.seed)
-        self.runner = ModelRunner(
+        self.runner = (make_runner or ModelRunner)(
             self.model, self.platform.device, cache.block_size, num_blocks, self.sampler, kv_dtype
         )
         self.requests: dict[str, Request] = {}
@@ -130,17 +158,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            raise ValueError("prompt is empty")
-        vocab = self.spec.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be integers in [0, {vocab})")
-        max_len = self.runtime.max_model_len
-        if len(ids) >= max_len:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens; the maximum context length is {max_len} "
-                "(prompt plus at least one generated token)"
-            )
+        check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
         now = time.monotonic()
         seqs = [Sequence(request_id, ids, params, index=i, arrival_s=now) for i in range(params.n)]
         detoks: list[IncrementalDetokenizer | None] = [

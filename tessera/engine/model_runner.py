@@ -6,6 +6,7 @@ waits for the device (a single ``tolist`` of the sampled tokens per step).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,6 @@ class ModelRunner:
         sampler: Sampler,
         kv_dtype: torch.dtype | None = None,
     ) -> None:
-        spec = model.spec
         self.model = model
         self.device = device
         self.block_size = block_size
@@ -48,11 +48,8 @@ class ModelRunner:
         dtype = kv_dtype or model.embed.weight.dtype
         # Zero-filled: masked-out slots are multiplied by 0 in attention and must not be NaN.
         self.kv_caches: list[torch.Tensor | None] = [
-            torch.zeros(
-                2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim,
-                dtype=dtype, device=device,
-            )
-            for _ in range(spec.num_layers)
+            torch.zeros(model.kv_cache_shape(num_blocks, block_size), dtype=dtype, device=device)
+            for _ in range(model.spec.num_layers)
         ]
         self.units: list[nn.Module] = model.units()
 
@@ -60,9 +57,10 @@ class ModelRunner:
     def kv_bytes_per_block(
         model: DecoderModel, block_size: int, kv_dtype: torch.dtype | None = None
     ) -> int:
-        spec = model.spec
+        """Bytes one KV block takes over all layers (the cache layout is the model's)."""
         itemsize = (kv_dtype or model.embed.weight.dtype).itemsize
-        return 2 * spec.num_layers * block_size * spec.num_kv_heads * spec.head_dim * itemsize
+        per_layer = math.prod(model.kv_cache_shape(1, block_size))
+        return model.spec.num_layers * per_layer * itemsize
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
@@ -144,19 +142,25 @@ class ModelRunner:
             hidden = unit(hidden, inputs.ctx)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
+    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
+        """Logits [S, V] of the rows to sample and, per row, its index into ``out.seqs``.
+
+        The hook for runners that place units elsewhere (attention/FFN disaggregation)."""
+        inputs = self.prepare(out)
+        return self.forward(inputs), inputs.sample_seq_indices
+
     @torch.inference_mode()
     def execute(
         self, out: SchedulerOutput
     ) -> tuple[list[int | None], list[dict[int, float] | None]]:
         """Run the step; returns the sampled token (None for a prefill chunk that does not
         end its prompt) and its logprobs entry, per scheduled sequence."""
-        inputs = self.prepare(out)
-        logits = self.forward(inputs)
-        seqs = [out.seqs[i] for i in inputs.sample_seq_indices]
+        logits, sample_seq_indices = self.compute_logits(out)
+        seqs = [out.seqs[i] for i in sample_seq_indices]
         sampled = self.sampler.sample(logits, seqs)
         tokens: list[int | None] = [None] * len(out.seqs)
         logprobs: list[dict[int, float] | None] = [None] * len(out.seqs)
-        for row, i in enumerate(inputs.sample_seq_indices):
+        for row, i in enumerate(sample_seq_indices):
             tokens[i] = sampled.token_ids[row]
             logprobs[i] = sampled.logprobs[row]
         return tokens, logprobs

@@ -112,8 +112,9 @@ class Scheduler:
                 break
             self.waiting.popleft()
             bm.allocate(seq, num_new, cached)
-            if seq.num_output_tokens == 0:
-                # Count hits once per request, not again on recompute after preemption.
+            if seq.num_preemptions == 0:
+                # Count hits once per request, not again on recompute after preemption (even
+                # one preempted mid-prompt, before its first token).
                 self.num_prefix_queried_tokens += seq.num_tokens
                 self.num_prefix_hit_tokens += num_cached_tokens
                 seq.num_cached_tokens = num_cached_tokens
@@ -129,6 +130,7 @@ class Scheduler:
         self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 

@@ -33,6 +33,7 @@ class Sequence:
         "num_prompt_tokens",
         "num_computed_tokens",
         "num_cached_tokens",
+        "num_preemptions",
         "block_ids",
         "block_hashes",
         "status",
@@ -58,6 +59,7 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        self.num_preemptions = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []
         self.status = SequenceStatus.WAITING

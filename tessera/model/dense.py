@@ -92,9 +92,9 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.rotary = RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope)
+        self.rotary = self.make_rotary(spec)
         self.layers = nn.ModuleList(
-            DecoderLayer(AttentionUnit(spec, i, self.rotary), self.make_ffn(spec, i))
+            DecoderLayer(self.make_attention(spec, i), self.make_ffn(spec, i))
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
@@ -102,9 +102,22 @@ class DecoderModel(nn.Module):
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def make_rotary(self, spec: ModelSpec) -> RotaryEmbedding:
+        """The rotary tables shared by all attention units."""
+        return RotaryEmbedding(spec.head_dim, spec.max_position_embeddings, spec.rope)
+
+    def make_attention(self, spec: ModelSpec, layer_id: int) -> nn.Module:
+        """The attention unit of a layer; families with another attention override this."""
+        return AttentionUnit(spec, layer_id, self.rotary)
+
     def make_ffn(self, spec: ModelSpec, layer_id: int) -> nn.Module:
         """The FFN unit of a layer; MoE families override this."""
         return DenseFFNUnit(spec, layer_id)
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """Shape of one layer's KV cache: K and V per KV head (MLA families override)."""
+        spec = self.spec
+        return (2, num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
 
     def units(self) -> list[nn.Module]:
         """All units in execution order: attention 0, FFN 0, attention 1, ..."""

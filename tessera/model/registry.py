@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
+from tessera.model.deepseek import DeepseekModel
 from tessera.model.dense import DecoderModel
+from tessera.model.moe_models import MOE_ARCHITECTURES
 from tessera.model.spec import ModelConfigError, ModelSpec
 
 _ARCHITECTURES: dict[str, type[DecoderModel]] = {
@@ -12,6 +14,9 @@ _ARCHITECTURES: dict[str, type[DecoderModel]] = {
     "MistralForCausalLM": DecoderModel,
     "Qwen2ForCausalLM": DecoderModel,
     "Qwen3ForCausalLM": DecoderModel,
+    **MOE_ARCHITECTURES,
+    "DeepseekV2ForCausalLM": DeepseekModel,
+    "DeepseekV3ForCausalLM": DeepseekModel,
 }
 
 

@@ -20,6 +20,14 @@ class RopeSpec:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int | None = None
+    # YaRN (HF ``_compute_yarn_parameters``); unused by the other rope types.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    """Scale of the cos/sin tables; None derives it from ``factor`` and the mscales."""
+    truncate: bool = True
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,41 @@ class ModelSpec:
         return self.num_kv_heads * self.head_dim
 
 
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _rope_from(cfg: dict[str, Any]) -> RopeSpec:
     params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", "linear", "llama3"):
-        raise ModelConfigError(f"unsupported rope_type {rope_type!r} (supported: default, linear, llama3)")
+    if rope_type not in _ROPE_TYPES:
+        raise ModelConfigError(
+            f"unsupported rope_type {rope_type!r} (supported: {', '.join(_ROPE_TYPES)})"
+        )
+    original_max = params.get("original_max_position_embeddings")
+    factor = params.get("factor")
+    if rope_type == "yarn":
+        if original_max is None:
+            raise ModelConfigError("yarn rope_scaling lacks 'original_max_position_embeddings'")
+        if factor is None:  # as HF: the context extension ratio
+            factor = int(cfg.get("max_position_embeddings", 4096)) / int(original_max)
     return RopeSpec(
         theta=float(theta),
         rope_type=rope_type,
-        factor=float(params.get("factor", 1.0)),
+        factor=float(1.0 if factor is None else factor),
         low_freq_factor=float(params.get("low_freq_factor", 1.0)),
         high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=params.get("original_max_position_embeddings"),
+        original_max_position_embeddings=original_max,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=_optional_float(params.get("mscale")),
+        mscale_all_dim=_optional_float(params.get("mscale_all_dim")),
+        attention_factor=_optional_float(params.get("attention_factor")),
+        truncate=bool(params.get("truncate", True)),
     )
 
 
@@ -89,6 +119,16 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     if isinstance(value, int):
         return (value,)
     return tuple(int(v) for v in value)
+
+
+# Families whose q/k/v projections have a bias and o_proj none (Qwen2-MoE: ``qkv_bias``).
+_QKV_BIAS_ONLY = ("qwen2", "qwen2_moe")
+
+
+def _qkv_bias(cfg: dict[str, Any], model_type: str) -> bool:
+    if model_type in _QKV_BIAS_ONLY:
+        return bool(cfg.get("qkv_bias", True))
+    return bool(cfg.get("attention_bias", False))
 
 
 def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
@@ -110,7 +150,8 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
         )
     window = cfg.get("sliding_window")
     layer_types = cfg.get("layer_types")
-    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+    qwen_family = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")
+    if model_type in qwen_family and not cfg.get("use_sliding_window", False):
         window = None
     if window is not None:
         if layer_types:
@@ -137,10 +178,10 @@ def spec_from_config(cfg: dict[str, Any]) -> ModelSpec:
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         rope=_rope_from(cfg),
         hidden_act=act,
-        qkv_bias=bool(cfg.get("attention_bias", False)) or model_type == "qwen2",
-        o_bias=bool(cfg.get("attention_bias", False)) and model_type != "qwen2",
+        qkv_bias=_qkv_bias(cfg, model_type),
+        o_bias=bool(cfg.get("attention_bias", False)) and model_type not in _QKV_BIAS_ONLY,
         mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         sliding_window=int(window) if window is not None else None,
         layer_sliding=layer_sliding,

@@ -12,11 +12,25 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 @dataclass(frozen=True)
 class Target:
-    """Rows ``[row_offset, row_offset + num_rows)`` of parameter ``param``."""
+    """Rows ``[row_offset, row_offset + num_rows)`` of parameter ``param``.
+
+    Stacked expert parameters [E_local, R, C] take two more forms: with ``expert`` the rows
+    are those of local expert ``expert`` (a per-expert checkpoint tensor [num_rows, C]); with
+    ``source_experts`` the checkpoint tensor stacks all ``num_source_experts`` experts
+    [E, num_rows, C] and the listed global experts fill the local slots in order.
+    """
 
     param: str
     row_offset: int
     num_rows: int
+    expert: int | None = None
+    source_experts: tuple[int, ...] | None = None
+    num_source_experts: int = 0
+    skip: bool = False
+    """A known tensor this model does not hold (an expert placed elsewhere): not loaded."""
+
+
+SKIP = Target("", 0, 0, skip=True)
 
 
 def dense_target(spec: ModelSpec, name: str) -> Target | None:

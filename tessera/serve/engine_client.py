@@ -206,7 +206,7 @@ class EngineClient:
             for fail in msg.failed:
                 queue = self._queues.pop(fail.request_id, None)
                 if queue is not None:
-                    queue.put_nowait(Finished("error", fail.message, 400))
+                    queue.put_nowait(Finished("error", fail.message, fail.status_code))
             self.stats = msg.stats
             if self.on_stats is not None:
                 self.on_stats(msg.stats)

@@ -17,7 +17,7 @@ import sys
 import msgspec
 import zmq
 
-from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.factory import Engine, create_engine
 from tessera.serve.protocol import (
     AbortRequests,
     AddRequest,
@@ -36,7 +36,7 @@ _IDLE_POLL_MS = 200
 """How long an idle core blocks on its input before checking that its parent still lives."""
 
 
-def engine_stats(engine: LLMEngine) -> EngineStats:
+def engine_stats(engine: Engine) -> EngineStats:
     s = engine.stats()
     return EngineStats(
         num_running=s["num_running"],
@@ -53,7 +53,7 @@ def engine_stats(engine: LLMEngine) -> EngineStats:
 class EngineCore:
     """Owns the engine and the two sockets; ``run`` returns when told to shut down."""
 
-    def __init__(self, config: CoreConfig, engine: LLMEngine, ctx: zmq.Context) -> None:
+    def __init__(self, config: CoreConfig, engine: Engine, ctx: zmq.Context) -> None:
         self.config = config
         self.engine = engine
         # The core binds its input and connects its output; the API process does the
@@ -115,6 +115,12 @@ class EngineCore:
                     Delta(d.request_id, d.index, d.token_id, d.logprobs, d.finish_reason)
                     for d in step.deltas
                 ]
+                # Requests lost to a failed worker (disaggregated serving) end as server errors.
+                failed += [
+                    RequestFailed(out.request_id, out.outputs[0].error or "request failed", 500)
+                    for out in step.finished
+                    if out.outputs and out.outputs[0].finish_reason == "error"
+                ]
             elif not num_inputs:
                 continue
             # Also sent after inputs alone, so an abort shows in the stats at once.
@@ -127,8 +133,9 @@ def main(argv: list[str]) -> int:
     config = msgspec.json.decode(argv[0], type=CoreConfig)
     ctx = zmq.Context()
     try:
+        engine: Engine | None = None
         try:
-            engine = LLMEngine(config.engine)
+            engine = create_engine(config.engine)
             engine.warm_up()
         except Exception as e:  # any load failure becomes one line in the API process
             out = ctx.socket(zmq.PUSH)
@@ -144,6 +151,9 @@ def main(argv: list[str]) -> int:
         core.run()
         return 0
     finally:
+        shutdown = getattr(engine, "shutdown", None)
+        if shutdown is not None:
+            shutdown()  # stop disaggregated workers
         ctx.destroy(linger=0)
 
 

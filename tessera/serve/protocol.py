@@ -82,10 +82,12 @@ class Delta(msgspec.Struct, frozen=True, array_like=True):
 
 
 class RequestFailed(msgspec.Struct, frozen=True, array_like=True):
-    """The core refused a request (e.g. a ValueError from ``add_request``)."""
+    """The core refused a request (e.g. a ValueError from ``add_request``: 400) or lost it
+    (a failed worker in disaggregated serving: 500)."""
 
     request_id: str
     message: str
+    status_code: int = 400
 
 
 class EngineStats(msgspec.Struct, frozen=True):

@@ -1,9 +1,10 @@
-"""``tessera sim calibrate``: measure this machine into a ``cpu-local`` chip profile.
+"""``tessera sim calibrate``: measure this machine, and Tessera on it, into a ``cpu-local`` profile.
 
-Measures the bf16/fp32 matmul rate and memory bandwidth with torch and writes a JSON profile
-that :func:`tessera.sim.hardware.local_system` loads. Engine step overheads come from
-:func:`fit_step_overhead`, which takes (batch tokens, step seconds) samples measured by the
-engine and returns the fixed cost per step and the cost per token.
+Two parts. Raw rates (matmul TFLOPS per precision, memory bandwidth, per-op launch cost) are
+measured with torch. With ``--model DIR`` the engine itself is then run on a fixed set of
+calibration workloads (:mod:`tessera.sim.engine_probe`), and the cost model's efficiency
+constants are fitted to its measured steps (:mod:`tessera.sim.fit`), so that the simulator
+predicts Tessera's own runs here (``benchmarks/sim_local.py`` checks it on other workloads).
 """
 
 from __future__ import annotations
@@ -11,25 +12,10 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from .errors import OneLineArgumentParser, SimError
 from .hardware import default_profile_path
-
-
-def fit_step_overhead(samples: list[tuple[int, float]]) -> tuple[float, float]:
-    """Least-squares ``step_s = overhead_s + per_token_s * tokens`` from engine samples."""
-    if len(samples) < 2:
-        raise SimError("need at least two (batch tokens, step time) samples")
-    n = float(len(samples))
-    sx = sum(t for t, _ in samples)
-    sy = sum(s for _, s in samples)
-    sxx = sum(t * t for t, _ in samples)
-    sxy = sum(t * s for t, s in samples)
-    den = n * sxx - sx * sx
-    if den == 0:
-        raise SimError("samples need at least two different batch sizes")
-    slope = (n * sxy - sx * sy) / den
-    return max((sy - slope * sx) / n, 0.0), max(slope, 0.0)
 
 
 def _best_s(fn: object, repeats: int) -> float:
@@ -64,8 +50,8 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
     except (ValueError, OSError, AttributeError):
         mem_gb = 16.0
     return {
-        "tflops": {"bf16": tflops["bf16"], "fp8": tflops["bf16"], "int8": tflops["bf16"]},
-        "fp32_tflops": tflops["fp32"],
+        "tflops": {"fp32": tflops["fp32"], "bf16": tflops["bf16"], "fp8": tflops["bf16"],
+                   "int8": tflops["bf16"]},
         "memory_gb": mem_gb,
         "memory_gb_s": mem_gb_s,
         "efficiency": {"matmul": 1.0, "attention": 0.5, "memory": 1.0, "fabric": 1.0,
@@ -75,10 +61,46 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
     }
 
 
-# TODO(engine): once ``from tessera import LLM, SamplingParams`` exists, drive it here: run
-# ``LLM(model=dir).generate(prompts, SamplingParams(max_tokens=..., ignore_eos=True))`` at a
-# few batch sizes, collect (batch tokens, step seconds) per engine step and store
-# ``fit_step_overhead(samples)`` as efficiency.step_overhead_ms (and the per-token slope).
+_PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+
+
+def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "float32",
+                     num_threads: int | None = None) -> dict[str, Any]:
+    """Run Tessera on ``model_dir`` and return ``profile`` with fitted efficiency constants."""
+    from tessera.config import EngineConfig
+    from tessera.engine.llm_engine import LLMEngine
+    from tessera.model.loader import ModelLoadError, read_config
+
+    from .engine_probe import calibration_samples
+    from .fit import fit_efficiency, step_errors
+    from .hardware import system_from_profile
+    from .model import spec_from_config
+
+    if dtype not in _PRECISION:
+        raise SimError(f"--dtype must be one of {', '.join(_PRECISION)}")
+    try:
+        model = spec_from_config(read_config(model_dir), name=model_dir)
+        engine = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, num_threads=num_threads))
+    except (ModelLoadError, ValueError) as exc:
+        raise SimError(f"cannot load {model_dir!r}: {exc}") from exc
+    engine.warm_up()
+    cache = engine.runner.kv_caches[0]
+    assert cache is not None
+    kv_bytes = float(cache.element_size())
+    samples = calibration_samples(engine, model, kv_bytes)
+    precision = _PRECISION[dtype]
+    system = system_from_profile(profile)
+    eff = fit_efficiency(system, model, precision, samples)
+    fitted = dict(profile, efficiency={**profile["efficiency"], **{
+        k: getattr(eff, k) for k in ("matmul", "memory", "attention", "step_overhead_ms",
+                                     "seq_overhead_us")}})
+    errors = sorted(abs(e) for e in step_errors(system_from_profile(fitted), model, precision,
+                                                samples))
+    fitted["engine_fit"] = {
+        "model": str(model_dir), "dtype": dtype, "num_threads": num_threads,
+        "num_steps": len(samples), "median_abs_step_error": errors[len(errors) // 2],
+    }
+    return fitted
 
 
 def calibrate_main(argv: list[str]) -> int:
@@ -86,10 +108,16 @@ def calibrate_main(argv: list[str]) -> int:
     p = OneLineArgumentParser(prog="tessera sim calibrate")
     p.add_argument("--out", help="profile path (default: ~/.cache/tessera/cpu-local.json)")
     p.add_argument("--size", type=int, default=1024, help="matmul size")
+    p.add_argument("--model", help="HF model directory: also run Tessera on it and fit the "
+                   "cost model's efficiency constants to its measured steps")
+    p.add_argument("--dtype", default="float32", help="engine dtype for --model")
+    p.add_argument("--threads", type=int, default=None, help="engine threads for --model")
     args = p.parse_args(argv)
     if args.size < 16:
         raise SimError("--size must be at least 16")
     profile = measure(args.size)
+    if args.model:
+        profile = calibrate_engine(profile, args.model, args.dtype, args.threads)
     path = Path(args.out) if args.out else default_profile_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(profile, indent=2))

@@ -43,7 +43,7 @@ def sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", required=True, help="system name (cloudmatrix384, gb200-nvl72, "
                    "dgx-h100, dgx-h800, dgx-h200, dgx-b200, cpu-local)")
     p.add_argument("--model", required=True, help="bundled model name or path to a config.json")
-    p.add_argument("--precision", default="bf16", choices=["bf16", "fp8", "int8"])
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp8", "int8"])
     p.add_argument("--deployment", default="colocated", choices=["colocated", "pd", "afd"])
     i = _int
     p.add_argument("--dp", type=i, help="data-parallel attention groups (colocated/pd decode)")

@@ -15,8 +15,8 @@ from typing import Any
 from .catalog import load_hardware
 from .errors import SimError
 
-PRECISIONS = ("bf16", "fp8", "int8")
-BYTES_PER_ELEMENT = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0}
+PRECISIONS = ("fp32", "bf16", "fp8", "int8")
+BYTES_PER_ELEMENT = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0}
 LOCAL_CHIP = "cpu-local"
 
 
@@ -31,6 +31,8 @@ class Efficiency:
     op_overhead_us: float
     ops_per_layer: int
     step_overhead_ms: float
+    seq_overhead_us: float = 0.0
+    """Host time per scheduled sequence per step (input building, sampling bookkeeping)."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ def _efficiency(raw: dict[str, Any]) -> Efficiency:
         op_overhead_us=float(raw["op_overhead_us"]),
         ops_per_layer=int(raw["ops_per_layer"]),
         step_overhead_ms=float(raw["step_overhead_ms"]),
+        seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
     )
 
 
@@ -136,6 +139,21 @@ def default_profile_path() -> Path:
     return Path.home() / ".cache" / "tessera" / "cpu-local.json"
 
 
+def system_from_profile(raw: dict[str, Any]) -> System:
+    """A one-device system from a calibration profile (see :mod:`tessera.sim.calibrate`)."""
+    chip = Chip(
+        name=LOCAL_CHIP,
+        num_devices_per_chip=1,
+        tflops={k: float(v) for k, v in raw["tflops"].items()},
+        memory_bytes=float(raw["memory_gb"]) * 1e9,
+        memory_bytes_per_s=float(raw["memory_gb_s"]) * 1e9,
+        efficiency=_efficiency(raw["efficiency"]),
+    )
+    fabric = Fabric(name="none", bytes_per_s=1e12, latency_us=0.0)
+    return System(name=LOCAL_CHIP, chip=chip, num_chips=1, scale_up=fabric,
+                  num_scale_up_chips=1, scale_out=None)
+
+
 def local_system(profile_path: Path | None = None) -> System:
     """The calibrated local machine as a one-device system (see :mod:`tessera.sim.calibrate`)."""
     path = profile_path or default_profile_path()
@@ -143,20 +161,9 @@ def local_system(profile_path: Path | None = None) -> System:
         bundled = Path(__file__).resolve().parent / "data" / "cpu-local-example.json"
         path = bundled
     try:
-        raw = json.loads(path.read_text())
-        chip = Chip(
-            name=LOCAL_CHIP,
-            num_devices_per_chip=1,
-            tflops={k: float(v) for k, v in raw["tflops"].items()},
-            memory_bytes=float(raw["memory_gb"]) * 1e9,
-            memory_bytes_per_s=float(raw["memory_gb_s"]) * 1e9,
-            efficiency=_efficiency(raw["efficiency"]),
-        )
+        return system_from_profile(json.loads(path.read_text()))
     except (OSError, KeyError, ValueError, TypeError) as exc:
         raise SimError(f"bad local profile {path}: {exc}") from exc
-    fabric = Fabric(name="none", bytes_per_s=1e12, latency_us=0.0)
-    return System(name=LOCAL_CHIP, chip=chip, num_chips=1, scale_up=fabric,
-                  num_scale_up_chips=1, scale_out=None)
 
 
 def get_system(name: str) -> System:

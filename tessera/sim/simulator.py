@@ -18,7 +18,7 @@ from .costmodel import KV_BYTES_PER_ELEMENT, PassLoad, PoolCost, causal_pairs, d
 from .deployment import Deployment
 from .errors import SimError
 from .events import Event, EventLoop
-from .hardware import System, get_system
+from .hardware import LOCAL_CHIP, System, get_system
 from .metrics import Recorder
 from .model import ModelSpec, load_model
 from .result import SimResult
@@ -305,6 +305,11 @@ def simulate(scenario: Scenario, max_events: int | None = None) -> SimResult:
     model = load_model(scenario.model)
     scenario.deployment.validate(system, model)
     scenario.workload.validate()
+    dep = scenario.deployment
+    if system.name == LOCAL_CHIP and dep.mode == "colocated" and dep.num_dp == 1 and dep.tp == 1:
+        from .local import simulate_local
+
+        return simulate_local(scenario, system, model)
     run = _Run(scenario, system, model)
     run.start()
     run.loop.run(max_events)

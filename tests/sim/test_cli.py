@@ -78,3 +78,25 @@ def test_malformed_config_file(tmp_path: object, capsys: pytest.CaptureFixture[s
     rc = sim_main(["--hardware", "dgx-h200", "--model", path, "--input-tokens", "10",
                    "--output-tokens", "10"])
     assert rc == 2 and "cannot read model config" in capsys.readouterr().err
+
+
+def test_cpu_local_runs_the_engine_scheduler(capsys: pytest.CaptureFixture[str],
+                                             tmp_path: object,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from pathlib import Path
+
+    profile = Path(str(tmp_path)) / "cpu-local.json"
+    profile.write_text(json.dumps({
+        "tflops": {"fp32": 0.1, "bf16": 1.0}, "memory_gb": 16, "memory_gb_s": 10,
+        "efficiency": {"matmul": 0.5, "attention": 0.2, "memory": 0.8, "fabric": 1.0,
+                       "op_overhead_us": 2.0, "ops_per_layer": 14, "step_overhead_ms": 0.5,
+                       "seq_overhead_us": 20.0}}))
+    monkeypatch.setenv("TESSERA_SIM_PROFILE", str(profile))
+    rc = sim_main(["--hardware", "cpu-local", "--model", "qwen2.5-0.5b", "--precision", "fp32",
+                   "--batch-per-dp", "4", "--input-tokens", "64", "--output-tokens", "16",
+                   "--concurrency", "4", "--num-requests", "12", "--json"])
+    assert rc == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["mode"] == "colocated (engine scheduler)"
+    assert data["num_finished"] == 12 and data["mean_decode_batch_per_dp"] <= 4
+    assert data["tpot_ms_mean"] > 0 and data["decode_tokens_per_s_per_chip"] > 0

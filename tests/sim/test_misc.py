@@ -1,11 +1,9 @@
-"""Imbalance model, batching, calibration fit."""
+"""Imbalance model and batching."""
 
 import numpy as np
 import pytest
 
 from tessera.sim.batching import DecodeSlots
-from tessera.sim.calibrate import fit_step_overhead
-from tessera.sim.errors import SimError
 from tessera.sim.moe import rank_imbalance
 
 
@@ -25,10 +23,3 @@ def test_slots_balance_and_conserve() -> None:
     finished, emitted = s.advance(np.full((2, 2), 2.0))
     assert sorted(finished.tolist()) == [0, 1, 2, 3] and emitted == 4
     assert s.total_active == 0 and s.reserved.sum() == 0
-
-
-def test_fit_step_overhead() -> None:
-    over, per_tok = fit_step_overhead([(1, 0.011), (11, 0.021), (21, 0.031)])
-    assert over == pytest.approx(0.010) and per_tok == pytest.approx(0.001)
-    with pytest.raises(SimError):
-        fit_step_overhead([(1, 0.1)])

@@ -24,7 +24,7 @@
 #include <numeric>
 #include <vector>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -110,7 +110,15 @@ struct Row<c10::BFloat16> {
 template <>
 struct Row<c10::Half> {
   static const float* read(const c10::Half* src, float* __restrict__ scratch, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
+    int64_t i = 0;
+#if defined(__F16C__)
+    // c10::Half's portable bit-twiddling conversion does not vectorise; F16C widens 8 at once.
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      _mm256_storeu_ps(scratch + i, _mm256_cvtph_ps(h));
+    }
+#endif
+    for (; i < n; ++i) scratch[i] = static_cast<float>(src[i]);
     return scratch;
   }
   static void write(c10::Half* dst, const float* src, int64_t n) {

@@ -1,0 +1,166 @@
+"""Transformerless (attention/FFN disaggregated) serving vs the single-process engine.
+
+One model (the ~100M dense Llama, or with ``--moe`` a random Mixtral: 8 experts, top-2), one
+workload, three runs: the single-process engine (``--threads`` threads), then
+one attention worker and one FFN worker (one thread each) with 1 and with 2 micro-batches.
+Reported per run: overall tokens/s, decode tokens/s (decode-only steps: tokens over their
+time, timed on the attention worker for the disaggregated runs), mean step time, and for the disaggregated runs the fraction of FFN transfer
+time hidden behind attention compute (from the trace: 1 - blocked / in flight).
+
+    python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
+    python benchmarks/transformerless.py --moe    # the same for a MoE model
+    python benchmarks/transformerless.py --tiny [--moe]   # a smoke run on a tiny model
+
+Targets on a quiet machine: M=2 at least 1.4x the tokens/s of M=1, and at least 0.85x the
+single-process engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+MODEL_DIR = REPO_ROOT / ".bench" / "models" / "llama-100m"
+
+
+def run_engine(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str, float]:
+    """Drive the engine step by step; decode steps are those after every request started."""
+    from tessera import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    engine = llm.engine
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, params)
+    started: set[str] = set()
+    start = time.perf_counter()
+    decode_s = 0.0
+    num_decode_tokens = 0
+    num_steps = 0
+    while engine.has_unfinished_requests():
+        t0 = time.perf_counter()
+        all_started = len(started) == len(prompts)
+        step = engine.step_with_deltas()
+        num_steps += 1
+        if all_started:
+            decode_s += time.perf_counter() - t0
+            num_decode_tokens += len(step.deltas)
+        started.update(d.request_id for d in step.deltas)
+    wall_s = time.perf_counter() - start
+    return {
+        "wall_s": wall_s,
+        "tokens_per_s": len(prompts) * max_tokens / wall_s,
+        "decode_tokens_per_s": num_decode_tokens / decode_s if decode_s > 0 else 0.0,
+        "step_ms": 1000 * wall_s / max(num_steps, 1),
+    }
+
+
+def single(model_dir: str, prompts: list[list[int]], max_tokens: int, threads: int) -> dict:
+    from tessera import LLM, SamplingParams
+
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=threads,
+              kv_cache_memory=1 << 30)
+    llm.generate([[5] * 8], SamplingParams(max_tokens=2), use_tqdm=False)  # warm up
+    return {"name": f"single process ({threads} threads)", **run_engine(llm, prompts, max_tokens)}
+
+
+def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
+                  num_micro_batches: int) -> dict:
+    from tessera import LLM
+    from tessera.afd.trace import hidden_transfer_fraction
+
+    trace = Path(tempfile.mkdtemp()) / f"afd-m{num_micro_batches}.json"
+    llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=1, kv_cache_memory=1 << 30,
+              attention_workers=1, ffn_workers=1, micro_batches=num_micro_batches,
+              trace_path=str(trace))
+    try:
+        result = run_engine(llm, prompts, max_tokens)
+    finally:
+        llm.close()
+    events = json.loads(trace.read_text())["traceEvents"]
+    # The front receives step reports in bursts, so time decode steps where they ran: on the
+    # attention worker (a decode-only step schedules one token per sequence).
+    steps = [e for e in events if e.get("cat") == "step"]
+    decode = [e for e in steps if e["args"].get("tokens") == e["args"].get("seqs")]
+    decode_us = sum(e["dur"] for e in decode)
+    return {
+        "name": f"A=1 F=1 M={num_micro_batches} (1 thread each)",
+        **result,
+        "decode_tokens_per_s": (
+            sum(e["args"]["seqs"] for e in decode) / (decode_us / 1e6) if decode_us else 0.0
+        ),
+        "step_ms": sum(e["dur"] for e in steps) / max(len(steps), 1) / 1000,
+        "hidden_transfer_fraction": hidden_transfer_fraction(events),
+        "trace": str(trace),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="model directory (default: the ~100M Llama)")
+    p.add_argument("--num-requests", type=int, default=64,
+                   help="concurrent requests (micro-batches need big batches to pay off)")
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="threads of the single-process run")
+    p.add_argument("--moe", action="store_true",
+                   help="a random Mixtral (8 experts, top-2) instead of the dense Llama")
+    p.add_argument("--tiny", action="store_true", help="tiny model and workload (smoke run)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    from benchmarks.models import make_random_llama, make_random_model
+
+    if args.tiny:
+        tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+                    max_position_embeddings=512)
+        if args.moe:
+            model_dir = make_random_model(
+                "mixtral", str(REPO_ROOT / ".bench" / "models" / "mixtral-tiny"), **tiny,
+                num_local_experts=4, num_experts_per_tok=2)
+        else:
+            model_dir = make_random_model(
+                "llama", str(REPO_ROOT / ".bench" / "models" / "llama-tiny"), **tiny)
+        args.num_requests, args.prompt_len, args.max_tokens = 4, 8, 8
+    elif args.moe:
+        model_dir = args.model or make_random_model(
+            "mixtral", str(REPO_ROOT / ".bench" / "models" / "mixtral-afd"))
+    else:
+        model_dir = args.model or str(MODEL_DIR)
+        if args.model is None:
+            make_random_llama(model_dir)
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
+               for _ in range(args.num_requests)]
+    runs = [
+        single(model_dir, prompts, args.max_tokens, args.threads),
+        disaggregated(model_dir, prompts, args.max_tokens, 1),
+        disaggregated(model_dir, prompts, args.max_tokens, 2),
+    ]
+    print(f"{'run':34} {'tok/s':>8} {'decode tok/s':>12} {'step ms':>9} {'hidden':>7}")
+    for r in runs:
+        hidden = r.get("hidden_transfer_fraction")
+        print(f"{r['name']:34} {r['tokens_per_s']:8.1f} {r['decode_tokens_per_s']:12.1f} "
+              f"{r['step_ms']:9.2f} {'' if hidden is None else f'{hidden:7.0%}'}")
+    base, m1, m2 = (r["decode_tokens_per_s"] for r in runs)
+    if m1 > 0 and base > 0:
+        print(f"M=2 / M=1: {m2 / m1:.2f}x (target >= 1.4x); "
+              f"M=2 / single: {m2 / base:.2f}x (target >= 0.85x)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""An attention worker process: one data-parallel engine whose FFN units run remotely.
+
+It is an ``LLMEngine`` (its own scheduler, block manager, sampler, KV cache, embedding,
+attention units, final norm and LM head) with an ``AttentionRunner``, in a loop like the serve
+engine core: take requests from the front without blocking while busy, step, and push a
+``StepReport`` (token deltas, finished outputs, stats, trace spans) per step. A failed transfer
+ends the step with ``StepFailed`` and the process; the front then rebuilds the pool.
+Run as ``python -m tessera.afd.attention_worker CONFIG_JSON`` by the launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sys
+
+import msgspec
+import zmq
+
+from tessera.afd.attention_runner import AttentionRunner
+from tessera.afd.dataplane import DataPlane, TransferError
+from tessera.afd.heartbeat import start_heartbeat
+from tessera.afd.messages import (
+    AbortRequests,
+    AddRequest,
+    Ready,
+    Shutdown,
+    StartupFailed,
+    StepFailed,
+    StepReport,
+    WorkerConfig,
+    WorkerInput,
+    WorkerStats,
+)
+from tessera.afd.placement import expert_owners
+from tessera.afd.remote_ffn import RemoteFFN
+from tessera.afd.trace import Tracer
+from tessera.engine.llm_engine import LLMEngine
+from tessera.model.loader import moe_spec_of
+
+_IDLE_POLL_MS = 100
+
+
+def worker_stats(engine: LLMEngine) -> WorkerStats:
+    s = engine.stats()
+    return WorkerStats(
+        num_running=s["num_running"],
+        num_waiting=s["num_waiting"],
+        num_free_blocks=engine.block_manager.num_free_blocks,
+        kv_cache_usage=s["kv_cache_usage"],
+        num_preemptions=s["num_preemptions"],
+        num_prompt_tokens_total=engine.num_prompt_tokens_total,
+        num_generation_tokens_total=engine.num_generation_tokens_total,
+        num_prefix_queried_tokens_total=s["prefix_queried_tokens"],
+        num_prefix_hit_tokens_total=s["prefix_hit_tokens"],
+    )
+
+
+_DENSE_FFN_PARAM = re.compile(r"^layers\.\d+\.ffn\.(gate_up_proj|down_proj)\.")
+
+
+def attention_side(param_name: str) -> bool:
+    """Parameters an attention worker loads: all but dense FFN projections (they live on the
+    FFN workers; the FFN norms stay here)."""
+    return not _DENSE_FFN_PARAM.match(param_name)
+
+
+def run(cfg: WorkerConfig, engine: LLMEngine, inputs: zmq.Socket, front: zmq.Socket,
+        tracer: Tracer) -> int:
+    decoder = msgspec.msgpack.Decoder(WorkerInput)
+    encoder = msgspec.msgpack.Encoder()
+    poller = zmq.Poller()
+    poller.register(inputs, zmq.POLLIN)
+    while True:
+        busy = engine.has_unfinished_requests()
+        ready = dict(poller.poll(0 if busy else _IDLE_POLL_MS))
+        num_inputs = 0
+        while inputs in ready:
+            try:
+                msg = decoder.decode(inputs.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            num_inputs += 1
+            if isinstance(msg, AddRequest):
+                # The front validated the prompt against this worker's limits already.
+                engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
+                req = engine.requests[msg.request_id]
+                req.prompt = msg.prompt
+            elif isinstance(msg, AbortRequests):
+                for request_id in msg.request_ids:
+                    engine.abort_request(request_id)
+            elif isinstance(msg, Shutdown):
+                return 0
+        if not engine.has_unfinished_requests():
+            if num_inputs:
+                front.send(encoder.encode(StepReport(cfg.name, [], [], worker_stats(engine))))
+            continue
+        start = tracer.now_us()
+        try:
+            step = engine.step_with_deltas()
+        except TransferError as e:
+            front.send(encoder.encode(StepFailed(cfg.name, str(e))))
+            return 1
+        runner = engine.runner
+        assert isinstance(runner, AttentionRunner)
+        tracer.add("step", "step", start, tracer.now_us(), dict(runner.last_batch))
+        front.send(encoder.encode(
+            StepReport(cfg.name, step.deltas, step.finished, worker_stats(engine), tracer.take())
+        ))
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when workers stop
+    cfg = msgspec.json.decode(argv[0], type=WorkerConfig)
+    assert cfg.input_address is not None
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.PUSH)
+    front.setsockopt(zmq.SNDHWM, 0)
+    front.connect(cfg.front_address)
+    encoder = msgspec.msgpack.Encoder()
+    tracer = Tracer(cfg.afd.trace_path is not None)
+    start_heartbeat(ctx, cfg.front_address, cfg.name, cfg.afd.heartbeat_interval_s,
+                    cfg.parent_pid)
+    try:
+        inputs = ctx.socket(zmq.PULL)
+        inputs.bind(cfg.input_address)
+        moe = moe_spec_of(cfg.engine.model)
+        # Routed experts live on the FFN workers only; the router stays here.
+        engine = LLMEngine(cfg.engine, make_runner=AttentionRunner,
+                           expert_ids=[] if moe else None, keep_param=attention_side)
+        owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
+        plane = DataPlane(cfg.rank, cfg.afd.world_size, "127.0.0.1", cfg.master_port,
+                          engine.platform.dist_backend, cfg.afd.startup_timeout_s)
+        runner = engine.runner
+        assert isinstance(runner, AttentionRunner)
+        runner.attach(RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners), cfg.afd.micro_batches,
+                      cfg.afd.transfer_timeout_s, tracer)
+        engine.warm_up()
+        tracer.take()  # warm-up spans are not part of the workload
+    except Exception as e:  # any startup failure becomes one line in the front
+        text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
+        front.send(encoder.encode(StartupFailed(cfg.name, text)))
+        front.close(linger=2000)
+        return 1
+    rt = engine.runtime
+    front.send(encoder.encode(Ready(cfg.name, os.getpid(), rt.max_model_len, rt.num_kv_blocks)))
+    try:
+        return run(cfg, engine, inputs, front, tracer)
+    finally:
+        with contextlib.suppress(Exception):
+            front.close(linger=1000)
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(code)

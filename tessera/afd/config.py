@@ -1,0 +1,57 @@
+"""Configuration of attention/FFN disaggregated serving (frozen, built once at the edge)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AFDConfig:
+    """How many workers of each kind, how batches are pipelined and how failures are found.
+
+    ``attention_workers`` data-parallel engines each own a scheduler, a KV cache and the
+    attention side of the model; ``ffn_workers`` hold the FFN side of every layer (a tensor-
+    parallel shard of a dense FFN's intermediate dimension). Any ratio of the two works.
+    """
+
+    attention_workers: int = 1
+    ffn_workers: int = 1
+    micro_batches: int = 1
+    """Micro-batches per step on an attention worker; 2 hides FFN transfers behind attention."""
+    transfer_timeout_s: float = 30.0
+    """Deadline of every FFN transfer, counted from the start of the step that issued it."""
+    heartbeat_interval_s: float = 0.5
+    failure_detect_s: float = 3.0
+    """A worker silent for this long (no heartbeat) is declared dead."""
+    startup_timeout_s: float = 300.0
+    """Longest wait for all workers to load their weights and join the data plane."""
+    master_port: int | None = None
+    """Rendezvous port of the first data-plane group; None picks a free one. A restarted pool
+    always picks a fresh free port."""
+    trace_path: str | None = None
+    """Write a Chrome trace-event JSON of per-layer compute and transfer spans here."""
+
+    def __post_init__(self) -> None:
+        for name in ("attention_workers", "ffn_workers", "micro_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+        if self.micro_batches > 16:
+            raise ValueError(f"micro_batches must be at most 16, got {self.micro_batches}")
+        for name in ("transfer_timeout_s", "heartbeat_interval_s", "failure_detect_s",
+                     "startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.failure_detect_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"failure_detect_s ({self.failure_detect_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s})"
+            )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the data plane: attention workers first, then FFN workers."""
+        return self.attention_workers + self.ffn_workers
+
+    def ffn_ranks(self) -> list[int]:
+        return list(range(self.attention_workers, self.world_size))

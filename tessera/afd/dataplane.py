@@ -1,0 +1,112 @@
+"""The data plane: hidden states between attention and FFN workers over torch.distributed p2p.
+
+The backend comes from the platform (gloo on CPU; nccl/hccl where a device brings its own), so
+an accelerator plugs in without changes here. Every wait has a deadline; a transfer that fails
+or misses it raises ``TransferError``, after which the group is unusable (a collective group
+does not survive a dead member) and the front rebuilds the whole pool on a fresh port.
+
+Message layout, per FFN request: a small int64 header ``[src_rank, layer_id, micro_batch,
+num_tokens, top_k]`` (tag ``HEADER_TAG``), then the payload from the same rank (tag
+``PAYLOAD_TAG``): the normed hidden ``[T, D]``, and for MoE layers (``top_k > 0``) the expert
+ids ``[T, k]`` int64 (``IDS_TAG``) and routing weights ``[T, k]`` float32 (``WEIGHTS_TAG``). The FFN worker receives headers from any source, so attention workers never
+wait for one another; it answers with a partial ``[T, D]`` on tag ``RESULT_TAG + micro_batch``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import re
+import time
+
+import torch
+import torch.distributed as dist
+
+HEADER_TAG = 1
+PAYLOAD_TAG = 2
+IDS_TAG = 3
+WEIGHTS_TAG = 4
+RESULT_TAG = 16
+HEADER_LEN = 5
+_IDLE_WAIT = datetime.timedelta(days=365)
+
+
+class TransferError(RuntimeError):
+    """A data-plane transfer failed or missed its deadline."""
+
+
+class DataPlane:
+    """This process's membership in the data-plane group (attention ranks, then FFN ranks)."""
+
+    def __init__(
+        self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
+        timeout_s: float,
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        try:
+            dist.init_process_group(
+                backend,
+                init_method=f"tcp://{master_addr}:{master_port}",
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=timeout_s),
+            )
+        except RuntimeError as e:  # DistNetworkError and friends
+            if "EADDRINUSE" in str(e):
+                raise OSError(
+                    f"data-plane rendezvous port {master_port} is already in use"
+                ) from e
+            raise
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> dist.Work:
+        try:
+            work = dist.isend(tensor, dst, tag=tag)
+        except RuntimeError as e:
+            raise TransferError(f"send to rank {dst} failed: {brief(e)}") from e
+        assert work is not None
+        return work
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int) -> dist.Work:
+        try:
+            work = dist.irecv(tensor, src, tag=tag)
+        except RuntimeError as e:
+            raise TransferError(f"receive from rank {src} failed: {brief(e)}") from e
+        assert work is not None
+        return work
+
+    def recv_any(self, tensor: torch.Tensor, tag: int) -> int:
+        """Block until a message with ``tag`` arrives from any rank; returns that rank."""
+        try:
+            work = dist.irecv(tensor, None, tag=tag)
+            assert work is not None
+            # An explicit long wait: the group's default timeout would end an idle worker.
+            work.wait(_IDLE_WAIT)
+            return int(work._source_rank())
+        except RuntimeError as e:
+            raise TransferError(f"receive failed: {brief(e)}") from e
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None:
+        wait(self.irecv(tensor, src, tag), deadline_s, f"receive from rank {src}")
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def brief(error: Exception) -> str:
+    """The gist of a backend error: its first sentence, without gloo's source location."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])
+    return text.split(". ")[0].rstrip(".")
+
+
+def wait(work: dist.Work, deadline_s: float, what: str) -> None:
+    """Wait for ``work`` until ``deadline_s`` (``time.monotonic`` seconds)."""
+    remaining = deadline_s - time.monotonic()
+    if remaining <= 0:
+        raise TransferError(f"{what} missed its deadline")
+    try:
+        ok = work.wait(datetime.timedelta(seconds=remaining))
+    except RuntimeError as e:
+        raise TransferError(f"{what} failed: {brief(e)}") from e
+    if ok is False:
+        raise TransferError(f"{what} missed its deadline")

@@ -1,0 +1,119 @@
+"""An FFN worker process: this worker's shard of every layer's FFN, serving any attention rank.
+
+Loop: receive a header from any source (so attention workers never run in lockstep), then the
+payload from that rank, compute, send the partial back without waiting for it to drain. It
+never blocks on anything but its own receives; an idle worker waits indefinitely (heartbeats
+go on in their own thread). Any transfer error ends the process: the front then rebuilds the
+pool. Run as ``python -m tessera.afd.ffn_worker CONFIG_JSON`` by the launcher.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import msgspec
+import torch
+import torch.distributed as dist
+import zmq
+
+from tessera.afd.dataplane import (
+    HEADER_LEN,
+    HEADER_TAG,
+    IDS_TAG,
+    PAYLOAD_TAG,
+    RESULT_TAG,
+    WEIGHTS_TAG,
+    DataPlane,
+    TransferError,
+)
+from tessera.afd.ffn_shard import ffn_shards
+from tessera.afd.heartbeat import start_heartbeat
+from tessera.afd.messages import Ready, StartupFailed, WorkerConfig
+from tessera.afd.placement import expert_ids_of
+from tessera.afd.trace import Tracer
+from tessera.model.loader import load_model, moe_spec_of
+from tessera.platform import get_platform
+
+
+def ffn_side(param_name: str) -> bool:
+    """Parameters an FFN worker loads: FFN projections and experts (norms, routers and
+    attention stay on the attention workers)."""
+    return param_name.startswith("layers.") and ".ffn." in param_name and ".norm." not in (
+        param_name
+    ) and ".router." not in param_name
+
+
+def serve(plane: DataPlane, shards: list[torch.nn.Module], hidden_size: int,
+          dtype: torch.dtype, device: torch.device, timeout_s: float, tracer: Tracer) -> None:
+    header = torch.empty(HEADER_LEN, dtype=torch.int64)
+    in_flight: list[tuple[torch.Tensor, dist.Work]] = []
+    while True:
+        src = plane.recv_any(header, HEADER_TAG)
+        recv_start = tracer.now_us()
+        _, layer_id, micro_batch, num_tokens, top_k = header.tolist()
+        deadline_s = time.monotonic() + timeout_s
+        normed = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)  # [T, D]
+        plane.recv(normed, src, PAYLOAD_TAG, deadline_s)
+        topk_ids = topk_weights = None
+        if top_k:
+            topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+            topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+            plane.recv(topk_ids, src, IDS_TAG, deadline_s)
+            plane.recv(topk_weights, src, WEIGHTS_TAG, deadline_s)
+        start = tracer.now_us()
+        with torch.inference_mode():
+            partial = shards[layer_id](normed, topk_ids, topk_weights)  # [T, D]
+        end = tracer.now_us()
+        args = {"layer": layer_id, "micro_batch": micro_batch, "src": src, "tokens": num_tokens}
+        tracer.add(f"recv L{layer_id} from {src}", "recv", recv_start, start, args)
+        tracer.add(f"ffn L{layer_id} from {src}", "ffn", start, end, args)
+        in_flight.append((partial, plane.isend(partial, src, RESULT_TAG + micro_batch)))
+        in_flight = [(t, w) for t, w in in_flight if not w.is_completed()]
+
+
+def main(argv: list[str]) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when workers stop
+    cfg = msgspec.json.decode(argv[0], type=WorkerConfig)
+    ctx = zmq.Context()
+    front = ctx.socket(zmq.PUSH)
+    front.connect(cfg.front_address)
+    encoder = msgspec.msgpack.Encoder()
+    tracer = Tracer(cfg.afd.trace_path is not None)
+    start_heartbeat(ctx, cfg.front_address, cfg.name, cfg.afd.heartbeat_interval_s,
+                    cfg.parent_pid, tracer)
+    try:
+        platform = get_platform(cfg.engine.device)
+        if cfg.engine.num_threads is not None:
+            torch.set_num_threads(cfg.engine.num_threads)
+        moe = moe_spec_of(cfg.engine.model)
+        expert_ids = (
+            expert_ids_of(moe.num_experts, cfg.afd.ffn_workers, cfg.index) if moe else None
+        )
+        spec, model = load_model(cfg.engine.model, cfg.engine.dtype, platform.device,
+                                 expert_ids=expert_ids, keep=ffn_side)
+        dtype = model.embed.weight.dtype
+        shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index)
+        del model
+        plane = DataPlane(cfg.rank, cfg.afd.world_size, "127.0.0.1", cfg.master_port,
+                          platform.dist_backend, cfg.afd.startup_timeout_s)
+    except Exception as e:  # any startup failure becomes one line in the front
+        text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
+        front.send(encoder.encode(StartupFailed(cfg.name, text)))
+        front.close(linger=2000)
+        return 1
+    front.send(encoder.encode(Ready(cfg.name, os.getpid())))
+    try:
+        serve(plane, list(shards), spec.hidden_size, dtype, platform.device,
+              cfg.afd.transfer_timeout_s, tracer)
+    except TransferError:
+        return 1  # a peer died or stalled; the front rebuilds the pool
+    return 0
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    os._exit(code)

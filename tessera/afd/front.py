@@ -1,0 +1,402 @@
+"""The front: an engine with ``LLMEngine``'s interface over a pool of disaggregated workers.
+
+``LLM`` and the serve engine core drive it exactly like ``LLMEngine`` (add_request,
+abort_request, step / step_with_deltas, has_unfinished_requests, stats, runtime). It holds no
+model: it validates and tokenizes prompts, sends each new request to the attention worker with
+the fewest unfinished requests (then the most free KV blocks), and merges the workers' step
+reports. Attention workers step independently; ``step`` returns whatever they reported since
+the last call, blocking until something arrives.
+
+Failures: a worker that exits, reports a failed transfer, or sends no heartbeat for
+``failure_detect_s`` fails the pool. Every unfinished request then ends at once with
+``finish_reason="error"`` (its tokens so far and the reason in ``CompletionOutput.error``),
+the pool is killed (which frees all KV blocks) and a new generation is started on a fresh
+port; new requests succeed once it is up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import zmq
+
+from tessera.afd.launcher import WorkerPool
+from tessera.afd.messages import (
+    AbortRequests,
+    AddRequest,
+    FrontInput,
+    Heartbeat,
+    Ready,
+    Shutdown,
+    StartupFailed,
+    StepFailed,
+    StepReport,
+    WorkerStats,
+)
+from tessera.afd.trace import Span, chrome_events, write_trace
+from tessera.config import EngineConfig, RuntimeInfo
+from tessera.engine.detokenizer import TokenizerError, load_tokenizer
+from tessera.engine.llm_engine import check_prompt_ids
+from tessera.model.loader import read_config
+from tessera.model.moe_spec import moe_spec_from_config
+from tessera.model.spec import ModelConfigError, spec_from_config
+from tessera.outputs import CompletionOutput, RequestOutput, StepOutput
+from tessera.sampling_params import SamplingParams
+
+
+class WorkerStartupError(ValueError):
+    """The worker pool could not start; the message names the worker and the problem."""
+
+
+@dataclass
+class _Request:
+    worker: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    output_ids: dict[int, list[int]] = field(default_factory=dict)  # by completion index
+
+
+class AFDEngine:
+    """Attention/FFN disaggregated engine: same interface as ``LLMEngine``."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        assert config.afd is not None
+        self.config = config
+        self.afd = config.afd
+        try:
+            self.spec = spec_from_config(read_config(config.model))
+            moe = moe_spec_from_config(self.spec.raw or {})
+        except ModelConfigError as e:
+            raise ValueError(str(e)) from e
+        num_ffn = self.afd.ffn_workers
+        if moe is not None and num_ffn > moe.num_experts:
+            raise ValueError(
+                f"ffn_workers ({num_ffn}) exceeds the number of experts ({moe.num_experts})"
+            )
+        if (moe is None or not all(moe.moe_layers)) and num_ffn > self.spec.intermediate_size:
+            raise ValueError(
+                f"ffn_workers ({num_ffn}) exceeds the FFN intermediate size "
+                f"({self.spec.intermediate_size})"
+            )
+        self.tokenizer = load_tokenizer(config.model)
+        self.requests: dict[str, _Request] = {}
+        self.num_recoveries = 0
+        self.last_failure: str | None = None
+        self._ipc_dir = tempfile.mkdtemp(prefix="tessera-afd-")
+        self._ctx = zmq.Context()
+        self._pull = self._ctx.socket(zmq.PULL)
+        self._front_address = f"ipc://{self._ipc_dir}/front"
+        self._pull.bind(self._front_address)
+        self._decoder = msgspec.msgpack.Decoder(FrontInput)
+        self._encoder = msgspec.msgpack.Encoder()
+        self._trace_events: list[dict] = []
+        self._generation = -1
+        self._pool: WorkerPool | None = None
+        self._closed = False
+        self._pending = StepOutput()  # taken in outside a step, returned by the next one
+        self._pending_failure: str | None = None
+        self._starting = self._broken = False
+        self._totals = WorkerStats()  # counters of earlier pool generations
+        try:
+            self._spawn_pool()
+            try:
+                self._await_pool()
+            except WorkerStartupError as e:
+                # A free port picked for us can be taken by someone else before rank 0
+                # binds it; try once more on another. A port the user chose is not retried.
+                if self.afd.master_port is not None or "already in use" not in str(e):
+                    raise
+                self._await_pool()  # respawns the broken pool on a fresh port
+        except BaseException:
+            self.shutdown()
+            raise
+
+    # ----------------------------------------------------------------- the pool
+    def _spawn_pool(self) -> None:
+        """Start the next generation's processes; ``_await_pool`` waits until they are up."""
+        self._generation += 1
+        pool = WorkerPool(self.config, self.afd, self._generation, self._front_address,
+                          self._ipc_dir)
+        self._pool = pool
+        self._pushes: dict[str, zmq.Socket] = {}
+        for cfg in pool.attention:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            assert cfg.input_address is not None
+            sock.connect(cfg.input_address)
+            self._pushes[cfg.name] = sock
+        self._ranks = {cfg.name: cfg.rank for cfg in pool.configs}
+        self._stats = {name: WorkerStats() for name in self._pushes}
+        self._load = dict.fromkeys(self._pushes, 0)
+        self._starting = True
+
+    def _await_pool(self) -> None:
+        """Wait until every worker of the pool is ready; a pool that failed to start before
+        is spawned again first."""
+        if self._broken:
+            self._broken = False
+            self._spawn_pool()
+        if not self._starting:
+            return
+        self._starting = False
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._broken = True
+            raise
+
+    def _wait_ready(self) -> None:
+        pool = self._pool
+        assert pool is not None
+        pending = set(self._ranks)
+        limits: list[Ready] = []
+        deadline = time.monotonic() + self.afd.startup_timeout_s
+        while pending:
+            if self._pull.poll(100):
+                msg = self._decoder.decode(self._pull.recv())
+                if msg.worker not in self._ranks:
+                    continue  # an older generation
+                if isinstance(msg, StartupFailed):
+                    pool.kill()
+                    raise WorkerStartupError(f"{msg.worker.split('.')[0]}: {msg.message}")
+                if isinstance(msg, Ready):
+                    pending.discard(msg.worker)
+                    if msg.worker in self._pushes:
+                        limits.append(msg)
+                continue
+            exited = pool.exited()
+            if exited is not None or time.monotonic() > deadline:
+                pool.kill()
+                raise WorkerStartupError(
+                    exited or f"workers {sorted(pending)} did not start within "
+                    f"{self.afd.startup_timeout_s:g} s"
+                )
+        now = time.monotonic()
+        self._last_seen = dict.fromkeys(self._ranks, now)
+        self.runtime = RuntimeInfo(
+            num_kv_blocks=sum(r.num_kv_blocks for r in limits),
+            max_model_len=min(r.max_model_len for r in limits),
+            eos_token_ids=frozenset(self.spec.eos_token_ids),
+            vocab_size=self.spec.vocab_size,
+        )
+
+    def _health(self) -> str | None:
+        """Why the pool has failed, or None while it is healthy."""
+        assert self._pool is not None
+        exited = self._pool.exited()
+        if exited is not None:
+            return exited
+        now = time.monotonic()
+        for name, seen in self._last_seen.items():
+            if now - seen > self.afd.failure_detect_s:
+                return f"worker {name.split('.')[0]} sent no heartbeat for {now - seen:.1f} s"
+        return None
+
+    def _recover(self, reason: str, result: StepOutput) -> StepOutput:
+        """End every unfinished request with an error at once and start a new pool (the
+        next request waits for it to be up)."""
+        self.num_recoveries += 1
+        self.last_failure = reason
+        print(f"tessera: worker pool failed ({reason}); restarting it", file=sys.stderr)
+        assert self._pool is not None
+        self._pool.kill()
+        self._totals = self._sum_stats()
+        message = f"worker pool failed: {reason}"
+        for request_id, req in self.requests.items():
+            result.finished.append(self._error_output(request_id, req, message))
+        self.requests.clear()
+        self._spawn_pool()
+        return result
+
+    def _check_idle_pool(self) -> None:
+        """Before new work on an idle pool: restart it if a worker died meanwhile (no request
+        is lost, so the restart is silent but for a line on stderr)."""
+        self._take_in()
+        failure, self._pending_failure = self._pending_failure, None
+        failure = failure or self._health()
+        if failure is not None:
+            self._recover(failure, self._pending)
+            self._await_pool()
+
+    def _error_output(self, request_id: str, req: _Request, message: str) -> RequestOutput:
+        outputs = []
+        for index in range(req.params.n):
+            ids = req.output_ids.get(index, [])
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer else ""
+            outputs.append(CompletionOutput(index, text, ids, "error", error=message))
+        return RequestOutput(request_id, req.prompt, req.prompt_token_ids, outputs, True)
+
+    # ----------------------------------------------------------------- requests
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(
+                "this model directory has no tokenizer; pass prompts as token-id lists"
+            )
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(self, request_id: str, prompt: str | list[int],
+                    params: SamplingParams) -> None:
+        """Queue a request on the least loaded attention worker; ValueError for bad input."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self._await_pool()
+        if not self.requests:
+            self._check_idle_pool()
+        check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
+        worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
+        self._pushes[worker].send(self._encoder.encode(AddRequest(request_id, text, ids, params)))
+        self._load[worker] += 1
+        self.requests[request_id] = _Request(worker, text, ids, params)
+
+    def abort_request(self, request_id: str) -> bool:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self._load[req.worker] -= 1
+        self._pushes[req.worker].send(self._encoder.encode(AbortRequests([request_id])))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def warm_up(self) -> None:
+        """Workers warm up before reporting ready; nothing is left to do here."""
+
+    # ----------------------------------------------------------------- steps
+    def step(self) -> list[RequestOutput]:
+        return self.step_with_deltas().finished
+
+    def _take_in(self) -> None:
+        """Handle what has arrived, without waiting; tokens and failures are kept for the
+        next step."""
+        if self._starting or self._broken:
+            return  # Ready messages are for _wait_ready
+        while self._pull.poll(0):
+            failure = self._handle(self._decoder.decode(self._pull.recv()), self._pending)
+            self._pending_failure = self._pending_failure or failure
+
+    def step_with_deltas(self) -> StepOutput:
+        """What the workers reported since the last call; waits until there is something
+        (or a failure ended the unfinished requests)."""
+        result, self._pending = self._pending, StepOutput()
+        if self._starting or self._broken:
+            return result  # a new pool is coming up; no request can be on it yet
+        poll_ms = int(self.afd.heartbeat_interval_s * 1000)
+        while True:
+            failure, self._pending_failure = self._pending_failure, None
+            timeout = 0 if (result.deltas or result.finished or not self.requests) else poll_ms
+            while self._pull.poll(timeout):
+                timeout = 0
+                failure = self._handle(self._decoder.decode(self._pull.recv()), result) or failure
+            failure = failure or self._health()
+            if failure is not None:
+                return self._recover(failure, result)
+            if result.deltas or result.finished or not self.requests:
+                return result
+
+    def _handle(self, msg: Any, result: StepOutput) -> str | None:
+        """Apply one message of a running pool; returns a failure reason, if it reports one."""
+        if msg.worker not in self._ranks:
+            return None  # an older generation
+        self._last_seen[msg.worker] = time.monotonic()
+        if isinstance(msg, Heartbeat | StepReport):
+            self._add_spans(msg.worker, msg.spans)
+        if isinstance(msg, StepFailed):
+            return f"{msg.worker.split('.')[0]}: {msg.message}"
+        if not isinstance(msg, StepReport):
+            return None
+        self._stats[msg.worker] = msg.stats
+        for d in msg.deltas:
+            req = self.requests.get(d.request_id)
+            if req is None:
+                continue  # aborted
+            req.output_ids.setdefault(d.index, []).append(d.token_id)
+            result.deltas.append(d)
+        for out in msg.finished:
+            if self.requests.pop(out.request_id, None) is not None:
+                self._load[msg.worker] -= 1
+                result.finished.append(out)
+        return None
+
+    # ----------------------------------------------------------------- stats, trace
+    def _sum_stats(self) -> WorkerStats:
+        base = self._totals
+        fields = ("num_prompt_tokens_total", "num_generation_tokens_total",
+                  "num_prefix_queried_tokens_total", "num_prefix_hit_tokens_total",
+                  "num_preemptions")
+        sums = {f: getattr(base, f) + sum(getattr(s, f) for s in self._stats.values())
+                for f in fields}
+        return WorkerStats(**sums)
+
+    @property
+    def num_prompt_tokens_total(self) -> int:
+        return self._sum_stats().num_prompt_tokens_total
+
+    @property
+    def num_generation_tokens_total(self) -> int:
+        return self._sum_stats().num_generation_tokens_total
+
+    def stats(self) -> dict[str, Any]:
+        """Totals over the workers as of their latest reports (taken in without waiting);
+        an abort shows once its worker has handled it."""
+        self._take_in()
+        per = list(self._stats.values())
+        totals = self._sum_stats()
+        return {
+            "num_running": sum(s.num_running for s in per),
+            "num_waiting": sum(s.num_waiting for s in per),
+            "kv_cache_usage": sum(s.kv_cache_usage for s in per) / max(len(per), 1),
+            "num_preemptions": totals.num_preemptions,
+            "prefix_queried_tokens": totals.num_prefix_queried_tokens_total,
+            "prefix_hit_tokens": totals.num_prefix_hit_tokens_total,
+        }
+
+    def _add_spans(self, worker: str, spans: list[Span]) -> None:
+        if spans:
+            name = worker.split(".")[0]
+            self._trace_events += chrome_events(name, self._ranks[worker], spans)
+
+    def trace_events(self) -> list[dict]:
+        """Chrome trace events received so far (empty unless ``trace_path`` is set)."""
+        return list(self._trace_events)
+
+    # ----------------------------------------------------------------- shutdown
+    def shutdown(self) -> None:
+        """Stop every worker, write the trace; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._pool is not None:
+            for sock in self._pushes.values():
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
+            if self.afd.trace_path is not None:
+                # FFN workers ship spans with heartbeats: wait for one more from each.
+                quiet = {name for name in self._ranks if name not in self._pushes}
+                end = time.monotonic() + 2 * self.afd.heartbeat_interval_s + 0.5
+                while quiet and time.monotonic() < end:
+                    if not self._pull.poll(50):
+                        continue
+                    msg = self._decoder.decode(self._pull.recv())
+                    if isinstance(msg, Heartbeat | StepReport) and msg.worker in self._ranks:
+                        self._add_spans(msg.worker, msg.spans)
+                        quiet.discard(msg.worker)
+            self._pool.kill()
+        if self.afd.trace_path is not None:
+            write_trace(self.afd.trace_path, self._trace_events)
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()

@@ -1,0 +1,22 @@
+"""Build the engine a config asks for: in this process, or disaggregated over workers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Union
+
+from tessera.config import EngineConfig
+from tessera.engine.llm_engine import LLMEngine
+
+if TYPE_CHECKING:
+    from tessera.afd.front import AFDEngine
+
+Engine = Union[LLMEngine, "AFDEngine"]
+
+
+def create_engine(config: EngineConfig) -> Engine:
+    """``LLMEngine`` unless ``config.afd`` asks for attention/FFN disaggregation."""
+    if config.afd is None:
+        return LLMEngine(config)
+    from tessera.afd.front import AFDEngine  # spawns processes; only imported when used
+
+    return AFDEngine(config)

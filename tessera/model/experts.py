@@ -1,0 +1,92 @@
+"""Routed experts: a (sub)set of one layer's experts, each a gated MLP, computed sparsely."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tessera.model.layers import activation
+from tessera.model.moe_spec import MoESpec
+
+
+class Experts(nn.Module):
+    """The experts ``expert_ids`` (global ids; default all) of one MoE layer.
+
+    Weights are stacked per local expert: ``gate_up_proj`` [E_local, 2I, D] (gate rows first)
+    and ``down_proj`` [E_local, D, I]. ``forward`` returns the weighted sum over the *local*
+    experts only, so the outputs of units holding a partition of the experts add up to the
+    full layer's output (the expert-parallel split).
+    """
+
+    def __init__(self, moe: MoESpec, expert_ids: Sequence[int] | None = None) -> None:
+        super().__init__()
+        ids = tuple(range(moe.num_experts)) if expert_ids is None else tuple(expert_ids)
+        if len(set(ids)) != len(ids) or any(not 0 <= e < moe.num_experts for e in ids):
+            raise ValueError(
+                f"expert_ids must be distinct ids in [0, {moe.num_experts}), got {list(ids)}"
+            )
+        self.num_experts = moe.num_experts
+        self.expert_ids = ids
+        self._local_of = {g: i for i, g in enumerate(ids)}
+        self._identity = ids == tuple(range(moe.num_experts))
+        self._local_index: torch.Tensor | None = None  # global id -> local id, built lazily
+        inter, hidden = moe.moe_intermediate_size, moe.hidden_size
+        self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden))
+        self.down_proj = nn.Parameter(torch.empty(len(ids), hidden, inter))
+        self.act = activation(moe.hidden_act)
+
+    def local_index(self, expert_id: int) -> int | None:
+        """Local slot of global expert ``expert_id``; None when this module does not hold it."""
+        return self._local_of.get(expert_id)
+
+    def _to_local(self, ids: torch.Tensor) -> torch.Tensor:
+        """Global ids -> local slots; experts held elsewhere map to E_local (sorted last)."""
+        if self._identity:
+            return ids
+        table = self._local_index
+        if table is None or table.device != ids.device:
+            # Not a buffer: models are built on the meta device, which would wipe it.
+            table = torch.full((self.num_experts,), len(self.expert_ids), dtype=torch.int64)
+            for g, i in self._local_of.items():
+                table[g] = i
+            table = table.to(ids.device)
+            self._local_index = table
+        return table[ids]
+
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, D], topk_ids / topk_weights [T, k] -> [T, D]: sum over local experts of
+        weight * expert(x). Tokens are grouped by expert so each active expert runs one
+        gate_up and one down matmul over just its tokens."""
+        num_tokens, top_k = topk_ids.shape
+        out = torch.zeros_like(x)  # [T, D]
+        num_local = len(self.expert_ids)
+        if num_tokens == 0 or num_local == 0:
+            return out
+        local = self._to_local(topk_ids.reshape(-1))  # [T*k]
+        order = torch.argsort(local, stable=True)  # [T*k], grouped by local expert
+        # The one host sync of the layer: the per-expert token counts size the matmuls.
+        counts = torch.bincount(local, minlength=num_local + 1)[:num_local].tolist()
+        num_routed = sum(counts)
+        if num_routed == 0:
+            return out  # no token routed to the experts held here
+        order = order[:num_routed]  # drop pairs routed to experts held elsewhere
+        token_rows = order // top_k  # [N] token of each (token, expert) pair
+        x_sorted = x[token_rows]  # [N, D]
+        w_sorted = topk_weights.reshape(-1)[order]  # [N]
+        outputs: list[torch.Tensor] = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            xs = x_sorted[start : start + n]  # [n, D]
+            gate, up = F.linear(xs, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
+            outputs.append(F.linear(self.act(gate) * up, self.down_proj[e]))  # [n, D]
+            start += n
+        y = torch.cat(outputs) * w_sorted.unsqueeze(-1)  # [N, D], float32 weights
+        # index_add accumulates in pair order (expert-major), as the reference does.
+        return out.index_add_(0, token_rows, y.to(x.dtype))

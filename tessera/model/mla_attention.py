@@ -1,0 +1,98 @@
+"""Paged multi-head latent attention (MLA, DeepSeek-V2/V3) over a compressed KV cache.
+
+KV cache of one layer: ``[num_blocks, block_size, kv_lora_rank + rope_dim]``: per token only
+the normalised KV latent and the rotated, head-shared rope key, instead of full K and V per
+head. Keys and values are the latent times the halves of ``kv_b_proj``'s weight
+``[H, nope_dim + v_dim, kv_lora_rank]``: ``W_uk`` (``[H, nope_dim, r]``) and ``W_uv``
+(``[H, v_dim, r]``).
+
+Decodes use the absorbed form: ``q_nope @ W_uk`` moves the query into latent space, so scores
+and the weighted sum run against the cached latents directly and K/V are never expanded.
+Prefill chunks have many queries per sequence, so expanding their context to full K/V once
+per chunk and running SDPA is cheaper there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_latent(
+    kv_cache: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """Store the new tokens' latent [T, r] and rope key [T, dr] at their flat cache slots."""
+    entry = torch.cat((latent, k_rope), dim=-1).to(kv_cache.dtype)  # [T, r + dr]
+    kv_cache.view(-1, kv_cache.shape[-1]).index_copy_(0, slots, entry)
+
+
+def absorbed_decode(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    kv_b_weight: torch.Tensor,
+    v_head_dim: int,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence against its cached latents; returns [B, H, v_dim].
+
+    q_nope: [B, H, nope_dim]; q_rope: [B, H, dr] (rotated); block_tables: [B, max_blocks]
+    (padding blocks are masked by ``seq_lens``, [B] tokens in cache incl. the new one);
+    kv_b_weight: [H * (nope_dim + v_dim), r].
+    """
+    batch, num_heads, nope_dim = q_nope.shape
+    latent_dim = kv_cache.shape[-1]
+    rank = kv_b_weight.shape[1]
+    w_kv = kv_b_weight.view(num_heads, nope_dim + v_head_dim, rank)
+    w_uk, w_uv = w_kv.split([nope_dim, v_head_dim], dim=1)  # [H, nope, r], [H, v, r]
+    q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, H, r]
+    query = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, r + dr]
+
+    max_len = block_tables.shape[1] * kv_cache.shape[1]
+    context = kv_cache.index_select(0, block_tables.reshape(-1))
+    context = context.view(batch, max_len, latent_dim).to(q_nope.dtype)  # [B, L, r + dr]
+    scores = torch.bmm(query, context.transpose(1, 2)).float() * scale  # [B, H, L]
+    pad = torch.arange(max_len, device=q_nope.device).unsqueeze(0) >= seq_lens.unsqueeze(1)
+    scores.masked_fill_(pad.unsqueeze(1), float("-inf"))
+    probs = scores.softmax(dim=-1).to(q_nope.dtype)  # [B, H, L]
+    o_latent = torch.bmm(probs, context[..., :rank])  # [B, H, r]
+    return torch.einsum("bhr,hvr->bhv", o_latent, w_uv)  # [B, H, v]
+
+
+def expanded_prefill(
+    q_nope: torch.Tensor,
+    q_rope: torch.Tensor,
+    latent: torch.Tensor,
+    k_rope: torch.Tensor,
+    kv_b_weight: torch.Tensor,
+    v_head_dim: int,
+    num_context_tokens: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of a prefill chunk over its context plus itself; returns [n, H, v_dim].
+
+    q_nope: [n, H, nope_dim]; q_rope: [n, H, dr]; latent: [total, r] and k_rope: [total, dr]
+    for all ``total = num_context_tokens + n`` tokens of the sequence so far.
+    """
+    num_tokens, num_heads, nope_dim = q_nope.shape
+    total, rope_dim = k_rope.shape
+    kv = F.linear(latent, kv_b_weight).view(total, num_heads, nope_dim + v_head_dim)
+    k_nope, values = kv.split([nope_dim, v_head_dim], dim=-1)  # [total, H, nope], [total, H, v]
+    keys = torch.cat((k_nope, k_rope.unsqueeze(1).expand(total, num_heads, rope_dim)), dim=-1)
+    query = torch.cat((q_nope, q_rope), dim=-1)  # [n, H, nope + dr]
+    mask = None  # no context: plain causal
+    if num_context_tokens:
+        q_pos = torch.arange(num_context_tokens, total, device=q_nope.device).unsqueeze(1)
+        mask = torch.arange(total, device=q_nope.device).unsqueeze(0) <= q_pos  # [n, total]
+    o = F.scaled_dot_product_attention(
+        query.transpose(0, 1),  # [H, n, nope + dr]
+        keys.transpose(0, 1),  # [H, total, nope + dr]
+        values.transpose(0, 1),  # [H, total, v]
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+    )  # [H, n, v]
+    return o.transpose(0, 1)
+

@@ -1,0 +1,116 @@
+"""Measure Tessera's engine step by step: (step load, seconds) samples for calibration.
+
+The engine runs unmodified; only its scheduler's ``schedule`` is wrapped so each step's load is
+read before the model runs. The same samples feed :func:`tessera.sim.fit.fit_efficiency` and
+let a benchmark compare simulated and measured steps one by one.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tessera.engine.scheduler import SchedulerOutput
+from tessera.sampling_params import SamplingParams
+
+from .engine_sim import StepLoad, step_load
+from .model import ModelSpec
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One measured engine step."""
+
+    load: StepLoad
+    seconds: float
+
+
+@dataclass(frozen=True)
+class ProbeRun:
+    """A measured run: every step, and per-request latencies as a client would see them."""
+
+    samples: list[StepSample]
+    wall_s: float
+    num_output_tokens: int
+    ttft_ms: list[float]
+    tpot_ms: list[float]
+    """Per request with more than one output token: (finish - first token) / (outputs - 1)."""
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.wall_s
+
+
+def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
+                 output_tokens: list[int], kv_bytes_per_element: float) -> ProbeRun:
+    """Run ``prompts`` (greedy, ignoring EOS; all arriving at once) through ``engine`` and time
+    every step.
+
+    ``engine`` is a :class:`tessera.engine.llm_engine.LLMEngine` with no requests in flight.
+    """
+    scheduler = engine.scheduler
+    original = scheduler.schedule
+    loads: list[StepLoad | None] = []
+
+    def schedule() -> SchedulerOutput:
+        out = original()
+        loads.append(None if out.is_empty else step_load(model, out, kv_bytes_per_element))
+        return out
+
+    scheduler.schedule = schedule  # instance attribute: the class stays untouched
+    samples: list[StepSample] = []
+    first: dict[str, float] = {}
+    finish: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    tag = time.monotonic_ns()
+    try:
+        start = time.perf_counter()
+        for i, (ids, n) in enumerate(zip(prompts, output_tokens, strict=True)):
+            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+            engine.add_request(f"probe-{tag}-{i}", ids, params)
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            step = engine.step_with_deltas()
+            now = time.perf_counter()
+            load = loads[-1]
+            if load is not None:
+                samples.append(StepSample(load, now - t0))
+            for delta in step.deltas:
+                rid = delta.request_id
+                first.setdefault(rid, now)
+                counts[rid] = counts.get(rid, 0) + 1
+                if delta.finish_reason is not None:
+                    finish[rid] = now
+        wall_s = time.perf_counter() - start
+    finally:
+        del scheduler.schedule
+    ttft = [(first[r] - start) * 1e3 for r in sorted(first)]
+    tpot = [(finish[r] - first[r]) * 1e3 / (counts[r] - 1) for r in sorted(finish) if counts[r] > 1]
+    return ProbeRun(samples, wall_s, sum(counts.values()), ttft, tpot)
+
+
+def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """``num`` random prompts of ``length`` ids (distinct, so no prefix-cache hits)."""
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(num)]
+
+
+# (requests, prompt tokens, output tokens): decode at batch 1 to 32 measures weight streaming
+# and per-sequence costs; long prompts measure matmul rate and prefill attention.
+CALIBRATION_RUNS: tuple[tuple[int, int, int], ...] = (
+    (1, 32, 40), (4, 64, 40), (16, 64, 32), (32, 96, 24), (2, 1024, 2), (8, 256, 2),
+)
+
+
+def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
+                        seed: int = 0) -> list[StepSample]:
+    """Run the calibration workloads on ``engine`` and return every step's sample."""
+    vocab = int(engine.spec.vocab_size)
+    samples: list[StepSample] = []
+    for k, (num, prompt_len, out_len) in enumerate(CALIBRATION_RUNS):
+        prompts = random_prompts(num, prompt_len, vocab, seed + k)
+        run = record_steps(engine, model, prompts, [out_len] * num, kv_bytes_per_element)
+        samples += run.samples
+    return samples

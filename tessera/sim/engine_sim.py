@@ -1,0 +1,206 @@
+"""Tessera's own engine on a virtual clock: the real scheduler and block manager, modelled steps.
+
+The fleet simulator (:mod:`tessera.sim.simulator`) batches with vectorised slots so that 384
+devices and 100k requests stay fast. To predict one Tessera engine, this module instead runs
+``tessera.engine``'s :class:`Scheduler` and :class:`BlockManager` unchanged (they import no
+torch), so chunked prefill, the token budget, prefix caching and preemption behave exactly as
+in a real run. Only the model is replaced: each step's duration comes from the same roofline
+:class:`PoolCost` as every other scenario, applied to the load that the scheduler's output
+implies, plus a per-sequence host cost (Python bookkeeping, which grows with the batch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tessera.config import SchedulerConfig
+from tessera.engine.block_manager import BlockManager
+from tessera.engine.scheduler import Scheduler, SchedulerOutput
+from tessera.engine.sequence import Sequence
+from tessera.sampling_params import SamplingParams
+
+from .costmodel import PassLoad, PoolCost, PoolLayout, causal_pairs
+from .errors import SimError
+from .hardware import System
+from .model import ModelSpec
+
+
+@dataclass(frozen=True)
+class StepLoad:
+    """The work of one engine step, as plain numbers (what a step costs depends on these)."""
+
+    num_seqs: int
+    num_tokens: int
+    num_sampled: int
+    attention_flops: float
+    kv_bytes: float
+
+    def pass_load(self) -> PassLoad:
+        """The cost model's view of the step (one data-parallel group)."""
+        return PassLoad(tokens=np.array([float(self.num_tokens)]),
+                        core_flops=np.array([self.attention_flops]),
+                        kv_bytes=np.array([self.kv_bytes]),
+                        sampled=np.array([float(self.num_sampled)]))
+
+
+def step_load(model: ModelSpec, out: SchedulerOutput, kv_bytes_per_element: float) -> StepLoad:
+    """Load of a scheduled step; call before the scheduler's ``update`` advances the sequences.
+
+    A decode attends over its whole context; a prefill chunk attends causally over the cached
+    context and itself, reading the cached part and writing its own KV.
+    """
+    kv_bytes_per_token = model.kv_elements_per_token * kv_bytes_per_element * model.num_layers
+    flops = kv = 0.0
+    sampled = 0
+    for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
+        start = seq.num_computed_tokens
+        if start + n == seq.num_tokens:
+            sampled += 1
+        if n == 1:
+            flops += model.attn_flops_per_kv_decode * (start + 1) * model.num_layers
+        else:
+            flops += model.attn_flops_per_pair_prefill * causal_pairs(n, start) * model.num_layers
+        kv += kv_bytes_per_token * (start + n)
+    return StepLoad(num_seqs=len(out.seqs), num_tokens=out.num_batched_tokens,
+                    num_sampled=sampled, attention_flops=flops, kv_bytes=kv)
+
+
+class StepCost:
+    """Seconds per engine step: the pool roofline plus per-sequence host work."""
+
+    def __init__(self, system: System, model: ModelSpec, precision: str) -> None:
+        layout = PoolLayout(num_groups=1, tp=1, num_ep=1, ffn_split=False, num_micro_batches=1,
+                            precision=precision)
+        self.pool = PoolCost(system, model, layout)
+        self.seq_overhead_s = system.chip.efficiency.seq_overhead_us * 1e-6
+
+    def seconds(self, load: StepLoad) -> float:
+        return self.pool.step_s(load.pass_load()) + load.num_seqs * self.seq_overhead_s
+
+
+@dataclass(frozen=True)
+class EngineScenario:
+    """One engine (one data-parallel group) serving a list of requests.
+
+    ``arrival_s`` gives each request's arrival; None means all arrive at time 0 (an offline
+    ``LLM.generate`` call) unless ``concurrency`` is set. ``num_blocks`` should be the engine's real pool size so that
+    preemption happens where it would.
+    """
+
+    system: System
+    model: ModelSpec
+    precision: str
+    prompt_tokens: tuple[int, ...]
+    output_tokens: tuple[int, ...]
+    num_blocks: int
+    kv_bytes_per_element: float = 4.0
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    arrival_s: tuple[float, ...] | None = None
+    concurrency: int | None = None
+    """Closed loop: at most this many requests in flight, the next arriving when one ends."""
+
+
+@dataclass(frozen=True)
+class EngineSimResult:
+    """What a run of the engine would measure."""
+
+    duration_s: float
+    num_steps: int
+    num_output_tokens: int
+    num_preemptions: int
+    ttft_ms: tuple[float, ...]
+    tpot_ms: tuple[float, ...]
+    """Per request with more than one output token: (finish - first token) / (outputs - 1)."""
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.duration_s if self.duration_s > 0 else 0.0
+
+    @property
+    def tpot_ms_mean(self) -> float:
+        return float(np.mean(self.tpot_ms)) if self.tpot_ms else 0.0
+
+    @property
+    def ttft_ms_mean(self) -> float:
+        return float(np.mean(self.ttft_ms)) if self.ttft_ms else 0.0
+
+
+def simulate_engine(sc: EngineScenario, max_steps: int = 10_000_000) -> EngineSimResult:
+    """Run the scenario to completion on a virtual clock; every request finishes or we raise."""
+    num = len(sc.prompt_tokens)
+    if len(sc.output_tokens) != num or (sc.arrival_s is not None and len(sc.arrival_s) != num):
+        raise SimError("prompt_tokens, output_tokens and arrival_s need one entry per request")
+    if min(sc.output_tokens, default=1) < 1:
+        raise SimError("every request needs at least one output token")
+    longest = max((p + o for p, o in zip(sc.prompt_tokens, sc.output_tokens, strict=True)), default=0)
+    if math.ceil(longest / sc.block_size) > sc.num_blocks:
+        raise SimError(f"a request of {longest} tokens does not fit {sc.num_blocks} KV blocks")
+    cost = StepCost(sc.system, sc.model, sc.precision)
+    bm = BlockManager(sc.num_blocks, sc.block_size, sc.enable_prefix_caching)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=sc.max_num_seqs,
+                                      max_num_batched_tokens=sc.max_num_batched_tokens,
+                                      enable_chunked_prefill=sc.enable_chunked_prefill), bm)
+    if sc.concurrency is not None and (sc.concurrency < 1 or sc.arrival_s is not None):
+        raise SimError("concurrency must be at least 1 and excludes arrival_s")
+    arrivals = list(sc.arrival_s or (0.0,) * num)
+    if sc.concurrency is not None:
+        arrivals[sc.concurrency:] = [math.inf] * max(num - sc.concurrency, 0)
+    order = sorted(range(num), key=lambda i: arrivals[i])
+    seqs: list[Sequence] = []
+    next_token = 0
+    for i in range(num):
+        # Distinct token ids per request: no accidental prefix-cache hits between requests.
+        ids = list(range(next_token, next_token + sc.prompt_tokens[i]))
+        next_token += sc.prompt_tokens[i]
+        seqs.append(Sequence(str(i), ids, SamplingParams(max_tokens=sc.output_tokens[i])))
+    first = [math.nan] * num
+    finish = [math.nan] * num
+    now, num_steps, num_out, pending, num_finished = 0.0, 0, 0, 0, 0
+    for _ in range(max_steps):
+        while pending < num and arrivals[order[pending]] <= now:
+            sched.add(seqs[order[pending]])
+            pending += 1
+        if not sched.has_unfinished():
+            if pending == num:
+                break
+            now = arrivals[order[pending]]
+            continue
+        out = sched.schedule()
+        if out.is_empty:
+            raise SimError("the engine scheduler made no progress (KV pool too small?)")
+        load = step_load(sc.model, out, sc.kv_bytes_per_element)
+        now += cost.seconds(load)
+        num_steps += 1
+        sampled: list[int | None] = [
+            0 if s.num_computed_tokens + n == s.num_tokens else None
+            for s, n in zip(out.seqs, out.num_new_tokens, strict=True)
+        ]
+        sched.update(out, sampled)
+        for seq, tok in zip(out.seqs, sampled, strict=True):
+            if tok is None:
+                continue
+            i = int(seq.request_id)
+            num_out += 1
+            if seq.num_output_tokens == 1:
+                first[i] = now
+            if seq.num_output_tokens >= sc.output_tokens[i]:
+                finish[i] = now
+                sched.finish(seq, "length")
+                if sc.concurrency is not None and num_finished + sc.concurrency < num:
+                    arrivals[order[num_finished + sc.concurrency]] = now
+                num_finished += 1
+    else:
+        raise SimError(f"engine simulation did not finish within {max_steps} steps")
+    ttft = tuple((first[i] - arrivals[i]) * 1e3 for i in range(num))
+    tpot = tuple((finish[i] - first[i]) * 1e3 / (sc.output_tokens[i] - 1)
+                 for i in range(num) if sc.output_tokens[i] > 1)
+    start = min(arrivals, default=0.0)
+    return EngineSimResult(duration_s=now - start, num_steps=num_steps, num_output_tokens=num_out,
+                           num_preemptions=sched.num_preemptions, ttft_ms=ttft, tpot_ms=tpot)

@@ -1,0 +1,67 @@
+"""Fit a chip's efficiency constants to measured engine steps.
+
+The cost model has a handful of constants per chip (fractions of peak matrix rate, memory
+bandwidth and attention rate, a fixed cost per step and a host cost per sequence). Calibration
+picks the values that best explain measured steps, by coordinate search on a log scale over the
+mean squared log error: plain, dependency-free, and a few hundred cost evaluations is enough for
+five constants. The fitted constants then predict workloads they were not fitted on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import replace
+
+from .engine_probe import StepSample
+from .engine_sim import StepCost
+from .hardware import Efficiency, System
+from .model import ModelSpec
+
+FITTED = ("matmul", "memory", "attention", "step_overhead_ms", "seq_overhead_us")
+_FLOOR = {"step_overhead_ms": 1e-3, "seq_overhead_us": 1e-2}
+
+
+def _with(system: System, eff: Efficiency) -> System:
+    return replace(system, chip=replace(system.chip, efficiency=eff))
+
+
+def step_errors(system: System, model: ModelSpec, precision: str,
+                samples: Sequence[StepSample]) -> list[float]:
+    """Relative error (predicted / measured - 1) of each sample under ``system``'s constants."""
+    cost = StepCost(system, model, precision)
+    return [cost.seconds(s.load) / s.seconds - 1.0 for s in samples]
+
+
+def _loss(system: System, model: ModelSpec, precision: str,
+          samples: Sequence[StepSample]) -> float:
+    cost = StepCost(system, model, precision)
+    total = 0.0
+    for s in samples:
+        total += math.log(cost.seconds(s.load) / s.seconds) ** 2
+    return total / len(samples)
+
+
+def fit_efficiency(system: System, model: ModelSpec, precision: str,
+                   samples: Sequence[StepSample], rounds: int = 12) -> Efficiency:
+    """Efficiency constants of ``system``'s chip that best predict ``samples``."""
+    if len(samples) < len(FITTED):
+        raise ValueError(f"need at least {len(FITTED)} step samples, got {len(samples)}")
+    eff = system.chip.efficiency
+    eff = replace(eff, **{k: max(getattr(eff, k), _FLOOR.get(k, 1e-3)) for k in FITTED})
+    best = _loss(_with(system, eff), model, precision, samples)
+    step = 2.0
+    for _ in range(rounds):
+        for name in FITTED:
+            for factor in (step, 1.0 / step):
+                while True:
+                    value = getattr(eff, name) * factor
+                    if name in ("matmul", "memory", "attention") and value > 1.5:
+                        break  # a fraction of a measured peak; a little over 1 absorbs noise
+                    trial = replace(eff, **{name: value})
+                    loss = _loss(_with(system, trial), model, precision, samples)
+                    if loss >= best:
+                        break
+                    eff, best = trial, loss
+        step = math.sqrt(step)
+    return eff

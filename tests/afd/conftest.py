@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    """Fail a hung test instead of hanging the suite (these tests drive worker processes)."""
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("test exceeded its watchdog")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def worker_pids() -> list[int]:
+    """Live (not zombie) worker processes whose parent is this test process."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        state, ppid = stat[0], int(stat[1])
+        if "tessera.afd." in cmd and ppid == os.getpid() and state != "Z":
+            pids.append(int(proc.name))
+    return pids

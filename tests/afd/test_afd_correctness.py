@@ -1,0 +1,98 @@
+"""Disaggregated serving gives the single-process engine's greedy tokens at every A:F ratio,
+with and without micro-batching, under mixed prompt lengths, chunked prefill and an abort."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+import pytest
+
+from tessera import LLM, SamplingParams
+from tessera.afd.trace import hidden_transfer_fraction
+from tests.afd.conftest import worker_pids
+
+COMMON = dict(
+    dtype="float32",
+    device="cpu",
+    kv_cache_memory=1 << 22,
+    num_threads=1,
+    max_num_batched_tokens=24,  # the 40-token prompt is prefilled in chunks
+    block_size=8,
+)
+LENGTHS = [3, 40, 11, 1, 17, 6]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(0, 256) for _ in range(n)] for n in LENGTHS]
+
+
+def _run(llm: LLM) -> tuple[dict[str, list[int]], bool]:
+    """Generate for every prompt, aborting request "a" once it has its first token; returns
+    the tokens of the others and whether the abort went through."""
+    engine = llm.engine
+    for i, prompt in enumerate(_prompts()):
+        engine.add_request(str(i), prompt, GREEDY)
+    engine.add_request("a", [7] * 9, SamplingParams(temperature=0.0, max_tokens=900,
+                                                    ignore_eos=True))
+    results: dict[str, list[int]] = {}
+    aborted = False
+    while engine.has_unfinished_requests():
+        step = engine.step_with_deltas()
+        for out in step.finished:
+            assert out.outputs[0].finish_reason == "length", out.outputs[0]
+            results[out.request_id] = out.outputs[0].token_ids
+        if not aborted and any(d.request_id == "a" for d in step.deltas):
+            aborted = engine.abort_request("a")
+    return results, aborted
+
+
+@pytest.fixture(scope="module")
+def reference(model_factory):
+    path, _ = model_factory("llama")
+    results, aborted = _run(LLM(str(path), **COMMON))
+    assert aborted and len(results) == len(LENGTHS)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("num_attention", "num_ffn", "num_micro_batches"),
+    [(1, 1, 2), (2, 1, 1), (1, 2, 2), (3, 2, 2)],
+)
+def test_greedy_tokens_match_single_process(
+    model_factory, reference, tmp_path, num_attention, num_ffn, num_micro_batches
+):
+    path, _ = model_factory("llama")
+    trace = tmp_path / "trace.json"
+    llm = LLM(str(path), attention_workers=num_attention, ffn_workers=num_ffn,
+              micro_batches=num_micro_batches, trace_path=str(trace), **COMMON)
+    try:
+        assert len(worker_pids()) == num_attention + num_ffn
+        results, aborted = _run(llm)
+        assert aborted
+        assert results == reference
+        # Stats follow the workers' reports: the abort shows once its worker handled it.
+        deadline = time.monotonic() + 10
+        while llm.engine.stats()["num_running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert llm.engine.stats()["num_running"] == 0
+    finally:
+        llm.close()
+    assert worker_pids() == []
+    # The trace has every worker's spans: attention and transfers on attention workers,
+    # compute on FFN workers, for every layer.
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert names == {f"attn{i}" for i in range(num_attention)} | {
+        f"ffn{i}" for i in range(num_ffn)}
+    cats = {(e["pid"], e["cat"]) for e in events if e["ph"] == "X"}
+    for rank in range(num_attention + num_ffn):
+        want = ("attn", "send", "wait", "step") if rank < num_attention else ("ffn", "recv")
+        assert all((rank, c) in cats for c in want), (rank, cats)
+    layers = {e["args"]["layer"] for e in events if e["ph"] == "X" and e["cat"] == "ffn"}
+    assert layers == {0, 1}
+    hidden = hidden_transfer_fraction(events)
+    assert hidden is not None and 0.0 <= hidden <= 1.0

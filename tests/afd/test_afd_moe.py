@@ -1,0 +1,44 @@
+"""MoE models disaggregated: router on the attention workers, experts split over the FFN
+workers. Greedy tokens equal the single-process engine's whatever the expert partition."""
+
+from __future__ import annotations
+
+import pytest
+
+from tessera import LLM, SamplingParams
+from tests.afd.conftest import worker_pids
+from tests.afd.test_afd_correctness import COMMON, _prompts
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def reference(model_factory):
+    # Qwen2-MoE: 8 experts, top-2, a gated shared expert, and a dense layer in between.
+    path, _ = model_factory("qwen2-moe")
+    outs = LLM(str(path), **COMMON).generate(_prompts(), GREEDY, use_tqdm=False)
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize(
+    ("num_attention", "num_ffn", "num_micro_batches"), [(1, 3, 2), (2, 2, 1)]
+)
+def test_moe_tokens_match_whatever_the_partition(
+    model_factory, reference, num_attention, num_ffn, num_micro_batches
+):
+    path, _ = model_factory("qwen2-moe")
+    llm = LLM(str(path), attention_workers=num_attention, ffn_workers=num_ffn,
+              micro_batches=num_micro_batches, **COMMON)
+    try:
+        outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
+    finally:
+        llm.close()
+    assert [o.outputs[0].token_ids for o in outs] == reference
+    assert worker_pids() == []
+
+
+def test_more_ffn_workers_than_experts_is_refused(model_factory):
+    path, _ = model_factory("qwen2-moe")
+    with pytest.raises(ValueError, match=r"ffn_workers \(9\) exceeds the number of experts \(8\)"):
+        LLM(str(path), attention_workers=1, ffn_workers=9, **COMMON)
+    assert worker_pids() == []

@@ -1,0 +1,71 @@
+"""Pure pieces of disaggregated serving: micro-batch split, FFN placement, dense shards, config
+validation, trace metric (no processes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tessera.afd.attention_runner import split_micro_batches
+from tessera.afd.config import AFDConfig
+from tessera.afd.dataplane import brief
+from tessera.afd.ffn_shard import DenseFFNShard
+from tessera.afd.placement import expert_ids_of, expert_owners, shard_range
+from tessera.afd.trace import hidden_transfer_fraction
+from tessera.model.dense import DenseFFNUnit
+from tessera.model.loader import load_model
+
+
+def test_split_micro_batches_balances_tokens_and_keeps_order():
+    groups = split_micro_batches([1, 1, 30, 1, 12, 1], 2)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert all(g == sorted(g) for g in groups)
+    loads = [sum([1, 1, 30, 1, 12, 1][i] for i in g) for g in groups]
+    assert max(loads) == 30  # the long chunk alone; everything else on the other side
+    assert split_micro_batches([1, 1], 4) == [[0], [1]]  # never an empty micro-batch
+    assert split_micro_batches([5], 1) == [[0]]
+
+
+def test_placement_covers_everything_once():
+    for size, shards in [(10, 3), (8, 8), (7, 2), (128, 5)]:
+        ranges = [shard_range(size, shards, i) for i in range(shards)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == size
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert max(e - s for s, e in ranges) - min(e - s for s, e in ranges) <= 1
+    owners = expert_owners(8, 3)
+    for f in range(3):
+        assert [e for e in range(8) if owners[e] == f] == expert_ids_of(8, 3, f)
+
+
+def test_dense_shards_sum_to_the_unit(model_factory):
+    path, _ = model_factory("llama")
+    _, model = load_model(path, "float32", torch.device("cpu"))
+    unit = model.units()[1]
+    assert isinstance(unit, DenseFFNUnit)
+    hidden = torch.randn(5, model.spec.hidden_size)
+    normed = unit.norm(hidden)
+    inter = model.spec.intermediate_size
+    partials = [
+        DenseFFNShard(unit, *shard_range(inter, 3, i), i == 0, model.spec.hidden_act)(normed)
+        for i in range(3)
+    ]
+    torch.testing.assert_close(hidden + sum(partials), unit(hidden), rtol=1e-5, atol=1e-5)
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="attention_workers must be an integer of at least 1"):
+        AFDConfig(attention_workers=0)
+    with pytest.raises(ValueError, match="micro_batches must be at most 16"):
+        AFDConfig(micro_batches=17)
+    with pytest.raises(ValueError, match="failure_detect_s"):
+        AFDConfig(heartbeat_interval_s=2.0, failure_detect_s=1.0)
+    assert AFDConfig(attention_workers=3, ffn_workers=2).ffn_ranks() == [3, 4]
+
+
+def test_trace_metric_and_error_brief():
+    events = [{"cat": "send", "dur": 100}, {"cat": "wait", "dur": 25}, {"cat": "attn", "dur": 9}]
+    assert hidden_transfer_fraction(events) == pytest.approx(0.75)
+    assert hidden_transfer_fraction([]) is None
+    error = RuntimeError("[/x/gloo/pair.cc:537] Read error [127.0.0.1]:1: Connection reset by "
+                         "peer. This is typically caused by a remote worker hanging. GLHF!")
+    assert brief(error) == "Read error [127.0.0.1]:1: Connection reset by peer"
