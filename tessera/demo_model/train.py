@@ -2,8 +2,8 @@
 
     python -m tessera.demo_model.train [--out DIR] [--steps N]
 
-Runs on CPU in a few minutes and is deterministic: fixed seeds, a fixed thread count (2),
-torch's deterministic algorithms, examples drawn from a seeded ``random.Random``. The result is
+Runs on CPU and is deterministic on a given CPU and torch build: fixed seeds, a fixed thread
+count (2), torch's deterministic algorithms, examples drawn from a seeded ``random.Random``. The result is
 a Hugging Face model directory (``LlamaForCausalLM``, float16 safetensors) with a
 character-level tokenizer and a chat template; by default it overwrites the copy shipped in this
 package. Each training sequence is one chat rendered exactly as the chat template renders it,
