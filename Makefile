@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-deps clean
+.PHONY: demo test lint bench bench-deps demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m tessera.demo
 
+# Retrain the bundled demo model (deterministic; a few minutes on 2 CPU cores).
+demo-model: $(STAMP)
+	$(BIN)/python -m tessera.demo_model.train
+
 lint: $(STAMP)
 	$(BIN)/ruff check tessera tests benchmarks
 	$(BIN)/mypy tessera
@@ -25,14 +29,16 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest tests
 
-# Peers for the benchmarks: llama-cpp-python builds llama.cpp from source (~5 minutes on 2 cores).
+# Peers for the benchmarks: llama-cpp-python builds llama.cpp from source (~5 minutes on 2 cores);
+# its [server] extra brings the OpenAI-compatible server benchmarks/serving.py runs.
 bench-deps: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q \
-		--no-binary llama-cpp-python llama-cpp-python==0.3.36 sentencepiece
+		--no-binary llama-cpp-python 'llama-cpp-python[server]==0.3.36' sentencepiece
 
 bench: bench-deps
 	$(BIN)/python benchmarks/offline_throughput.py
 	$(BIN)/python benchmarks/prefix_caching.py
+	$(BIN)/python benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,8 @@ def _build_generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a completion for one prompt")
     p.add_argument("model", help="Hugging Face model directory")
     p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message through the model's chat template")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -33,6 +35,20 @@ def _build_serve_parser(sub: argparse._SubParsersAction) -> None:
     add_serve_parser(sub)
 
 
+def _chat_prompt_ids(model: str, text: str) -> list[int]:
+    """Token ids of ``text`` as one user message rendered with the model's chat template."""
+    from tessera.engine.detokenizer import load_tokenizer
+
+    tok = load_tokenizer(model)
+    if tok is None or not getattr(tok, "chat_template", None):
+        raise ValueError(f"--chat needs a tokenizer with a chat_template in {model!r}")
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
+    # The template holds any special tokens itself; adding them again would double them.
+    return list(tok.encode(rendered, add_special_tokens=False))
+
+
 def _generate(args: argparse.Namespace) -> int:
     from tessera import LLM, SamplingParams
 
@@ -42,10 +58,14 @@ def _generate(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         max_tokens=args.max_tokens,
     )
+    chat_ids = _chat_prompt_ids(args.model, args.prompt) if args.chat else None
     llm = LLM.from_config(engine_config_from_args(args))
     try:
         start_s = time.perf_counter()
-        out = llm.generate([args.prompt], params, use_tqdm=False)[0]
+        if chat_ids is not None:
+            out = llm.generate([chat_ids], params, use_tqdm=False)[0]
+        else:
+            out = llm.generate([args.prompt], params, use_tqdm=False)[0]
         elapsed_s = time.perf_counter() - start_s
     finally:
         llm.close()  # stops disaggregated workers and writes --trace

@@ -1,4 +1,4 @@
-"""Random-weight Hugging Face models, for tests, benchmarks and the demo.
+"""Random-weight Hugging Face models, for tests and benchmarks.
 
 Models are built with transformers ``from_config`` and saved with ``save_pretrained``, with a
 byte-level tokenizer (256 byte tokens plus ``<s>`` and ``</s>``), so everything runs without

@@ -6,7 +6,13 @@ import json
 
 import pytest
 
-from tessera.bench.datasets import prefix_requests, random_requests, sharegpt_requests
+from tessera.bench.datasets import (
+    BenchRequest,
+    as_text_prompts,
+    prefix_requests,
+    random_requests,
+    sharegpt_requests,
+)
 from tessera.bench.serve import RequestResult, bench_serve_main, summarize
 from tests.test_serve_util import ServerProcess, build_server_model
 
@@ -87,3 +93,20 @@ def test_bench_reports_failures(server, capsys):
                            "--no-progress"])  # fmt: skip
     assert rc == 1
     assert "HTTP 404" in capsys.readouterr().out
+
+
+def test_text_prompts_use_whole_word_pieces(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "▁hello": 1, "▁world": 2, "lo": 3, "▁": 4}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>").save_pretrained(tmp_path)
+    reqs = [BenchRequest([0, 1, 2, 7], 3), BenchRequest("already text", 2)]
+    out = as_text_prompts(reqs, str(tmp_path))
+    # ids pick among the whole-word pieces (ids 1 and 2) by position in that list
+    assert out == [BenchRequest("hello world hello world", 3), BenchRequest("already text", 2)]
+    fast = PreTrainedTokenizerFast.from_pretrained(tmp_path)
+    assert len(fast.encode(out[0].prompt, add_special_tokens=False)) == 4

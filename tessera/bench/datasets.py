@@ -87,3 +87,29 @@ def sharegpt_requests(
     random.Random(seed).shuffle(pairs)
     # Cycle when the file holds fewer conversations than requested prompts.
     return [pairs[i % len(pairs)] for i in range(num_prompts)]
+
+
+def as_text_prompts(requests: list[BenchRequest], tokenizer_dir: str) -> list[BenchRequest]:
+    """The same requests with token-id prompts turned into text, for servers that take only
+    text (llama-cpp-python's). Each id picks one of the tokenizer's whole-word pieces (those
+    starting with a word boundary marker), so the text tokenizes back to about as many tokens;
+    exact counts come back in the server's ``usage`` where it sends one."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    # "▁" marks a word start in SentencePiece-style vocabularies, "Ġ" in byte-level BPE ones.
+    words = [
+        i for i, p in enumerate(pieces)
+        if isinstance(p, str) and p[:1] in ("▁", "Ġ") and p[1:].isalpha() and p[1:].isascii()
+    ]  # fmt: skip
+    if not words:
+        raise ValueError(f"the tokenizer in {tokenizer_dir} has no whole-word pieces")
+    out = []
+    for req in requests:
+        if isinstance(req.prompt, str):
+            out.append(req)
+            continue
+        ids = [words[t % len(words)] for t in req.prompt]
+        out.append(BenchRequest(str(tok.decode(ids)).strip(), req.num_output_tokens))
+    return out

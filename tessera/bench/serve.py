@@ -3,7 +3,7 @@
 Every request streams from ``/v1/completions``: TTFT is the time to the first chunk that
 carries tokens, ITL the gaps between later chunks, TPOT ``(e2e - ttft) / (tokens - 1)``.
 Token counts come from the server's ``usage`` (``stream_options.include_usage``) when it sends
-one, else from the number of chunks. Works against Tessera, vLLM, SGLang or llama.cpp.
+one, else from the number of chunks that carry text. Works against Tessera, vLLM, SGLang or llama.cpp.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from tessera.bench.datasets import (
     BenchRequest,
+    as_text_prompts,
     prefix_requests,
     random_requests,
     sharegpt_requests,
@@ -58,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-range-ratio", type=float, default=0.0)
     p.add_argument("--random-vocab-size", type=int, default=256,
                    help="token ids of random prompts are drawn from [0, N)")  # fmt: skip
+    p.add_argument("--text-prompts", default=None, metavar="TOKENIZER_DIR",
+                   help="send random/prefix prompts as text built from this tokenizer's words "
+                   "(for servers that take only text prompts)")  # fmt: skip
     p.add_argument("--prefix-len", type=int, default=256)
     p.add_argument("--num-prefixes", type=int, default=4)
     p.add_argument("--sharegpt-output-len", type=int, default=None)
@@ -76,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _requests(args: argparse.Namespace) -> list[BenchRequest]:
+    requests = _dataset_requests(args)
+    return as_text_prompts(requests, args.text_prompts) if args.text_prompts else requests
+
+
+def _dataset_requests(args: argparse.Namespace) -> list[BenchRequest]:
     if args.dataset == "random":
         return random_requests(args.num_prompts, args.random_input_len, args.random_output_len,
                                args.random_range_ratio, args.random_vocab_size, args.seed)  # fmt: skip
@@ -130,7 +139,8 @@ async def _one(
                 if chunk.get("usage"):
                     result.num_prompt_tokens = chunk["usage"].get("prompt_tokens", 0)
                     result.num_output_tokens = chunk["usage"].get("completion_tokens", 0)
-                if not chunk.get("choices"):
+                # A closing chunk with only a finish_reason (llama.cpp sends one) is no token.
+                if not any(c.get("text") for c in chunk.get("choices") or []):
                     continue
                 now_s = time.perf_counter()
                 if num_chunks == 0:

@@ -1,0 +1,88 @@
+"""The demo model's synthetic chat tasks: addition, copying and reversing (pure Python).
+
+Training (``tessera.demo_model.train``), the demo and the tests draw questions from here, so
+the held-out rule is defined once: an addition pair is held out when a fixed hash of it falls in
+one residue class, and training never sees those pairs.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from dataclasses import dataclass
+
+MAX_OPERAND_DIGITS = 3
+MIN_WORD_CHARS, MAX_WORD_CHARS = 2, 8
+_HELD_OUT_MODULUS = 50
+
+
+@dataclass(frozen=True)
+class Example:
+    """One chat turn: the user's question and the assistant's checkable answer."""
+
+    question: str
+    answer: str
+
+
+def is_held_out(a: int, b: int) -> bool:
+    """Whether the addition ``a + b`` is reserved for evaluation (about 2% of pairs)."""
+    return (a * 7919 + b * 104729 + 17) % _HELD_OUT_MODULUS == 0
+
+
+def _operand(rng: random.Random) -> int:
+    # Digit counts are drawn uniformly so 3-digit sums with carries are common, not rare.
+    num_digits = rng.randint(1, MAX_OPERAND_DIGITS)
+    low = 0 if num_digits == 1 else 10 ** (num_digits - 1)
+    return rng.randint(low, 10**num_digits - 1)
+
+
+def addition(a: int, b: int, spaced: bool = False) -> Example:
+    """``What is 347+58?`` -> ``405`` (or ``What is 347 + 58?`` when ``spaced``)."""
+    op = " + " if spaced else "+"
+    return Example(f"What is {a}{op}{b}?", str(a + b))
+
+
+def addition_pair(rng: random.Random, held_out: bool) -> tuple[int, int]:
+    """A random operand pair from the training pairs or from the held-out pairs."""
+    while True:
+        a, b = _operand(rng), _operand(rng)
+        if is_held_out(a, b) == held_out:
+            return a, b
+
+
+def word(rng: random.Random) -> str:
+    """A random lowercase string for the copy and reverse tasks."""
+    n = rng.randint(MIN_WORD_CHARS, MAX_WORD_CHARS)
+    return "".join(rng.choice(string.ascii_lowercase) for _ in range(n))
+
+
+def copy(text: str) -> Example:
+    return Example(f"Copy: {text}", text)
+
+
+def reverse(text: str) -> Example:
+    return Example(f"Reverse: {text}", text[::-1])
+
+
+def training_example(rng: random.Random) -> Example:
+    """One training example: addition most of the time (the hardest task), else copy/reverse."""
+    r = rng.random()
+    if r < 0.7:
+        a, b = addition_pair(rng, held_out=False)
+        return addition(a, b, spaced=rng.random() < 0.25)
+    if r < 0.85:
+        return copy(word(rng))
+    return reverse(word(rng))
+
+
+def held_out_additions(num: int, seed: int = 1234) -> list[Example]:
+    """``num`` distinct held-out addition questions (deterministic for a seed)."""
+    rng = random.Random(seed)
+    seen: set[tuple[int, int]] = set()
+    out: list[Example] = []
+    while len(out) < num:
+        pair = addition_pair(rng, held_out=True)
+        if pair not in seen:
+            seen.add(pair)
+            out.append(addition(*pair))
+    return out
