@@ -56,6 +56,17 @@ class Experts(nn.Module):
             self._local_index = table
         return table[ids]
 
+    def _expert(self, e: int, xs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Local expert ``e`` on xs [n, D] -> [n, D] (written into ``out`` when given)."""
+        gate_up = F.linear(xs, self.gate_up_proj[e])  # [n, 2I]
+        gate, up = gate_up.chunk(2, dim=-1)  # [n, I] views
+        hidden = self.act(gate).mul_(up)  # [n, I]; one fresh buffer, multiplied in place
+        if out is None:
+            return F.linear(hidden, self.down_proj[e])
+        if torch.is_grad_enabled():  # out= is inference-only; the runner never records grads
+            return out.copy_(F.linear(hidden, self.down_proj[e]))
+        return torch.matmul(hidden, self.down_proj[e].t(), out=out)
+
     def forward(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -63,30 +74,46 @@ class Experts(nn.Module):
         weight * expert(x). Tokens are grouped by expert so each active expert runs one
         gate_up and one down matmul over just its tokens."""
         num_tokens, top_k = topk_ids.shape
-        out = torch.zeros_like(x)  # [T, D]
         num_local = len(self.expert_ids)
         if num_tokens == 0 or num_local == 0:
-            return out
+            return torch.zeros_like(x)
+        if num_tokens == 1:
+            return self._forward_one(x, topk_ids, topk_weights)
         local = self._to_local(topk_ids.reshape(-1))  # [T*k]
         order = torch.argsort(local, stable=True)  # [T*k], grouped by local expert
         # The one host sync of the layer: the per-expert token counts size the matmuls.
         counts = torch.bincount(local, minlength=num_local + 1)[:num_local].tolist()
         num_routed = sum(counts)
+        out = torch.zeros_like(x)  # [T, D]
         if num_routed == 0:
-            return out  # no token routed to the experts held here
+            return out
         order = order[:num_routed]  # drop pairs routed to experts held elsewhere
         token_rows = order // top_k  # [N] token of each (token, expert) pair
         x_sorted = x[token_rows]  # [N, D]
         w_sorted = topk_weights.reshape(-1)[order]  # [N]
-        outputs: list[torch.Tensor] = []
+        # Each expert writes its rows straight into one buffer (no per-expert list + cat).
+        y = x.new_empty(num_routed, x.shape[1])  # [N, D]
         start = 0
         for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            xs = x_sorted[start : start + n]  # [n, D]
-            gate, up = F.linear(xs, self.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-            outputs.append(F.linear(self.act(gate) * up, self.down_proj[e]))  # [n, D]
-            start += n
-        y = torch.cat(outputs) * w_sorted.unsqueeze(-1)  # [N, D], float32 weights
+            if n:
+                self._expert(e, x_sorted[start : start + n], out=y[start : start + n])
+                start += n
+        y = y.mul_(w_sorted.unsqueeze(-1))  # [N, D]; float32 weights, product rounded once
         # index_add accumulates in pair order (expert-major), as the reference does.
-        return out.index_add_(0, token_rows, y.to(x.dtype))
+        return out.index_add_(0, token_rows, y)
+
+    def _forward_one(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """One token (batch-1 decode): run its k experts directly, in increasing expert id
+        order like the grouped path, without sorting, counting or scattering."""
+        ids = topk_ids[0].tolist()
+        weights = topk_weights[0].tolist()
+        out: torch.Tensor | None = None
+        for global_id, w in sorted(zip(ids, weights, strict=True)):
+            e = self._local_of.get(global_id)
+            if e is None:
+                continue  # held by another shard
+            y = self._expert(e, x)  # [1, D]
+            out = y.mul_(w) if out is None else out.add_(y, alpha=w)
+        return torch.zeros_like(x) if out is None else out
