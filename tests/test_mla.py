@@ -15,7 +15,12 @@ from tessera import LLM, SamplingParams
 from tessera.engine.model_runner import ModelRunner
 from tessera.model.layers import RotaryEmbedding, _inv_freq, rope_attention_factor
 from tessera.model.loader import ModelLoadError, load_model
-from tessera.model.mla_attention import absorbed_decode, expanded_prefill, write_latent
+from tessera.model.mla_attention import (
+    _length_groups,
+    absorbed_decode,
+    expanded_prefill,
+    write_latent,
+)
 from tests.models import reference_gaps
 
 # Greedy argmax checks barely see attention details on flat random models, so these tests
@@ -129,6 +134,28 @@ def test_absorbed_decode_equals_expanded_attention():
         pre = expanded_prefill(q_nope[b : b + 1], q_rope[b : b + 1], rows[:, :rank],
                                rows[:, rank:], w_kv, v_dim, n - 1, scale)
         torch.testing.assert_close(pre[0].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_absorbed_decode_length_groups_match_one_padded_batch():
+    """A batch with very different lengths is split into length groups (less padding);
+    each sequence's output must equal the naive attention over its own rows."""
+    heads, nope, rope_dim, rank, v_dim, bs = 2, 8, 4, 12, 6, 2
+    num_seqs, num_blocks = 10, 200
+    cache = _random_latent_cache(num_blocks, bs, rank, rope_dim)
+    w_kv = torch.randn(heads * (nope + v_dim), rank) * 0.3
+    lens = [1, 40, 3, 2, 37, 5, 1, 4, 2, 3]  # most short, two long: groups kick in
+    perm = torch.randperm(num_blocks)
+    width = max(-(-n // bs) for n in lens)
+    tables = perm[: num_seqs * width].view(num_seqs, width)
+    seq_lens = torch.tensor(lens)
+    groups = _length_groups(seq_lens, bs)
+    assert groups is not None and sorted(int(r) for g, _ in groups for r in g) == list(range(10))
+    q_nope, q_rope = torch.randn(num_seqs, heads, nope), torch.randn(num_seqs, heads, rope_dim)
+    out = absorbed_decode(q_nope, q_rope, cache, tables, seq_lens, w_kv, v_dim, 0.4)
+    for b in range(num_seqs):
+        rows = cache[tables[b]].view(-1, rank + rope_dim)[: lens[b]]
+        want = _naive(q_nope[b], q_rope[b], rows[:, :rank], rows[:, rank:], w_kv, v_dim, 0.4)
+        torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_yarn_rope_tables_match_reference(model_factory):

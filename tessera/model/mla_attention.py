@@ -43,22 +43,72 @@ def absorbed_decode(
     kv_b_weight: [H * (nope_dim + v_dim), r].
     """
     batch, num_heads, nope_dim = q_nope.shape
-    latent_dim = kv_cache.shape[-1]
     rank = kv_b_weight.shape[1]
     w_kv = kv_b_weight.view(num_heads, nope_dim + v_head_dim, rank)
     w_uk, w_uv = w_kv.split([nope_dim, v_head_dim], dim=1)  # [H, nope, r], [H, v, r]
-    q_latent = torch.einsum("bhn,hnr->bhr", q_nope, w_uk)  # [B, H, r]
+    q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)  # [B, H, r]
     query = torch.cat((q_latent, q_rope), dim=-1)  # [B, H, r + dr]
 
+    groups = _length_groups(seq_lens, kv_cache.shape[1])
+    if groups is None:
+        o_latent = _latent_attention(query, kv_cache, block_tables, seq_lens, rank, scale)
+    else:
+        o_latent = query.new_empty(batch, num_heads, rank)
+        for rows, num_blocks in groups:
+            o_latent[rows] = _latent_attention(
+                query[rows], kv_cache, block_tables[rows, :num_blocks], seq_lens[rows],
+                rank, scale,
+            )  # [b, H, r]
+    return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
+
+
+# Split a decode batch by length only when padding to the longest sequence would waste this
+# share of the gathered context; each split adds a handful of small ops per layer.
+_MAX_PADDING_SHARE = 0.25
+_MAX_GROUPS = 4
+
+
+def _length_groups(
+    seq_lens: torch.Tensor, block_size: int
+) -> list[tuple[torch.Tensor, int]] | None:
+    """Sequences grouped by similar length as (row ids [b], blocks needed), or None when one
+    padded batch wastes little. Rows are sorted by length and cut into equal-count groups."""
+    batch = seq_lens.shape[0]
+    if batch < 2 * _MAX_GROUPS:
+        return None
+    lens = seq_lens.tolist()
+    blocks = [-(-n // block_size) for n in lens]
+    padded = max(blocks) * batch
+    if sum(blocks) > (1 - _MAX_PADDING_SHARE) * padded:
+        return None
+    order = sorted(range(batch), key=blocks.__getitem__)
+    size = -(-batch // _MAX_GROUPS)
+    groups = []
+    for i in range(0, batch, size):
+        rows = order[i : i + size]
+        groups.append((torch.tensor(rows, device=seq_lens.device), blocks[rows[-1]]))
+    return groups
+
+
+def _latent_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    rank: int,
+    scale: float,
+) -> torch.Tensor:
+    """query [b, H, r + dr] over the latents of ``block_tables`` [b, nb] -> [b, H, r]."""
+    batch = query.shape[0]
+    latent_dim = kv_cache.shape[-1]
     max_len = block_tables.shape[1] * kv_cache.shape[1]
     context = kv_cache.index_select(0, block_tables.reshape(-1))
-    context = context.view(batch, max_len, latent_dim).to(q_nope.dtype)  # [B, L, r + dr]
-    scores = torch.bmm(query, context.transpose(1, 2)).float() * scale  # [B, H, L]
-    pad = torch.arange(max_len, device=q_nope.device).unsqueeze(0) >= seq_lens.unsqueeze(1)
+    context = context.view(batch, max_len, latent_dim).to(query.dtype)  # [b, L, r + dr]
+    scores = torch.bmm(query, context.transpose(1, 2)).float() * scale  # [b, H, L]
+    pad = torch.arange(max_len, device=query.device).unsqueeze(0) >= seq_lens.unsqueeze(1)
     scores.masked_fill_(pad.unsqueeze(1), float("-inf"))
-    probs = scores.softmax(dim=-1).to(q_nope.dtype)  # [B, H, L]
-    o_latent = torch.bmm(probs, context[..., :rank])  # [B, H, r]
-    return torch.einsum("bhr,hvr->bhv", o_latent, w_uv)  # [B, H, v]
+    probs = scores.softmax(dim=-1).to(query.dtype)  # [b, H, L]
+    return torch.bmm(probs, context[..., :rank])  # [b, H, r]
 
 
 def expanded_prefill(
