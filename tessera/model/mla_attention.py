@@ -53,12 +53,18 @@ def absorbed_decode(
     if groups is None:
         o_latent = _latent_attention(query, kv_cache, block_tables, seq_lens, rank, scale)
     else:
-        o_latent = query.new_empty(batch, num_heads, rank)
-        for rows, num_blocks in groups:
-            o_latent[rows] = _latent_attention(
-                query[rows], kv_cache, block_tables[rows, :num_blocks], seq_lens[rows],
+        # Sort once by length; each group is then a contiguous slice, unsorted once at the end.
+        order, bounds = groups
+        query, block_tables, seq_lens = query[order], block_tables[order], seq_lens[order]
+        parts = [
+            _latent_attention(
+                query[lo:hi], kv_cache, block_tables[lo:hi, :num_blocks], seq_lens[lo:hi],
                 rank, scale,
             )  # [b, H, r]
+            for lo, hi, num_blocks in bounds
+        ]
+        o_latent = query.new_empty(batch, num_heads, rank)
+        o_latent[order] = torch.cat(parts)  # [B, H, r], back in batch order
     return torch.bmm(o_latent.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)  # [B, H, v]
 
 
@@ -70,9 +76,12 @@ _MAX_GROUPS = 4
 
 def _length_groups(
     seq_lens: torch.Tensor, block_size: int
-) -> list[tuple[torch.Tensor, int]] | None:
-    """Sequences grouped by similar length as (row ids [b], blocks needed), or None when one
-    padded batch wastes little. Rows are sorted by length and cut into equal-count groups."""
+) -> tuple[torch.Tensor, list[tuple[int, int, int]]] | None:
+    """Sequences grouped by similar length, or None when one padded batch wastes little.
+
+    Returns (order [B] int64: batch rows sorted by length, [(lo, hi, blocks needed)] slices
+    of ``order``), equal-count groups in increasing length.
+    """
     batch = seq_lens.shape[0]
     if batch < 2 * _MAX_GROUPS:
         return None
@@ -83,11 +92,11 @@ def _length_groups(
         return None
     order = sorted(range(batch), key=blocks.__getitem__)
     size = -(-batch // _MAX_GROUPS)
-    groups = []
-    for i in range(0, batch, size):
-        rows = order[i : i + size]
-        groups.append((torch.tensor(rows, device=seq_lens.device), blocks[rows[-1]]))
-    return groups
+    bounds = [
+        (lo, min(lo + size, batch), blocks[order[min(lo + size, batch) - 1]])
+        for lo in range(0, batch, size)
+    ]
+    return torch.tensor(order, device=seq_lens.device), bounds
 
 
 def _latent_attention(
