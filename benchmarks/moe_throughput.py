@@ -14,9 +14,10 @@ Workload: the same shape as ``offline_throughput.py`` (``make_workload``: prompt
 tokens, outputs of 16..256, EOS ignored), each engine in a fresh process with the same threads
 and OpenMP wait policy. Peers: transformers ``generate`` (static left-padded batches) and
 llama.cpp (llama-cpp-python, continuous batching; the model is converted to an f32 GGUF with
-llama.cpp's own converter). A peer that cannot run a model is reported as skipped.
+llama.cpp's own converter, which handles all four models, DeepSeek-V3 included). A peer that
+cannot run a model is reported as skipped.
 
-    python benchmarks/moe_throughput.py [--models mixtral,qwen3-moe] [--num-requests 64]
+    python benchmarks/moe_throughput.py [--models mixtral,qwen3-moe,deepseek-v3] [--num-requests 64]
         [--threads 2] [--peers hf,llamacpp] [--json out.json]
 """
 
@@ -75,7 +76,7 @@ MODELS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
 }
-DEFAULT_MODELS = "mixtral,qwen3-moe"
+DEFAULT_MODELS = "mixtral,qwen3-moe,deepseek-v3"
 
 
 def build(name: str) -> str:
