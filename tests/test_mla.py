@@ -160,6 +160,25 @@ def test_absorbed_decode_length_groups_match_one_padded_batch():
         torch.testing.assert_close(out[b].double(), want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_context_tokens", [0, 5])
+def test_prefill_plain_attention_equals_sdpa(monkeypatch, num_context_tokens):
+    """Small CPU prefill chunks use explicit scores; they must match the SDPA path."""
+    import tessera.model.mla_attention as mla_attention
+
+    torch.manual_seed(1)
+    heads, nope, rope_dim, rank, v_dim, n = 3, 8, 4, 12, 6, 7
+    total = num_context_tokens + n
+    q_nope, q_rope = torch.randn(n, heads, nope), torch.randn(n, heads, rope_dim)
+    latent, k_rope = torch.randn(total, rank), torch.randn(total, rope_dim)
+    w_kv = torch.randn(heads * (nope + v_dim), rank) * 0.3
+    args = (q_nope, q_rope, latent, k_rope, w_kv, v_dim, num_context_tokens, 0.3)
+    plain = expanded_prefill(*args)
+    monkeypatch.setattr(mla_attention, "_MATH_MAX_SCORES", 0)  # force SDPA
+    fused = expanded_prefill(*args)
+    assert plain.shape == (n, heads, v_dim)
+    torch.testing.assert_close(plain, fused, atol=1e-5, rtol=1e-5)
+
+
 def test_yarn_rope_tables_match_reference(model_factory):
     path, hf = model_factory("deepseek-v3-yarn")
     spec, model = load_model(path, "float32", torch.device("cpu"))

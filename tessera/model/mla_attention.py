@@ -141,6 +141,8 @@ def expanded_prefill(
     k_nope, values = kv.split([nope_dim, v_head_dim], dim=-1)  # [total, H, nope], [total, H, v]
     keys = torch.cat((k_nope, k_rope.unsqueeze(1).expand(total, num_heads, rope_dim)), dim=-1)
     query = torch.cat((q_nope, q_rope), dim=-1)  # [n, H, nope + dr]
+    if q_nope.device.type == "cpu" and num_heads * num_tokens * total <= _MATH_MAX_SCORES:
+        return _math_attention(query, keys, values, num_context_tokens, scale)
     mask = None  # no context: plain causal
     if num_context_tokens:
         q_pos = torch.arange(num_context_tokens, total, device=q_nope.device).unsqueeze(1)
@@ -155,3 +157,27 @@ def expanded_prefill(
     )  # [H, n, v]
     return o.transpose(0, 1)
 
+
+# On CPU, SDPA's fused kernel ran MLA prefill shapes (8 heads, qk dim 96, v dim 64, 500
+# tokens) about 2.3x slower in CPU time than plain bmm + softmax + bmm; the plain form
+# materialises the [H, n, total] scores, so it is used only while they stay this small.
+_MATH_MAX_SCORES = 1 << 24  # float32 elements (64 MiB)
+
+
+def _math_attention(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    num_context_tokens: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention with explicit scores. query [n, H, dk], keys [total, H, dk],
+    values [total, H, v] -> [n, H, v]; query i sits at position num_context_tokens + i."""
+    total = keys.shape[0]
+    scores = torch.bmm(query.transpose(0, 1), keys.permute(1, 2, 0))  # [H, n, total]
+    scores = scores.float().mul_(scale)
+    q_pos = torch.arange(num_context_tokens, total, device=query.device).unsqueeze(1)
+    future = torch.arange(total, device=query.device).unsqueeze(0) > q_pos  # [n, total]
+    scores.masked_fill_(future, float("-inf"))
+    probs = scores.softmax(dim=-1).to(values.dtype)  # [H, n, total]
+    return torch.bmm(probs, values.transpose(0, 1)).transpose(0, 1)  # [n, H, v]
