@@ -34,6 +34,8 @@ test: $(STAMP) lint
 bench-deps: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q \
 		--no-binary llama-cpp-python 'llama-cpp-python[server]==0.3.36' sentencepiece
+	# llama.cpp's C++ llama-server (parallel slots), built from the same source distribution.
+	$(BIN)/python -m benchmarks.peers.llama_server
 
 bench: bench-deps
 	$(BIN)/python benchmarks/offline_throughput.py

@@ -10,14 +10,15 @@ model tokenizer's whole-word pieces, so both servers see identical prompts.
     python benchmarks/serving.py [--concurrency 1 32] [--num-prompts N] [--threads 2]
         [--input-len 128] [--output-len 64] [--json out.json]
 
-The peer is ``python -m llama_cpp.server`` (``make bench-deps`` installs llama-cpp-python with
-its ``[server]`` extra). That server has no parallel slots: every request takes a global lock
-on the one ``Llama`` object, so concurrent requests run one after another; there is no
-``n_parallel`` setting (``n_seq_max`` is only used for embeddings). It is run with
-``--interrupt_requests False``, since by default a new request cuts the one streaming.
-Multi-slot continuous batching is llama.cpp's C++ ``llama-server --parallel N``, which
-llama-cpp-python does not ship; ``--llama-server PATH`` runs that binary instead, with
-``--parallel`` equal to the concurrency and ``--cont-batching``.
+The peer (``--peer llama-server``, the default) is llama.cpp's C++ ``llama-server`` with
+``--parallel`` equal to the concurrency and ``--cont-batching``: multi-slot continuous batching.
+llama-cpp-python ships no binary of it, so it is built once from the llama-cpp-python source
+distribution (``benchmarks/peers/llama_server.py``; ``--llama-server PATH`` uses a given one).
+``--peer llama-cpp-py`` runs ``python -m llama_cpp.server`` instead (its ``[server]`` extra).
+That server has no parallel slots: every request takes a global lock on the one ``Llama``
+object, so concurrent requests run one after another; there is no ``n_parallel`` setting
+(``n_seq_max`` is only used for embeddings). It is run with ``--interrupt_requests False``,
+since by default a new request cuts the one streaming.
 
 Each server starts fresh for each concurrency, is warmed with two requests, and is stopped
 with SIGINT afterwards. EOS is not ignored (llama-cpp-python has no ``ignore_eos``); both
@@ -46,6 +47,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.models import make_random_llama  # noqa: E402
+from benchmarks.peers.llama_server import ensure_llama_server  # noqa: E402
 from benchmarks.peers.llamacpp import convert_to_gguf, ensure_llamacpp  # noqa: E402
 
 MODEL_DIR = REPO_ROOT / ".bench" / "models" / "llama-100m"
@@ -184,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model-dir", default=str(MODEL_DIR),
                         help="HF model directory (built as the ~110M random Llama if absent)")
+    parser.add_argument("--peer", default="llama-server", choices=["llama-server", "llama-cpp-py"],
+                        help="llama.cpp's C++ server with parallel slots (built from the "
+                        "llama-cpp-python sdist on first use) or llama-cpp-python's own server")
     parser.add_argument("--llama-server", default=None, metavar="PATH",
-                        help="llama.cpp's C++ llama-server binary instead of llama-cpp-python's")
+                        help="a llama-server binary to use instead of building one")
     parser.add_argument("--skip-peer", action="store_true", help="only run Tessera")
     parser.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"])
     parser.add_argument("--log", default=None, help="file for both servers' output")
@@ -197,6 +202,12 @@ def main(argv: list[str] | None = None) -> int:
         make_random_llama(args.model_dir)
     gguf = None
     if not args.skip_peer:
+        if args.peer == "llama-server" and not args.llama_server:
+            try:
+                args.llama_server = str(ensure_llama_server())
+            except RuntimeError as e:
+                print(f"serving benchmark: {e}", file=sys.stderr)
+                return 2
         if not args.llama_server:
             try:
                 ensure_llamacpp()
