@@ -57,7 +57,7 @@ def _answers(client: openai.OpenAI, questions: list[Example]) -> list[str]:
         return list(pool.map(ask, questions))
 
 
-# The shipped weights (1,800 training steps on a busy machine) get about 7% of these exactly
+# The shipped weights (1,800 steps on plain answers, before worked sums) get about 7% of these
 # right; strict, so this turns into a failure to remove the mark once retrained weights pass.
 @pytest.mark.xfail(strict=True, reason="shipped demo weights add only approximately")
 def test_held_out_additions_at_least_95_percent(client):
@@ -74,6 +74,7 @@ def test_worked_sums_add_up_and_the_check_reads_the_final_sum():
     assert ex.answer == "7+8=15, 4+5+1=10, 3+0+1=4, so 347+58=405."
     assert is_correct(ex, ex.answer) and is_correct(ex, "so 347+58=405")
     assert not is_correct(ex, "7+8=15, 4+5+1=10, 3+0+1=4, so 347+58=404.")
+    assert is_correct(ex, "405") and not is_correct(ex, "1405")
     assert not is_correct(ex, "405 is 347+58")  # the sum must come last, after "="
     rng = random.Random(5)
     for _ in range(200):

@@ -27,8 +27,9 @@ class Example:
 
 
 def final_number(reply: str) -> str | None:
-    """The number after the last ``=`` at the end of a reply (``... so 347+58=405.`` -> ``405``)."""
-    match = re.search(r"=([0-9]+)\.?\s*$", reply)
+    """The number after the last ``=`` at the end of a reply (``... so 347+58=405.`` -> ``405``),
+    or the whole reply when it is a bare number (what models trained on plain answers say)."""
+    match = re.search(r"(?:^|=)([0-9]+)\.?\s*$", reply)
     return match.group(1) if match else None
 
 
