@@ -57,9 +57,6 @@ def _answers(client: openai.OpenAI, questions: list[Example]) -> list[str]:
         return list(pool.map(ask, questions))
 
 
-# The shipped weights (1,800 steps on plain answers, before worked sums) get about 7% of these
-# right; strict, so this turns into a failure to remove the mark once retrained weights pass.
-@pytest.mark.xfail(strict=True, reason="shipped demo weights add only approximately")
 def test_held_out_additions_at_least_95_percent(client):
     questions = held_out_additions(NUM_ADDITIONS)
     assert all(is_held_out(*map(int, q.question[8:-1].split("+"))) for q in questions)

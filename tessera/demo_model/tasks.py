@@ -100,10 +100,10 @@ def reverse(text: str) -> Example:
 def training_example(rng: random.Random) -> Example:
     """One training example: addition most of the time (the hardest task), else copy/reverse."""
     r = rng.random()
-    if r < 0.7:
+    if r < 0.6:
         a, b = addition_pair(rng, held_out=False)
         return addition(a, b, spaced=rng.random() < 0.25)
-    if r < 0.85:
+    if r < 0.8:
         return copy(word(rng))
     return reverse(word(rng))
 
