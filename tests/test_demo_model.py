@@ -21,6 +21,7 @@ from tessera.demo_model.tasks import (
     addition,
     copy,
     held_out_additions,
+    is_correct,
     is_held_out,
     reverse,
     word,
@@ -48,7 +49,7 @@ def _answers(client: openai.OpenAI, questions: list[Example]) -> list[str]:
     def ask(q: Example) -> str:
         out = client.chat.completions.create(
             model=SERVED_NAME, messages=[{"role": "user", "content": q.question}],
-            max_tokens=12, temperature=0,
+            max_tokens=48, temperature=0,
         )  # fmt: skip
         return out.choices[0].message.content or ""
 
@@ -56,22 +57,40 @@ def _answers(client: openai.OpenAI, questions: list[Example]) -> list[str]:
         return list(pool.map(ask, questions))
 
 
-# The shipped weights (1,800 training steps on a busy machine) get about 7% of these exactly
-# right; strict, so this turns into a failure to remove the mark once retrained weights pass.
-@pytest.mark.xfail(strict=True, reason="shipped demo weights add only approximately")
 def test_held_out_additions_at_least_95_percent(client):
     questions = held_out_additions(NUM_ADDITIONS)
     assert all(is_held_out(*map(int, q.question[8:-1].split("+"))) for q in questions)
     answers = _answers(client, questions)
-    wrong = [(q.question, a) for q, a in zip(questions, answers, strict=True) if a != q.answer]
+    pairs = zip(questions, answers, strict=True)
+    wrong = [(q.question, a) for q, a in pairs if not is_correct(q, a)]
     assert len(wrong) <= 0.05 * NUM_ADDITIONS, wrong
+
+
+def test_worked_sums_add_up_and_the_check_reads_the_final_sum():
+    ex = addition(347, 58)
+    assert ex.answer == "7+8=15, 4+5+1=10, 3+0+1=4, so 347+58=405."
+    assert is_correct(ex, ex.answer) and is_correct(ex, "so 347+58=405")
+    assert not is_correct(ex, "7+8=15, 4+5+1=10, 3+0+1=4, so 347+58=404.")
+    assert is_correct(ex, "405") and not is_correct(ex, "1405")
+    assert not is_correct(ex, "405 is 347+58")  # the sum must come last, after "="
+    rng = random.Random(5)
+    for _ in range(200):
+        a, b = rng.randrange(1000), rng.randrange(1000)
+        clauses = addition(a, b).answer.removesuffix(".").split(", ")
+        # Each column clause is true arithmetic, and the final clause states a + b.
+        for clause in clauses[:-1]:
+            terms, total = clause.split("=")
+            assert sum(map(int, terms.split("+"))) == int(total)
+        assert clauses[-1] == f"so {a}+{b}={a + b}"
+    assert is_correct(copy("abc"), "abc") and not is_correct(reverse("abc"), "abc")
 
 
 def test_copy_and_reverse(client):
     rng = random.Random(99)
     questions = [task(word(rng)) for task in (copy, reverse) for _ in range(10)]
     answers = _answers(client, questions)
-    wrong = [(q.question, a) for q, a in zip(questions, answers, strict=True) if a != q.answer]
+    pairs = zip(questions, answers, strict=True)
+    wrong = [(q.question, a) for q, a in pairs if not is_correct(q, a)]
     assert len(wrong) <= 1, wrong
 
 

@@ -8,6 +8,7 @@ one residue class, and training never sees those pairs.
 from __future__ import annotations
 
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -21,7 +22,22 @@ class Example:
     """One chat turn: the user's question and the assistant's checkable answer."""
 
     question: str
-    answer: str
+    answer: str  # the full reply the model is trained to give
+    result: str  # the part of a reply that is checked (see ``is_correct``)
+
+
+def final_number(reply: str) -> str | None:
+    """The number after the last ``=`` at the end of a reply (``... so 347+58=405.`` -> ``405``),
+    or the whole reply when it is a bare number (what models trained on plain answers say)."""
+    match = re.search(r"(?:^|=)([0-9]+)\.?\s*$", reply)
+    return match.group(1) if match else None
+
+
+def is_correct(example: Example, reply: str) -> bool:
+    """The one answer check: an addition's final sum, or a copy/reversal's exact text."""
+    if example.question.startswith("What is"):
+        return final_number(reply) == example.result
+    return reply == example.result
 
 
 def is_held_out(a: int, b: int) -> bool:
@@ -36,10 +52,27 @@ def _operand(rng: random.Random) -> int:
     return rng.randint(low, 10**num_digits - 1)
 
 
+def worked_sum(a: int, b: int) -> str:
+    """``7+8=15, 4+5+1=10, 3+0+1=4, so 347+58=405.``: column by column, units first.
+
+    Each clause adds one column's digits and the carry (written only when it is 1), so every
+    step needs just two digits of the question and the previous clause; there are always
+    ``MAX_OPERAND_DIGITS`` clauses (the model reads operands zero-padded to that width)."""
+    steps = []
+    carry = 0
+    for col in range(MAX_OPERAND_DIGITS):
+        da, db = a // 10**col % 10, b // 10**col % 10
+        total = da + db + carry
+        steps.append(f"{da}+{db}" + ("+1" if carry else "") + f"={total}")
+        carry = total // 10
+    return ", ".join(steps) + f", so {a}+{b}={a + b}."
+
+
 def addition(a: int, b: int, spaced: bool = False) -> Example:
-    """``What is 347+58?`` -> ``405`` (or ``What is 347 + 58?`` when ``spaced``)."""
+    """``What is 347+58?`` (or ``What is 347 + 58?`` when ``spaced``) -> a worked sum ending
+    ``so 347+58=405.``; the checked result is ``405``."""
     op = " + " if spaced else "+"
-    return Example(f"What is {a}{op}{b}?", str(a + b))
+    return Example(f"What is {a}{op}{b}?", worked_sum(a, b), str(a + b))
 
 
 def addition_pair(rng: random.Random, held_out: bool) -> tuple[int, int]:
@@ -57,20 +90,20 @@ def word(rng: random.Random) -> str:
 
 
 def copy(text: str) -> Example:
-    return Example(f"Copy: {text}", text)
+    return Example(f"Copy: {text}", text, text)
 
 
 def reverse(text: str) -> Example:
-    return Example(f"Reverse: {text}", text[::-1])
+    return Example(f"Reverse: {text}", text[::-1], text[::-1])
 
 
 def training_example(rng: random.Random) -> Example:
     """One training example: addition most of the time (the hardest task), else copy/reverse."""
     r = rng.random()
-    if r < 0.7:
+    if r < 0.6:
         a, b = addition_pair(rng, held_out=False)
         return addition(a, b, spaced=rng.random() < 0.25)
-    if r < 0.85:
+    if r < 0.8:
         return copy(word(rng))
     return reverse(word(rng))
 
