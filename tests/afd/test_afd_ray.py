@@ -93,7 +93,9 @@ def test_multi_node_tokens_match_and_a_killed_worker_recovers(cluster, model_fac
         start = time.monotonic()
         while engine.has_unfinished_requests():
             finished += engine.step()
-        assert time.monotonic() - start < 5.0
+        # failure_detect_s is 2 s; the bound is the 10 s default because a Ray cluster of
+        # one-CPU nodes on a small, busy CI machine can starve the front for seconds.
+        assert time.monotonic() - start < 10.0
         assert {o.request_id for o in finished} == {"x", "y"}
         for out in finished:
             assert out.outputs[0].finish_reason == "error"
