@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.sim.calibrate import measure
     from tessera.sim.engine_probe import ProbeRun, calibration_samples, record_steps
     from tessera.sim.engine_sim import EngineScenario, EngineSimResult, simulate_engine
-    from tessera.sim.fit import fit_efficiency, step_errors
+    from tessera.sim.fit import fit_efficiency, profile_with, step_errors
     from tessera.sim.hardware import system_from_profile
     from tessera.sim.model import spec_from_config
 
@@ -64,9 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     fit_samples = calibration_samples(eng, model, kv_bytes)
     raw = system_from_profile(profile)
     eff = fit_efficiency(raw, model, "fp32", fit_samples)
-    system = system_from_profile({**profile, "efficiency": {
-        **profile["efficiency"], **{k: getattr(eff, k) for k in (
-            "matmul", "memory", "attention", "step_overhead_ms", "seq_overhead_us")}}})
+    system = system_from_profile(profile_with(profile, eff))
     fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", fit_samples))
     print(f"calibrated in {time.perf_counter() - t0:.0f} s on {len(fit_samples)} steps; median "
           f"step error {fit_err[len(fit_err) // 2]:.1%}; matmul {eff.matmul:.2f}, memory "

@@ -72,7 +72,7 @@ def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "floa
     from tessera.model.loader import ModelLoadError, read_config
 
     from .engine_probe import calibration_samples
-    from .fit import fit_efficiency, step_errors
+    from .fit import fit_efficiency, profile_with, step_errors
     from .hardware import system_from_profile
     from .model import spec_from_config
 
@@ -91,9 +91,7 @@ def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "floa
     precision = _PRECISION[dtype]
     system = system_from_profile(profile)
     eff = fit_efficiency(system, model, precision, samples)
-    fitted = dict(profile, efficiency={**profile["efficiency"], **{
-        k: getattr(eff, k) for k in ("matmul", "memory", "attention", "step_overhead_ms",
-                                     "seq_overhead_us")}})
+    fitted = profile_with(profile, eff)
     errors = sorted(abs(e) for e in step_errors(system_from_profile(fitted), model, precision,
                                                 samples))
     fitted["engine_fit"] = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import replace
+from typing import Any
 
 from .engine_probe import StepSample
 from .engine_sim import StepCost
@@ -20,6 +21,12 @@ from .model import ModelSpec
 
 FITTED = ("matmul", "memory", "attention", "step_overhead_ms", "seq_overhead_us")
 _FLOOR = {"step_overhead_ms": 1e-3, "seq_overhead_us": 1e-2}
+
+
+def profile_with(profile: dict[str, Any], eff: Efficiency) -> dict[str, Any]:
+    """A calibration profile whose efficiency block carries ``eff``'s fitted constants."""
+    return {**profile, "efficiency": {**profile["efficiency"],
+                                      **{k: getattr(eff, k) for k in FITTED}}}
 
 
 def _with(system: System, eff: Efficiency) -> System:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .costmodel import PoolCost
+from .costmodel import KV_BYTES_PER_ELEMENT, PoolCost
 from .engine_sim import EngineScenario, simulate_engine
 from .hardware import BYTES_PER_ELEMENT, System
 from .model import ModelSpec
@@ -30,7 +30,8 @@ def simulate_local(scenario: object, system: System, model: ModelSpec) -> SimRes
     reqs = generate(wl, scenario.seed)  # type: ignore[attr-defined]
     kv_bytes = BYTES_PER_ELEMENT[dep.precision]
     pool = PoolCost(system, model, dep.decode_layout(model))
-    kv_tokens = pool.kv_capacity_tokens() * 2.0 / kv_bytes  # capacity assumed bf16 KV
+    # The pool sizes capacity for its own KV element size; rescale to the weights' precision.
+    kv_tokens = pool.kv_capacity_tokens() * KV_BYTES_PER_ELEMENT / kv_bytes
     res = simulate_engine(EngineScenario(
         system=system, model=model, precision=dep.precision, kv_bytes_per_element=kv_bytes,
         prompt_tokens=tuple(int(x) for x in reqs.input_tokens),
