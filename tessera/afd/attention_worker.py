@@ -132,7 +132,8 @@ def main(argv: list[str]) -> int:
                            expert_ids=[] if moe else None, keep_param=attention_side)
         owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
         plane = DataPlane(cfg.rank, cfg.afd.world_size, cfg.master_addr, cfg.master_port,
-                          engine.platform.dist_backend, cfg.afd.startup_timeout_s)
+                          engine.platform.dist_backend, cfg.afd.startup_timeout_s,
+                          [cfg.afd.worker_name(r) for r in range(cfg.afd.world_size)])
         runner = engine.runner
         assert isinstance(runner, AttentionRunner)
         runner.attach(RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners), cfg.afd.micro_batches,

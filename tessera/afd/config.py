@@ -70,3 +70,9 @@ class AFDConfig:
 
     def ffn_ranks(self) -> list[int]:
         return list(range(self.attention_workers, self.world_size))
+
+    def worker_name(self, rank: int) -> str:
+        """The name a data-plane rank goes by in messages and errors (``attn0``, ``ffn1``)."""
+        if rank < self.attention_workers:
+            return f"attn{rank}"
+        return f"ffn{rank - self.attention_workers}"

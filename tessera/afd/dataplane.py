@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime
 import re
 import time
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -39,10 +40,13 @@ class DataPlane:
 
     def __init__(
         self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
-        timeout_s: float,
+        timeout_s: float, names: Sequence[str] | None = None,
     ) -> None:
         self.rank = rank
         self.world_size = world_size
+        # Errors name the peer as the user knows it (ffn1), not by its rank: the front reports
+        # them as the cause of a pool failure.
+        self.names = list(names) if names is not None else [f"rank {r}" for r in range(world_size)]
         try:
             dist.init_process_group(
                 backend,
@@ -62,7 +66,7 @@ class DataPlane:
         try:
             work = dist.isend(tensor, dst, tag=tag)
         except RuntimeError as e:
-            raise TransferError(f"send to rank {dst} failed: {brief(e)}") from e
+            raise TransferError(f"send to {self.names[dst]} failed: {brief(e)}") from e
         assert work is not None
         return work
 
@@ -70,7 +74,7 @@ class DataPlane:
         try:
             work = dist.irecv(tensor, src, tag=tag)
         except RuntimeError as e:
-            raise TransferError(f"receive from rank {src} failed: {brief(e)}") from e
+            raise TransferError(f"receive from {self.names[src]} failed: {brief(e)}") from e
         assert work is not None
         return work
 
@@ -86,7 +90,7 @@ class DataPlane:
             raise TransferError(f"receive failed: {brief(e)}") from e
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None:
-        wait(self.irecv(tensor, src, tag), deadline_s, f"receive from rank {src}")
+        wait(self.irecv(tensor, src, tag), deadline_s, f"receive from {self.names[src]}")
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -98,7 +98,8 @@ def main(argv: list[str]) -> int:
         shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index)
         del model
         plane = DataPlane(cfg.rank, cfg.afd.world_size, cfg.master_addr, cfg.master_port,
-                          platform.dist_backend, cfg.afd.startup_timeout_s)
+                          platform.dist_backend, cfg.afd.startup_timeout_s,
+                          [cfg.afd.worker_name(r) for r in range(cfg.afd.world_size)])
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
         front.send(encoder.encode(StartupFailed(cfg.name, text)))

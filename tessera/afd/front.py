@@ -50,6 +50,9 @@ from tessera.model.spec import ModelConfigError, spec_from_config
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
 
+# How long a seen worker exit waits for a report that explains it (see ``_health``).
+_LATE_REPORT_S = 0.5
+
 
 @dataclass
 class _Request:
@@ -187,16 +190,30 @@ class AFDEngine:
             vocab_size=self.spec.vocab_size,
         )
 
-    def _health(self) -> str | None:
+    def _health(self, result: StepOutput) -> str | None:
         """Why the pool has failed, or None while it is healthy."""
         assert self._pool is not None
         exited = self._pool.exited()
         if exited is not None:
-            return exited
+            # A worker whose peer failed reports it (StepFailed naming the peer), then exits;
+            # its exit can be seen before its report arrives. Wait a moment for the report,
+            # so the failure names the cause rather than the consequence.
+            return self._late_report(result) or exited
         now = time.monotonic()
         for name, seen in self._last_seen.items():
             if now - seen > self.afd.failure_detect_s:
                 return f"worker {name.split('.')[0]} sent no heartbeat for {now - seen:.1f} s"
+        return None
+
+    def _late_report(self, result: StepOutput) -> str | None:
+        """A failure some worker reports within ``_LATE_REPORT_S``, if any."""
+        deadline = time.monotonic() + _LATE_REPORT_S
+        while (left_s := deadline - time.monotonic()) > 0:
+            if not self._pull.poll(int(left_s * 1000) + 1):
+                break
+            failure = self._handle(self._decoder.decode(self._pull.recv()), result)
+            if failure is not None:
+                return failure
         return None
 
     def _recover(self, reason: str, result: StepOutput) -> StepOutput:
@@ -221,7 +238,7 @@ class AFDEngine:
         is lost, so the restart is silent but for a line on stderr)."""
         self._take_in()
         failure, self._pending_failure = self._pending_failure, None
-        failure = failure or self._health()
+        failure = failure or self._health(self._pending)
         if failure is not None:
             self._recover(failure, self._pending)
             self._await_pool()
@@ -298,7 +315,7 @@ class AFDEngine:
             while self._pull.poll(timeout):
                 timeout = 0
                 failure = self._handle(self._decoder.decode(self._pull.recv()), result) or failure
-            failure = failure or self._health()
+            failure = failure or self._health(result)
             if failure is not None:
                 return self._recover(failure, result)
             if result.deltas or result.finished or not self.requests:

@@ -123,12 +123,14 @@ class WorkerPool:
         return [c for c in self.configs if c.role == "attention"]
 
     def exited(self) -> str | None:
-        """A line naming a worker that has exited, if any."""
-        for name, proc in self.procs.items():
-            code = proc.poll()
-            if code is not None:
-                return f"worker {name.split('.')[0]} exited (code {code})"
-        return None
+        """A line naming a worker that has exited, if any. One killed by a signal comes first:
+        its peers exit on their own (code 1) once they see it gone, as a consequence."""
+        codes = {name: code for name, proc in self.procs.items()
+                 if (code := proc.poll()) is not None}
+        if not codes:
+            return None
+        name = min(codes, key=lambda n: codes[n] >= 0)
+        return f"worker {name.split('.')[0]} exited (code {codes[name]})"
 
     def kill(self) -> None:
         for proc in self.procs.values():

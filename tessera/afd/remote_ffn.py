@@ -36,7 +36,8 @@ class PendingFFN:
     # (FFN worker, partial [T_f, D], its receive, rows of the micro-batch it covers or None
     # for all rows)
     results: list[tuple[str, torch.Tensor, dist.Work, torch.Tensor | None]]
-    sends: list[tuple[torch.Tensor, dist.Work]] = field(default_factory=list)
+    # (worker, tensor, work): the tensor stays referenced until its send completes
+    sends: list[tuple[str, torch.Tensor, dist.Work]] = field(default_factory=list)
     layer_id: int = 0
     micro_batch: int = 0
     start_us: int = 0
@@ -53,8 +54,8 @@ class PendingFFN:
                 if total is None:
                     total = torch.zeros_like(self.residual)
                 total = total.index_add(0, rows, partial)
-        for _, work in self.sends:
-            wait(work, deadline_s, f"FFN request of layer {self.layer_id}")
+        for worker, _, work in self.sends:
+            wait(work, deadline_s, f"FFN request of layer {self.layer_id} to {worker}")
         end = tracer.now_us()
         args = {"layer": self.layer_id, "micro_batch": self.micro_batch}
         tracer.add(f"ffn L{self.layer_id} mb{self.micro_batch}", "send", self.start_us, end, args)
@@ -112,5 +113,5 @@ class RemoteFFN:
                 sends += [(ids.contiguous(), IDS_TAG),
                           (weights.float().contiguous(), WEIGHTS_TAG)]
             for tensor, tag in sends:
-                pending.sends.append((tensor, self.plane.isend(tensor, rank, tag)))
+                pending.sends.append((f"ffn{f}", tensor, self.plane.isend(tensor, rank, tag)))
         return pending

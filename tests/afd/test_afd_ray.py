@@ -99,8 +99,7 @@ def test_multi_node_tokens_match_and_a_killed_worker_recovers(cluster, model_fac
         assert {o.request_id for o in finished} == {"x", "y"}
         for out in finished:
             assert out.outputs[0].finish_reason == "error"
-            assert "ffn1" in (out.outputs[0].error or "") or "rank 2" in (
-                out.outputs[0].error or ""), out.outputs[0].error
+            assert "ffn1" in (out.outputs[0].error or ""), out.outputs[0].error
         assert engine.num_recoveries == 1
         again = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
         assert again[0].outputs[0].token_ids == reference[0].outputs[0].token_ids

@@ -69,3 +69,29 @@ def test_trace_metric_and_error_brief():
     error = RuntimeError("[/x/gloo/pair.cc:537] Read error [127.0.0.1]:1: Connection reset by "
                          "peer. This is typically caused by a remote worker hanging. GLHF!")
     assert brief(error) == "Read error [127.0.0.1]:1: Connection reset by peer"
+
+
+def test_pool_failure_names_the_killed_worker_before_its_peers():
+    """A peer that exits (code 1) because a killed worker is gone is a consequence; the
+    failure line names the worker killed by a signal, whatever the order of the pool."""
+    import signal
+    import subprocess
+    import sys
+
+    from tessera.afd.launcher import WorkerPool
+
+    pool = WorkerPool.__new__(WorkerPool)
+    pool.procs = {
+        "attn0.g0": subprocess.Popen([sys.executable, "-c", "raise SystemExit(1)"]),
+        "ffn1.g0": subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]),
+    }
+    pool.procs["attn0.g0"].wait()
+    assert pool.exited() == "worker attn0 exited (code 1)"
+    pool.procs["ffn1.g0"].send_signal(signal.SIGKILL)
+    pool.procs["ffn1.g0"].wait()
+    assert pool.exited() == f"worker ffn1 exited (code {-signal.SIGKILL})"
+
+
+def test_data_plane_errors_name_the_peer():
+    assert AFDConfig(attention_workers=2, ffn_workers=3).worker_name(1) == "attn1"
+    assert AFDConfig(attention_workers=2, ffn_workers=3).worker_name(4) == "ffn2"
