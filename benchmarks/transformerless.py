@@ -65,6 +65,16 @@ def run_engine(llm: Any, prompts: list[list[int]], max_tokens: int) -> dict[str,
     }
 
 
+def union_us(spans: list[tuple[float, float]]) -> float:
+    """Total time covered by ``spans`` (start, end), overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total
+
+
 def single(model_dir: str, prompts: list[list[int]], max_tokens: int, threads: int) -> dict:
     from tessera import LLM, SamplingParams
 
@@ -90,9 +100,12 @@ def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
     events = json.loads(trace.read_text())["traceEvents"]
     # The front receives step reports in bursts, so time decode steps where they ran: on the
     # attention worker (a decode-only step schedules one token per sequence).
+    # Lanes (micro-batches) step on their own, so their step spans overlap: decode time is
+    # the union of the decode steps' spans, and a step is one lane's (the time between two
+    # tokens of a sequence).
     steps = [e for e in events if e.get("cat") == "step"]
     decode = [e for e in steps if e["args"].get("tokens") == e["args"].get("seqs")]
-    decode_us = sum(e["dur"] for e in decode)
+    decode_us = union_us([(e["ts"], e["ts"] + e["dur"]) for e in decode])
     return {
         "name": f"A=1 F=1 M={num_micro_batches} (1 thread each)",
         **result,

@@ -1,9 +1,10 @@
 """An attention worker process: one data-parallel engine whose FFN units run remotely.
 
-It is an ``LLMEngine`` (its own scheduler, block manager, sampler, KV cache, embedding,
-attention units, final norm and LM head) with an ``AttentionRunner``, in a loop like the serve
-engine core: take requests from the front without blocking while busy, step, and push a
-``StepReport`` (token deltas, finished outputs, stats, trace spans) per step. A failed transfer
+It is an ``LLMEngine`` (block manager, sampler, KV cache, embedding, attention units, final
+norm and LM head) with an ``AttentionRunner`` and M lanes (``tessera.afd.lanes``: one
+scheduler per micro-batch), in a loop like the serve engine core: take requests from the front
+without blocking while busy, advance the lanes, and push a ``StepReport`` (token deltas,
+finished outputs, stats, trace spans) per lane step. A failed transfer
 ends the step with ``StepFailed`` and the process; the front then rebuilds the pool.
 Run as ``python -m tessera.afd.attention_worker CONFIG_JSON`` by the launcher.
 """
@@ -17,11 +18,13 @@ import signal
 import sys
 
 import msgspec
+import torch
 import zmq
 
 from tessera.afd.attention_runner import AttentionRunner
 from tessera.afd.dataplane import DataPlane, TransferError
 from tessera.afd.heartbeat import start_heartbeat
+from tessera.afd.lanes import Lanes
 from tessera.afd.messages import (
     AbortRequests,
     AddRequest,
@@ -32,7 +35,6 @@ from tessera.afd.messages import (
     StepReport,
     WorkerConfig,
     WorkerInput,
-    WorkerStats,
 )
 from tessera.afd.placement import expert_owners
 from tessera.afd.remote_ffn import RemoteFFN
@@ -41,21 +43,6 @@ from tessera.engine.llm_engine import LLMEngine
 from tessera.model.loader import moe_spec_of
 
 _IDLE_POLL_MS = 100
-
-
-def worker_stats(engine: LLMEngine) -> WorkerStats:
-    s = engine.stats()
-    return WorkerStats(
-        num_running=s["num_running"],
-        num_waiting=s["num_waiting"],
-        num_free_blocks=engine.block_manager.num_free_blocks,
-        kv_cache_usage=s["kv_cache_usage"],
-        num_preemptions=s["num_preemptions"],
-        num_prompt_tokens_total=engine.num_prompt_tokens_total,
-        num_generation_tokens_total=engine.num_generation_tokens_total,
-        num_prefix_queried_tokens_total=s["prefix_queried_tokens"],
-        num_prefix_hit_tokens_total=s["prefix_hit_tokens"],
-    )
 
 
 _DENSE_FFN_PARAM = re.compile(r"^layers\.\d+\.ffn\.(gate_up_proj|down_proj)\.")
@@ -67,15 +54,14 @@ def attention_side(param_name: str) -> bool:
     return not _DENSE_FFN_PARAM.match(param_name)
 
 
-def run(cfg: WorkerConfig, engine: LLMEngine, inputs: zmq.Socket, front: zmq.Socket,
+def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, front: zmq.Socket,
         tracer: Tracer) -> int:
     decoder = msgspec.msgpack.Decoder(WorkerInput)
     encoder = msgspec.msgpack.Encoder()
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)
     while True:
-        busy = engine.has_unfinished_requests()
-        ready = dict(poller.poll(0 if busy else _IDLE_POLL_MS))
+        ready = dict(poller.poll(0 if lanes.has_work() else _IDLE_POLL_MS))
         num_inputs = 0
         while inputs in ready:
             try:
@@ -85,30 +71,26 @@ def run(cfg: WorkerConfig, engine: LLMEngine, inputs: zmq.Socket, front: zmq.Soc
             num_inputs += 1
             if isinstance(msg, AddRequest):
                 # The front validated the prompt against this worker's limits already.
-                engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
-                req = engine.requests[msg.request_id]
-                req.prompt = msg.prompt
+                lanes.add_request(msg.request_id, msg.prompt, msg.prompt_token_ids, msg.params)
             elif isinstance(msg, AbortRequests):
                 for request_id in msg.request_ids:
-                    engine.abort_request(request_id)
+                    lanes.abort_request(request_id)
             elif isinstance(msg, Shutdown):
                 return 0
-        if not engine.has_unfinished_requests():
+        if not lanes.has_work():
             if num_inputs:
-                front.send(encoder.encode(StepReport(cfg.name, [], [], worker_stats(engine))))
+                front.send(encoder.encode(StepReport(cfg.name, [], [], lanes.stats())))
             continue
-        start = tracer.now_us()
         try:
-            step = engine.step_with_deltas()
+            with torch.inference_mode():
+                ended = lanes.advance()
         except TransferError as e:
             front.send(encoder.encode(StepFailed(cfg.name, str(e))))
             return 1
-        runner = engine.runner
-        assert isinstance(runner, AttentionRunner)
-        tracer.add("step", "step", start, tracer.now_us(), dict(runner.last_batch))
-        front.send(encoder.encode(
-            StepReport(cfg.name, step.deltas, step.finished, worker_stats(engine), tracer.take())
-        ))
+        for step in ended:
+            front.send(encoder.encode(
+                StepReport(cfg.name, step.deltas, step.finished, lanes.stats(), tracer.take())
+            ))
 
 
 def main(argv: list[str]) -> int:
@@ -136,9 +118,11 @@ def main(argv: list[str]) -> int:
                           [cfg.afd.worker_name(r) for r in range(cfg.afd.world_size)])
         runner = engine.runner
         assert isinstance(runner, AttentionRunner)
-        runner.attach(RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners), cfg.afd.micro_batches,
-                      cfg.afd.transfer_timeout_s, tracer)
+        # Warm-up may meet FFN workers still loading: it gets the start-up deadline.
+        runner.attach(RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners),
+                      cfg.afd.startup_timeout_s, tracer)
         engine.warm_up()
+        runner.transfer_timeout_s = cfg.afd.transfer_timeout_s
         tracer.take()  # warm-up spans are not part of the workload
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
@@ -148,7 +132,7 @@ def main(argv: list[str]) -> int:
     rt = engine.runtime
     front.send(encoder.encode(Ready(cfg.name, os.getpid(), rt.max_model_len, rt.num_kv_blocks)))
     try:
-        return run(cfg, engine, inputs, front, tracer)
+        return run(cfg, Lanes(engine, cfg.afd.micro_batches), inputs, front, tracer)
     finally:
         with contextlib.suppress(Exception):
             front.close(linger=1000)

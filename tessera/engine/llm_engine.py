@@ -151,9 +151,11 @@ class LLMEngine:
         return list(self.tokenizer.encode(prompt))
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams
+        self, request_id: str, prompt: str | list[int], params: SamplingParams,
+        scheduler: Scheduler | None = None,
     ) -> None:
-        """Queue a request; raises ValueError for a bad prompt or an id already in use."""
+        """Queue a request (on ``scheduler``, default the engine's: an attention worker runs
+        several over one KV pool); ValueError for a bad prompt or an id already in use."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else None
@@ -169,16 +171,16 @@ class LLMEngine:
         ]
         self.requests[request_id] = Request(request_id, text, ids, params, seqs, detoks)
         for seq in seqs:
-            self.scheduler.add(seq)
+            (scheduler or self.scheduler).add(seq)
         self.num_prompt_tokens_total += len(ids)
 
-    def abort_request(self, request_id: str) -> bool:
+    def abort_request(self, request_id: str, scheduler: Scheduler | None = None) -> bool:
         """Stop a request at once and free its KV blocks; False if it is unknown or done."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
         for seq in req.seqs:
-            self.scheduler.finish(seq, "abort")
+            (scheduler or self.scheduler).finish(seq, "abort")
             self.sampler.release(seq)
         return True
 
@@ -214,15 +216,19 @@ class LLMEngine:
             return StepOutput()
         tokens, logprobs = self.runner.execute(out)
         self.scheduler.update(out, tokens)
-        return self._postprocess(out, tokens, logprobs)
+        return self.postprocess(out, tokens, logprobs)
 
-    def _postprocess(
+    def postprocess(
         self,
         out: SchedulerOutput,
         tokens: list[int | None],
         logprobs: list[dict[int, float] | None],
+        scheduler: Scheduler | None = None,
     ) -> StepOutput:
+        """Append the sampled tokens, finish what stopped (on ``scheduler``, default the
+        engine's, which scheduled ``out``) and say what changed."""
         result = StepOutput()
+        scheduler = scheduler or self.scheduler
         max_len = self.runtime.max_model_len
         eos = self.runtime.eos_token_ids
         for seq, token, lp in zip(out.seqs, tokens, logprobs, strict=True):
@@ -252,7 +258,7 @@ class LLMEngine:
                 reason = "length"
             result.deltas.append(TokenDelta(seq.request_id, seq.index, token, lp, reason))
             if reason is not None:
-                self.scheduler.finish(seq, reason)
+                scheduler.finish(seq, reason)
                 self.sampler.release(seq)
                 if req.finished:
                     result.finished.append(self._make_output(req))

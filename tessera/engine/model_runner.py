@@ -156,6 +156,13 @@ class ModelRunner:
         """Run the step; returns the sampled token (None for a prefill chunk that does not
         end its prompt) and its logprobs entry, per scheduled sequence."""
         logits, sample_seq_indices = self.compute_logits(out)
+        return self.sample(out, logits, sample_seq_indices)
+
+    def sample(
+        self, out: SchedulerOutput, logits: torch.Tensor, sample_seq_indices: list[int]
+    ) -> tuple[list[int | None], list[dict[int, float] | None]]:
+        """Sample the rows of ``logits`` [S, V]; per scheduled sequence, its token (None for
+        a prefill chunk that does not end its prompt) and logprobs entry."""
         seqs = [out.seqs[i] for i in sample_seq_indices]
         sampled = self.sampler.sample(logits, seqs)
         tokens: list[int | None] = [None] * len(out.seqs)

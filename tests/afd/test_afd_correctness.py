@@ -96,3 +96,13 @@ def test_greedy_tokens_match_single_process(
     assert layers == {0, 1}
     hidden = hidden_transfer_fraction(events)
     assert hidden is not None and 0.0 <= hidden <= 1.0
+    if num_micro_batches > 1:
+        # Micro-batches are lanes that step on their own: each has steps, and a step of one
+        # starts while a step of another is still running (no barrier at step ends).
+        steps = [e for e in events if e["ph"] == "X" and e["cat"] == "step" and e["pid"] == 0]
+        assert {e["args"]["micro_batch"] for e in steps} == set(range(num_micro_batches))
+        assert any(
+            a["args"]["micro_batch"] != b["args"]["micro_batch"]
+            and a["ts"] < b["ts"] < a["ts"] + a["dur"]
+            for a in steps for b in steps
+        )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tessera.afd.attention_runner import split_micro_batches
 from tessera.afd.config import AFDConfig
 from tessera.afd.dataplane import brief
 from tessera.afd.ffn_shard import DenseFFNShard
@@ -14,16 +13,6 @@ from tessera.afd.placement import expert_ids_of, expert_owners, shard_range
 from tessera.afd.trace import hidden_transfer_fraction
 from tessera.model.dense import DenseFFNUnit
 from tessera.model.loader import load_model
-
-
-def test_split_micro_batches_balances_tokens_and_keeps_order():
-    groups = split_micro_batches([1, 1, 30, 1, 12, 1], 2)
-    assert sorted(i for g in groups for i in g) == list(range(6))
-    assert all(g == sorted(g) for g in groups)
-    loads = [sum([1, 1, 30, 1, 12, 1][i] for i in g) for g in groups]
-    assert max(loads) == 30  # the long chunk alone; everything else on the other side
-    assert split_micro_batches([1, 1], 4) == [[0], [1]]  # never an empty micro-batch
-    assert split_micro_batches([5], 1) == [[0]]
 
 
 def test_placement_covers_everything_once():

@@ -1,0 +1,140 @@
+"""Lanes: an attention worker's M micro-batches, each stepping on its own.
+
+Splitting one step's batch into micro-batches hides the FFN round trips of the layers, but not
+what a step does outside them: building inputs, embedding, the LM head, sampling, scheduling.
+While those run the FFN workers would sit idle. So each micro-batch is a *lane* with its own
+scheduler (its share of the requests), and lanes do not wait for each other at step ends: lane
+0 may be sampling while lane 1 is halfway through its layers, and lane 0's next step starts at
+once. The driver resumes the lanes' step generators (``AttentionRunner.lane_step``) in turn;
+each runs until it has sent an FFN request, so the FFN workers always have a lane's work queued.
+
+Invariants:
+- All lanes share the worker's one block manager (one KV pool, one prefix cache). A lane only
+  schedules, preempts and finishes its own sequences, and only between its own steps.
+- An abort of a request in a lane with a step in flight waits for that step to end: the step
+  is still writing KV into the request's blocks, which another lane could otherwise allocate.
+- Pure bookkeeping over the engine's scheduler and postprocessing: a lane's step gives the same
+  tokens as ``LLMEngine.step`` on the same batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass, field, replace
+
+from tessera.afd.attention_runner import AttentionRunner, StepResult
+from tessera.afd.messages import WorkerStats
+from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.scheduler import Scheduler, SchedulerOutput
+from tessera.outputs import StepOutput
+from tessera.sampling_params import SamplingParams
+
+
+@dataclass
+class _Lane:
+    index: int
+    scheduler: Scheduler
+    step: Generator[None, None, StepResult] | None = None
+    """The step in flight, if any."""
+    out: SchedulerOutput | None = None
+    start_us: int = 0
+    deferred_aborts: list[str] = field(default_factory=list)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.waiting)
+
+
+class Lanes:
+    """Drive ``num_lanes`` lanes over one attention worker's engine."""
+
+    def __init__(self, engine: LLMEngine, num_lanes: int) -> None:
+        runner = engine.runner
+        assert isinstance(runner, AttentionRunner)
+        self.engine = engine
+        self.runner = runner
+        cfg = engine.config.scheduler
+        # The worker's sequence cap is shared out; the token budget is per step, so per lane.
+        per_lane = replace(cfg, max_num_seqs=max(1, -(-cfg.max_num_seqs // num_lanes)))
+        self.lanes = [_Lane(m, Scheduler(per_lane, engine.block_manager))
+                      for m in range(num_lanes)]
+        self.lane_of: dict[str, int] = {}
+        """Lane of every unfinished request."""
+
+    # ----------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> None:
+        """Queue a request on the lane with the fewest unfinished sequences."""
+        lane = min(self.lanes, key=lambda ln: (ln.num_unfinished, ln.index))
+        self.engine.add_request(request_id, prompt_token_ids, params, scheduler=lane.scheduler)
+        self.engine.requests[request_id].prompt = prompt
+        self.lane_of[request_id] = lane.index
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort now, or when the request's lane ends its step in flight (see invariants)."""
+        index = self.lane_of.get(request_id)
+        if index is None:
+            return  # finished already, or unknown
+        lane = self.lanes[index]
+        if lane.step is not None:
+            lane.deferred_aborts.append(request_id)
+            return
+        self.engine.abort_request(request_id, lane.scheduler)
+        del self.lane_of[request_id]
+
+    def has_work(self) -> bool:
+        return any(ln.step is not None or ln.num_unfinished for ln in self.lanes)
+
+    # ----------------------------------------------------------------- steps
+    def advance(self) -> list[StepOutput]:
+        """Resume every lane once, starting a step on an idle lane with work; returns the
+        outputs of the lane steps that ended. Run under ``torch.inference_mode()``; a failed
+        transfer raises ``TransferError`` (the pool is then rebuilt)."""
+        ended = []
+        for lane in self.lanes:
+            if lane.step is None:
+                if not lane.num_unfinished:
+                    continue
+                out = lane.scheduler.schedule()
+                if out.is_empty:
+                    continue  # waiting for KV blocks another lane holds
+                lane.out, lane.start_us = out, self.runner.tracer.now_us()
+                lane.step = self.runner.lane_step(out, lane.index)
+            try:
+                next(lane.step)
+            except StopIteration as done:
+                ended.append(self._end_step(lane, done.value))
+        return ended
+
+    def _end_step(self, lane: _Lane, result: StepResult) -> StepOutput:
+        out = lane.out
+        assert out is not None
+        tokens, logprobs = result
+        lane.scheduler.update(out, tokens)
+        step = self.engine.postprocess(out, tokens, logprobs, lane.scheduler)
+        tracer = self.runner.tracer
+        tracer.add("step", "step", lane.start_us, tracer.now_us(),
+                   {"tokens": out.num_batched_tokens, "seqs": len(out.seqs),
+                    "micro_batch": lane.index})
+        lane.step = lane.out = None
+        for finished in step.finished:
+            self.lane_of.pop(finished.request_id, None)
+        aborts, lane.deferred_aborts = lane.deferred_aborts, []
+        for request_id in aborts:
+            self.abort_request(request_id)
+        return step
+
+    # ----------------------------------------------------------------- stats
+    def stats(self) -> WorkerStats:
+        engine, schedulers = self.engine, [ln.scheduler for ln in self.lanes]
+        return WorkerStats(
+            num_running=sum(len(s.running) for s in schedulers),
+            num_waiting=sum(len(s.waiting) for s in schedulers),
+            num_free_blocks=engine.block_manager.num_free_blocks,
+            kv_cache_usage=engine.block_manager.usage,
+            num_preemptions=sum(s.num_preemptions for s in schedulers),
+            num_prompt_tokens_total=engine.num_prompt_tokens_total,
+            num_generation_tokens_total=engine.num_generation_tokens_total,
+            num_prefix_queried_tokens_total=sum(s.num_prefix_queried_tokens for s in schedulers),
+            num_prefix_hit_tokens_total=sum(s.num_prefix_hit_tokens for s in schedulers),
+        )
