@@ -28,8 +28,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="data-parallel attention worker processes")
     afd.add_argument("--ffn-workers", type=int, default=0,
                      help="FFN worker processes (tensor-parallel FFN shards)")
-    afd.add_argument("--micro-batches", type=int, default=1,
-                     help="micro-batches per step on an attention worker")
+    afd.add_argument("--micro-batches", type=int, default=2,
+                     help="micro-batches (lanes) per attention worker (default 2)")
     afd.add_argument("--trace", default=None, metavar="FILE",
                      help="write a Chrome trace of worker compute and transfers to FILE")
     afd.add_argument("--ray-address", default=None, metavar="ADDR",

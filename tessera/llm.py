@@ -39,7 +39,7 @@ class LLM:
         kv_cache_dtype: str = "auto",
         attention_workers: int = 0,
         ffn_workers: int = 0,
-        micro_batches: int = 1,
+        micro_batches: int = 2,
         trace_path: str | None = None,
         ray_address: str | None = None,
         afd: AFDConfig | None = None,

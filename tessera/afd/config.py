@@ -16,8 +16,9 @@ class AFDConfig:
 
     attention_workers: int = 1
     ffn_workers: int = 1
-    micro_batches: int = 1
-    """Micro-batches per step on an attention worker; 2 hides FFN transfers behind attention."""
+    micro_batches: int = 2
+    """Micro-batches (lanes, each stepping on its own) per attention worker; with 2, one
+    lane's FFN work overlaps the other's attention, LM head and sampling. 1 runs in lockstep."""
     transfer_timeout_s: float = 30.0
     """Deadline of every FFN transfer, counted from the start of the step that issued it."""
     heartbeat_interval_s: float = 0.5
