@@ -128,3 +128,32 @@ def test_disabled_kernels_take_the_references(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(fused.rms_norm(x, w, 1e-6), fused.rms_norm_reference(x, w, 1e-6))
     gu = torch.randn(3, 32)
     assert torch.equal(fused.silu_mul(gu), fused.silu_mul_reference(gu))
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize(("out_features", "in_features"), [(768, 768), (37, 80), (5, 17), (130, 2048)])
+def test_skinny_linear_matches_f_linear(rows: int, out_features: int, in_features: int) -> None:
+    from tessera.model.kernels import skinny
+
+    g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
+    x = torch.randn(rows, in_features, generator=g)
+    w = torch.randn(out_features, in_features, generator=g)
+    b = torch.randn(out_features, generator=g)
+    with torch.inference_mode():
+        assert skinny.skinny_applies(x, w)
+        got = skinny.linear(x, w, b)
+    ref = torch.nn.functional.linear(x, w, b)
+    # Only the summation order differs: a relative bound on the dot products' size.
+    torch.testing.assert_close(got, ref, atol=1e-4 * in_features**0.5, rtol=1e-5)
+
+
+def test_skinny_linear_leaves_other_shapes_to_gemm() -> None:
+    from tessera.model.kernels import skinny
+
+    w = torch.randn(8, 16)
+    assert not skinny.skinny_applies(torch.randn(5, 16), w)  # more rows: GEMM reuses weights
+    assert not skinny.skinny_applies(torch.randn(2, 16).bfloat16(), w.bfloat16())
+    lin = skinny.Linear(16, 8)
+    x = torch.randn(2, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))

@@ -13,6 +13,7 @@ from torch import nn
 from tessera.model.attention import paged_attention, write_kv
 from tessera.model.context import StepContext
 from tessera.model.kernels import silu_mul
+from tessera.model.kernels.skinny import Linear
 from tessera.model.layers import RMSNorm, RotaryEmbedding, activation
 from tessera.model.spec import ModelSpec
 from tessera.model.weights import Target, dense_target
@@ -35,10 +36,10 @@ class AttentionUnit(nn.Module):
             spec.sliding_window if spec.layer_sliding and spec.layer_sliding[layer_id] else None
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.qkv_proj = nn.Linear(
+        self.qkv_proj = Linear(
             spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias
         )
-        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rope = [rope]  # a list, so the shared rotary tables are not registered per layer
@@ -71,8 +72,8 @@ class DenseFFNUnit(nn.Module):
         self.layer_id = layer_id
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         inter = spec.intermediate_size
-        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias)
-        self.down_proj = nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias)
+        self.down_proj = Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
         self.act = activation(spec.hidden_act)
         self.fused_silu = spec.hidden_act == "silu"
 
@@ -106,7 +107,7 @@ class DecoderModel(nn.Module):
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
