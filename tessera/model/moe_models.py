@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from tessera.model.dense import DecoderLayer, DecoderModel, DenseFFNUnit
+from tessera.model.kernels.small_linear import small_linear
 from tessera.model.moe import MoEFFNUnit
 from tessera.model.moe_spec import MoESpec, moe_spec_from_config
 from tessera.model.spec import ModelConfigError, ModelSpec
@@ -42,6 +44,11 @@ class MoEDecoderModel(DecoderModel):
         if self.moe is not None and self.moe.is_moe_layer(layer_id):
             return MoEFFNUnit(spec, self.moe, layer_id, self.expert_ids)
         return DenseFFNUnit(spec, layer_id)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, D] -> float32 logits [S, V]; the LM head streams its weight once for the
+        few rows of a decode step (see ``small_linear``)."""
+        return small_linear(self.norm(hidden), self.lm_head.weight).float()  # [S, V]
 
     def checkpoint_target(self, name: str) -> Target | None:
         m = _LAYER.match(name)
