@@ -75,7 +75,9 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """x [T, D], topk_ids / topk_weights [T, k] -> [T, D]: sum over local experts of
         weight * expert(x). Tokens are grouped by expert so each active expert runs one
-        gate_up and one down matmul over just its tokens."""
+        gate_up and one down matmul over just its tokens. Small float32 CPU batches (decode)
+        run the same computation as one C++ op (``kernels.moe_experts``), equal to float32
+        rounding."""
         num_tokens, top_k = topk_ids.shape
         num_local = len(self.expert_ids)
         if num_tokens == 0 or num_local == 0:
