@@ -130,30 +130,29 @@ def test_disabled_kernels_take_the_references(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(fused.silu_mul(gu), fused.silu_mul_reference(gu))
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])
-@pytest.mark.parametrize(("out_features", "in_features"), [(768, 768), (37, 80), (5, 17), (130, 2048)])
-def test_skinny_linear_matches_f_linear(rows: int, out_features: int, in_features: int) -> None:
-    from tessera.model.kernels import skinny
+def test_linear_streams_decode_rows_and_leaves_the_rest_to_gemm() -> None:
+    from tessera.model.kernels import small_linear as sl
 
-    g = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
-    x = torch.randn(rows, in_features, generator=g)
-    w = torch.randn(out_features, in_features, generator=g)
-    b = torch.randn(out_features, generator=g)
-    with torch.inference_mode():
-        assert skinny.skinny_applies(x, w)
-        got = skinny.linear(x, w, b)
-    ref = torch.nn.functional.linear(x, w, b)
-    # Only the summation order differs: a relative bound on the dot products' size.
-    torch.testing.assert_close(got, ref, atol=1e-4 * in_features**0.5, rtol=1e-5)
+    g = torch.Generator().manual_seed(7)
+    lin = sl.Linear(80, 37, max_tokens=4)
+    lm_head = sl.Linear(80, 37, bias=False, max_tokens=sl.SMALL_LINEAR_MAX_TOKENS)
+    calls = []
+    real = torch.ops.tessera_kernels.small_linear
 
+    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return real(x, w)
 
-def test_skinny_linear_leaves_other_shapes_to_gemm() -> None:
-    from tessera.model.kernels import skinny
-
-    w = torch.randn(8, 16)
-    assert not skinny.skinny_applies(torch.randn(5, 16), w)  # more rows: GEMM reuses weights
-    assert not skinny.skinny_applies(torch.randn(2, 16).bfloat16(), w.bfloat16())
-    lin = skinny.Linear(16, 8)
-    x = torch.randn(2, 16)
-    with torch.inference_mode():
-        torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    sl.torch.ops.tessera_kernels.small_linear = spy  # type: ignore[attr-defined]
+    try:
+        with torch.inference_mode():
+            for rows in (1, 4, 5, 32):
+                x = torch.randn(rows, 80, generator=g)
+                torch.testing.assert_close(lin(x), torch.nn.functional.linear(
+                    x, lin.weight, lin.bias), atol=1e-4, rtol=1e-5)
+                torch.testing.assert_close(lm_head(x), torch.nn.functional.linear(
+                    x, lm_head.weight), atol=1e-4, rtol=1e-5)
+    finally:
+        sl.torch.ops.tessera_kernels.small_linear = real  # type: ignore[attr-defined]
+    # Layers stream up to 4 rows, the LM head up to 32; the rest goes to the GEMM.
+    assert calls == [1, 1, 4, 4, 5, 32]

@@ -13,7 +13,7 @@ from torch import nn
 from tessera.model.attention import paged_attention, write_kv
 from tessera.model.context import StepContext
 from tessera.model.kernels import silu_mul
-from tessera.model.kernels.skinny import Linear
+from tessera.model.kernels.small_linear import SMALL_LINEAR_MAX_TOKENS, Linear
 from tessera.model.layers import RMSNorm, RotaryEmbedding, activation
 from tessera.model.spec import ModelSpec
 from tessera.model.weights import Target, dense_target
@@ -107,7 +107,9 @@ class DecoderModel(nn.Module):
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        # The LM head is the largest weight: streaming pays off to more rows than in a layer.
+        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False,
+                              max_tokens=SMALL_LINEAR_MAX_TOKENS)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
