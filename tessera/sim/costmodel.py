@@ -148,7 +148,7 @@ class PoolCost:
         proj = self._matmul_s(m.attn_params, tokens)
         core = self._roofline_s(core_flops / self.layout.tp / self.attn_rate,
                                 kv_bytes / self.layout.tp / self.mem_rate)
-        return proj + core + self._tp_allreduce_s(tokens)
+        return np.asarray(proj + core + self._tp_allreduce_s(tokens))
 
     def _moe_layer_s(self, attn_s: np.ndarray, tokens: np.ndarray) -> float:
         """One MoE layer: attention, expert FFN and dispatch/combine, micro-batch pipelined."""

@@ -78,6 +78,7 @@ class StepCost:
         self.seq_overhead_s = system.chip.efficiency.seq_overhead_us * 1e-6
 
     def seconds(self, load: StepLoad) -> float:
+        """Predicted duration of a step with ``load``."""
         return self.pool.step_s(load.pass_load()) + load.num_seqs * self.seq_overhead_s
 
 

@@ -33,9 +33,6 @@ class Efficiency:
     step_overhead_ms: float
     seq_overhead_us: float = 0.0
     """Host time per scheduled sequence per step (input building, sampling bookkeeping)."""
-    token_overhead_us: float = 0.0
-    """Time per batched token per step outside the matmuls (host input building, elementwise
-    ops); zero where kernels are fused and the host runs ahead (GPU/NPU)."""
     overlap: float = 1.0
     """Share of an op's shorter leg (compute or memory) hidden under its longer one: 1 is the
     pure roofline max (accelerators stream weights while computing), 0 the plain sum (a CPU
@@ -102,7 +99,6 @@ def _efficiency(raw: dict[str, Any]) -> Efficiency:
         ops_per_layer=int(raw["ops_per_layer"]),
         step_overhead_ms=float(raw["step_overhead_ms"]),
         seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
-        token_overhead_us=float(raw.get("token_overhead_us", 0.0)),
         overlap=float(raw.get("overlap", 1.0)),
     )
 
