@@ -93,6 +93,22 @@ def test_step_load_counts_decode_and_prefill_work() -> None:
                             + model.attn_flops_per_pair_prefill * pairs))
 
 
+def test_prefill_chunk_after_context_pays_the_full_masked_rectangle() -> None:
+    model = spec_from_config(CFG)
+    bm = BlockManager(32, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16), bm)
+    sched.add(Sequence("a", list(range(24)), SamplingParams(max_tokens=2)))
+    first = sched.schedule()
+    assert first.num_new_tokens == [16]
+    sched.update(first, [None])
+    second = sched.schedule()
+    assert second.num_new_tokens == [8]
+    load = step_load(model, second, kv_bytes_per_element=4.0)
+    # 8 queries after 16 cached tokens, every score of the 8 x 24 masked block computed.
+    assert load.attention_flops == pytest.approx(
+        model.num_layers * model.attn_flops_per_pair_prefill * 8 * 24)
+
+
 def test_fit_recovers_the_constants_that_made_the_samples() -> None:
     model = spec_from_config(CFG)
     truth = system_from_profile({**PROFILE, "efficiency": {
