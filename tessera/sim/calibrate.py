@@ -35,7 +35,7 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
     for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
         a = torch.randn(size, size, dtype=dtype)
         b = torch.randn(size, size, dtype=dtype)
-        secs = _best_s(lambda a=a, b=b: torch.mm(a, b), repeats)
+        secs = _best_s(lambda a=a, b=b: torch.mm(a, b), 2 * repeats)
         tflops[name] = 2.0 * size**3 / secs / 1e12
     # Weight streaming, the memory traffic of a decode step, is measured as what it is: a
     # one-row matmul over a weight matrix far larger than the caches. On a CPU it reads about
@@ -43,7 +43,7 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
     # so a copy-based rate would push the fitted memory efficiency far above 1.
     weight = torch.randn(4096, 8192, dtype=torch.float32)  # 128 MiB
     row = torch.randn(1, 8192, dtype=torch.float32)
-    secs = _best_s(lambda: torch.mm(row, weight.t()), 2 * repeats)
+    secs = _best_s(lambda: torch.mm(row, weight.t()), 8 * repeats)  # ~10 ms each
     mem_gb_s = weight.numel() * 4 / secs / 1e9
     src = torch.empty(64 * 1024 * 1024 // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
