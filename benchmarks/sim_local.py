@@ -117,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['simulated_tpot_ms']:>8.1f} {r['tpot_error']:>+7.1%}")
     print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - t0:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, efficiency=eff.__dict__), indent=2))
+        # The calibration steps too, so that the fit can be studied offline without rerunning.
+        steps = [dict(load=s.load.__dict__, seconds=s.seconds) for s in fit_samples]
+        Path(args.json).write_text(json.dumps(dict(rows=rows, efficiency=eff.__dict__,
+                                                   profile=profile, fit_samples=steps), indent=2))
     return 0 if worst <= TOLERANCE else 1
 
 
