@@ -39,7 +39,7 @@ change here):
   4026 = 73.7k / 8 x 0.437 is the computed tokens per GPU. Prompt length is not published but
   follows from the blog's own day totals: 608B input and 168B output tokens give 3.62 prompt
   tokens per output token, and the mean KV length per output token, 4989, is ``P + O / 2`` for
-  requests of P prompt and O output tokens, so P = 4989 / (1 + 1 / (2 x 3.62)) = 4384 (for
+  requests of P prompt and O output tokens, so P = 4989 / (1 + 1 / (2 x 3.62)) = 4383 (for
   uniform request shapes; the blog gives no distribution). A hit saves the prefix's forward
   pass; the suffix still attends over the cached prefix and re-expands its MLA latents
   (:func:`tessera.sim.costmodel.prefill_core_flops`). Loading the hit KV from disk is not
