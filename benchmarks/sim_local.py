@@ -68,8 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", fit_samples))
     print(f"calibrated in {time.perf_counter() - t0:.0f} s on {len(fit_samples)} steps; median "
           f"step error {fit_err[len(fit_err) // 2]:.1%}; matmul {eff.matmul:.2f}, memory "
-          f"{eff.memory:.2f}, attention {eff.attention:.2f}, step {eff.step_overhead_ms:.2f} ms,"
-          f" per seq {eff.seq_overhead_us:.0f} us")
+          f"{eff.memory:.2f}, attention {eff.attention:.2f}, overlap {eff.overlap:.2f}, step "
+          f"{eff.step_overhead_ms:.2f} ms, per seq {eff.seq_overhead_us:.0f} us; machine: "
+          f"{profile['tflops']['fp32'] * 1e3:.0f} fp32 GFLOPS, {profile['memory_gb_s']:.1f} GB/s "
+          f"weight streaming, load average {os.getloadavg()[0]:.1f}")
 
     vocab = model.vocab_size
     mixed = make_workload(num_requests=args.num_requests, vocab_size=vocab, seed=1)
@@ -115,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['simulated_tpot_ms']:>8.1f} {r['tpot_error']:>+7.1%}")
     print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - t0:.0f} s")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(rows=rows, efficiency=eff.__dict__), indent=2))
+        # The calibration steps too, so that the fit can be studied offline without rerunning.
+        steps = [dict(load=s.load.__dict__, seconds=s.seconds) for s in fit_samples]
+        Path(args.json).write_text(json.dumps(dict(rows=rows, efficiency=eff.__dict__,
+                                                   profile=profile, fit_samples=steps), indent=2))
     return 0 if worst <= TOLERANCE else 1
 
 

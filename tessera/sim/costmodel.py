@@ -1,7 +1,9 @@
 """Roofline cost of one forward pass of a serving pool, per layer and per step.
 
 Each op costs ``max(flops / (peak * eff), bytes / (bandwidth * eff))`` on the device that runs
-it (Williams et al., "Roofline", CACM 2009), plus a fixed launch cost per op. MoE layers add the
+it (Williams et al., "Roofline", CACM 2009), plus a fixed launch cost per op. A chip whose
+``overlap`` constant is below one (a CPU: a core stalled on memory does no arithmetic) also pays
+that share of the shorter leg: ``max + (1 - overlap) * min``. MoE layers add the
 dispatch/combine all-to-all as an M-to-N transfer over the fabric; with M micro-batches the
 compute of one micro-batch overlaps the transfers of another (two-batch overlap in DeepSeek's
 inference system; ping-pong micro-batches in xDeepServe, arXiv 2508.02520). A layer then lasts
@@ -72,12 +74,21 @@ class PoolCost:
         self.ops_per_layer = eff.ops_per_layer
         self.step_overhead_s = eff.step_overhead_ms * 1e-3
         self.fabric_eff = eff.fabric
+        self.exposed = 1.0 - eff.overlap
         self.kv_bytes_per_token_layer = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT
         self.num_slots = model.num_experts + layout.num_redundant_experts
         self.num_local_experts = math.ceil(self.num_slots / max(layout.num_ep, 1)) if model.is_moe else 0
         self.dispatch_share = self._dispatch_scale_out_share()
 
     # ----- primitives -------------------------------------------------------------------
+    def _roofline_s(self, compute_s: np.ndarray | float,
+                    memory_s: np.ndarray | float) -> np.ndarray | float:
+        """Time of an op from its compute and memory legs (see ``Efficiency.overlap``)."""
+        longer = np.maximum(compute_s, memory_s)
+        if not self.exposed:
+            return longer
+        return longer + self.exposed * np.minimum(compute_s, memory_s)
+
     def _matmul_s(self, params: float, tokens: np.ndarray | float,
                   num_shards: int | None = None) -> np.ndarray | float:
         """Roofline time of a weight matmul of ``params`` weights over ``tokens`` rows.
@@ -85,7 +96,8 @@ class PoolCost:
         The weights are split over ``num_shards`` devices (default: the attention TP degree).
         """
         shard = params / (self.layout.tp if num_shards is None else num_shards)
-        return np.maximum(2.0 * shard * tokens / self.mm_rate, shard * self.weight_bytes / self.mem_rate)
+        return self._roofline_s(2.0 * shard * tokens / self.mm_rate,
+                                shard * self.weight_bytes / self.mem_rate)
 
     def _transfer_s(self, num_bytes: np.ndarray | float, num_peers: int,
                     scale_out_share: float | None = None) -> np.ndarray | float:
@@ -134,9 +146,9 @@ class PoolCost:
                      kv_bytes: np.ndarray) -> np.ndarray:
         m = self.model
         proj = self._matmul_s(m.attn_params, tokens)
-        core = np.maximum(core_flops / self.layout.tp / self.attn_rate,
-                          kv_bytes / self.layout.tp / self.mem_rate)
-        return proj + core + self._tp_allreduce_s(tokens)
+        core = self._roofline_s(core_flops / self.layout.tp / self.attn_rate,
+                                kv_bytes / self.layout.tp / self.mem_rate)
+        return np.asarray(proj + core + self._tp_allreduce_s(tokens))
 
     def _moe_layer_s(self, attn_s: np.ndarray, tokens: np.ndarray) -> float:
         """One MoE layer: attention, expert FFN and dispatch/combine, micro-batch pipelined."""
@@ -149,8 +161,8 @@ class PoolCost:
             shared_tokens = float(np.sum(tokens)) / max(lay.num_ep, 1)
         dev_tokens = total_routed / max(lay.num_ep, 1) * imb / mb
         active = min(self.num_local_experts, max(dev_tokens * mb, 1.0))
-        expert_s = max(2.0 * m.expert_params * dev_tokens / self.mm_rate,
-                       active * m.expert_params * self.weight_bytes / self.mem_rate)
+        expert_s = float(self._roofline_s(2.0 * m.expert_params * dev_tokens / self.mm_rate,
+                                          active * m.expert_params * self.weight_bytes / self.mem_rate))
         shared_s = float(self._matmul_s(m.shared_expert_params + m.router_params, shared_tokens / mb,
                                         1 if lay.ffn_split else None))
         frac = 0.0 if lay.ffn_split else remote_fraction(lay.num_ep)
@@ -273,6 +285,16 @@ def prefill_load(model: ModelSpec, new_tokens: np.ndarray, attention_pairs: np.n
     kvb = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT
     return PassLoad(tokens=new_tokens, core_flops=model.attn_flops_per_pair_prefill * attention_pairs,
                     kv_bytes=kvb * new_tokens, sampled=num_seqs)
+
+
+def prefill_core_flops(model: ModelSpec, num_new: float, num_cached: float) -> float:
+    """Attention FLOPs per layer of a prefill of ``num_new`` tokens after ``num_cached`` cached ones.
+
+    A prefix-cache hit saves the prefix's own forward pass, not the new tokens' attention over
+    it, nor (MLA) the re-expansion of its cached latents into keys and values.
+    """
+    return (model.attn_flops_per_pair_prefill * causal_pairs(num_new, num_cached)
+            + model.kv_up_flops_per_context_token * num_cached)
 
 
 def causal_pairs(num_new: float, num_cached: float) -> float:

@@ -97,20 +97,43 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
     return [[rng.randrange(vocab_size) for _ in range(length)] for _ in range(num)]
 
 
-# (requests, prompt tokens, output tokens): decode at batch 1 to 32 measures weight streaming
-# and per-sequence costs; long prompts measure matmul rate and prefill attention.
+# (requests, prompt tokens, output tokens), all arriving at once. The set spans the regimes a
+# CPU engine step goes through: decode at batch 1 (weight streaming, short and long context) and
+# at batches 3 to 64 (the matmuls turn compute bound, KV reads grow), single and batched prefills
+# up to 1500 tokens (matmul rate, causal attention), a 3000-token prompt split in chunks that
+# attend over their cached context, and prefill chunks mixed with running decodes.
 CALIBRATION_RUNS: tuple[tuple[int, int, int], ...] = (
-    (1, 32, 40), (4, 64, 40), (16, 64, 32), (32, 96, 24), (2, 1024, 2), (8, 256, 2),
+    (1, 32, 40), (1, 600, 48), (3, 200, 64), (4, 64, 40), (16, 64, 32), (32, 96, 24),
+    (64, 32, 12), (2, 1024, 2), (8, 256, 2), (1, 1500, 2), (2, 3000, 2), (6, 600, 16),
 )
 
 
+def _fastest(runs: list[list[StepSample]]) -> list[StepSample]:
+    """Step by step, the fastest of repeated runs that scheduled identical loads.
+
+    Other processes on the machine only ever slow a step down, so the minimum over repeats is
+    the closest to the engine's own cost. Runs whose schedules differ are kept whole.
+    """
+    first = runs[0]
+    if any([s.load for s in run] != [s.load for s in first] for run in runs[1:]):
+        return [s for run in runs for s in run]
+    return [min(group, key=lambda s: s.seconds) for group in zip(*runs, strict=True)]
+
+
 def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
-                        seed: int = 0) -> list[StepSample]:
-    """Run the calibration workloads on ``engine`` and return every step's sample."""
+                        seed: int = 0, repeats: int = 2) -> list[StepSample]:
+    """Run the calibration workloads on ``engine`` and return every step's sample.
+
+    Each workload runs ``repeats`` times with fresh random prompts (the same lengths, so the
+    same schedule, but no prefix-cache hits) and each step keeps its fastest measurement.
+    """
     vocab = int(engine.spec.vocab_size)
     samples: list[StepSample] = []
     for k, (num, prompt_len, out_len) in enumerate(CALIBRATION_RUNS):
-        prompts = random_prompts(num, prompt_len, vocab, seed + k)
-        run = record_steps(engine, model, prompts, [out_len] * num, kv_bytes_per_element)
-        samples += run.samples
+        runs = []
+        for r in range(max(repeats, 1)):
+            prompts = random_prompts(num, prompt_len, vocab, seed + 1000 * r + k)
+            runs.append(record_steps(engine, model, prompts, [out_len] * num,
+                                     kv_bytes_per_element).samples)
+        samples += _fastest(runs)
     return samples

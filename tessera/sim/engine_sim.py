@@ -50,7 +50,8 @@ def step_load(model: ModelSpec, out: SchedulerOutput, kv_bytes_per_element: floa
     """Load of a scheduled step; call before the scheduler's ``update`` advances the sequences.
 
     A decode attends over its whole context; a prefill chunk attends causally over the cached
-    context and itself, reading the cached part and writing its own KV.
+    context and itself, reading the cached part and writing its own KV (FLOPs as Tessera's
+    attention path spends them, see below).
     """
     kv_bytes_per_token = model.kv_elements_per_token * kv_bytes_per_element * model.num_layers
     flops = kv = 0.0
@@ -61,8 +62,12 @@ def step_load(model: ModelSpec, out: SchedulerOutput, kv_bytes_per_element: floa
             sampled += 1
         if n == 1:
             flops += model.attn_flops_per_kv_decode * (start + 1) * model.num_layers
+        elif start:
+            # A chunk after cached context goes to SDPA with an explicit causal mask, and a
+            # masked kernel computes every (query, key) score: n x (start + n), not a triangle.
+            flops += model.attn_flops_per_pair_prefill * n * (start + n) * model.num_layers
         else:
-            flops += model.attn_flops_per_pair_prefill * causal_pairs(n, start) * model.num_layers
+            flops += model.attn_flops_per_pair_prefill * causal_pairs(n, 0) * model.num_layers
         kv += kv_bytes_per_token * (start + n)
     return StepLoad(num_seqs=len(out.seqs), num_tokens=out.num_batched_tokens,
                     num_sampled=sampled, attention_flops=flops, kv_bytes=kv)
@@ -78,6 +83,7 @@ class StepCost:
         self.seq_overhead_s = system.chip.efficiency.seq_overhead_us * 1e-6
 
     def seconds(self, load: StepLoad) -> float:
+        """Predicted duration of a step with ``load``."""
         return self.pool.step_s(load.pass_load()) + load.num_seqs * self.seq_overhead_s
 
 

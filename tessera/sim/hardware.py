@@ -33,6 +33,10 @@ class Efficiency:
     step_overhead_ms: float
     seq_overhead_us: float = 0.0
     """Host time per scheduled sequence per step (input building, sampling bookkeeping)."""
+    overlap: float = 1.0
+    """Share of an op's shorter leg (compute or memory) hidden under its longer one: 1 is the
+    pure roofline max (accelerators stream weights while computing), 0 the plain sum (a CPU
+    core waiting on memory does no arithmetic)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,7 @@ def _efficiency(raw: dict[str, Any]) -> Efficiency:
         ops_per_layer=int(raw["ops_per_layer"]),
         step_overhead_ms=float(raw["step_overhead_ms"]),
         seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
+        overlap=float(raw.get("overlap", 1.0)),
     )
 
 

@@ -44,6 +44,10 @@ class ModelSpec:
     mtp_extra_params: int
     """Parameters of one MTP module besides its transformer layer (projection of two hiddens)."""
     tied_embeddings: bool = False
+    kv_up_flops_per_context_token: int = 0
+    """FLOPs per layer that a prefill chunk spends per token of cached context it attends to,
+    besides the attention itself: MLA's expanded (prefill) form re-projects each cached latent
+    into per-head keys and values; GQA/MHA cache them as they are (0)."""
 
     @property
     def is_moe(self) -> bool:
@@ -109,12 +113,14 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model") -> ModelSpec:
         flops_kv_decode = 2 * num_heads * (kv_lora + rope) + 2 * num_heads * kv_lora
         flops_pair_prefill = 2 * num_heads * qk_dim + 2 * num_heads * v_dim
         kv_elements = kv_lora + rope
+        kv_up_flops = 2 * kv_lora * num_heads * (nope + v_dim)
     else:
         head_dim = int(_get(cfg, "head_dim", default=hidden // num_heads))
         attn_params = hidden * head_dim * (2 * num_heads + 2 * num_kv_heads)
         flops_kv_decode = 4 * num_heads * head_dim
         flops_pair_prefill = 4 * num_heads * head_dim
         kv_elements = 2 * num_kv_heads * head_dim
+        kv_up_flops = 0
     intermediate = int(_get(cfg, "intermediate_size", default=4 * hidden))
     num_experts = int(_get(cfg, "n_routed_experts", "num_experts", "num_local_experts", default=0))
     top_k = int(_get(cfg, "num_experts_per_tok", default=0)) if num_experts else 0
@@ -148,6 +154,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "model") -> ModelSpec:
         router_params=hidden * num_experts,
         mtp_extra_params=2 * hidden * hidden,
         tied_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
+        kv_up_flops_per_context_token=kv_up_flops,
     )
 
 

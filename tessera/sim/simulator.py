@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .batching import DecodeSlots
-from .costmodel import KV_BYTES_PER_ELEMENT, PassLoad, PoolCost, causal_pairs, decode_load
+from .costmodel import KV_BYTES_PER_ELEMENT, PassLoad, PoolCost, decode_load, prefill_core_flops
 from .deployment import Deployment
 from .errors import SimError
 from .events import Event, EventLoop
@@ -138,13 +138,14 @@ class _Run:
     def _prefill_batch_s(self, batch: list[int]) -> float:
         r = self.reqs
         new = r.input_tokens[batch] - r.cached_tokens[batch]
-        pairs = float(sum(causal_pairs(float(n), float(c)) for n, c in zip(
+        flops = float(sum(prefill_core_flops(self.model, float(n), float(c)) for n, c in zip(
             new, r.cached_tokens[batch], strict=True)))
         groups = self.prefill_cost.layout.num_groups
         share = np.full(groups, 1.0 / groups)
-        load = PassLoad(tokens=share * float(new.sum()),
-                        core_flops=share * pairs * self.model.attn_flops_per_pair_prefill,
-                        kv_bytes=share * float(new.sum()) * self.decode_cost.kv_bytes_per_token_layer,
+        # KV traffic: the new tokens' KV written, the cached prefix's read by their attention.
+        kv_tokens = float(r.input_tokens[batch].sum())
+        load = PassLoad(tokens=share * float(new.sum()), core_flops=share * flops,
+                        kv_bytes=share * kv_tokens * self.decode_cost.kv_bytes_per_token_layer,
                         sampled=share * len(batch))
         return self.prefill_cost.step_s(load, load if self.dep.mtp_acceptance is not None else None)
 
@@ -215,7 +216,8 @@ class _Run:
 
     def _prefill_chunks(self, load: PassLoad) -> tuple[PassLoad, list[int], float]:
         groups = self.dep.num_dp
-        tokens, pairs, sampled = np.zeros(groups), np.zeros(groups), np.zeros(groups)
+        tokens, flops, sampled = np.zeros(groups), np.zeros(groups), np.zeros(groups)
+        kv_tokens = np.zeros(groups)
         completed: list[int] = []
         for g in range(groups):
             queue = self.group_prefill[g]
@@ -224,7 +226,8 @@ class _Run:
                 item = queue[0]
                 take = min(budget, item[1])
                 tokens[g] += take
-                pairs[g] += causal_pairs(take, item[2])
+                flops[g] += prefill_core_flops(self.model, take, item[2])
+                kv_tokens[g] += take + item[2]
                 item[1] -= take
                 item[2] += take
                 budget -= take
@@ -233,8 +236,7 @@ class _Run:
                     completed.append(item[0])
                     sampled[g] += 1
         kvb = self.decode_cost.kv_bytes_per_token_layer
-        pre = PassLoad(tokens=tokens, core_flops=pairs * self.model.attn_flops_per_pair_prefill,
-                       kv_bytes=tokens * kvb, sampled=sampled)
+        pre = PassLoad(tokens=tokens, core_flops=flops, kv_bytes=kv_tokens * kvb, sampled=sampled)
         return _sum_loads(load, pre), completed, float(tokens.sum())
 
     def _on_step_done(self, now: float, payload: tuple[list[int], float]) -> list[Event]:

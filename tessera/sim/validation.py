@@ -32,8 +32,19 @@ change here):
 * ``deepseek-h800-blog`` (DeepSeek inference system overview, 2025-03): decode 18 nodes = 144
   H800, EP144 with 32 redundant experts; the blog's 20-22 tokens/s per user gives TPOT about
   47.6 ms, so 1850 x 47.6 ms = 88 sequences per GPU; no MTP is stated, none is used; mean KV 4K
-  (not published, assumed). Prefill 4 nodes = 32 H800, EP32, 56.3% of prompt tokens hit the
-  cache (published), prompts assumed 4K; the figure is computed prompt tokens per GPU.
+  (not published, assumed). Prefill: one unit of 4 nodes = 32 H800, routed experts EP32 with
+  32 redundant (9 routed and 1 shared expert per GPU), MLA and shared expert DP32, dual
+  micro-batch overlap (all from the blog). The published 73.7k input tokens/s per node include
+  the 56.3% of prompt tokens that hit the on-disk KV cache (342B of 608B in the 24 hours);
+  4026 = 73.7k / 8 x 0.437 is the computed tokens per GPU. Prompt length is not published but
+  follows from the blog's own day totals: 608B input and 168B output tokens give 3.62 prompt
+  tokens per output token, and the mean KV length per output token, 4989, is ``P + O / 2`` for
+  requests of P prompt and O output tokens, so P = 4989 / (1 + 1 / (2 x 3.62)) = 4383 (for
+  uniform request shapes; the blog gives no distribution). A hit saves the prefix's forward
+  pass; the suffix still attends over the cached prefix and re-expands its MLA latents
+  (:func:`tessera.sim.costmodel.prefill_core_flops`). Loading the hit KV from disk is not
+  modelled: at 5.2k hit tokens/s per GPU x 70 KB (576 bf16 latents x 61 layers) it is under
+  0.4 GB/s per GPU, overlapped with compute.
 """
 
 from __future__ import annotations
@@ -46,6 +57,17 @@ from .simulator import Scenario, simulate
 from .workload import Workload
 
 DEEPSEEK_MTP_ACCEPTANCE = 0.85
+# DeepSeek inference system overview (2025-03), 24-hour statistics.
+DEEPSEEK_DAY_INPUT_TOKENS = 608e9
+DEEPSEEK_DAY_OUTPUT_TOKENS = 168e9
+DEEPSEEK_KV_LENGTH_PER_OUTPUT_TOKEN = 4989
+DEEPSEEK_CACHE_HIT_FRACTION = 0.563
+
+
+def deepseek_prompt_tokens() -> int:
+    """Mean prompt length implied by the blog's day totals (see the module docstring)."""
+    ratio = DEEPSEEK_DAY_INPUT_TOKENS / DEEPSEEK_DAY_OUTPUT_TOKENS
+    return round(DEEPSEEK_KV_LENGTH_PER_OUTPUT_TOKEN / (1.0 + 1.0 / (2.0 * ratio)))
 
 
 @dataclass(frozen=True)
@@ -111,7 +133,8 @@ def anchors() -> list[Anchor]:
     ds = res["deepseek-h800-blog"]
     dec("deepseek-h800-blog", h800, "fp8", 144, 1, 4096, None, 32, 96, ds["value"])
     out.append(Anchor("deepseek-h800-blog (prefill)", "prefill_tokens_per_s_per_chip",
-                      ds["prefill_tokens_per_s_per_chip"], (_prefill(h800, "fp8", 32, 4096, 0.563),)))
+                      ds["prefill_tokens_per_s_per_chip"],
+                      (_prefill(h800, "fp8", 32, deepseek_prompt_tokens(), DEEPSEEK_CACHE_HIT_FRACTION),)))
     return out
 
 

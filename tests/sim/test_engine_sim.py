@@ -93,21 +93,53 @@ def test_step_load_counts_decode_and_prefill_work() -> None:
                             + model.attn_flops_per_pair_prefill * pairs))
 
 
+def test_prefill_chunk_after_context_pays_the_full_masked_rectangle() -> None:
+    model = spec_from_config(CFG)
+    bm = BlockManager(32, 4, enable_prefix_caching=False)
+    sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16), bm)
+    sched.add(Sequence("a", list(range(24)), SamplingParams(max_tokens=2)))
+    first = sched.schedule()
+    assert first.num_new_tokens == [16]
+    sched.update(first, [None])
+    second = sched.schedule()
+    assert second.num_new_tokens == [8]
+    load = step_load(model, second, kv_bytes_per_element=4.0)
+    # 8 queries after 16 cached tokens, every score of the 8 x 24 masked block computed.
+    assert load.attention_flops == pytest.approx(
+        model.num_layers * model.attn_flops_per_pair_prefill * 8 * 24)
+
+
 def test_fit_recovers_the_constants_that_made_the_samples() -> None:
     model = spec_from_config(CFG)
-    truth = system_from_profile(PROFILE)
+    truth = system_from_profile({**PROFILE, "efficiency": {
+        **PROFILE["efficiency"], "overlap": 0.5}})
     cost = StepCost(truth, model, "fp32")
     loads = [StepLoad(num_seqs=s, num_tokens=t, num_sampled=s, attention_flops=f, kv_bytes=k)
              for s, t, f, k in [(1, 1, 1e5, 1e5), (8, 8, 1e6, 1e6), (32, 32, 1e7, 5e6),
-                                (2, 1024, 1e9, 1e6), (4, 512, 3e8, 2e6), (64, 64, 4e7, 3e7)]]
+                                (2, 1024, 1e9, 1e6), (4, 512, 3e8, 2e6), (64, 64, 4e7, 3e7),
+                                (1, 2048, 4e9, 2e6), (16, 16, 2e6, 4e7), (3, 300, 1e8, 1e6)]]
     samples = [StepSample(ld, cost.seconds(ld)) for ld in loads]
     start = replace(truth, chip=replace(truth.chip, efficiency=replace(
         truth.chip.efficiency, matmul=1.0, attention=1.0, memory=1.0, step_overhead_ms=5.0,
-        seq_overhead_us=1.0)))
+        seq_overhead_us=1.0, overlap=1.0)))
     assert max(abs(e) for e in step_errors(start, model, "fp32", samples)) > 0.3
     eff = fit_efficiency(start, model, "fp32", samples)
     fitted = replace(start, chip=replace(start.chip, efficiency=eff))
     assert max(abs(e) for e in step_errors(fitted, model, "fp32", samples)) < 0.05
+
+
+def test_overlap_blends_roofline_max_and_sum() -> None:
+    model = spec_from_config(CFG)
+    load = StepLoad(num_seqs=4, num_tokens=4, num_sampled=4, attention_flops=1e6, kv_bytes=1e6)
+
+    def seconds(overlap: float) -> float:
+        eff = {**PROFILE["efficiency"], "overlap": overlap}
+        return StepCost(system_from_profile({**PROFILE, "efficiency": eff}), model,
+                        "fp32").seconds(load)
+
+    # Hiding less of each op's shorter leg can only lengthen the step, and does, linearly.
+    assert seconds(1.0) < seconds(0.5) < seconds(0.0)
+    assert seconds(0.5) == pytest.approx((seconds(1.0) + seconds(0.0)) / 2.0)
 
 
 def test_closed_loop_keeps_concurrency_in_flight() -> None:

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from tessera.sim.costmodel import PoolCost, PoolLayout, causal_pairs, decode_load
+from tessera.sim.costmodel import (
+    PoolCost,
+    PoolLayout,
+    causal_pairs,
+    decode_load,
+    prefill_core_flops,
+)
 from tessera.sim.hardware import get_system
 from tessera.sim.model import load_model, spec_from_config
 
@@ -47,6 +53,19 @@ def test_bundled_models_match_published_sizes() -> None:
     assert load_model("deepseek-v3").active_params_per_token() == pytest.approx(37e9, rel=0.02)
     assert load_model("llama-3-70b").total_params() == pytest.approx(70.6e9, rel=0.01)
     assert load_model("qwen3-235b-a22b").active_params_per_token() == pytest.approx(22e9, rel=0.03)
+
+
+def test_prefix_hit_still_pays_attention_over_the_prefix() -> None:
+    dense, mla = spec_from_config(DENSE), spec_from_config(MLA)
+    assert dense.kv_up_flops_per_context_token == 0
+    assert mla.kv_up_flops_per_context_token == 2 * 8 * 4 * (8 + 8)  # latent -> K_nope, V
+    for m in (dense, mla):
+        cold = prefill_core_flops(m, 100.0, 0.0)
+        assert cold == m.attn_flops_per_pair_prefill * 100 * 101 / 2
+        hit = prefill_core_flops(m, 100.0, 300.0)  # same 100 new tokens after a 300-token hit
+        assert hit == (m.attn_flops_per_pair_prefill * (100 * 300 + 100 * 101 / 2)
+                       + m.kv_up_flops_per_context_token * 300)
+        assert hit > cold
 
 
 def test_causal_pairs() -> None:
