@@ -128,31 +128,3 @@ def test_disabled_kernels_take_the_references(monkeypatch: pytest.MonkeyPatch) -
     assert torch.equal(fused.rms_norm(x, w, 1e-6), fused.rms_norm_reference(x, w, 1e-6))
     gu = torch.randn(3, 32)
     assert torch.equal(fused.silu_mul(gu), fused.silu_mul_reference(gu))
-
-
-def test_linear_streams_decode_rows_and_leaves_the_rest_to_gemm() -> None:
-    from tessera.model.kernels import small_linear as sl
-
-    g = torch.Generator().manual_seed(7)
-    lin = sl.Linear(80, 37, max_tokens=4)
-    lm_head = sl.Linear(80, 37, bias=False, max_tokens=sl.SMALL_LINEAR_MAX_TOKENS)
-    calls = []
-    real = torch.ops.tessera_kernels.small_linear
-
-    def spy(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        calls.append(x.shape[0])
-        return real(x, w)
-
-    sl.torch.ops.tessera_kernels.small_linear = spy  # type: ignore[attr-defined]
-    try:
-        with torch.inference_mode():
-            for rows in (1, 4, 5, 32):
-                x = torch.randn(rows, 80, generator=g)
-                torch.testing.assert_close(lin(x), torch.nn.functional.linear(
-                    x, lin.weight, lin.bias), atol=1e-4, rtol=1e-5)
-                torch.testing.assert_close(lm_head(x), torch.nn.functional.linear(
-                    x, lm_head.weight), atol=1e-4, rtol=1e-5)
-    finally:
-        sl.torch.ops.tessera_kernels.small_linear = real  # type: ignore[attr-defined]
-    # Layers stream up to 4 rows, the LM head up to 32; the rest goes to the GEMM.
-    assert calls == [1, 1, 4, 4, 5, 32]

@@ -7,13 +7,15 @@ LM head; a runner decides where each unit runs and calls it. Nothing here knows 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tessera.model.attention import paged_attention, write_kv
 from tessera.model.context import StepContext
 from tessera.model.kernels import silu_mul
-from tessera.model.kernels.small_linear import SMALL_LINEAR_MAX_TOKENS, Linear
 from tessera.model.layers import RMSNorm, RotaryEmbedding, activation
 from tessera.model.spec import ModelSpec
 from tessera.model.weights import Target, dense_target
@@ -36,10 +38,10 @@ class AttentionUnit(nn.Module):
             spec.sliding_window if spec.layer_sliding and spec.layer_sliding[layer_id] else None
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        self.qkv_proj = Linear(
+        self.qkv_proj = nn.Linear(
             spec.hidden_size, spec.q_size + 2 * spec.kv_size, bias=spec.qkv_bias
         )
-        self.o_proj = Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
+        self.o_proj = nn.Linear(spec.q_size, spec.hidden_size, bias=spec.o_bias)
         self.q_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.k_norm = RMSNorm(spec.head_dim, spec.rms_norm_eps) if spec.qk_norm else None
         self.rope = [rope]  # a list, so the shared rotary tables are not registered per layer
@@ -72,8 +74,8 @@ class DenseFFNUnit(nn.Module):
         self.layer_id = layer_id
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         inter = spec.intermediate_size
-        self.gate_up_proj = Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias)
-        self.down_proj = Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * inter, bias=spec.mlp_bias)
+        self.down_proj = nn.Linear(inter, spec.hidden_size, bias=spec.mlp_bias)
         self.act = activation(spec.hidden_act)
         self.fused_silu = spec.hidden_act == "silu"
 
@@ -107,9 +109,7 @@ class DecoderModel(nn.Module):
             for i in range(spec.num_layers)
         )
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
-        # The LM head is the largest weight: streaming pays off to more rows than in a layer.
-        self.lm_head = Linear(spec.hidden_size, spec.vocab_size, bias=False,
-                              max_tokens=SMALL_LINEAR_MAX_TOKENS)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
@@ -147,4 +147,14 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()  # [S, V]
+
+    def logit_slices(self, hidden: torch.Tensor, max_vocab_rows: int) -> Iterator[torch.Tensor]:
+        """``compute_logits`` in column slices of at most ``max_vocab_rows`` vocabulary entries
+        ([S, v] float32 each, in order), for a caller that interleaves other work between
+        them. Each logit is the same dot product as in ``compute_logits``."""
+        normed = self.norm(hidden)  # [S, D]
+        weight = self.lm_head.weight  # [V, D]; row slices stay contiguous
+        for start in range(0, weight.shape[0], max_vocab_rows):
+            part = weight[start : start + max_vocab_rows]
+            yield F.linear(normed, part).float()  # [S, v]
 

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.model.kernels.moe_experts import fused_experts
 from tessera.model.layers import activation
 from tessera.model.moe_spec import MoESpec
 
@@ -38,8 +37,6 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(len(ids), hidden, inter))
         self.act = activation(moe.hidden_act)
-        # The fused kernel hard-codes SiLU gating (every supported family's expert activation).
-        self._fused_ok = moe.hidden_act == "silu"
 
     def local_index(self, expert_id: int) -> int | None:
         """Local slot of global expert ``expert_id``; None when this module does not hold it."""
@@ -75,22 +72,14 @@ class Experts(nn.Module):
     ) -> torch.Tensor:
         """x [T, D], topk_ids / topk_weights [T, k] -> [T, D]: sum over local experts of
         weight * expert(x). Tokens are grouped by expert so each active expert runs one
-        gate_up and one down matmul over just its tokens. Small float32 CPU batches (decode)
-        run the same computation as one C++ op (``kernels.moe_experts``), equal to float32
-        rounding."""
+        gate_up and one down matmul over just its tokens."""
         num_tokens, top_k = topk_ids.shape
         num_local = len(self.expert_ids)
         if num_tokens == 0 or num_local == 0:
             return torch.zeros_like(x)
-        local = self._to_local(topk_ids.reshape(-1))  # [T*k]
-        if self._fused_ok:
-            fused = fused_experts(
-                x, local.view(num_tokens, top_k), topk_weights, self.gate_up_proj, self.down_proj
-            )
-            if fused is not None:
-                return fused
         if num_tokens == 1:
             return self._forward_one(x, topk_ids, topk_weights)
+        local = self._to_local(topk_ids.reshape(-1))  # [T*k]
         order = torch.argsort(local, stable=True)  # [T*k], grouped by local expert
         # The one host sync of the layer: the per-expert token counts size the matmuls.
         counts = torch.bincount(local, minlength=num_local + 1)[:num_local].tolist()
