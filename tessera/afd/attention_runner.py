@@ -4,10 +4,9 @@ One step of one lane (see ``tessera.afd.lanes``) is a generator: it builds the d
 (``ModelRunner.prepare``, still the one place that builds them), embeds, and per layer runs
 the attention unit, applies the FFN unit's input norm (and a MoE unit's router) locally,
 sends the rest to the FFN workers and yields; resumed, it waits for that FFN result and goes
-on; the LM head runs in vocabulary slices with a yield after each. The lane driver resumes
-the M lanes in turn, so the FFN round trip of one lane runs while another does attention, and
-the LM head, sampling and scheduling of one lane run while another's layers are on the FFN
-workers::
+on. The lane driver resumes the M lanes in turn, so the FFN round trip of one lane runs while
+another does attention, and the LM head, sampling and scheduling of one lane run while
+another's layers are on the FFN workers::
 
     lane0: attn L0 -> send | lane1: attn L5 -> send | lane0: wait, attn L1 -> send | ...
 
@@ -29,10 +28,6 @@ from tessera.afd.trace import Tracer
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.scheduler import SchedulerOutput
 from tessera.model.moe import MoEFFNUnit
-
-# Vocabulary entries per LM-head slice: about one layer's worth of weights for small models,
-# so a lane yields to the others about as often inside its LM head as between its layers.
-LOGIT_SLICE_ROWS = 8192
 
 # Per scheduled sequence: its sampled token (None mid-prompt) and its logprobs entry.
 StepResult = tuple[list[int | None], list[dict[int, float] | None]]
@@ -86,14 +81,7 @@ class AttentionRunner(ModelRunner):
             )
             yield
             hidden = pending.wait(deadline_s, tracer)  # [T, D]
-        # The LM head is the largest matmul of a step and the FFN workers have nothing of this
-        # lane to do meanwhile: computed in vocabulary slices with a yield after each, the other
-        # lanes' layers keep them busy.
-        parts = []
-        for part in self.model.logit_slices(hidden[inp.sample_rows], LOGIT_SLICE_ROWS):
-            parts.append(part)  # [S, v]
-            yield
-        logits = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # [S, V]
+        logits = self.model.compute_logits(hidden[inp.sample_rows])  # [S, V]
         return self.sample(out, logits, inp.sample_seq_indices)
 
     @torch.inference_mode()

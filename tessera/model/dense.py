@@ -7,10 +7,7 @@ LM head; a runner decides where each unit runs and calls it. Nothing here knows 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tessera.model.attention import paged_attention, write_kv
@@ -147,14 +144,3 @@ class DecoderModel(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()  # [S, V]
-
-    def logit_slices(self, hidden: torch.Tensor, max_vocab_rows: int) -> Iterator[torch.Tensor]:
-        """``compute_logits`` in column slices of at most ``max_vocab_rows`` vocabulary entries
-        ([S, v] float32 each, in order), for a caller that interleaves other work between
-        them. Each logit is the same dot product as in ``compute_logits``."""
-        normed = self.norm(hidden)  # [S, D]
-        weight = self.lm_head.weight  # [V, D]; row slices stay contiguous
-        for start in range(0, weight.shape[0], max_vocab_rows):
-            part = weight[start : start + max_vocab_rows]
-            yield F.linear(normed, part).float()  # [S, v]
-
