@@ -34,7 +34,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
 
     @property
     def name(self) -> str:
-        return f"{'attn' if self.role == 'attention' else 'ffn'}{self.index}.g{self.generation}"
+        return f"{self.afd.worker_name(self.rank)}.g{self.generation}"
 
 
 # ------------------------------------------------------------------ front -> attention worker

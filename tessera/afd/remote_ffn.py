@@ -105,13 +105,14 @@ class RemoteFFN:
             )
             assert header.numel() == HEADER_LEN
             partial = torch.empty_like(x)  # [T_f, D]
+            worker = self.plane.names[rank]
             # Post the receive first so the reply never waits for a buffer.
             recv = self.plane.irecv(partial, rank, RESULT_TAG + micro_batch)
-            pending.results.append((f"ffn{f}", partial, recv, rows))
+            pending.results.append((worker, partial, recv, rows))
             sends = [(header, HEADER_TAG), (x, PAYLOAD_TAG)]
             if ids is not None and weights is not None:
                 sends += [(ids.contiguous(), IDS_TAG),
                           (weights.float().contiguous(), WEIGHTS_TAG)]
             for tensor, tag in sends:
-                pending.sends.append((f"ffn{f}", tensor, self.plane.isend(tensor, rank, tag)))
+                pending.sends.append((worker, tensor, self.plane.isend(tensor, rank, tag)))
         return pending

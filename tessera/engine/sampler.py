@@ -99,11 +99,11 @@ class Sampler:
         return torch.where(greedy, _row_argmax(logits), sampled)
 
 
-
 def _row_argmax(x: torch.Tensor) -> torch.Tensor:
     """Index of each row's maximum [S]. ``max(dim).indices`` gives the same first maximal
     index as ``argmax`` and is about 5x faster on CPU for vocabulary-wide rows."""
     return x.max(dim=-1).indices
+
 
 def _exponential(
     shape: tuple[int, ...] | torch.Size, generator: torch.Generator, device: torch.device

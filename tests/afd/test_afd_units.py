@@ -81,6 +81,6 @@ def test_pool_failure_names_the_killed_worker_before_its_peers():
     assert pool.exited() == f"worker ffn1 exited (code {-signal.SIGKILL})"
 
 
-def test_data_plane_errors_name_the_peer():
+def test_workers_are_named_by_data_plane_rank():
     assert AFDConfig(attention_workers=2, ffn_workers=3).worker_name(1) == "attn1"
     assert AFDConfig(attention_workers=2, ffn_workers=3).worker_name(4) == "ffn2"
