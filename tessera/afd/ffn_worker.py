@@ -34,6 +34,7 @@ from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.messages import Ready, StartupFailed, WorkerConfig
 from tessera.afd.placement import expert_ids_of
 from tessera.afd.trace import Tracer
+from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model, moe_spec_of
 from tessera.platform import get_platform
 
@@ -97,6 +98,8 @@ def main(argv: list[str]) -> int:
         dtype = model.embed.weight.dtype
         shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index)
         del model
+        for shard in shards:
+            pack_linears(shard)  # after sharding, which slices the plain weights
         plane = DataPlane(cfg.rank, cfg.afd.world_size, cfg.master_addr, cfg.master_port,
                           platform.dist_backend, cfg.afd.startup_timeout_s,
                           [cfg.afd.worker_name(r) for r in range(cfg.afd.world_size)])

@@ -27,6 +27,7 @@ from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
 from tessera.engine.sequence import Sequence
+from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput, TokenDelta
 from tessera.platform import get_platform
@@ -84,6 +85,8 @@ class LLMEngine:
             config.model, config.dtype, self.platform.device, expert_ids=expert_ids,
             keep=keep_param,
         )
+        # Before the KV pool is sized: packing moves the weights (see kernels.linear).
+        pack_linears(self.model)
         self.tokenizer = load_tokenizer(config.model)
 
         cache = config.cache

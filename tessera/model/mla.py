@@ -86,6 +86,9 @@ class MLAAttentionUnit(nn.Module):
     """norm -> q / kv-latent projections -> rope -> latent cache -> MLA -> o_proj -> residual."""
 
     kind = "attention"
+    # Its weight is read directly (folded into the query and output), so it keeps the plain
+    # layout when the other projections are packed (see ``kernels.linear.pack_linears``).
+    keep_plain_linears = ("kv_b_proj",)
 
     def __init__(
         self, spec: ModelSpec, mla: MLASpec, layer_id: int, rope: RotaryEmbedding
