@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.model.kernels.linear import can_pack, pack_weight, packed_linear
 from tessera.model.layers import activation
 from tessera.model.moe_spec import MoESpec
 
@@ -38,21 +37,6 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(len(ids), hidden, inter))
         self.act = activation(moe.hidden_act)
-        # Per local expert, (gate_up, down) also in oneDNN's packed layout once ``pack_weights``
-        # ran (the stacked originals stay: one-row calls read them).
-        self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-
-    def pack_weights(self) -> int:
-        """Also hold every local expert's matrices in oneDNN's packed layout (a few rows per
-        expert is where ``kernels.linear.packed_linear`` beats ``F.linear`` most); returns the
-        number of matrices packed (0 when packing does not apply here)."""
-        if self._packed is not None or not len(self.expert_ids) or not can_pack(self.down_proj[0]):
-            return 0
-        self._packed = [
-            (pack_weight(self.gate_up_proj[e]), pack_weight(self.down_proj[e]))
-            for e in range(len(self.expert_ids))
-        ]
-        return 2 * len(self._packed)
 
     def local_index(self, expert_id: int) -> int | None:
         """Local slot of global expert ``expert_id``; None when this module does not hold it."""
@@ -74,12 +58,6 @@ class Experts(nn.Module):
 
     def _expert(self, e: int, xs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Local expert ``e`` on xs [n, D] -> [n, D] (written into ``out`` when given)."""
-        if self._packed is not None and xs.shape[0] > 1:
-            gate_up_w, down_w = self._packed[e]
-            gate_up = packed_linear(xs, self.gate_up_proj[e], gate_up_w)  # [n, 2I]
-            gate, up = gate_up.chunk(2, dim=-1)  # [n, I] views
-            y = packed_linear(self.act(gate).mul_(up), self.down_proj[e], down_w)  # [n, D]
-            return y if out is None else out.copy_(y)
         gate_up = F.linear(xs, self.gate_up_proj[e])  # [n, 2I]
         gate, up = gate_up.chunk(2, dim=-1)  # [n, I] views
         hidden = self.act(gate).mul_(up)  # [n, I]; one fresh buffer, multiplied in place

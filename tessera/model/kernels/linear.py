@@ -10,8 +10,12 @@ reordered once into oneDNN's blocked layout take 21.2, 22.5, 26.1, 28.1 and 30.8
 repacked once at load time and run through oneDNN (the same ``mkldnn`` ops torch's own compiler
 uses for CPU linears).
 
-One row is the exception: there MKL's GEMV reads the weights 10-20% faster than oneDNN's packed
-kernel (it is pure weight streaming), so batch-1 decode keeps using the plain weight. A packed
+Not every call goes packed. A oneDNN call costs 10-15 us more than an MKL one, which small
+matrices cannot win back at a few rows (a 512x256 expert matrix, microseconds per call with
+MKL/packed: 2 rows 29/40, 8 rows 37/47, 16 rows 59/54; a 2304x768 projection: 2 rows 477/363,
+8 rows 700/426); and at one row MKL's GEMV streams the weights 10-20% faster than the packed
+kernel. So a call takes the packed path from 4 rows for matrices of 2 MiB or more and from 16
+rows for smaller ones (``min_packed_rows``), and the plain weight otherwise. A packed
 linear therefore holds both layouts, which costs the weights' size again in host memory; the
 KV pool is sized after packing, so that memory is accounted for. Anything that cannot be packed
 (not CPU, not float32, oneDNN missing, ``TESSERA_DISABLE_KERNELS=1``, or a linear its module
@@ -63,6 +67,12 @@ def can_pack(weight: torch.Tensor) -> bool:
     )
 
 
+def min_packed_rows(weight: torch.Tensor) -> int:
+    """Fewest rows for which a call with ``weight`` [out, in] takes the packed path (see the
+    module docstring for the measurements)."""
+    return 4 if weight.numel() * weight.element_size() >= 2 << 20 else 16
+
+
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [out, in] reordered for :func:`packed_linear` (an opaque oneDNN tensor)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
@@ -72,12 +82,13 @@ def packed_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     packed: torch.Tensor,
+    min_rows: int,
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in] -> [..., out], through ``packed`` (from
-    :func:`pack_weight` of ``weight``) unless x is a single row."""
+    :func:`pack_weight` of ``weight``) when x has at least ``min_rows`` rows."""
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
-    if rows.shape[0] <= 1:
+    if rows.shape[0] < min_rows:
         return F.linear(x, weight, bias)
     if not rows.is_contiguous():
         rows = rows.contiguous()
@@ -98,19 +109,23 @@ class PackedLinear(nn.Linear):
         self.bias = linear.bias
         # A buffer, not a parameter: the packed layout is not a checkpoint tensor.
         self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
+        self.min_packed_rows = min_packed_rows(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return packed_linear(x, self.weight, self.packed_weight, self.bias)
+        return packed_linear(x, self.weight, self.packed_weight, self.min_packed_rows, self.bias)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", packed"
 
 
 def pack_linears(model: nn.Module) -> int:
-    """Replace every packable ``nn.Linear`` under ``model`` with a :class:`PackedLinear` and let
-    modules with a ``pack_weights()`` method (stacked expert weights) pack theirs; returns how
-    many weight matrices were packed. A module lists the child linears whose ``.weight`` it
-    reads itself in a ``keep_plain_linears`` attribute; those stay as they are."""
+    """Replace every packable ``nn.Linear`` under ``model`` with a :class:`PackedLinear`;
+    returns how many were replaced. A module lists the child linears whose ``.weight`` it reads
+    itself in a ``keep_plain_linears`` attribute; those stay as they are.
+
+    Routed experts are not packed: their row counts change with every step's routing, oneDNN
+    builds a kernel per new shape, and packed experts measured 10% slower end to end on the
+    Qwen3-MoE benchmark model (the dense projections around them still gain)."""
     count = 0
     for parent in list(model.modules()):
         keep = getattr(parent, "keep_plain_linears", ())
@@ -122,7 +137,4 @@ def pack_linears(model: nn.Module) -> int:
             ):
                 setattr(parent, name, PackedLinear(child))
                 count += 1
-        pack = getattr(parent, "pack_weights", None)
-        if callable(pack):
-            count += int(pack())
     return count
