@@ -7,6 +7,12 @@ engine on validation workloads it was not fitted on and simulate the same worklo
 Prints measured and simulated output throughput and mean TPOT with the error; target: every
 error within 10%. Exit status 1 when one is not.
 
+Other processes on a shared machine only ever slow a run down, and they do so in bursts (a
+stretch of decode steps at 1.6-1.8x their neighbours' time). Calibration keeps the fastest of
+two runs of each step; the validation runs get the same treatment at the run level: each
+workload runs ``--repeats`` times (fresh random token ids of the same lengths, so the same
+schedule and no prefix-cache hits) and the fastest run is the measurement.
+
     python benchmarks/sim_local.py [--model DIR] [--threads 2] [--num-requests 32]
 """
 
@@ -31,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-requests", type=int, default=32,
                         help="requests of the mixed validation workload")
     parser.add_argument("--omp-wait-policy", choices=["ACTIVE", "PASSIVE"], default=None)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each validation workload; the fastest is kept")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if args.omp_wait_policy:
@@ -42,7 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
     from tessera.sim.calibrate import measure
-    from tessera.sim.engine_probe import ProbeRun, calibration_samples, record_steps
+    from tessera.sim.engine_probe import (
+        ProbeRun,
+        calibration_samples,
+        random_prompts,
+        record_steps,
+    )
     from tessera.sim.engine_sim import EngineScenario, EngineSimResult, simulate_engine
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
     from tessera.sim.hardware import system_from_profile
@@ -92,7 +105,12 @@ def main(argv: list[str] | None = None) -> int:
         for group in groups:
             prompts = [ids for ids, _ in group]
             outs = [n for _, n in group]
-            measured = record_steps(eng, model, prompts, outs, kv_bytes)
+            tries = [record_steps(eng, model, prompts, outs, kv_bytes)]
+            for r in range(1, max(args.repeats, 1)):
+                fresh = [random_prompts(1, len(ids), vocab, seed=1000 * r + i)[0]
+                         for i, ids in enumerate(prompts)]
+                tries.append(record_steps(eng, model, fresh, outs, kv_bytes))
+            measured = min(tries, key=lambda run: run.wall_s)
             sim = simulate_engine(EngineScenario(
                 system=system, model=model, precision="fp32", kv_bytes_per_element=kv_bytes,
                 prompt_tokens=tuple(len(p) for p in prompts), output_tokens=tuple(outs),
