@@ -87,6 +87,7 @@ def main(argv: list[str]) -> int:
                     cfg.parent_pid, tracer)
     try:
         platform = get_platform(cfg.engine.device)
+        platform.prepare_process()
         if cfg.engine.num_threads is not None:
             torch.set_num_threads(cfg.engine.num_threads)
         moe = moe_spec_of(cfg.engine.model)

@@ -79,6 +79,7 @@ class LLMEngine:
         ``expert_ids=[]`` and ``keep_param`` so it loads no FFN weights (see ``load_model``)."""
         self.config = config
         self.platform = get_platform(config.device)
+        self.platform.prepare_process()
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.spec, self.model = load_model(

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tessera.platform.host_memory import keep_freed_host_memory
+
 
 @dataclass(frozen=True)
 class Platform:
@@ -24,6 +26,12 @@ class Platform:
             free_bytes, _ = torch.cuda.mem_get_info(self.device)
             return int(free_bytes)
         return _available_host_memory_bytes()
+
+    def prepare_process(self) -> None:
+        """Per-process set-up before a model loads. Host tensors use the host allocator on
+        every device kind (on CPU, all of them), so freed large blocks are kept for reuse
+        (see ``host_memory``)."""
+        keep_freed_host_memory()
 
     def synchronize(self) -> None:
         if self.name == "cuda":
