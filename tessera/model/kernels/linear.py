@@ -1,14 +1,13 @@
 """Weight matmuls in oneDNN's packed layout on CPU.
 
 Why: MKL's ``sgemm`` (what ``F.linear`` calls for float32 on CPU) is at its worst for a handful
-of rows against a transposed weight, which is exactly a decode step of a few sequences or an
-expert's share of a MoE batch. Measured on this project's 2-core benchmark machine over the
+of rows against a transposed weight, which is exactly a decode step of a few sequences. Measured on this project's 2-core benchmark machine over the
 ~100M Llama's 49 weight matrices (one pass, ms): 1 row 21.3, 4 rows 34.4, 8 rows 46.5, 12 rows
 59.8, 16 rows 42.9, where streaming the weights once costs about 20. The same matrices
 reordered once into oneDNN's blocked layout take 21.2, 22.5, 26.1, 28.1 and 30.8, and are within
 3% of MKL for prefill-sized inputs (512 and 2048 rows). So on CPU every float32 ``nn.Linear`` is
-repacked once at load time and run through oneDNN (the same ``mkldnn`` ops torch's own compiler
-uses for CPU linears).
+also packed once at load time and run through oneDNN (the same ``mkldnn`` ops torch's own
+compiler uses for CPU linears); routed experts are not (see ``pack_linears``).
 
 Not every call goes packed. A oneDNN call costs 10-15 us more than an MKL one, which small
 matrices cannot win back at a few rows (a 512x256 expert matrix, microseconds per call with
