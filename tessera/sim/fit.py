@@ -55,17 +55,16 @@ def _loss(system: System, model: ModelSpec, precision: str,
 
 
 def fit_efficiency(system: System, model: ModelSpec, precision: str,
-                   samples: Sequence[StepSample], rounds: int = 12,
-                   names: Sequence[str] = FITTED) -> Efficiency:
+                   samples: Sequence[StepSample], rounds: int = 12) -> Efficiency:
     """Efficiency constants of ``system``'s chip that best predict ``samples``."""
-    if len(samples) < len(names):
-        raise ValueError(f"need at least {len(names)} step samples, got {len(samples)}")
+    if len(samples) < len(FITTED):
+        raise ValueError(f"need at least {len(FITTED)} step samples, got {len(samples)}")
     eff = system.chip.efficiency
-    eff = replace(eff, **{k: max(getattr(eff, k), _FLOOR.get(k, 1e-3)) for k in names})
+    eff = replace(eff, **{k: max(getattr(eff, k), _FLOOR.get(k, 1e-3)) for k in FITTED})
     best = _loss(_with(system, eff), model, precision, samples)
     step = 2.0
     for _ in range(rounds):
-        for name in names:
+        for name in FITTED:
             for factor in (step, 1.0 / step):
                 while True:
                     value = getattr(eff, name) * factor
