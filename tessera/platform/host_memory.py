@@ -3,11 +3,12 @@
 Why: glibc's malloc serves blocks above its mmap threshold (128 KiB, raised dynamically up to
 32 MiB) with fresh ``mmap`` pages and returns them with ``munmap`` on free. A prefill step
 allocates and frees activations of tens of MiB per op (a 2048-token gate/up output of the
-~100M Llama is 32 MiB), so every step faults its pages in again, one 4 KiB page at a time:
-measured 5,500 to 61,000 minor faults per 2048-token prefill step of the Qwen3-MoE benchmark
-model, and step times of 513-963 ms; with freed blocks kept in the heap, 0-26 faults and
-486-520 ms. The price is that the process keeps its peak heap instead of returning it to the
-system, which a long-running server does anyway.
+~100M Llama is 32 MiB), so every step faults its pages in again, one 4 KiB page at a time.
+A 2048-token prefill step of the Qwen3-MoE benchmark model (``benchmarks/host_allocator.py``):
+72,772 minor faults and 586 ms (median) with glibc's defaults; with freed blocks kept in the
+heap, 0 faults and 501 ms.
+The price is that the process keeps its peak heap instead of returning it to the system,
+which a long-running server does anyway.
 """
 
 from __future__ import annotations

@@ -1,24 +1,23 @@
 """Weight matmuls in oneDNN's packed layout on CPU.
 
 Why: MKL's ``sgemm`` (what ``F.linear`` calls for float32 on CPU) is at its worst for a handful
-of rows against a transposed weight, which is exactly a decode step of a few sequences. Measured on this project's 2-core benchmark machine over the
-~100M Llama's 49 weight matrices (one pass, ms): 1 row 21.3, 4 rows 34.4, 8 rows 46.5, 12 rows
-59.8, 16 rows 42.9, where streaming the weights once costs about 20. The same matrices
-reordered once into oneDNN's blocked layout take 21.2, 22.5, 26.1, 28.1 and 30.8, and are within
-3% of MKL for prefill-sized inputs (512 and 2048 rows). So on CPU every float32 ``nn.Linear`` is
-also packed once at load time and run through oneDNN (the same ``mkldnn`` ops torch's own
-compiler uses for CPU linears); routed experts are not (see ``pack_linears``).
+of rows against a transposed weight, which is exactly a decode step of a few sequences. One pass
+over the ~100M Llama's 49 weight matrices on the 2-core benchmark machine
+(``benchmarks/packed_linear.py``, ms, MKL vs packed): 1 row 17.9 / 21.6, 4 rows 32.6 / 22.6,
+8 rows 44.9 / 30.0, 12 rows 59.0 / 30.5, 16 rows 41.9 / 31.4, 512 rows 294.8 / 294.1. So on CPU
+every float32 ``nn.Linear`` is also packed once at load time and run through oneDNN (the same
+``mkldnn`` ops torch's own compiler uses for CPU linears); routed experts are not (see
+``pack_linears``).
 
 Not every call goes packed. A oneDNN call costs 10-15 us more than an MKL one, which small
-matrices cannot win back at a few rows (a 512x256 expert matrix, microseconds per call with
-MKL/packed: 2 rows 29/40, 8 rows 37/47, 16 rows 59/54; a 2304x768 projection: 2 rows 477/363,
-8 rows 700/426); and at one row MKL's GEMV streams the weights 10-20% faster than the packed
-kernel. So a call takes the packed path from 4 rows for matrices of 2 MiB or more and from 16
-rows for smaller ones (``min_packed_rows``), and the plain weight otherwise. A packed
-linear therefore holds both layouts, which costs the weights' size again in host memory; the
-KV pool is sized after packing, so that memory is accounted for. Anything that cannot be packed
-(not CPU, not float32, oneDNN missing, ``TESSERA_DISABLE_KERNELS=1``, or a linear its module
-lists in ``keep_plain_linears`` because it only reads the weight) stays an ``nn.Linear``.
+matrices (an expert's 512x256) cannot win back at a few rows, and at one or two rows MKL's
+GEMV streams the weights faster than the packed kernel (table above). So a call takes the
+packed path from 4 rows for matrices of 2 MiB or more and from 16 rows for smaller ones
+(``min_packed_rows``), and the plain weight otherwise. A packed linear therefore holds both
+layouts, which costs the weights' size again in host memory; the KV pool is sized after
+packing, so that memory is accounted for. Anything that cannot be packed (not CPU, not float32,
+oneDNN missing, ``TESSERA_DISABLE_KERNELS=1``, or a linear its module lists in
+``keep_plain_linears`` because it only reads the weight) stays an ``nn.Linear``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,103 @@
+"""Micro-benchmark of float32 weight matmuls on CPU: MKL (``F.linear``) vs oneDNN's packed layout.
+
+One pass over the weight matrices of the ~100M benchmark Llama (12 layers of fused qkv, o,
+fused gate/up and down projections, then the LM head: 109M weights, 438 MB in float32) at each
+row count, every matrix a distinct tensor so the pass streams from memory as a decode step
+does. Columns: ``F.linear`` (MKL), ``packed_linear`` forced onto the packed path, and
+``PackedLinear`` as the engine calls it (packed from ``min_packed_rows`` rows on). The LM head
+is left out above 64 rows (a step only samples a few rows). Best of several passes.
+
+    python benchmarks/packed_linear.py [--threads 2] [--rows 1,2,4,8,12,16,32,64,512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tessera.model.kernels import linear as kl  # noqa: E402
+
+HIDDEN, INTERMEDIATE, NUM_LAYERS, VOCAB = 768, 2048, 12, 32000
+
+
+def _best_ms(fn: Callable[[], None], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def _pass(kind: str, used: list[kl.PackedLinear],
+          inputs: dict[int, torch.Tensor]) -> Callable[[], None]:
+    """One pass over ``used``: plain ``F.linear`` (mkl), the packed path at any row count
+    (packed), or the module as the engine calls it (engine)."""
+    def run() -> None:
+        for lin in used:
+            x = inputs[lin.in_features]
+            if kind == "mkl":
+                F.linear(x, lin.weight)
+            elif kind == "packed":
+                kl.packed_linear(x, lin.weight, lin.packed_weight, 1)
+            else:
+                lin(x)
+    return run
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rows", default="1,2,4,8,12,16,32,64,512")
+    p.add_argument("--repeats", type=int, default=4)
+    args = p.parse_args(argv)
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error(f"--rows must be a comma list of integers, got {args.rows!r}")
+    if any(r < 1 for r in row_counts):
+        p.error("--rows must all be at least 1")
+    if not kl.packing_available():
+        print("oneDNN packing is not available here (or TESSERA_DISABLE_KERNELS is set)")
+        return 1
+    torch.set_num_threads(args.threads)
+    shapes = [(3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN),
+              (HIDDEN, INTERMEDIATE)] * NUM_LAYERS + [(VOCAB, HIDDEN)]
+    gen = torch.Generator().manual_seed(0)
+    linears = []
+    for out_features, in_features in shapes:
+        lin = nn.Linear(in_features, out_features, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(out_features, in_features, generator=gen) * 0.02)
+        linears.append(kl.PackedLinear(lin))
+    total_mb = sum(lin.weight.numel() for lin in linears) * 4 / 1e6
+
+    print(f"{len(linears)} matrices, {total_mb:.0f} MB float32, {args.threads} threads; "
+          "ms per pass (best of %d)" % args.repeats)
+    print(f"{'rows':>6} {'MKL':>9} {'packed':>9} {'engine':>9} {'MKL/engine':>11}")
+    with torch.inference_mode():
+        for rows in row_counts:
+            used = linears if rows <= 64 else linears[:-1]
+            inputs = {n: torch.randn(rows, n, generator=gen) for n in (HIDDEN, INTERMEDIATE)}
+
+            t_mkl, t_packed, t_engine = (
+                _best_ms(_pass(kind, used, inputs), args.repeats)
+                for kind in ("mkl", "packed", "engine")
+            )
+            print(f"{rows:>6} {t_mkl:>9.1f} {t_packed:>9.1f} {t_engine:>9.1f} "
+                  f"{t_mkl / t_engine:>10.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
