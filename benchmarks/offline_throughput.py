@@ -23,6 +23,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import queue as queue_mod
 import sys
 import time
 from collections.abc import Callable
@@ -122,7 +123,15 @@ def isolated(fn: Callable[..., dict], *args: Any) -> dict[str, Any]:
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(queue, fn, args))
     proc.start()
-    status, value = queue.get()
+    while True:
+        try:
+            status, value = queue.get(timeout=1.0)
+            break
+        except queue_mod.Empty:
+            # A child that dies without reporting (killed, crashed in native code) must not
+            # leave the benchmark waiting forever.
+            if not proc.is_alive():
+                return {"error": f"engine process exited with code {proc.exitcode}"}
     proc.join()
     return value if status == "ok" else {"error": value}
 

@@ -6,12 +6,14 @@ waits for the device (a single ``tolist`` of the sampled tokens per step).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from tessera.engine.decode_stack import DenseDecodeStack
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import SchedulerOutput
 from tessera.model.attention import AttentionMetadata, PrefillChunk
@@ -134,12 +136,22 @@ class ModelRunner:
             sample_seq_indices=sample_seq_indices,
         )
 
+    @functools.cached_property
+    def decode_stack(self) -> DenseDecodeStack | None:
+        """All units as one native call for few-row decode steps, if the model allows it
+        (built on first use: after the loader's rotary tables and the linears' packing)."""
+        return DenseDecodeStack.from_units(self.units)
+
     @torch.inference_mode()
     def forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [S, V] (float32) of the sampled rows."""
         hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
-        for unit in self.units:
-            hidden = unit(hidden, inputs.ctx)
+        stack = self.decode_stack
+        if stack is not None and stack.applies(hidden, inputs.ctx):
+            hidden = stack(hidden, inputs.ctx)  # the units' ops, one call
+        else:
+            for unit in self.units:
+                hidden = unit(hidden, inputs.ctx)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
     def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:

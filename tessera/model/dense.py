@@ -13,6 +13,8 @@ from torch import nn
 from tessera.model.attention import paged_attention, write_kv
 from tessera.model.context import StepContext
 from tessera.model.kernels import silu_mul
+from tessera.model.kernels.decode_units import decode_units_available, max_plain_rows
+from tessera.model.kernels.paged_decode import decode_kernel_applies
 from tessera.model.layers import RMSNorm, RotaryEmbedding, activation
 from tessera.model.spec import ModelSpec
 from tessera.model.weights import Target, dense_target
@@ -45,6 +47,16 @@ class AttentionUnit(nn.Module):
 
     def forward(self, hidden: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         num_tokens = hidden.shape[0]
+        kv_cache = ctx.kv_caches[self.layer_id]
+        assert kv_cache is not None, f"no KV cache for layer {self.layer_id}"
+        if (
+            not ctx.attn.prefills
+            and num_tokens <= min(max_plain_rows(self.qkv_proj), max_plain_rows(self.o_proj))
+            and self.rope[0].fused
+            and decode_units_available(hidden)
+            and decode_kernel_applies(hidden, kv_cache)
+        ):
+            return self.fused_decode(hidden, ctx, kv_cache)
         qkv = self.qkv_proj(self.norm(hidden))  # [T, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)
@@ -53,12 +65,27 @@ class AttentionUnit(nn.Module):
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope[0](ctx.positions, q, k)
-        kv_cache = ctx.kv_caches[self.layer_id]
-        assert kv_cache is not None, f"no KV cache for layer {self.layer_id}"
         write_kv(kv_cache, k, v, ctx.attn.slot_mapping)
         o = paged_attention(q, k, v, kv_cache, ctx.attn, self.scale, self.window)  # [T, H, d]
         # The residual add goes into the fresh projection output (no new [T, D] tensor).
         return self.o_proj(o.view(num_tokens, self.q_size)).add_(hidden)
+
+    def fused_decode(
+        self, hidden: torch.Tensor, ctx: StepContext, kv_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """``forward`` of a decode-only step in one native call (same ops, same result)."""
+        meta, rope = ctx.attn, self.rope[0]
+        assert meta.decode_block_tables is not None and meta.decode_seq_lens is not None
+        return torch.ops.tessera_kernels.attention_decode(
+            hidden, self.norm.weight, self.norm.eps,
+            self.qkv_proj.weight, self.qkv_proj.bias,
+            None if self.q_norm is None else self.q_norm.weight,
+            None if self.k_norm is None else self.k_norm.weight,
+            self.o_proj.weight, self.o_proj.bias,
+            ctx.positions, rope.cos, rope.sin, kv_cache, meta.slot_mapping,
+            meta.decode_block_tables, meta.decode_seq_lens,
+            self.num_heads, self.num_kv_heads, self.scale, self.window or 0,
+        )  # [B, D]
 
 
 class DenseFFNUnit(nn.Module):
@@ -77,6 +104,18 @@ class DenseFFNUnit(nn.Module):
         self.fused_silu = spec.hidden_act == "silu"
 
     def forward(self, hidden: torch.Tensor, ctx: StepContext | None = None) -> torch.Tensor:
+        if (
+            self.fused_silu
+            and hidden.shape[0]
+            <= min(max_plain_rows(self.gate_up_proj), max_plain_rows(self.down_proj))
+            and decode_units_available(hidden)
+        ):
+            # Few rows: the whole unit in one native call (same ops, same result).
+            return torch.ops.tessera_kernels.ffn_decode(
+                hidden, self.norm.weight, self.norm.eps,
+                self.gate_up_proj.weight, self.gate_up_proj.bias,
+                self.down_proj.weight, self.down_proj.bias,
+            )  # [T, D]
         gate_up = self.gate_up_proj(self.norm(hidden))  # [T, 2I]
         if self.fused_silu:
             act = silu_mul(gate_up)  # [T, I], one pass

@@ -17,7 +17,7 @@ from tessera.model.kernels.build import kernel_available
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _kernel_applies(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+def decode_kernel_applies(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     return (
         q.device.type == "cpu"
         and kv_cache.device.type == "cpu"
@@ -46,7 +46,7 @@ def paged_decode_attention(
     """
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 or None, got {window}")
-    if _kernel_applies(q, kv_cache) and kernel_available():
+    if decode_kernel_applies(q, kv_cache) and kernel_available():
         return torch.ops.tessera_kernels.paged_decode(
             q.contiguous(),
             kv_cache,

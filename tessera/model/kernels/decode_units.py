@@ -1,0 +1,33 @@
+"""Decoder units in one native call for decode steps of a few sequences on CPU.
+
+A batch-1 decode step is the weight matmuls plus ~25 small ops per layer, and launching each of
+those from Python costs more than the op itself (see ``decode_units.cpp``). The dense attention
+and FFN units hand such steps to ``attention_decode`` / ``ffn_decode``, which run the units' own
+op sequence in C++: same ops, same order, same results. The units fall back to their Python
+bodies whenever a step has a prefill chunk, a linear would take its packed path (see
+``linear.py``), or the kernels are unavailable.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from tessera.model.kernels.build import kernel_available
+from tessera.model.kernels.linear import PackedLinear
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def max_plain_rows(linear: nn.Module) -> int:
+    """Most rows for which ``linear(x)`` is exactly ``F.linear(x, weight, bias)``."""
+    if isinstance(linear, PackedLinear):
+        return linear.min_packed_rows - 1
+    return sys.maxsize if type(linear) is nn.Linear else -1
+
+
+def decode_units_available(hidden: torch.Tensor) -> bool:
+    """Whether the fused unit ops can run on ``hidden`` [T, D] (CPU, kernel dtype, built)."""
+    return hidden.device.type == "cpu" and hidden.dtype in _DTYPES and kernel_available()
