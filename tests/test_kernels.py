@@ -253,3 +253,17 @@ def test_fp32_queries_over_a_half_precision_cache(case: tuple, cache_dtype: torc
         got = fn(q, narrow, tables, lens, scale, window)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_kernels_run_on_every_thread():
+    """The extension is built with torch's threading backend: a parallel loop in it spreads
+    over the threads torch is set to (compiled without OpenMP, it ran on one)."""
+    _require_kernel()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.tessera_kernels.parallel_threads(64) == 2
+        torch.set_num_threads(1)
+        assert torch.ops.tessera_kernels.parallel_threads(64) == 1
+    finally:
+        torch.set_num_threads(before)

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -241,12 +242,21 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// How many threads one at::parallel_for over `n` items runs on: a check of the build, since a
+// kernel compiled without the backend's threading (OpenMP) silently runs every loop on one.
+int64_t parallel_threads(int64_t n) {
+  std::atomic<int64_t> calls{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) { calls.fetch_add(1); });
+  return calls.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(tessera_kernels, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rotary_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("parallel_threads(int n) -> int");
 }
 
 TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) {
@@ -254,3 +264,6 @@ TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) {
   m.impl("rotary_", &rotary_);
   m.impl("silu_mul", &silu_mul);
 }
+
+// No tensor arguments, so no dispatch key: registered for every backend.
+TORCH_LIBRARY_IMPL(tessera_kernels, CatchAll, m) { m.impl("parallel_threads", &parallel_threads); }
