@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         calibration_samples,
         random_prompts,
         record_steps,
+        with_native_rows,
     )
     from tessera.sim.engine_sim import EngineScenario, EngineSimResult, simulate_engine
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
@@ -75,14 +76,16 @@ def main(argv: list[str] | None = None) -> int:
     eng = engine()
     kv_bytes = 4.0
     fit_samples = calibration_samples(eng, model, kv_bytes)
+    profile = with_native_rows(profile, eng)
     raw = system_from_profile(profile)
     eff = fit_efficiency(raw, model, "fp32", fit_samples)
     system = system_from_profile(profile_with(profile, eff))
     fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", fit_samples))
     print(f"calibrated in {time.perf_counter() - t0:.0f} s on {len(fit_samples)} steps; median "
           f"step error {fit_err[len(fit_err) // 2]:.1%}; matmul {eff.matmul:.2f}, memory "
-          f"{eff.memory:.2f}, attention {eff.attention:.2f}, overlap {eff.overlap:.2f}, step "
-          f"{eff.step_overhead_ms:.2f} ms, per seq {eff.seq_overhead_us:.0f} us; machine: "
+          f"{eff.memory:.2f}, kv memory {eff.kv_memory or eff.memory:.2f}, attention {eff.attention:.2f}, overlap {eff.overlap:.2f}, step "
+          f"{eff.step_overhead_ms:.2f} ms, per op {eff.op_overhead_us:.1f} us, native decode rows "
+          f"{eff.native_decode_rows}, per seq {eff.seq_overhead_us:.0f} us; machine: "
           f"{profile['tflops']['fp32'] * 1e3:.0f} fp32 GFLOPS, {profile['memory_gb_s']:.1f} GB/s "
           f"weight streaming, load average {os.getloadavg()[0]:.1f}")
 

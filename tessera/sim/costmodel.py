@@ -70,6 +70,8 @@ class PoolCost:
         self.mm_rate = chip.matmul_flops_per_s(layout.precision) * eff.matmul
         self.attn_rate = chip.matmul_flops_per_s("bf16") * eff.attention
         self.mem_rate = chip.memory_bytes_per_s * eff.memory
+        kv_eff = eff.memory if eff.kv_memory is None else eff.kv_memory
+        self.kv_mem_rate = chip.memory_bytes_per_s * kv_eff
         self.op_overhead_s = eff.op_overhead_us * 1e-6
         self.ops_per_layer = eff.ops_per_layer
         self.step_overhead_s = eff.step_overhead_ms * 1e-3
@@ -147,7 +149,7 @@ class PoolCost:
         m = self.model
         proj = self._matmul_s(m.attn_params, tokens)
         core = self._roofline_s(core_flops / self.layout.tp / self.attn_rate,
-                                kv_bytes / self.layout.tp / self.mem_rate)
+                                kv_bytes / self.layout.tp / self.kv_mem_rate)
         return np.asarray(proj + core + self._tp_allreduce_s(tokens))
 
     def _moe_layer_s(self, attn_s: np.ndarray, tokens: np.ndarray) -> float:
@@ -179,10 +181,12 @@ class PoolCost:
         return max(sum(stages), mb * max(stages))
 
     # ----- whole step -----------------------------------------------------------------------
-    def step_s(self, load: PassLoad, mtp: PassLoad | None = None) -> float:
+    def step_s(self, load: PassLoad, mtp: PassLoad | None = None,
+               per_op_launch: bool = True) -> float:
         """Seconds for one forward step of the pool over per-group ``load``.
 
         ``mtp`` is the load of the multi-token-prediction layers in the same step, if any.
+        ``per_op_launch=False``: the step's layers run as one native call (no per-op launches).
         """
         m, lay = self.model, self.layout
         mb = lay.num_micro_batches
@@ -195,8 +199,9 @@ class PoolCost:
             total += float(np.max(self._matmul_s(m.vocab_size * m.hidden_size, mtp.sampled)))
             num_layers += m.num_mtp_layers
         total += float(np.max(self._matmul_s(m.vocab_size * m.hidden_size, load.sampled)))
-        total += num_layers * self.ops_per_layer * mb * self.op_overhead_s + self.step_overhead_s
-        return total
+        if per_op_launch:
+            total += num_layers * self.ops_per_layer * mb * self.op_overhead_s
+        return total + self.step_overhead_s
 
     def _layers_s(self, load: PassLoad, num_dense: int, num_moe: int) -> float:
         m, mb = self.model, self.layout.num_micro_batches

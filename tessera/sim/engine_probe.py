@@ -120,6 +120,19 @@ def _fastest(runs: list[list[StepSample]]) -> list[StepSample]:
     return [min(group, key=lambda s: s.seconds) for group in zip(*runs, strict=True)]
 
 
+def native_decode_rows(engine: Any) -> int:
+    """Most sequences a decode-only step of ``engine`` runs as one native call (0: none; see
+    ``tessera.engine.decode_stack``). Read after a warm-up step, once the stack is built."""
+    stack = getattr(engine.runner, "decode_stack", None)
+    return 0 if stack is None else int(stack.max_rows)
+
+
+def with_native_rows(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
+    """``profile`` with its efficiency block naming ``engine``'s native decode rows."""
+    return {**profile, "efficiency": {**profile["efficiency"],
+                                      "native_decode_rows": native_decode_rows(engine)}}
+
+
 def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
                         seed: int = 0, repeats: int = 2) -> list[StepSample]:
     """Run the calibration workloads on ``engine`` and return every step's sample.

@@ -30,7 +30,9 @@ from .model import ModelSpec
 
 @dataclass(frozen=True)
 class StepLoad:
-    """The work of one engine step, as plain numbers (what a step costs depends on these)."""
+    """The work of one engine step, as plain numbers (what a step costs depends on these).
+
+    ``attention_flops`` and ``kv_bytes`` are totals over all layers of the step."""
 
     num_seqs: int
     num_tokens: int
@@ -38,11 +40,13 @@ class StepLoad:
     attention_flops: float
     kv_bytes: float
 
-    def pass_load(self) -> PassLoad:
-        """The cost model's view of the step (one data-parallel group)."""
+    def pass_load(self, num_layers: int) -> PassLoad:
+        """The cost model's view of the step (one data-parallel group). A ``PassLoad`` holds
+        the attention work of one layer (the pool cost charges it once per layer), so the
+        step's totals are divided by ``num_layers``."""
         return PassLoad(tokens=np.array([float(self.num_tokens)]),
-                        core_flops=np.array([self.attention_flops]),
-                        kv_bytes=np.array([self.kv_bytes]),
+                        core_flops=np.array([self.attention_flops / num_layers]),
+                        kv_bytes=np.array([self.kv_bytes / num_layers]),
                         sampled=np.array([float(self.num_sampled)]))
 
 
@@ -80,11 +84,15 @@ class StepCost:
         layout = PoolLayout(num_groups=1, tp=1, num_ep=1, ffn_split=False, num_micro_batches=1,
                             precision=precision)
         self.pool = PoolCost(system, model, layout)
+        self.num_layers = model.num_layers
+        self.native_rows = system.chip.efficiency.native_decode_rows
         self.seq_overhead_s = system.chip.efficiency.seq_overhead_us * 1e-6
 
     def seconds(self, load: StepLoad) -> float:
         """Predicted duration of a step with ``load``."""
-        return self.pool.step_s(load.pass_load()) + load.num_seqs * self.seq_overhead_s
+        native = load.num_tokens == load.num_seqs <= self.native_rows  # decode-only, few rows
+        return (self.pool.step_s(load.pass_load(self.num_layers), per_op_launch=not native)
+                + load.num_seqs * self.seq_overhead_s)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,14 @@ class Efficiency:
     step_overhead_ms: float
     seq_overhead_us: float = 0.0
     """Host time per scheduled sequence per step (input building, sampling bookkeeping)."""
+    kv_memory: float | None = None
+    """Fraction of the memory rate at which attention reads the KV cache; None: ``memory``. Kept
+    apart for calibrated CPUs, where a decode-attention kernel reading scattered KV blocks on
+    every thread and a GEMV streaming weights reach different shares of the same bus."""
+    native_decode_rows: int = 0
+    """Decode-only steps of up to this many sequences run all layers as one native call
+    (Tessera's CPU decode path; read from the engine at calibration) and pay no per-op launch
+    cost; 0 everywhere else."""
     overlap: float = 1.0
     """Share of an op's shorter leg (compute or memory) hidden under its longer one: 1 is the
     pure roofline max (accelerators stream weights while computing), 0 the plain sum (a CPU
@@ -100,6 +108,8 @@ def _efficiency(raw: dict[str, Any]) -> Efficiency:
         step_overhead_ms=float(raw["step_overhead_ms"]),
         seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
         overlap=float(raw.get("overlap", 1.0)),
+        kv_memory=None if raw.get("kv_memory") is None else float(raw["kv_memory"]),
+        native_decode_rows=int(raw.get("native_decode_rows", 0)),
     )
 
 

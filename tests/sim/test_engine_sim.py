@@ -151,3 +151,34 @@ def test_closed_loop_keeps_concurrency_in_flight() -> None:
     # after arrival, but the run takes longer than serving all six together.
     assert max(closed.ttft_ms) < max(offline.ttft_ms)
     assert closed.duration_s > offline.duration_s
+
+
+def _cost(**eff: object) -> StepCost:
+    profile = {**PROFILE, "efficiency": {**PROFILE["efficiency"], **eff}}
+    return StepCost(system_from_profile(profile), spec_from_config(CFG), "fp32")
+
+
+def test_a_steps_kv_bytes_are_read_once_over_all_layers() -> None:
+    """StepLoad counts the KV bytes of all layers; the cost model charges attention per layer,
+    so the step's total must be split over the layers, not charged once per layer."""
+    cost = _cost(overlap=0.0, kv_memory=0.5)
+    base = StepLoad(num_seqs=1, num_tokens=1, num_sampled=1, attention_flops=0.0, kv_bytes=0.0)
+    kv_bytes = 4e6
+    extra = cost.seconds(replace(base, kv_bytes=kv_bytes)) - cost.seconds(base)
+    rate = PROFILE["memory_gb_s"] * 1e9 * 0.5  # type: ignore[operator]
+    assert extra == pytest.approx(kv_bytes / rate)
+
+
+def test_native_decode_steps_pay_no_per_op_launches() -> None:
+    model = spec_from_config(CFG)
+    plain, native = _cost(), _cost(native_decode_rows=3)
+    launches = model.num_layers * 14 * 2.0e-6  # ops_per_layer x op_overhead_us of PROFILE
+    for seqs in (1, 3):
+        load = StepLoad(num_seqs=seqs, num_tokens=seqs, num_sampled=seqs, attention_flops=1e5,
+                        kv_bytes=1e5)
+        assert plain.seconds(load) - native.seconds(load) == pytest.approx(launches)
+    # More rows than the native path takes, or a prefill chunk: launched op by op.
+    for seqs, tokens in ((4, 4), (1, 3)):
+        load = StepLoad(num_seqs=seqs, num_tokens=tokens, num_sampled=seqs,
+                        attention_flops=1e5, kv_bytes=1e5)
+        assert plain.seconds(load) == native.seconds(load)
