@@ -119,3 +119,20 @@ def test_stack_op_matches_python_units_on_one_step(model_factory, monkeypatch):
             h = unit(h, inputs.ctx)
     assert torch.equal(native, h)
     assert not torch.equal(native, hidden)
+
+
+def test_native_decode_is_bit_identical_in_bfloat16(model_factory, monkeypatch):
+    path, _ = model_factory("qwen2")  # qkv bias: the optional-bias arguments of the op
+
+    def run():
+        llm = LLM(str(path), dtype="bfloat16", device="cpu", kv_cache_memory=4 << 20)
+        outs = llm.generate(_prompts(5, [6, 21]), PARAMS, use_tqdm=False)
+        return llm, [o.outputs[0].token_ids for o in outs]
+
+    calls = _count_stack_calls(monkeypatch)
+    llm, native = run()
+    assert llm.engine.runner.decode_stack is not None and calls[0] > 0
+    monkeypatch.setattr(DenseDecodeStack, "from_units", classmethod(lambda cls, u: None))
+    monkeypatch.setattr(dense, "decode_units_available", lambda hidden: False)
+    _, python = run()
+    assert native == python
