@@ -15,10 +15,8 @@ import sys
 import torch
 from torch import nn
 
-from tessera.model.kernels.build import kernel_available
+from tessera.model.kernels.fused import on_cpu_kernel
 from tessera.model.kernels.linear import PackedLinear
-
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def max_plain_rows(linear: nn.Module) -> int:
@@ -30,4 +28,4 @@ def max_plain_rows(linear: nn.Module) -> int:
 
 def decode_units_available(hidden: torch.Tensor) -> bool:
     """Whether the fused unit ops can run on ``hidden`` [T, D] (CPU, kernel dtype, built)."""
-    return hidden.device.type == "cpu" and hidden.dtype in _DTYPES and kernel_available()
+    return on_cpu_kernel(hidden)

@@ -17,7 +17,8 @@ from tessera.model.kernels.build import kernel_available
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _on_cpu_kernel(x: torch.Tensor) -> bool:
+def on_cpu_kernel(x: torch.Tensor) -> bool:
+    """Whether Tessera's CPU kernels take ``x``: a CPU tensor of a kernel dtype, kernels built."""
     return x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and kernel_available()
 
 
@@ -36,7 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         and x.stride(-1) == 1
         and weight.dtype == x.dtype
         and weight.is_contiguous()
-        and _on_cpu_kernel(x)
+        and on_cpu_kernel(x)
     ):
         return torch.ops.tessera_kernels.rms_norm(x, weight, eps)
     return rms_norm_reference(x, weight, eps)
@@ -72,7 +73,7 @@ def apply_rotary_(
         and cos.dtype == torch.float32
         and cos.is_contiguous()
         and sin.is_contiguous()
-        and _on_cpu_kernel(q)
+        and on_cpu_kernel(q)
     ):
         torch.ops.tessera_kernels.rotary_(q, k, positions, cos, sin)
         return
@@ -90,6 +91,6 @@ def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """``silu_mul_reference`` in one pass over gate_up [T, 2I]; returns [T, I]."""
-    if gate_up.dim() == 2 and gate_up.stride(-1) == 1 and _on_cpu_kernel(gate_up):
+    if gate_up.dim() == 2 and gate_up.stride(-1) == 1 and on_cpu_kernel(gate_up):
         return torch.ops.tessera_kernels.silu_mul(gate_up)
     return silu_mul_reference(gate_up)
