@@ -30,6 +30,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                      help="FFN worker processes (tensor-parallel FFN shards)")
     afd.add_argument("--micro-batches", type=int, default=2,
                      help="micro-batches (lanes) per attention worker (default 2)")
+    afd.add_argument("--data-plane", choices=("auto", "torch", "shm"), default="auto",
+                     help="how workers exchange hidden states: shared memory (local CPU "
+                     "workers), torch.distributed, or auto (shm where it applies)")
     afd.add_argument("--trace", default=None, metavar="FILE",
                      help="write a Chrome trace of worker compute and transfers to FILE")
     afd.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -70,6 +73,7 @@ def afd_config_from_args(args: argparse.Namespace) -> AFDConfig | None:
         attention_workers=args.attention_workers,
         ffn_workers=args.ffn_workers,
         micro_batches=args.micro_batches,
+        data_plane=args.data_plane,
         trace_path=args.trace,
         ray_address=args.ray_address,
     )

@@ -22,7 +22,7 @@ import torch
 import zmq
 
 from tessera.afd.attention_runner import AttentionRunner
-from tessera.afd.dataplane import DataPlane, TransferError
+from tessera.afd.dataplane import TransferError, open_plane
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.lanes import Lanes
 from tessera.afd.messages import (
@@ -113,9 +113,9 @@ def main(argv: list[str]) -> int:
         engine = LLMEngine(cfg.engine, make_runner=AttentionRunner,
                            expert_ids=[] if moe else None, keep_param=attention_side)
         owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
-        plane = DataPlane(cfg.rank, cfg.afd.world_size, cfg.master_addr, cfg.master_port,
-                          engine.platform.dist_backend, cfg.afd.startup_timeout_s,
-                          [cfg.afd.worker_name(r) for r in range(cfg.afd.world_size)])
+        model = engine.runner.model
+        plane = open_plane(cfg, engine.platform.dist_backend, model.spec.hidden_size,
+                           model.embed.weight.dtype.itemsize, moe.top_k if moe else 0)
         runner = engine.runner
         assert isinstance(runner, AttentionRunner)
         # Warm-up may meet FFN workers still loading: it gets the start-up deadline.

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DATA_PLANES = ("auto", "torch", "shm")
+
 
 @dataclass(frozen=True)
 class AFDConfig:
@@ -19,6 +21,11 @@ class AFDConfig:
     micro_batches: int = 2
     """Micro-batches (lanes, each stepping on its own) per attention worker; with 2, one
     lane's FFN work overlaps the other's attention, LM head and sampling. 1 runs in lockstep."""
+    data_plane: str = "auto"
+    """How hidden states travel. ``"torch"``: torch.distributed point-to-point (gloo on CPU,
+    the platform's backend elsewhere). ``"shm"``: shared memory, for CPU workers on one host
+    (``tessera.afd.shm_plane``). ``"auto"``: shm for local CPU workers where the host supports
+    it, else torch. Ray-placed workers always use torch."""
     transfer_timeout_s: float = 30.0
     """Deadline of every FFN transfer, counted from the start of the step that issued it."""
     heartbeat_interval_s: float = 0.5
@@ -45,6 +52,10 @@ class AFDConfig:
                 raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
         if self.micro_batches > 16:
             raise ValueError(f"micro_batches must be at most 16, got {self.micro_batches}")
+        if self.data_plane not in DATA_PLANES:
+            raise ValueError(
+                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
+            )
         for name in ("transfer_timeout_s", "heartbeat_interval_s", "failure_detect_s",
                      "startup_timeout_s", "placement_timeout_s"):
             if not getattr(self, name) > 0:
@@ -56,6 +67,8 @@ class AFDConfig:
             )
 
         if self.ray_address is not None:
+            if self.data_plane == "shm":
+                raise ValueError("data_plane 'shm' needs local workers, not ray_address")
             if not isinstance(self.ray_address, str) or not self.ray_address.strip():
                 raise ValueError(f"ray_address must be a non-empty string, got {self.ray_address!r}")
             if self.ray_address.startswith("ray://"):

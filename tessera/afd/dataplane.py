@@ -1,7 +1,8 @@
 """The data plane: hidden states between attention and FFN workers over torch.distributed p2p.
 
 The backend comes from the platform (gloo on CPU; nccl/hccl where a device brings its own), so
-an accelerator plugs in without changes here. Every wait has a deadline; a transfer that fails
+an accelerator plugs in without changes here. CPU workers on one host use the shared-memory
+plane instead (``shm_plane.py``, same calls); ``open_plane`` picks the one a worker is given. Every wait has a deadline; a transfer that fails
 or misses it raises ``TransferError``, after which the group is unusable (a collective group
 does not survive a dead member) and the front rebuilds the whole pool on a fresh port.
 
@@ -18,9 +19,13 @@ import datetime
 import re
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from tessera.afd.messages import WorkerConfig
 
 HEADER_TAG = 1
 PAYLOAD_TAG = 2
@@ -33,6 +38,31 @@ _IDLE_WAIT = datetime.timedelta(days=365)
 
 class TransferError(RuntimeError):
     """A data-plane transfer failed or missed its deadline."""
+
+
+class Work(Protocol):
+    """A transfer in flight (``torch.distributed.Work`` or the shared-memory plane's)."""
+
+    def wait(self, timeout: datetime.timedelta = ...) -> bool: ...
+
+    def is_completed(self) -> bool: ...
+
+
+class Plane(Protocol):
+    """What the workers use of a data plane (``DataPlane``, ``ShmDataPlane``)."""
+
+    rank: int
+    names: list[str]
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> Work: ...
+
+    def irecv(self, tensor: torch.Tensor, src: int, tag: int) -> Work: ...
+
+    def recv_any(self, tensor: torch.Tensor, tag: int) -> int: ...
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class DataPlane:
@@ -97,13 +127,39 @@ class DataPlane:
             dist.destroy_process_group()
 
 
+def open_plane(cfg: WorkerConfig, backend: str, hidden_size: int, elem_bytes: int,
+               top_k: int) -> Plane:
+    """Join the data plane ``cfg`` names: shared memory in ``cfg.plane_dir`` if set, else
+    torch.distributed with ``backend``. Attention ranks exchange with every FFN rank."""
+    afd = cfg.afd
+    names = [afd.worker_name(r) for r in range(afd.world_size)]
+    if cfg.plane_dir is None:
+        return DataPlane(cfg.rank, afd.world_size, cfg.master_addr, cfg.master_port, backend,
+                         afd.startup_timeout_s, names)
+    from tessera.afd.shm_plane import PlaneLimits, ShmDataPlane
+
+    sched = cfg.engine.scheduler
+    max_tokens = sched.max_num_batched_tokens
+    limits = PlaneLimits(
+        max_tokens=max_tokens,
+        hidden_size=hidden_size,
+        elem_bytes=elem_bytes,
+        top_k=top_k,
+        micro_batches=afd.micro_batches,
+    )
+    attention = cfg.rank < afd.attention_workers
+    peers = afd.ffn_ranks() if attention else list(range(afd.attention_workers))
+    return ShmDataPlane(cfg.rank, afd.world_size, cfg.plane_dir, limits, peers,
+                        afd.startup_timeout_s, names)
+
+
 def brief(error: Exception) -> str:
     """The gist of a backend error: its first sentence, without gloo's source location."""
     text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0])
     return text.split(". ")[0].rstrip(".")
 
 
-def wait(work: dist.Work, deadline_s: float, what: str) -> None:
+def wait(work: Work, deadline_s: float, what: str) -> None:
     """Wait for ``work`` until ``deadline_s`` (``time.monotonic`` seconds)."""
     remaining = deadline_s - time.monotonic()
     if remaining <= 0:

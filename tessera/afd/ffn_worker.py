@@ -16,7 +16,6 @@ import time
 
 import msgspec
 import torch
-import torch.distributed as dist
 import zmq
 
 from tessera.afd.dataplane import (
@@ -26,12 +25,14 @@ from tessera.afd.dataplane import (
     PAYLOAD_TAG,
     RESULT_TAG,
     WEIGHTS_TAG,
-    DataPlane,
+    Plane,
     TransferError,
+    Work,
+    open_plane,
 )
 from tessera.afd.ffn_shard import ffn_shards
 from tessera.afd.heartbeat import start_heartbeat
-from tessera.afd.messages import Ready, StartupFailed, WorkerConfig
+from tessera.afd.messages import Heartbeat, Ready, StartupFailed, WorkerConfig
 from tessera.afd.placement import expert_ids_of
 from tessera.afd.trace import Tracer
 from tessera.model.kernels.linear import pack_linears
@@ -47,10 +48,10 @@ def ffn_side(param_name: str) -> bool:
     ) and ".router." not in param_name
 
 
-def serve(plane: DataPlane, shards: list[torch.nn.Module], hidden_size: int,
+def serve(plane: Plane, shards: list[torch.nn.Module], hidden_size: int,
           dtype: torch.dtype, device: torch.device, timeout_s: float, tracer: Tracer) -> None:
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
-    in_flight: list[tuple[torch.Tensor, dist.Work]] = []
+    in_flight: list[tuple[torch.Tensor, Work]] = []
     while True:
         src = plane.recv_any(header, HEADER_TAG)
         recv_start = tracer.now_us()
@@ -83,8 +84,8 @@ def main(argv: list[str]) -> int:
     front.connect(cfg.front_address)
     encoder = msgspec.msgpack.Encoder()
     tracer = Tracer(cfg.afd.trace_path is not None)
-    start_heartbeat(ctx, cfg.front_address, cfg.name, cfg.afd.heartbeat_interval_s,
-                    cfg.parent_pid, tracer)
+    stop_beating = start_heartbeat(ctx, cfg.front_address, cfg.name,
+                                   cfg.afd.heartbeat_interval_s, cfg.parent_pid, tracer)
     try:
         platform = get_platform(cfg.engine.device)
         platform.prepare_process()
@@ -101,9 +102,8 @@ def main(argv: list[str]) -> int:
         del model
         for shard in shards:
             pack_linears(shard)  # after sharding, which slices the plain weights
-        plane = DataPlane(cfg.rank, cfg.afd.world_size, cfg.master_addr, cfg.master_port,
-                          platform.dist_backend, cfg.afd.startup_timeout_s,
-                          [cfg.afd.worker_name(r) for r in range(cfg.afd.world_size)])
+        plane = open_plane(cfg, platform.dist_backend, spec.hidden_size, dtype.itemsize,
+                           moe.top_k if moe else 0)
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
         front.send(encoder.encode(StartupFailed(cfg.name, text)))
@@ -114,7 +114,13 @@ def main(argv: list[str]) -> int:
         serve(plane, list(shards), spec.hidden_size, dtype, platform.device,
               cfg.afd.transfer_timeout_s, tracer)
     except TransferError:
-        return 1  # a peer died or stalled; the front rebuilds the pool
+        # A peer died or stalled (or the pool is shutting down: attention workers exit first);
+        # the front rebuilds the pool if it is still running. Ship the last spans first.
+        front.send(encoder.encode(Heartbeat(cfg.name, tracer.take(), time.time())))
+        stop_beating.set()
+        front.close(linger=1000)
+        ctx.term()  # delivers that last message (within the linger) before the process ends
+        return 1
     return 0
 
 

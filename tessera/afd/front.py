@@ -398,8 +398,10 @@ class AFDEngine:
                 with contextlib.suppress(zmq.ZMQError):
                     sock.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
             if self.afd.trace_path is not None:
-                # FFN workers ship spans with heartbeats: wait for one more from each.
+                # FFN workers ship spans with heartbeats: wait for one sent after this point
+                # from each (an earlier one may predate their last spans).
                 quiet = {name for name in self._ranks if name not in self._pushes}
+                since_s = time.time()
                 end = time.monotonic() + 2 * self.afd.heartbeat_interval_s + 0.5
                 while quiet and time.monotonic() < end:
                     if not self._pull.poll(50):
@@ -407,7 +409,8 @@ class AFDEngine:
                     msg = self._decoder.decode(self._pull.recv())
                     if isinstance(msg, Heartbeat | StepReport) and msg.worker in self._ranks:
                         self._add_spans(msg.worker, msg.spans)
-                        quiet.discard(msg.worker)
+                        if isinstance(msg, Heartbeat) and msg.sent_s >= since_s:
+                            quiet.discard(msg.worker)
             self._pool.kill()
         if self.afd.trace_path is not None:
             write_trace(self.afd.trace_path, self._trace_events)

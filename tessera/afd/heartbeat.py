@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import time
 
 import msgspec
 import zmq
@@ -22,20 +23,24 @@ from tessera.afd.trace import Tracer
 def start_heartbeat(
     ctx: zmq.Context, front_address: str, worker: str, interval_s: float, parent_pid: int,
     tracer: Tracer | None = None,
-) -> threading.Thread:
+) -> threading.Event:
+    """Start beating; setting the returned event stops the thread and closes its socket (so
+    the context can be terminated, flushing the worker's last messages)."""
+    stop = threading.Event()
+
     def beat() -> None:
         sock = ctx.socket(zmq.PUSH)  # sockets are per thread
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(front_address)
         encoder = msgspec.msgpack.Encoder()
-        while True:
+        while not stop.is_set():
             if parent_pid and os.getppid() != parent_pid:
                 os._exit(1)  # the front died: never linger as an orphan
             spans = tracer.take() if tracer is not None else []
             with contextlib.suppress(zmq.ZMQError):
-                sock.send(encoder.encode(Heartbeat(worker, spans)), zmq.NOBLOCK)
-            threading.Event().wait(interval_s)
+                sock.send(encoder.encode(Heartbeat(worker, spans, time.time())), zmq.NOBLOCK)
+            stop.wait(interval_s)
+        sock.close()
 
-    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    return stop

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import weakref
 from typing import Protocol
 
 import msgspec
+import torch
 import zmq
 
 from tessera.afd.config import AFDConfig
 from tessera.afd.messages import WorkerConfig
+from tessera.afd.shm_plane import SHM_DIR, shm_supported
 from tessera.config import EngineConfig
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
@@ -77,6 +81,19 @@ def start_pool(engine: EngineConfig, afd: AFDConfig, generation: int, front_addr
     return RayWorkerPool(engine, afd, generation, front_address)
 
 
+def use_shm_plane(engine: EngineConfig, afd: AFDConfig) -> bool:
+    """Whether local workers exchange hidden states through shared memory (``data_plane``)."""
+    if afd.data_plane == "torch":
+        return False
+    if afd.data_plane == "shm":
+        if not shm_supported(SHM_DIR):
+            raise ValueError(f"data_plane 'shm' is not supported on this host (needs {SHM_DIR} "
+                             "and an x86-64 CPU)")
+        return True
+    on_cpu = engine.device == "cpu" or (engine.device == "auto" and not torch.cuda.is_available())
+    return on_cpu and shm_supported(SHM_DIR)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -89,6 +106,11 @@ class WorkerPool:
     def __init__(self, engine: EngineConfig, afd: AFDConfig, generation: int,
                  front_address: str, ipc_dir: str) -> None:
         port = afd.master_port if afd.master_port is not None and generation == 0 else free_port()
+        # A fresh directory per generation for the shared-memory plane, removed with the pool.
+        self.plane_dir = (
+            tempfile.mkdtemp(prefix=f"tessera-plane-g{generation}-", dir=SHM_DIR)
+            if use_shm_plane(engine, afd) else None
+        )
         self.configs: list[WorkerConfig] = []
         for rank in range(afd.world_size):
             attention = rank < afd.attention_workers
@@ -104,6 +126,7 @@ class WorkerPool:
                 front_address=front_address,
                 input_address=f"ipc://{ipc_dir}/attn{index}.g{generation}" if attention else None,
                 parent_pid=os.getpid(),
+                plane_dir=self.plane_dir,
             ))
         self.procs: dict[str, subprocess.Popen] = {}
         _live_pools.add(self)
@@ -138,6 +161,8 @@ class WorkerPool:
                 proc.kill()
         for proc in self.procs.values():
             proc.wait()
+        if self.plane_dir is not None:
+            shutil.rmtree(self.plane_dir, ignore_errors=True)
         _live_pools.discard(self)
 
 

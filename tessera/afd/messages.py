@@ -31,6 +31,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     input_address: str | None  # attention workers only
     parent_pid: int  # 0: no parent to watch (a Ray actor; Ray ends it with its owner)
     master_addr: str = "127.0.0.1"  # data-plane rendezvous: the host of rank 0
+    plane_dir: str | None = None  # the shared-memory data plane's directory; None: torch
 
     @property
     def name(self) -> str:
@@ -101,6 +102,9 @@ class StepFailed(msgspec.Struct, frozen=True, tag=True):
 class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     worker: str
     spans: list[Span] = []
+    sent_s: float = 0.0
+    """Wall-clock send time: the front's shutdown waits for a beat sent after it began, which
+    carries every span the worker recorded."""
 
 
 FrontInput = Ready | StartupFailed | StepReport | StepFailed | Heartbeat

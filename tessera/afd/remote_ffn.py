@@ -13,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from tessera.afd.dataplane import (
     HEADER_LEN,
@@ -22,7 +21,8 @@ from tessera.afd.dataplane import (
     PAYLOAD_TAG,
     RESULT_TAG,
     WEIGHTS_TAG,
-    DataPlane,
+    Plane,
+    Work,
     wait,
 )
 from tessera.afd.trace import Tracer
@@ -35,9 +35,9 @@ class PendingFFN:
     residual: torch.Tensor  # [T, D]
     # (FFN worker, partial [T_f, D], its receive, rows of the micro-batch it covers or None
     # for all rows)
-    results: list[tuple[str, torch.Tensor, dist.Work, torch.Tensor | None]]
+    results: list[tuple[str, torch.Tensor, Work, torch.Tensor | None]]
     # (worker, tensor, work): the tensor stays referenced until its send completes
-    sends: list[tuple[str, torch.Tensor, dist.Work]] = field(default_factory=list)
+    sends: list[tuple[str, torch.Tensor, Work]] = field(default_factory=list)
     layer_id: int = 0
     micro_batch: int = 0
     start_us: int = 0
@@ -68,7 +68,7 @@ class PendingFFN:
 class RemoteFFN:
     """Sends FFN requests from this attention rank to the FFN ranks."""
 
-    def __init__(self, plane: DataPlane, ffn_ranks: list[int], tracer: Tracer,
+    def __init__(self, plane: Plane, ffn_ranks: list[int], tracer: Tracer,
                  expert_owners: torch.Tensor | None = None) -> None:
         self.plane = plane
         self.ffn_ranks = ffn_ranks

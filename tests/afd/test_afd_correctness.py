@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tessera import LLM, SamplingParams
+from tessera.afd.config import AFDConfig
 from tessera.afd.trace import hidden_transfer_fraction
 from tests.afd.conftest import worker_pids
 
@@ -59,16 +60,19 @@ def reference(model_factory):
 
 
 @pytest.mark.parametrize(
-    ("num_attention", "num_ffn", "num_micro_batches"),
-    [(1, 1, 2), (2, 1, 1), (1, 2, 2), (3, 2, 2)],
+    ("num_attention", "num_ffn", "num_micro_batches", "data_plane"),
+    # auto is the shared-memory plane here; torch is gloo over loopback.
+    [(1, 1, 2, "auto"), (2, 1, 1, "auto"), (1, 2, 2, "torch"), (3, 2, 2, "auto")],
 )
 def test_greedy_tokens_match_single_process(
-    model_factory, reference, tmp_path, num_attention, num_ffn, num_micro_batches
+    model_factory, reference, tmp_path, num_attention, num_ffn, num_micro_batches, data_plane
 ):
     path, _ = model_factory("llama")
     trace = tmp_path / "trace.json"
-    llm = LLM(str(path), attention_workers=num_attention, ffn_workers=num_ffn,
-              micro_batches=num_micro_batches, trace_path=str(trace), **COMMON)
+    afd = AFDConfig(attention_workers=num_attention, ffn_workers=num_ffn,
+                    micro_batches=num_micro_batches, data_plane=data_plane,
+                    trace_path=str(trace))
+    llm = LLM(str(path), afd=afd, **COMMON)
     try:
         assert len(worker_pids()) == num_attention + num_ffn
         results, aborted = _run(llm)

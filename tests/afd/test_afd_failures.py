@@ -89,7 +89,8 @@ def test_port_in_use_gives_one_clear_error(model_factory):
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        afd = AFDConfig(attention_workers=1, ffn_workers=1, master_port=port)
+        # The rendezvous port belongs to the torch.distributed plane.
+        afd = AFDConfig(attention_workers=1, ffn_workers=1, master_port=port, data_plane="torch")
         with pytest.raises(WorkerStartupError) as info:
             LLM(str(path), afd=afd, **COMMON)
     message = str(info.value)

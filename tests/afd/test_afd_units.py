@@ -48,6 +48,10 @@ def test_config_rejects_bad_values():
         AFDConfig(micro_batches=17)
     with pytest.raises(ValueError, match="failure_detect_s"):
         AFDConfig(heartbeat_interval_s=2.0, failure_detect_s=1.0)
+    with pytest.raises(ValueError, match="data_plane must be one of auto, torch, shm, got 'x'"):
+        AFDConfig(data_plane="x")
+    with pytest.raises(ValueError, match="data_plane 'shm' needs local workers"):
+        AFDConfig(data_plane="shm", ray_address="auto")
     assert AFDConfig(attention_workers=3, ffn_workers=2).ffn_ranks() == [3, 4]
 
 
