@@ -10,6 +10,7 @@ time hidden behind attention compute (from the trace: 1 - blocked / in flight).
     python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
     python benchmarks/transformerless.py --moe    # the same for a MoE model
     python benchmarks/transformerless.py --tiny [--moe]   # a smoke run on a tiny model
+    python benchmarks/transformerless.py --data-plane torch   # the split over gloo instead
 
 Targets on a quiet machine: M=2 at least 1.4x the tokens/s of M=1, and at least 0.85x the
 single-process engine.
@@ -85,14 +86,16 @@ def single(model_dir: str, prompts: list[list[int]], max_tokens: int, threads: i
 
 
 def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
-                  num_micro_batches: int) -> dict:
+                  num_micro_batches: int, data_plane: str) -> dict:
     from tessera import LLM
+    from tessera.afd.config import AFDConfig
     from tessera.afd.trace import hidden_transfer_fraction
 
     trace = Path(tempfile.mkdtemp()) / f"afd-m{num_micro_batches}.json"
+    afd = AFDConfig(attention_workers=1, ffn_workers=1, micro_batches=num_micro_batches,
+                    data_plane=data_plane, trace_path=str(trace))
     llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=1, kv_cache_memory=1 << 30,
-              attention_workers=1, ffn_workers=1, micro_batches=num_micro_batches,
-              trace_path=str(trace))
+              afd=afd)
     try:
         result = run_engine(llm, prompts, max_tokens)
     finally:
@@ -107,7 +110,8 @@ def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
     decode = [e for e in steps if e["args"].get("tokens") == e["args"].get("seqs")]
     decode_us = union_us([(e["ts"], e["ts"] + e["dur"]) for e in decode])
     return {
-        "name": f"A=1 F=1 M={num_micro_batches} (1 thread each)",
+        "name": f"A=1 F=1 M={num_micro_batches} (1 thread each)"
+                + ("" if data_plane == "auto" else f", {data_plane}"),
         **result,
         "decode_tokens_per_s": (
             sum(e["args"]["seqs"] for e in decode) / (decode_us / 1e6) if decode_us else 0.0
@@ -129,6 +133,8 @@ def main() -> None:
     p.add_argument("--moe", action="store_true",
                    help="a random Mixtral (8 experts, top-2) instead of the dense Llama")
     p.add_argument("--tiny", action="store_true", help="tiny model and workload (smoke run)")
+    p.add_argument("--data-plane", default="auto", choices=("auto", "torch", "shm"),
+                   help="data plane of the split runs (auto: shared memory on this host)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -159,13 +165,13 @@ def main() -> None:
                for _ in range(args.num_requests)]
     runs = [
         single(model_dir, prompts, args.max_tokens, args.threads),
-        disaggregated(model_dir, prompts, args.max_tokens, 1),
-        disaggregated(model_dir, prompts, args.max_tokens, 2),
+        disaggregated(model_dir, prompts, args.max_tokens, 1, args.data_plane),
+        disaggregated(model_dir, prompts, args.max_tokens, 2, args.data_plane),
     ]
-    print(f"{'run':34} {'tok/s':>8} {'decode tok/s':>12} {'step ms':>9} {'hidden':>7}")
+    print(f"{'run':40} {'tok/s':>8} {'decode tok/s':>12} {'step ms':>9} {'hidden':>7}")
     for r in runs:
         hidden = r.get("hidden_transfer_fraction")
-        print(f"{r['name']:34} {r['tokens_per_s']:8.1f} {r['decode_tokens_per_s']:12.1f} "
+        print(f"{r['name']:40} {r['tokens_per_s']:8.1f} {r['decode_tokens_per_s']:12.1f} "
               f"{r['step_ms']:9.2f} {'' if hidden is None else f'{hidden:7.0%}'}")
     base, m1, m2 = (r["decode_tokens_per_s"] for r in runs)
     if m1 > 0 and base > 0:

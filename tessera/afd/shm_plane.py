@@ -14,8 +14,8 @@ larger than its slot is an error (slot capacities come from the engine's limits,
 ``PlaneLimits``). Publishing with plain stores relies on the CPU keeping stores in order
 (x86-64's model); ``shm_supported`` says where it is used.
 
-Waits poll: a few hundred tight checks, then yielding the core, then sleeps that back off to a
-few milliseconds, so an idle worker costs little. Every wait has a deadline, and a peer
+Waits poll: yielding the core for the first 50 ms (a layer's compute on the other side takes a
+few), then sleeps that back off to 2 ms, so an idle worker costs little. Every wait has a deadline, and a peer
 whose process has exited fails the wait at once (as gloo reports a reset connection).
 """
 
@@ -46,6 +46,8 @@ from tessera.afd.dataplane import (
 _ALIGN = 64
 _COUNTERS = 4  # per queue: written, read, and the two peers' pids in queue 0
 _PEER_CHECK_S = 0.02
+_YIELD_S = 0.05
+_MAX_SLEEP_S = 0.002
 
 
 SHM_DIR = "/dev/shm"
@@ -150,26 +152,29 @@ def _alive(pid: int) -> bool:
 
 
 class _Poller:
-    """Spin, then yield, then sleep with back-off; raises at the deadline or a dead peer."""
+    """Yield the core for a while, then sleep with back-off; raises at a dead peer.
+
+    Yielding (not sleeping) for the first ``_YIELD_S`` keeps a waiter's wake-up within
+    microseconds through a layer's compute on the other side (a few ms); a sleeping waiter
+    would wake up to its sleep late, and that lands on every FFN round trip. Past that the
+    peer is idle, not computing, and back-off sleeps cost little CPU."""
 
     def __init__(self, deadline_s: float, peers: Callable[[], Sequence[int]]) -> None:
         self.deadline_s = deadline_s
         self.peers = peers
-        self.spins = 0
-        self.sleep_s = 50e-6
-        self.next_check_s = time.monotonic() + _PEER_CHECK_S
+        self.start_s = time.monotonic()
+        self.sleep_s = 100e-6
+        self.next_check_s = self.start_s + _PEER_CHECK_S
 
     def pause(self) -> bool:
         """Wait a little; False once the deadline has passed."""
-        self.spins += 1
-        if self.spins < 200:
-            return True
-        if self.spins < 2000:
+        now = time.monotonic()
+        if now - self.start_s < _YIELD_S:
             os.sched_yield()
         else:
             time.sleep(self.sleep_s)
-            self.sleep_s = min(self.sleep_s * 2, 5e-3)
-        now = time.monotonic()
+            self.sleep_s = min(self.sleep_s * 2, _MAX_SLEEP_S)
+            now = time.monotonic()
         if now >= self.next_check_s:
             self.next_check_s = now + _PEER_CHECK_S
             if not all(_alive(pid) for pid in self.peers()):
