@@ -35,12 +35,12 @@ def test_serve_disaggregated(tmp_path):
         result: dict = {}
 
         def long_request() -> None:
-            long = dict(body, max_tokens=800)
+            long = dict(body, max_tokens=4000)
             result["response"] = http.post(f"{srv.base_url}/v1/completions", json=long)
 
         thread = threading.Thread(target=long_request)
         thread.start()
-        time.sleep(1.0)  # let it start generating
+        _wait_running(srv.base_url)  # mid-generation: running, thousands of tokens to go
         os.kill(workers[-1], signal.SIGKILL)  # the FFN worker (started last)
         thread.join(30)
         assert not thread.is_alive()
@@ -57,3 +57,14 @@ def test_serve_disaggregated(tmp_path):
     while any(pid_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(pid_alive(p) for p in workers)
+
+
+def _wait_running(base_url: str, timeout_s: float = 20.0) -> None:
+    """Until the server's metrics show a request running."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for line in http.get(f"{base_url}/metrics").text.splitlines():
+            if line.startswith("tessera:num_requests_running{") and float(line.split()[-1]) >= 1:
+                return
+        time.sleep(0.02)
+    raise AssertionError("the long request never started running")
