@@ -108,7 +108,9 @@ class _Channel:
             # Created under a temporary name and renamed, so a peer never maps a short file.
             tmp = path.with_suffix(".tmp")
             with open(tmp, "wb") as f:
-                f.truncate(self.nbytes)
+                # Allocate every page now: a page first touched mid-serving faults and is
+                # zeroed then, which made the first large (prefill) messages cost ms each.
+                os.posix_fallocate(f.fileno(), 0, self.nbytes)
             tmp.rename(path)
         with open(path, "r+b") as f:
             self.mm = mmap.mmap(f.fileno(), self.nbytes)

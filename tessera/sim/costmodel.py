@@ -180,6 +180,29 @@ class PoolCost:
             stages = [attn_mb + expert_s + shared_s, comm_s]
         return max(sum(stages), mb * max(stages))
 
+    # ----- units on their own (a worker per unit kind, e.g. tessera.sim.afd_local) -----------
+    def attention_unit_s(self, tokens: float, core_flops: float, kv_bytes: float) -> float:
+        """One layer's attention unit (projections and attention over the KV cache)."""
+        t = np.array([tokens])
+        return float(self._attention_s(t, np.array([core_flops]), np.array([kv_bytes]))[0])
+
+    def ffn_unit_s(self, tokens: float, moe_layer: bool) -> float:
+        """One layer's FFN unit over ``tokens`` rows on one device holding all of it: the dense
+        FFN, or (``moe_layer``) the routed experts, each token visiting top-k, and any shared
+        expert."""
+        m = self.model
+        if not moe_layer:
+            return float(self._matmul_s(m.dense_ffn_params, tokens, 1))
+        routed = tokens * m.num_experts_per_token
+        active = min(float(m.num_experts), max(routed, 1.0))
+        experts = self._roofline_s(2.0 * m.expert_params * routed / self.mm_rate,
+                                   active * m.expert_params * self.weight_bytes / self.mem_rate)
+        return float(experts) + float(self._matmul_s(m.shared_expert_params, tokens, 1))
+
+    def head_s(self, sampled: float) -> float:
+        """The LM head over the ``sampled`` rows."""
+        return float(self._matmul_s(self.model.vocab_size * self.model.hidden_size, sampled, 1))
+
     # ----- whole step -----------------------------------------------------------------------
     def step_s(self, load: PassLoad, mtp: PassLoad | None = None,
                per_op_launch: bool = True) -> float:

@@ -1,0 +1,184 @@
+"""Tessera's attention/FFN split (``tessera.afd``) on one host, on a virtual clock.
+
+One attention worker and one FFN worker, each a single device (one core here, with the cost
+model calibrated for one thread), and M lanes: the attention worker's micro-batches, each its
+own engine :class:`Scheduler` over one shared :class:`BlockManager`, stepping on their own as
+``tessera.afd.lanes`` does. The order of work is the real one:
+
+* the attention worker resumes the lanes round robin; a resumed lane waits for its FFN result
+  (if one is pending), runs the next layer's attention unit and submits that layer's FFN, or,
+  after the last layer, runs the LM head, samples and ends its step; an idle lane schedules
+  its next step when its turn comes;
+* the FFN worker serves requests in arrival order, one at a time;
+* a request and its result each take ``transfer_latency_s`` plus two copies of their bytes to
+  arrive (the data plane: into shared memory and out of it).
+
+So what the split costs and gains falls out of the schedule: with M=1 the two workers take
+turns; with M=2 one lane's FFN runs under the other's attention, while each lane re-reads the
+weights over half the rows. Unit times come from the same roofline :class:`PoolCost` as every
+other scenario; each worker pays the per-op launch cost of its own ops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tessera.config import SchedulerConfig
+from tessera.engine.block_manager import BlockManager
+from tessera.engine.scheduler import Scheduler, SchedulerOutput
+from tessera.engine.sequence import Sequence
+from tessera.sampling_params import SamplingParams
+
+from .costmodel import PoolCost, PoolLayout
+from .engine_sim import EngineSimResult, StepLoad, step_load
+from .errors import SimError
+from .hardware import System
+from .model import ModelSpec
+
+FFN_OPS_PER_LAYER = 3
+"""Ops of an FFN unit on its worker (gate/up projection, activation and product, down
+projection); the attention worker runs the rest of a layer's ops."""
+
+
+@dataclass(frozen=True)
+class AFDLocalScenario:
+    """One attention worker and one FFN worker serving requests that all arrive at once."""
+
+    system: System
+    """Calibrated for one device per worker (on a CPU: one thread)."""
+    model: ModelSpec
+    precision: str
+    prompt_tokens: tuple[int, ...]
+    output_tokens: tuple[int, ...]
+    num_blocks: int
+    num_micro_batches: int
+    transfer_latency_s: float
+    """One-way time of a small data-plane message (request or result), from send to receipt."""
+    copy_bytes_per_s: float = math.inf
+    """Memory copy rate; a message's bytes are copied twice (into the plane and out of it)."""
+    kv_bytes_per_element: float = 4.0
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass
+class _Lane:
+    scheduler: Scheduler
+    out: SchedulerOutput | None = None
+    load: StepLoad | None = None
+    layer: int = 0
+    ready_s: float = 0.0  # when the pending FFN result arrives
+
+
+class _UnitCosts:
+    """Seconds of each piece of a lane step, from the pool cost model (one device each)."""
+
+    def __init__(self, system: System, model: ModelSpec, precision: str) -> None:
+        layout = PoolLayout(num_groups=1, tp=1, num_ep=1, ffn_split=True, num_micro_batches=1,
+                            precision=precision)
+        self.pool = PoolCost(system, model, layout)
+        eff = system.chip.efficiency
+        self.model = model
+        op_s = eff.op_overhead_us * 1e-6
+        self.attn_ops_s = max(eff.ops_per_layer - FFN_OPS_PER_LAYER, 0) * op_s
+        self.ffn_ops_s = FFN_OPS_PER_LAYER * op_s
+        self.step_s = eff.step_overhead_ms * 1e-3
+        self.seq_s = eff.seq_overhead_us * 1e-6
+
+    def attention(self, load: StepLoad) -> float:
+        """One layer's attention side (the unit, the FFN's input norm, the submit)."""
+        n = self.model.num_layers
+        return (self.pool.attention_unit_s(load.num_tokens, load.attention_flops / n,
+                                           load.kv_bytes / n) + self.attn_ops_s)
+
+    def ffn(self, load: StepLoad, layer: int) -> float:
+        moe_layer = layer >= self.model.num_dense_layers  # dense layers first, as in the sim
+        return self.pool.ffn_unit_s(load.num_tokens, moe_layer) + self.ffn_ops_s
+
+    def tail(self, load: StepLoad) -> float:
+        """The step's end on the attention worker: LM head, sampling and host bookkeeping."""
+        return self.pool.head_s(load.num_sampled) + self.step_s + load.num_seqs * self.seq_s
+
+
+def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> EngineSimResult:
+    """Run the scenario to completion; every request finishes or this raises."""
+    num = len(sc.prompt_tokens)
+    if len(sc.output_tokens) != num or min(sc.output_tokens, default=1) < 1:
+        raise SimError("every request needs a prompt length and at least one output token")
+    if sc.num_micro_batches < 1:
+        raise SimError("num_micro_batches must be at least 1")
+    costs = _UnitCosts(sc.system, sc.model, sc.precision)
+    bm = BlockManager(sc.num_blocks, sc.block_size, True)
+    per_lane = SchedulerConfig(max_num_seqs=max(1, -(-sc.max_num_seqs // sc.num_micro_batches)),
+                               max_num_batched_tokens=sc.max_num_batched_tokens)
+    lanes = [_Lane(Scheduler(per_lane, bm)) for _ in range(sc.num_micro_batches)]
+    next_token = 0
+    for i in range(num):
+        # Distinct token ids: no prefix-cache hits between requests. A new request joins the
+        # lane with the fewest unfinished sequences (as tessera.afd.lanes does).
+        ids = list(range(next_token, next_token + sc.prompt_tokens[i]))
+        next_token += sc.prompt_tokens[i]
+        lane = min(lanes, key=lambda ln: len(ln.scheduler.running) + len(ln.scheduler.waiting))
+        lane.scheduler.add(Sequence(str(i), ids, SamplingParams(max_tokens=sc.output_tokens[i])))
+    first = [math.nan] * num
+    finish = [math.nan] * num
+    attn_s = ffn_s = 0.0  # when each worker is next free
+    num_steps = num_out = 0
+    num_layers = sc.model.num_layers
+    hidden_bytes = sc.model.hidden_size * sc.kv_bytes_per_element  # activations in the KV dtype
+    copy_rate = sc.copy_bytes_per_s
+    for _ in range(max_rounds):
+        if not any(ln.out is not None or ln.scheduler.has_unfinished() for ln in lanes):
+            break
+        progressed = False
+        for lane in lanes:
+            if lane.out is None:
+                if not lane.scheduler.has_unfinished():
+                    continue
+                out = lane.scheduler.schedule()
+                if out.is_empty:
+                    continue  # waiting for KV blocks another lane holds
+                lane.out, lane.layer = out, 0
+                lane.load = step_load(sc.model, out, sc.kv_bytes_per_element)
+            else:
+                attn_s = max(attn_s, lane.ready_s)  # blocked on this lane's FFN result
+            progressed = True
+            out, load = lane.out, lane.load
+            assert out is not None and load is not None
+            if lane.layer < num_layers:
+                attn_s += costs.attention(load)
+                hop_s = sc.transfer_latency_s + 2.0 * load.num_tokens * hidden_bytes / copy_rate
+                ffn_start = max(ffn_s, attn_s + hop_s)
+                ffn_s = ffn_start + costs.ffn(load, lane.layer)
+                lane.ready_s = ffn_s + hop_s
+                lane.layer += 1
+                continue
+            attn_s += costs.tail(load)
+            num_steps += 1
+            sampled: list[int | None] = [
+                0 if s.num_computed_tokens + n == s.num_tokens else None
+                for s, n in zip(out.seqs, out.num_new_tokens, strict=True)
+            ]
+            lane.scheduler.update(out, sampled)
+            for seq, tok in zip(out.seqs, sampled, strict=True):
+                if tok is None:
+                    continue
+                i = int(seq.request_id)
+                num_out += 1
+                if seq.num_output_tokens == 1:
+                    first[i] = attn_s
+                if seq.num_output_tokens >= sc.output_tokens[i]:
+                    finish[i] = attn_s
+                    lane.scheduler.finish(seq, "length")
+            lane.out = lane.load = None
+        if not progressed:
+            raise SimError("the lanes made no progress (KV pool too small?)")
+    else:
+        raise SimError(f"simulation did not finish within {max_rounds} rounds")
+    tpot = tuple((finish[i] - first[i]) * 1e3 / (sc.output_tokens[i] - 1)
+                 for i in range(num) if sc.output_tokens[i] > 1)
+    return EngineSimResult(duration_s=attn_s, num_steps=num_steps, num_output_tokens=num_out,
+                           num_preemptions=sum(ln.scheduler.num_preemptions for ln in lanes),
+                           ttft_ms=tuple(f * 1e3 for f in first), tpot_ms=tpot)
