@@ -31,7 +31,7 @@ from tessera.engine.sequence import Sequence
 from tessera.sampling_params import SamplingParams
 
 from .costmodel import PoolCost, PoolLayout
-from .engine_sim import EngineSimResult, StepLoad, step_load
+from .engine_sim import EngineSimResult, StepLoad, end_step, step_load
 from .errors import SimError
 from .hardware import System
 from .model import ModelSpec
@@ -157,21 +157,8 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
                 continue
             attn_s += costs.tail(load)
             num_steps += 1
-            sampled: list[int | None] = [
-                0 if s.num_computed_tokens + n == s.num_tokens else None
-                for s, n in zip(out.seqs, out.num_new_tokens, strict=True)
-            ]
-            lane.scheduler.update(out, sampled)
-            for seq, tok in zip(out.seqs, sampled, strict=True):
-                if tok is None:
-                    continue
-                i = int(seq.request_id)
-                num_out += 1
-                if seq.num_output_tokens == 1:
-                    first[i] = attn_s
-                if seq.num_output_tokens >= sc.output_tokens[i]:
-                    finish[i] = attn_s
-                    lane.scheduler.finish(seq, "length")
+            num_out += len(end_step(lane.scheduler, out, attn_s, sc.output_tokens, first,
+                                    finish))
             lane.out = lane.load = None
         if not progressed:
             raise SimError("the lanes made no progress (KV pool too small?)")

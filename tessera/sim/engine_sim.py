@@ -146,6 +146,30 @@ class EngineSimResult:
         return float(np.mean(self.ttft_ms)) if self.ttft_ms else 0.0
 
 
+def end_step(sched: Scheduler, out: SchedulerOutput, now: float,
+             output_tokens: tuple[int, ...], first: list[float], finish: list[float]) -> list[int]:
+    """Advance ``sched`` past a step that ended at ``now``: every sequence whose prompt is done
+    samples a token; record first-token and finish times by request index (the request id),
+    finish requests at their output length. Returns the indices that got a token."""
+    sampled: list[int | None] = [
+        0 if s.num_computed_tokens + n == s.num_tokens else None
+        for s, n in zip(out.seqs, out.num_new_tokens, strict=True)
+    ]
+    sched.update(out, sampled)
+    got = []
+    for seq, tok in zip(out.seqs, sampled, strict=True):
+        if tok is None:
+            continue
+        i = int(seq.request_id)
+        got.append(i)
+        if seq.num_output_tokens == 1:
+            first[i] = now
+        if seq.num_output_tokens >= output_tokens[i]:
+            finish[i] = now
+            sched.finish(seq, "length")
+    return got
+
+
 def simulate_engine(sc: EngineScenario, max_steps: int = 10_000_000) -> EngineSimResult:
     """Run the scenario to completion on a virtual clock; every request finishes or we raise."""
     num = len(sc.prompt_tokens)
@@ -192,21 +216,9 @@ def simulate_engine(sc: EngineScenario, max_steps: int = 10_000_000) -> EngineSi
         load = step_load(sc.model, out, sc.kv_bytes_per_element)
         now += cost.seconds(load)
         num_steps += 1
-        sampled: list[int | None] = [
-            0 if s.num_computed_tokens + n == s.num_tokens else None
-            for s, n in zip(out.seqs, out.num_new_tokens, strict=True)
-        ]
-        sched.update(out, sampled)
-        for seq, tok in zip(out.seqs, sampled, strict=True):
-            if tok is None:
-                continue
-            i = int(seq.request_id)
+        for i in end_step(sched, out, now, sc.output_tokens, first, finish):
             num_out += 1
-            if seq.num_output_tokens == 1:
-                first[i] = now
-            if seq.num_output_tokens >= sc.output_tokens[i]:
-                finish[i] = now
-                sched.finish(seq, "length")
+            if finish[i] == now:
                 if sc.concurrency is not None and num_finished + sc.concurrency < num:
                     arrivals[order[num_finished + sc.concurrency]] = now
                 num_finished += 1
