@@ -74,13 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.models import make_random_llama
-    from tessera.config import EngineConfig
-    from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
     from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
-    from tessera.sim.calibrate import measure
-    from tessera.sim.engine_probe import calibration_samples, with_native_rows
-    from tessera.sim.fit import fit_efficiency, profile_with, step_errors
+    from tessera.sim.calibrate import calibrate_engine, measure
     from tessera.sim.hardware import system_from_profile
     from tessera.sim.model import spec_from_config
     from tessera.sim.plane_latency import measure_plane_latency_s
@@ -89,23 +85,18 @@ def main(argv: list[str] | None = None) -> int:
     model = spec_from_config(read_config(model_dir), name=model_dir)
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # each worker of the split has one thread
-    profile = measure()
-    eng = LLMEngine(EngineConfig(model=model_dir, dtype="float32", num_threads=1))
-    eng.warm_up()
-    kv_bytes = 4.0
-    samples = calibration_samples(eng, model, kv_bytes)
-    profile = with_native_rows(profile, eng)
-    del eng
-    eff = fit_efficiency(system_from_profile(profile), model, "fp32", samples)
-    system = system_from_profile(profile_with(profile, eff))
-    errs = sorted(abs(e) for e in step_errors(system, model, "fp32", samples))
+    profile = calibrate_engine(measure(), model_dir, "float32", num_threads=1)
+    system = system_from_profile(profile)
+    eff, fit = system.chip.efficiency, profile["engine_fit"]
+    kv_bytes = 4.0  # float32 cache
     rows_per_lane = max(1, args.num_requests // 2)
     latency_s = measure_plane_latency_s(model.hidden_size, rows_per_lane)
-    print(f"calibrated (1 thread) in {time.perf_counter() - t0:.0f} s on {len(samples)} steps; "
-          f"median step error {errs[len(errs) // 2]:.1%}; matmul {eff.matmul:.2f}, memory "
-          f"{eff.memory:.2f}, kv memory {eff.kv_memory or eff.memory:.2f}, step "
-          f"{eff.step_overhead_ms:.2f} ms, per op {eff.op_overhead_us:.1f} us; data plane "
-          f"{latency_s * 1e6:.0f} us one way ({rows_per_lane} x {model.hidden_size} float32)")
+    print(f"calibrated (1 thread) in {time.perf_counter() - t0:.0f} s on {fit['num_steps']} "
+          f"steps; median step error {fit['median_abs_step_error']:.1%}; matmul "
+          f"{eff.matmul:.2f}, memory {eff.memory:.2f}, kv memory "
+          f"{eff.kv_memory or eff.memory:.2f}, step {eff.step_overhead_ms:.2f} ms, per op "
+          f"{eff.op_overhead_us:.1f} us; data plane {latency_s * 1e6:.0f} us one way "
+          f"({rows_per_lane} x {model.hidden_size} float32)")
 
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
@@ -136,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
-            rows=rows, profile=profile_with(profile, eff), transfer_latency_s=latency_s),
+            rows=rows, profile=profile, transfer_latency_s=latency_s),
             indent=2))
     return 0 if worst <= TOLERANCE else 1
 

@@ -6,7 +6,7 @@ length) live in ``RuntimeInfo``, never written back into the config.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tessera.afd.config import AFDConfig
 
@@ -29,6 +29,12 @@ class SchedulerConfig:
             raise ValueError(
                 f"max_num_batched_tokens must be at least 1, got {self.max_num_batched_tokens}"
             )
+
+    def per_lane(self, num_lanes: int) -> SchedulerConfig:
+        """The config of one of ``num_lanes`` schedulers sharing these limits (an attention
+        worker's micro-batches): the sequence cap is shared out; the token budget is per step,
+        so per lane."""
+        return replace(self, max_num_seqs=max(1, -(-self.max_num_seqs // num_lanes)))
 
 
 @dataclass(frozen=True)

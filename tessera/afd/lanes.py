@@ -20,7 +20,7 @@ Invariants:
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from tessera.afd.attention_runner import AttentionRunner, StepResult
 from tessera.afd.messages import WorkerStats
@@ -53,9 +53,7 @@ class Lanes:
         assert isinstance(runner, AttentionRunner)
         self.engine = engine
         self.runner = runner
-        cfg = engine.config.scheduler
-        # The worker's sequence cap is shared out; the token budget is per step, so per lane.
-        per_lane = replace(cfg, max_num_seqs=max(1, -(-cfg.max_num_seqs // num_lanes)))
+        per_lane = engine.config.scheduler.per_lane(num_lanes)
         self.lanes = [_Lane(m, Scheduler(per_lane, engine.block_manager))
                       for m in range(num_lanes)]
         self.lane_of: dict[str, int] = {}

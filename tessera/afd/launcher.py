@@ -25,13 +25,13 @@ import weakref
 from typing import Protocol
 
 import msgspec
-import torch
 import zmq
 
 from tessera.afd.config import AFDConfig
 from tessera.afd.messages import WorkerConfig
 from tessera.afd.shm_plane import SHM_DIR, shm_supported
 from tessera.config import EngineConfig
+from tessera.platform import get_platform
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
@@ -90,8 +90,7 @@ def use_shm_plane(engine: EngineConfig, afd: AFDConfig) -> bool:
             raise ValueError(f"data_plane 'shm' is not supported on this host (needs {SHM_DIR} "
                              "and an x86-64 CPU)")
         return True
-    on_cpu = engine.device == "cpu" or (engine.device == "auto" and not torch.cuda.is_available())
-    return on_cpu and shm_supported(SHM_DIR)
+    return get_platform(engine.device).name == "cpu" and shm_supported(SHM_DIR)
 
 
 def free_port() -> int:

@@ -27,11 +27,9 @@ from dataclasses import dataclass
 from tessera.config import SchedulerConfig
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
-from tessera.engine.sequence import Sequence
-from tessera.sampling_params import SamplingParams
 
 from .costmodel import PoolCost, PoolLayout
-from .engine_sim import EngineSimResult, StepLoad, end_step, step_load
+from .engine_sim import EngineSimResult, StepLoad, end_step, make_sequences, step_load
 from .errors import SimError
 from .hardware import System
 from .model import ModelSpec
@@ -111,17 +109,14 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
         raise SimError("num_micro_batches must be at least 1")
     costs = _UnitCosts(sc.system, sc.model, sc.precision)
     bm = BlockManager(sc.num_blocks, sc.block_size, True)
-    per_lane = SchedulerConfig(max_num_seqs=max(1, -(-sc.max_num_seqs // sc.num_micro_batches)),
-                               max_num_batched_tokens=sc.max_num_batched_tokens)
+    per_lane = SchedulerConfig(max_num_seqs=sc.max_num_seqs,
+                               max_num_batched_tokens=sc.max_num_batched_tokens,
+                               ).per_lane(sc.num_micro_batches)
     lanes = [_Lane(Scheduler(per_lane, bm)) for _ in range(sc.num_micro_batches)]
-    next_token = 0
-    for i in range(num):
-        # Distinct token ids: no prefix-cache hits between requests. A new request joins the
-        # lane with the fewest unfinished sequences (as tessera.afd.lanes does).
-        ids = list(range(next_token, next_token + sc.prompt_tokens[i]))
-        next_token += sc.prompt_tokens[i]
+    for seq in make_sequences(sc.prompt_tokens, sc.output_tokens):
+        # A new request joins the lane with the fewest unfinished sequences (as lanes.py does).
         lane = min(lanes, key=lambda ln: len(ln.scheduler.running) + len(ln.scheduler.waiting))
-        lane.scheduler.add(Sequence(str(i), ids, SamplingParams(max_tokens=sc.output_tokens[i])))
+        lane.scheduler.add(seq)
     first = [math.nan] * num
     finish = [math.nan] * num
     attn_s = ffn_s = 0.0  # when each worker is next free

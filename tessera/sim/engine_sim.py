@@ -146,6 +146,18 @@ class EngineSimResult:
         return float(np.mean(self.ttft_ms)) if self.ttft_ms else 0.0
 
 
+def make_sequences(prompt_tokens: tuple[int, ...],
+                   output_tokens: tuple[int, ...]) -> list[Sequence]:
+    """One sequence per request, its id the request's index. Token ids are distinct across
+    requests: no accidental prefix-cache hits between them."""
+    seqs, next_token = [], 0
+    for i, (num_prompt, num_out) in enumerate(zip(prompt_tokens, output_tokens, strict=True)):
+        ids = list(range(next_token, next_token + num_prompt))
+        next_token += num_prompt
+        seqs.append(Sequence(str(i), ids, SamplingParams(max_tokens=num_out)))
+    return seqs
+
+
 def end_step(sched: Scheduler, out: SchedulerOutput, now: float,
              output_tokens: tuple[int, ...], first: list[float], finish: list[float]) -> list[int]:
     """Advance ``sched`` past a step that ended at ``now``: every sequence whose prompt is done
@@ -191,13 +203,7 @@ def simulate_engine(sc: EngineScenario, max_steps: int = 10_000_000) -> EngineSi
     if sc.concurrency is not None:
         arrivals[sc.concurrency:] = [math.inf] * max(num - sc.concurrency, 0)
     order = sorted(range(num), key=lambda i: arrivals[i])
-    seqs: list[Sequence] = []
-    next_token = 0
-    for i in range(num):
-        # Distinct token ids per request: no accidental prefix-cache hits between requests.
-        ids = list(range(next_token, next_token + sc.prompt_tokens[i]))
-        next_token += sc.prompt_tokens[i]
-        seqs.append(Sequence(str(i), ids, SamplingParams(max_tokens=sc.output_tokens[i])))
+    seqs = make_sequences(sc.prompt_tokens, sc.output_tokens)
     first = [math.nan] * num
     finish = [math.nan] * num
     now, num_steps, num_out, pending, num_finished = 0.0, 0, 0, 0, 0
