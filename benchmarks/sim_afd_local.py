@@ -12,6 +12,7 @@ Each measured case runs ``--repeats`` times and keeps the fastest run, as ``sim_
 does (other tenants only ever slow a run down).
 
     python benchmarks/sim_afd_local.py [--model DIR] [--num-requests 64] [--max-tokens 64]
+        [--ffn-head-share S]
 """
 
 from __future__ import annotations
@@ -30,12 +31,15 @@ TOLERANCE = 0.10
 
 
 def measure_split(model_dir: str, prompts: list[list[int]], max_tokens: int,
-                  num_micro_batches: int) -> tuple[float, float]:
+                  num_micro_batches: int, head_share: float) -> tuple[float, float]:
     """Output tokens/s and mean TPOT (ms) of the split, timed per request at the front."""
     from tessera import LLM, SamplingParams
+    from tessera.afd.config import AFDConfig
 
+    afd = AFDConfig(attention_workers=1, ffn_workers=1, micro_batches=num_micro_batches,
+                    ffn_head_share=head_share)
     llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=1, kv_cache_memory=1 << 30,
-              attention_workers=1, ffn_workers=1, micro_batches=num_micro_batches)
+              afd=afd)
     try:
         engine = llm.engine
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
@@ -67,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2,
                         help="runs of each measured case; the fastest is kept")
+    parser.add_argument("--ffn-head-share", type=float, default=0.0, metavar="S",
+                        help="share of the LM head on the FFN worker (measured and simulated)")
     parser.add_argument("--json", help="write the rows, the fitted profile and the latency here")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -104,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     worst = 0.0
     for m in (1, 2):
-        runs = [measure_split(model_dir, prompts, args.max_tokens, m)
+        runs = [measure_split(model_dir, prompts, args.max_tokens, m, args.ffn_head_share)
                 for _ in range(max(args.repeats, 1))]
         m_tps, m_tpot = max(runs)
         sim = simulate_afd_local(AFDLocalScenario(
@@ -113,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             output_tokens=(args.max_tokens,) * args.num_requests,
             num_blocks=1 << 16, num_micro_batches=m, transfer_latency_s=latency_s,
             copy_bytes_per_s=profile["copy_gb_s"] * 1e9 / 2,  # it counts read plus write
-            kv_bytes_per_element=kv_bytes))
+            kv_bytes_per_element=kv_bytes, ffn_head_share=args.ffn_head_share))
         s_tps, s_tpot = sim.output_tokens_per_s, sim.tpot_ms_mean
         err_tps, err_tpot = s_tps / m_tps - 1.0, s_tpot / m_tpot - 1.0
         worst = max(worst, abs(err_tps), abs(err_tpot))
-        rows.append((f"A=1 F=1 M={m}, {args.num_requests} x {args.prompt_len} in / "
+        head = f", head {args.ffn_head_share:g}" if args.ffn_head_share else ""
+        rows.append((f"A=1 F=1 M={m}{head}, {args.num_requests} x {args.prompt_len} in / "
                      f"{args.max_tokens} out", m_tps, s_tps, err_tps, m_tpot, s_tpot, err_tpot))
     print(f"\n{'workload':<40} {'tok/s meas':>10} {'sim':>8} {'err':>7} "
           f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7}")

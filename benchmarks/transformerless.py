@@ -3,8 +3,8 @@
 One model (the ~100M dense Llama, or with ``--moe`` a random Mixtral: 8 experts, top-2), one
 workload, three runs: the single-process engine (``--threads`` threads), then
 one attention worker and one FFN worker (one thread each) with 1 and with 2 micro-batches.
-Reported per run: overall tokens/s, decode tokens/s (decode-only steps: tokens over their
-time, timed on the attention worker for the disaggregated runs), mean step time, and for the disaggregated runs the fraction of FFN transfer
+Reported per run: overall tokens/s, decode tokens/s (steps after every request has started:
+tokens over their time, timed on the attention worker for the disaggregated runs), mean step time, and for the disaggregated runs the fraction of FFN transfer
 time hidden behind attention compute (from the trace: 1 - blocked / in flight).
 
     python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
@@ -86,14 +86,14 @@ def single(model_dir: str, prompts: list[list[int]], max_tokens: int, threads: i
 
 
 def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
-                  num_micro_batches: int, data_plane: str) -> dict:
+                  num_micro_batches: int, data_plane: str, head_share: float) -> dict:
     from tessera import LLM
     from tessera.afd.config import AFDConfig
     from tessera.afd.trace import hidden_transfer_fraction
 
     trace = Path(tempfile.mkdtemp()) / f"afd-m{num_micro_batches}.json"
     afd = AFDConfig(attention_workers=1, ffn_workers=1, micro_batches=num_micro_batches,
-                    data_plane=data_plane, trace_path=str(trace))
+                    data_plane=data_plane, ffn_head_share=head_share, trace_path=str(trace))
     llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=1, kv_cache_memory=1 << 30,
               afd=afd)
     try:
@@ -106,12 +106,19 @@ def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
     # Lanes (micro-batches) step on their own, so their step spans overlap: decode time is
     # the union of the decode steps' spans, and a step is one lane's (the time between two
     # tokens of a sequence).
+    # As for the single process, decode steps are those after every request started: after
+    # the end of the last step with prompt tokens. (A lane's decode step that overlaps the
+    # other lane's prefill would otherwise count the prefill's time as decode time.)
     steps = [e for e in events if e.get("cat") == "step"]
-    decode = [e for e in steps if e["args"].get("tokens") == e["args"].get("seqs")]
+    prefill_end = max((e["ts"] + e["dur"] for e in steps
+                       if e["args"].get("tokens") != e["args"].get("seqs")), default=0)
+    decode = [e for e in steps if e["args"].get("tokens") == e["args"].get("seqs")
+              and e["ts"] >= prefill_end]
     decode_us = union_us([(e["ts"], e["ts"] + e["dur"]) for e in decode])
     return {
         "name": f"A=1 F=1 M={num_micro_batches} (1 thread each)"
-                + ("" if data_plane == "auto" else f", {data_plane}"),
+                + ("" if data_plane == "auto" else f", {data_plane}")
+                + (f", head {head_share:g}" if head_share else ""),
         **result,
         "decode_tokens_per_s": (
             sum(e["args"]["seqs"] for e in decode) / (decode_us / 1e6) if decode_us else 0.0
@@ -135,6 +142,8 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="tiny model and workload (smoke run)")
     p.add_argument("--data-plane", default="auto", choices=("auto", "torch", "shm"),
                    help="data plane of the split runs (auto: shared memory on this host)")
+    p.add_argument("--ffn-head-share", type=float, default=0.0, metavar="S",
+                   help="share of the LM head on the FFN worker in the split runs (default 0)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -163,10 +172,10 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                for _ in range(args.num_requests)]
-    runs = [
-        single(model_dir, prompts, args.max_tokens, args.threads),
-        disaggregated(model_dir, prompts, args.max_tokens, 1, args.data_plane),
-        disaggregated(model_dir, prompts, args.max_tokens, 2, args.data_plane),
+    runs = [single(model_dir, prompts, args.max_tokens, args.threads)] + [
+        disaggregated(model_dir, prompts, args.max_tokens, m, args.data_plane,
+                      args.ffn_head_share)
+        for m in (1, 2)
     ]
     print(f"{'run':40} {'tok/s':>8} {'decode tok/s':>12} {'step ms':>9} {'hidden':>7}")
     for r in runs:

@@ -33,6 +33,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     afd.add_argument("--data-plane", choices=("auto", "torch", "shm"), default="auto",
                      help="how workers exchange hidden states: shared memory (local CPU "
                      "workers), torch.distributed, or auto (shm where it applies)")
+    afd.add_argument("--ffn-head-share", type=float, default=0.0, metavar="S",
+                     help="share (0 to 1) of the LM head's vocabulary computed on the FFN "
+                     "workers, to balance the two pools (default 0: all on attention workers)")
     afd.add_argument("--trace", default=None, metavar="FILE",
                      help="write a Chrome trace of worker compute and transfers to FILE")
     afd.add_argument("--ray-address", default=None, metavar="ADDR",
@@ -74,6 +77,7 @@ def afd_config_from_args(args: argparse.Namespace) -> AFDConfig | None:
         ffn_workers=args.ffn_workers,
         micro_batches=args.micro_batches,
         data_plane=args.data_plane,
+        ffn_head_share=args.ffn_head_share,
         trace_path=args.trace,
         ray_address=args.ray_address,
     )

@@ -6,7 +6,9 @@ the attention unit, applies the FFN unit's input norm (and a MoE unit's router) 
 sends the rest to the FFN workers and yields; resumed, it waits for that FFN result and goes
 on. The lane driver resumes the M lanes in turn, so the FFN round trip of one lane runs while
 another does attention, and the LM head, sampling and scheduling of one lane run while
-another's layers are on the FFN workers::
+another's layers are on the FFN workers. With part of the LM head on the FFN workers
+(``AFDConfig.ffn_head_share``) the final-normed rows to sample go there first, this worker
+computes its own vocabulary rows meanwhile, and the lane yields once more for the rest::
 
     lane0: attn L0 -> send | lane1: attn L5 -> send | lane0: wait, attn L1 -> send | ...
 
@@ -47,12 +49,16 @@ class AttentionRunner(ModelRunner):
     remote: RemoteFFN
     transfer_timeout_s: float
     tracer: Tracer
+    local_head: nn.Module | None = None
+    """This worker's vocabulary rows of a split LM head; None: the model's whole head."""
 
-    def attach(self, remote: RemoteFFN, transfer_timeout_s: float, tracer: Tracer) -> None:
+    def attach(self, remote: RemoteFFN, transfer_timeout_s: float, tracer: Tracer,
+               local_head: nn.Module | None = None) -> None:
         """Connect the data plane (after the engine built this runner)."""
         self.remote = remote
         self.transfer_timeout_s = transfer_timeout_s
         self.tracer = tracer
+        self.local_head = local_head
 
     def lane_step(self, out: SchedulerOutput, lane: int) -> Generator[None, None, StepResult]:
         """One step of ``lane`` over ``out``, yielding after each FFN submit; returns the
@@ -81,7 +87,21 @@ class AttentionRunner(ModelRunner):
             )
             yield
             hidden = pending.wait(deadline_s, tracer)  # [T, D]
-        logits = self.model.compute_logits(hidden[inp.sample_rows])  # [S, V]
+        rows = hidden[inp.sample_rows]  # [S, D]
+        if self.local_head is None:
+            logits = self.model.compute_logits(rows)  # [S, V]
+        elif rows.shape[0] == 0:  # mid-prompt chunks only: nothing to sample
+            logits = rows.new_empty(0, self.model.spec.vocab_size).float()
+        else:
+            # compute_logits split by vocabulary: the final norm here, the remote slices
+            # started first, this worker's slice meanwhile, then the same float cast.
+            normed = self.model.norm(rows)  # [S, D]
+            head = self.remote.submit_head(len(units) // 2, lane, normed)
+            start = tracer.now_us()
+            local = self.local_head(normed)  # [S, V_0]
+            tracer.add(f"head mb{lane}", "attn", start, tracer.now_us(), {"micro_batch": lane})
+            yield
+            logits = torch.cat([local, *head.wait(deadline_s, tracer)], dim=1).float()
         return self.sample(out, logits, inp.sample_seq_indices)
 
     @torch.inference_mode()

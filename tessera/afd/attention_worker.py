@@ -1,7 +1,7 @@
 """An attention worker process: one data-parallel engine whose FFN units run remotely.
 
 It is an ``LLMEngine`` (block manager, sampler, KV cache, embedding, attention units, final
-norm and LM head) with an ``AttentionRunner`` and M lanes (``tessera.afd.lanes``: one
+norm and LM head, or its first vocabulary rows with ``AFDConfig.ffn_head_share``) with an ``AttentionRunner`` and M lanes (``tessera.afd.lanes``: one
 scheduler per micro-batch), in a loop like the serve engine core: take requests from the front
 without blocking while busy, advance the lanes, and push a ``StepReport`` (token deltas,
 finished outputs, stats, trace spans) per lane step. A failed transfer
@@ -20,9 +20,11 @@ import sys
 import msgspec
 import torch
 import zmq
+from torch import nn
 
 from tessera.afd.attention_runner import AttentionRunner
 from tessera.afd.dataplane import TransferError, open_plane
+from tessera.afd.head_slice import HeadSlice
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.lanes import Lanes
 from tessera.afd.messages import (
@@ -36,10 +38,11 @@ from tessera.afd.messages import (
     WorkerConfig,
     WorkerInput,
 )
-from tessera.afd.placement import expert_owners
+from tessera.afd.placement import expert_owners, head_split
 from tessera.afd.remote_ffn import RemoteFFN
 from tessera.afd.trace import Tracer
 from tessera.engine.llm_engine import LLMEngine
+from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import moe_spec_of
 
 _IDLE_POLL_MS = 100
@@ -52,6 +55,13 @@ def attention_side(param_name: str) -> bool:
     """Parameters an attention worker loads: all but dense FFN projections (they live on the
     FFN workers; the FFN norms stay here)."""
     return not _DENSE_FFN_PARAM.match(param_name)
+
+
+def local_head(lm_head: nn.Linear, start: int, end: int) -> nn.Module:
+    """The attention worker's rows of a split LM head, packed like the engine's head."""
+    head = HeadSlice(lm_head, start, end)
+    pack_linears(head)
+    return head
 
 
 def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, front: zmq.Socket,
@@ -115,12 +125,17 @@ def main(argv: list[str]) -> int:
         owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
         model = engine.runner.model
         plane = open_plane(cfg, engine.platform.dist_backend, model.spec.hidden_size,
-                           model.embed.weight.dtype.itemsize, moe.top_k if moe else 0)
+                           model.embed.weight.dtype.itemsize, moe.top_k if moe else 0,
+                           model.spec.vocab_size)
         runner = engine.runner
         assert isinstance(runner, AttentionRunner)
+        head = head_split(model.spec.vocab_size, cfg.afd.ffn_head_share, cfg.afd.ffn_workers)
+        remote = RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners,
+                           [end - start for start, end in head[1:]])
         # Warm-up may meet FFN workers still loading: it gets the start-up deadline.
-        runner.attach(RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners),
-                      cfg.afd.startup_timeout_s, tracer)
+        runner.attach(remote, cfg.afd.startup_timeout_s, tracer,
+                      local_head(model.lm_head, *head[0]) if head[0][1] < model.spec.vocab_size
+                      else None)
         engine.warm_up()
         runner.transfer_timeout_s = cfg.afd.transfer_timeout_s
         tracer.take()  # warm-up spans are not part of the workload

@@ -26,6 +26,14 @@ class AFDConfig:
     the platform's backend elsewhere). ``"shm"``: shared memory, for CPU workers on one host
     (``tessera.afd.shm_plane``). ``"auto"``: shm for local CPU workers where the host supports
     it, else torch. Ray-placed workers always use torch."""
+    ffn_head_share: float = 0.0
+    """Share of the LM head's vocabulary computed on the FFN workers (0 to 1). The head is a
+    large stateless matmul after the last layer; with 0 it runs whole on each attention worker
+    (the single-process layout). With a share s the attention worker keeps the first
+    ``1 - s`` of the vocabulary rows and the FFN workers split the rest, each answering with
+    its slice of the logits, so the two sides compute the head at the same time. Raise it where
+    the attention workers are the busier side (their trace shows little ``wait``; see
+    docs/transformerless.md); the tokens do not change."""
     transfer_timeout_s: float = 30.0
     """Deadline of every FFN transfer, counted from the start of the step that issued it."""
     heartbeat_interval_s: float = 0.5
@@ -56,6 +64,9 @@ class AFDConfig:
             raise ValueError(
                 f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
             )
+        share = self.ffn_head_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise ValueError(f"ffn_head_share must be a number from 0 to 1, got {share!r}")
         for name in ("transfer_timeout_s", "heartbeat_interval_s", "failure_detect_s",
                      "startup_timeout_s", "placement_timeout_s"):
             if not getattr(self, name) > 0:

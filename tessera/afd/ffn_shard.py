@@ -12,6 +12,7 @@ MoE layers are split by expert (see ``placement.py``): the worker holds the laye
 ``MoEFFNUnit`` loaded with only its experts and returns ``experts_forward`` over them for the
 tokens routed there (ids and weights come from the router on the attention worker); worker 0
 also adds the shared expert. Every shard is called as ``shard(normed, topk_ids, topk_weights)``.
+With part of the LM head on the FFN workers, its ``HeadSlice`` follows the layers' shards.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from tessera.afd.head_slice import HeadSlice
 from tessera.afd.placement import shard_range
 from tessera.model.dense import DecoderModel, DenseFFNUnit
 from tessera.model.layers import activation
@@ -72,8 +74,10 @@ class MoEShard(nn.Module):
         return out
 
 
-def ffn_shards(model: DecoderModel, num_shards: int, index: int) -> list[nn.Module]:
-    """This worker's part of every layer's FFN (``model`` loaded with this worker's experts)."""
+def ffn_shards(model: DecoderModel, num_shards: int, index: int,
+               head_rows: tuple[int, int] | None = None) -> list[nn.Module]:
+    """This worker's part of every layer's FFN (``model`` loaded with this worker's experts),
+    then, given ``head_rows``, its slice of the LM head (``placement.head_split``)."""
     spec = model.spec
     if num_shards > spec.intermediate_size:
         raise ValueError(
@@ -89,4 +93,6 @@ def ffn_shards(model: DecoderModel, num_shards: int, index: int) -> list[nn.Modu
             shards.append(DenseFFNShard(unit, start, end, index == 0, spec.hidden_act))
         else:
             raise ValueError(f"FFN unit {type(unit).__name__} cannot be placed on FFN workers")
+    if head_rows is not None:
+        shards.append(HeadSlice(model.lm_head, *head_rows))
     return shards

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import msgspec
 import torch
@@ -33,10 +34,10 @@ from tessera.afd.dataplane import (
 from tessera.afd.ffn_shard import ffn_shards
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.messages import Heartbeat, Ready, StartupFailed, WorkerConfig
-from tessera.afd.placement import expert_ids_of
+from tessera.afd.placement import expert_ids_of, head_split
 from tessera.afd.trace import Tracer
 from tessera.model.kernels.linear import pack_linears
-from tessera.model.loader import load_model, moe_spec_of
+from tessera.model.loader import load_model, model_spec, moe_spec_of
 from tessera.platform import get_platform
 
 
@@ -48,8 +49,16 @@ def ffn_side(param_name: str) -> bool:
     ) and ".router." not in param_name
 
 
-def serve(plane: Plane, shards: list[torch.nn.Module], hidden_size: int,
+def head_side(tied: bool) -> Callable[[str], bool]:
+    """``ffn_side`` plus the LM head's weight (the embedding's, when the two are tied)."""
+    head = {"lm_head.weight", "embed.weight"} if tied else {"lm_head.weight"}
+    return lambda name: ffn_side(name) or name in head
+
+
+def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_size: int,
           dtype: torch.dtype, device: torch.device, timeout_s: float, tracer: Tracer) -> None:
+    """Answer requests until a transfer fails. ``shards[layer_id]`` computes a request;
+    ``layer_id == num_layers`` is this worker's slice of the LM head, when it holds one."""
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     in_flight: list[tuple[torch.Tensor, Work]] = []
     while True:
@@ -71,7 +80,8 @@ def serve(plane: Plane, shards: list[torch.nn.Module], hidden_size: int,
         end = tracer.now_us()
         args = {"layer": layer_id, "micro_batch": micro_batch, "src": src, "tokens": num_tokens}
         tracer.add(f"recv L{layer_id} from {src}", "recv", recv_start, start, args)
-        tracer.add(f"ffn L{layer_id} from {src}", "ffn", start, end, args)
+        name, cat = ("head", "head") if layer_id == num_layers else (f"ffn L{layer_id}", "ffn")
+        tracer.add(f"{name} from {src}", cat, start, end, args)
         in_flight.append((partial, plane.isend(partial, src, RESULT_TAG + micro_batch)))
         in_flight = [(t, w) for t, w in in_flight if not w.is_completed()]
 
@@ -95,15 +105,22 @@ def main(argv: list[str]) -> int:
         expert_ids = (
             expert_ids_of(moe.num_experts, cfg.afd.ffn_workers, cfg.index) if moe else None
         )
+        head_rows = None
+        keep: Callable[[str], bool] = ffn_side
+        if cfg.afd.ffn_head_share > 0:
+            head_spec = model_spec(cfg.engine.model)
+            head_rows = head_split(head_spec.vocab_size, cfg.afd.ffn_head_share,
+                                   cfg.afd.ffn_workers)[1 + cfg.index]
+            keep = head_side(head_spec.tie_word_embeddings)
         spec, model = load_model(cfg.engine.model, cfg.engine.dtype, platform.device,
-                                 expert_ids=expert_ids, keep=ffn_side)
+                                 expert_ids=expert_ids, keep=keep)
         dtype = model.embed.weight.dtype
-        shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index)
+        shards = ffn_shards(model, cfg.afd.ffn_workers, cfg.index, head_rows)
         del model
         for shard in shards:
             pack_linears(shard)  # after sharding, which slices the plain weights
         plane = open_plane(cfg, platform.dist_backend, spec.hidden_size, dtype.itemsize,
-                           moe.top_k if moe else 0)
+                           moe.top_k if moe else 0, spec.vocab_size)
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
         front.send(encoder.encode(StartupFailed(cfg.name, text)))
@@ -111,7 +128,7 @@ def main(argv: list[str]) -> int:
         return 1
     front.send(encoder.encode(Ready(cfg.name, os.getpid())))
     try:
-        serve(plane, list(shards), spec.hidden_size, dtype, platform.device,
+        serve(plane, list(shards), spec.num_layers, spec.hidden_size, dtype, platform.device,
               cfg.afd.transfer_timeout_s, tracer)
     except TransferError:
         # A peer died or stalled (or the pool is shutting down: attention workers exit first);

@@ -5,7 +5,9 @@ and posts the receives for their partials at once, so the transfer and the remot
 while the caller does other work (attention of the next micro-batch); ``PendingFFN.wait``
 sums the partials into the residual stream. Dense layers go to all F shards; a MoE layer would
 send each token only to the workers owning its experts (with its expert ids and routing
-weights) and scatter-add the weighted partials back.
+weights) and scatter-add the weighted partials back. ``submit_head`` sends the final-normed
+rows to sample to the FFN workers holding part of the LM head (``AFDConfig.ffn_head_share``);
+each answers with its slice of the logits.
 """
 
 from __future__ import annotations
@@ -65,15 +67,61 @@ class PendingFFN:
         return self.residual if total is None else self.residual + total
 
 
+@dataclass
+class PendingHead:
+    """The FFN workers' slices of the LM head for one micro-batch's rows to sample, in flight."""
+
+    # (FFN worker, logits slice [S, V_f], its receive), in vocabulary order
+    results: list[tuple[str, torch.Tensor, Work]]
+    sends: list[tuple[str, torch.Tensor, Work]]
+    micro_batch: int
+    start_us: int
+
+    def wait(self, deadline_s: float, tracer: Tracer) -> list[torch.Tensor]:
+        """The logit slices [S, V_f], in vocabulary order (the model's dtype)."""
+        wait_start = tracer.now_us()
+        for worker, _, work in self.results:
+            wait(work, deadline_s, f"LM head logits from {worker}")
+        for worker, _, work in self.sends:
+            wait(work, deadline_s, f"LM head request to {worker}")
+        end = tracer.now_us()
+        args = {"micro_batch": self.micro_batch}
+        tracer.add(f"head mb{self.micro_batch}", "send", self.start_us, end, args)
+        tracer.add(f"wait head mb{self.micro_batch}", "wait", wait_start, end, args)
+        return [logits for _, logits, _ in self.results]
+
+
 class RemoteFFN:
     """Sends FFN requests from this attention rank to the FFN ranks."""
 
     def __init__(self, plane: Plane, ffn_ranks: list[int], tracer: Tracer,
-                 expert_owners: torch.Tensor | None = None) -> None:
+                 expert_owners: torch.Tensor | None = None,
+                 head_cols: list[int] | None = None) -> None:
         self.plane = plane
         self.ffn_ranks = ffn_ranks
         self.tracer = tracer
         self.expert_owners = expert_owners  # [E] FFN worker index per expert (MoE models)
+        self.head_cols = head_cols or [0] * len(ffn_ranks)
+        """Vocabulary rows of the LM head on each FFN worker (0: none)."""
+
+    def submit_head(self, head_id: int, micro_batch: int, normed: torch.Tensor) -> PendingHead:
+        """Start the FFN workers' slices of the LM head over the final-normed rows to sample
+        ``normed`` [S, D], S > 0. ``head_id`` (the number of layers) marks the request as the
+        head's; workers holding no rows of it are skipped."""
+        pending = PendingHead([], [], micro_batch, self.tracer.now_us())
+        normed = normed.contiguous()
+        header = torch.tensor([self.plane.rank, head_id, micro_batch, normed.shape[0], 0],
+                              dtype=torch.int64)
+        for rank, cols in zip(self.ffn_ranks, self.head_cols, strict=True):
+            if cols == 0:
+                continue
+            worker = self.plane.names[rank]
+            logits = normed.new_empty(normed.shape[0], cols)  # [S, V_f]
+            recv = self.plane.irecv(logits, rank, RESULT_TAG + micro_batch)
+            pending.results.append((worker, logits, recv))
+            for tensor, tag in ((header, HEADER_TAG), (normed, PAYLOAD_TAG)):
+                pending.sends.append((worker, tensor, self.plane.isend(tensor, rank, tag)))
+        return pending
 
     def submit(
         self, layer_id: int, micro_batch: int, residual: torch.Tensor, normed: torch.Tensor,

@@ -71,18 +71,24 @@ class PlaneLimits:
     top_k: int
     """Experts per token (0 for a dense model)."""
     micro_batches: int
+    max_head_cols: int = 0
+    """Widest slice of the LM head's logits one FFN worker returns (0: it holds none)."""
+    max_sample_rows: int = 0
+    """Most rows one step samples (the rows an LM head request carries)."""
 
     def queues(self) -> dict[int, tuple[int, int]]:
         """tag -> (slots, bytes per slot). Requests: one in flight per micro-batch. Results:
-        one tag per micro-batch, one in flight each."""
+        one tag per micro-batch, one in flight each; a result is a partial [T, D] or a slice
+        of logits [S, V_f]."""
         hidden = self.max_tokens * self.hidden_size * self.elem_bytes
+        logits = self.max_sample_rows * self.max_head_cols * self.elem_bytes
         depth = self.micro_batches + 1
         queues = {HEADER_TAG: (depth, HEADER_LEN * 8), PAYLOAD_TAG: (depth, hidden)}
         if self.top_k:
             queues[IDS_TAG] = (depth, self.max_tokens * self.top_k * 8)
             queues[WEIGHTS_TAG] = (depth, self.max_tokens * self.top_k * 4)
         for mb in range(self.micro_batches):
-            queues[RESULT_TAG + mb] = (2, hidden)
+            queues[RESULT_TAG + mb] = (2, max(hidden, logits))
         return queues
 
 

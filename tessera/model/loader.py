@@ -104,6 +104,14 @@ def load_model(
     return spec, model
 
 
+def model_spec(model_dir: str | Path) -> ModelSpec:
+    """The shape of a model directory's model, without loading weights."""
+    try:
+        return spec_from_config(read_config(model_dir))
+    except ModelConfigError as e:
+        raise ModelLoadError(str(e)) from e
+
+
 def moe_spec_of(model_dir: str | Path) -> MoESpec | None:
     """The MoE shape of a model directory; None for a dense model."""
     try:

@@ -11,7 +11,10 @@ own engine :class:`Scheduler` over one shared :class:`BlockManager`, stepping on
   its next step when its turn comes;
 * the FFN worker serves requests in arrival order, one at a time;
 * a request and its result each take ``transfer_latency_s`` plus two copies of their bytes to
-  arrive (the data plane: into shared memory and out of it).
+  arrive (the data plane: into shared memory and out of it);
+* with a share of the LM head on the FFN worker (``AFDConfig.ffn_head_share``) a lane past its
+  last layer submits the sampled rows there, computes its own vocabulary rows, and samples on
+  its next turn once the remote logits have arrived.
 
 So what the split costs and gains falls out of the schedule: with M=1 the two workers take
 turns; with M=2 one lane's FFN runs under the other's attention, while each lane re-reads the
@@ -56,6 +59,8 @@ class AFDLocalScenario:
     copy_bytes_per_s: float = math.inf
     """Memory copy rate; a message's bytes are copied twice (into the plane and out of it)."""
     kv_bytes_per_element: float = 4.0
+    ffn_head_share: float = 0.0
+    """Share of the LM head's vocabulary computed on the FFN worker."""
     block_size: int = 16
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -79,7 +84,7 @@ class _UnitCosts:
         self.pool = PoolCost(system, model, layout)
         eff = system.chip.efficiency
         self.model = model
-        op_s = eff.op_overhead_us * 1e-6
+        op_s = self.op_s = eff.op_overhead_us * 1e-6
         self.attn_ops_s = max(eff.ops_per_layer - FFN_OPS_PER_LAYER, 0) * op_s
         self.ffn_ops_s = FFN_OPS_PER_LAYER * op_s
         self.step_s = eff.step_overhead_ms * 1e-3
@@ -95,9 +100,14 @@ class _UnitCosts:
         moe_layer = layer >= self.model.num_dense_layers  # dense layers first, as in the sim
         return self.pool.ffn_unit_s(load.num_tokens, moe_layer) + self.ffn_ops_s
 
+    def head(self, load: StepLoad, share: float) -> float:
+        """``share`` of the LM head's vocabulary rows over the step's sampled rows."""
+        return share * self.pool.head_s(load.num_sampled)
+
     def tail(self, load: StepLoad) -> float:
-        """The step's end on the attention worker: LM head, sampling and host bookkeeping."""
-        return self.pool.head_s(load.num_sampled) + self.step_s + load.num_seqs * self.seq_s
+        """The step's end on the attention worker after the LM head: sampling and host
+        bookkeeping."""
+        return self.step_s + load.num_seqs * self.seq_s
 
 
 def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> EngineSimResult:
@@ -124,6 +134,9 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
     num_layers = sc.model.num_layers
     hidden_bytes = sc.model.hidden_size * sc.kv_bytes_per_element  # activations in the KV dtype
     copy_rate = sc.copy_bytes_per_s
+    share = sc.ffn_head_share
+    if not 0.0 <= share <= 1.0:
+        raise SimError("ffn_head_share must be from 0 to 1")
     for _ in range(max_rounds):
         if not any(ln.out is not None or ln.scheduler.has_unfinished() for ln in lanes):
             break
@@ -150,6 +163,18 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
                 lane.ready_s = ffn_s + hop_s
                 lane.layer += 1
                 continue
+            if lane.layer == num_layers:
+                # The head: the remote share is submitted first, the local share runs meanwhile.
+                lane.layer += 1
+                if share > 0.0 and load.num_sampled > 0:
+                    rows_s = 2.0 * load.num_sampled / copy_rate
+                    ffn_start = max(ffn_s, attn_s + sc.transfer_latency_s + rows_s * hidden_bytes)
+                    ffn_s = ffn_start + costs.head(load, share) + costs.op_s
+                    logits_bytes = share * sc.model.vocab_size * sc.kv_bytes_per_element
+                    lane.ready_s = ffn_s + sc.transfer_latency_s + rows_s * logits_bytes
+                    attn_s += costs.head(load, 1.0 - share)
+                    continue  # samples on its next turn, once the remote logits are in
+                attn_s += costs.head(load, 1.0)
             attn_s += costs.tail(load)
             num_steps += 1
             num_out += len(end_step(lane.scheduler, out, attn_s, sc.output_tokens, first,

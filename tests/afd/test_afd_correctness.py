@@ -60,18 +60,22 @@ def reference(model_factory):
 
 
 @pytest.mark.parametrize(
-    ("num_attention", "num_ffn", "num_micro_batches", "data_plane"),
-    # auto is the shared-memory plane here; torch is gloo over loopback.
-    [(1, 1, 2, "auto"), (2, 1, 1, "auto"), (1, 2, 2, "torch"), (3, 2, 2, "auto")],
+    ("num_attention", "num_ffn", "num_micro_batches", "data_plane", "head_share"),
+    # auto is the shared-memory plane here; torch is gloo over loopback. A head share splits
+    # the LM head's vocabulary: here over the attention worker and two FFN workers, then all
+    # of it on the FFN workers.
+    [(1, 1, 2, "auto", 0.0), (2, 1, 1, "auto", 0.0), (1, 2, 2, "torch", 0.5),
+     (3, 2, 2, "auto", 1.0)],
 )
 def test_greedy_tokens_match_single_process(
-    model_factory, reference, tmp_path, num_attention, num_ffn, num_micro_batches, data_plane
+    model_factory, reference, tmp_path, num_attention, num_ffn, num_micro_batches, data_plane,
+    head_share,
 ):
     path, _ = model_factory("llama")
     trace = tmp_path / "trace.json"
     afd = AFDConfig(attention_workers=num_attention, ffn_workers=num_ffn,
                     micro_batches=num_micro_batches, data_plane=data_plane,
-                    trace_path=str(trace))
+                    ffn_head_share=head_share, trace_path=str(trace))
     llm = LLM(str(path), afd=afd, **COMMON)
     try:
         assert len(worker_pids()) == num_attention + num_ffn
@@ -98,6 +102,10 @@ def test_greedy_tokens_match_single_process(
         assert all((rank, c) in cats for c in want), (rank, cats)
     layers = {e["args"]["layer"] for e in events if e["ph"] == "X" and e["cat"] == "ffn"}
     assert layers == {0, 1}
+    # The FFN workers computed logits exactly when they hold part of the head.
+    head_ranks = {e["pid"] for e in events if e["ph"] == "X" and e["cat"] == "head"}
+    assert head_ranks == (set(range(num_attention, num_attention + num_ffn))
+                          if head_share else set())
     hidden = hidden_transfer_fraction(events)
     assert hidden is not None and 0.0 <= hidden <= 1.0
     if num_micro_batches > 1:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tessera import LLM, SamplingParams
+from tessera.afd.config import AFDConfig
 from tests.afd.conftest import worker_pids
 from tests.afd.test_afd_correctness import COMMON, _prompts
 
@@ -21,14 +22,17 @@ def reference(model_factory):
 
 
 @pytest.mark.parametrize(
-    ("num_attention", "num_ffn", "num_micro_batches"), [(1, 3, 2), (2, 2, 1)]
+    # With a third of the LM head on the three FFN workers in the first case.
+    ("num_attention", "num_ffn", "num_micro_batches", "head_share"),
+    [(1, 3, 2, 0.3), (2, 2, 1, 0.0)],
 )
 def test_moe_tokens_match_whatever_the_partition(
-    model_factory, reference, num_attention, num_ffn, num_micro_batches
+    model_factory, reference, num_attention, num_ffn, num_micro_batches, head_share
 ):
     path, _ = model_factory("qwen2-moe")
-    llm = LLM(str(path), attention_workers=num_attention, ffn_workers=num_ffn,
-              micro_batches=num_micro_batches, **COMMON)
+    afd = AFDConfig(attention_workers=num_attention, ffn_workers=num_ffn,
+                    micro_batches=num_micro_batches, ffn_head_share=head_share)
+    llm = LLM(str(path), afd=afd, **COMMON)
     try:
         outs = llm.generate(_prompts(), GREEDY, use_tqdm=False)
     finally:

@@ -9,7 +9,8 @@ import torch
 from tessera.afd.config import AFDConfig
 from tessera.afd.dataplane import brief
 from tessera.afd.ffn_shard import DenseFFNShard
-from tessera.afd.placement import expert_ids_of, expert_owners, shard_range
+from tessera.afd.head_slice import HeadSlice
+from tessera.afd.placement import expert_ids_of, expert_owners, head_split, shard_range
 from tessera.afd.trace import hidden_transfer_fraction
 from tessera.model.dense import DenseFFNUnit
 from tessera.model.loader import load_model
@@ -41,6 +42,19 @@ def test_dense_shards_sum_to_the_unit(model_factory):
     torch.testing.assert_close(hidden + sum(partials), unit(hidden), rtol=1e-5, atol=1e-5)
 
 
+def test_head_split_slices_give_the_whole_head(model_factory):
+    assert head_split(10, 0.0, 2) == [(0, 10), (10, 10), (10, 10)]
+    assert head_split(10, 0.5, 2) == [(0, 5), (5, 8), (8, 10)]
+    assert head_split(10, 1.0, 3) == [(0, 0), (0, 4), (4, 7), (7, 10)]
+    path, _ = model_factory("llama")
+    _, model = load_model(path, "float32", torch.device("cpu"))
+    normed = torch.randn(3, model.spec.hidden_size)
+    slices = [HeadSlice(model.lm_head, *rows)(normed)
+              for rows in head_split(model.spec.vocab_size, 0.4, 2)]
+    assert [s.shape[1] for s in slices] != [model.spec.vocab_size, 0, 0]
+    torch.testing.assert_close(torch.cat(slices, dim=1), model.lm_head(normed))
+
+
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="attention_workers must be an integer of at least 1"):
         AFDConfig(attention_workers=0)
@@ -52,6 +66,9 @@ def test_config_rejects_bad_values():
         AFDConfig(data_plane="x")
     with pytest.raises(ValueError, match="data_plane 'shm' needs local workers"):
         AFDConfig(data_plane="shm", ray_address="auto")
+    for share in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="ffn_head_share must be a number from 0 to 1"):
+            AFDConfig(ffn_head_share=share)
     assert AFDConfig(attention_workers=3, ffn_workers=2).ffn_ranks() == [3, 4]
 
 

@@ -86,3 +86,12 @@ def test_missed_deadline_and_dead_peer_fail_fast(tmp_path):
     with pytest.raises(TransferError, match="peer process exited"):
         wait(a0.irecv(out, 1, RESULT_TAG), time.monotonic() + 30, "result")
     assert time.monotonic() - start < 2
+
+
+def test_result_slots_fit_a_head_slice():
+    # Partials [8, 4] are 128 bytes; 8 rows of a 100-column logit slice are 3200.
+    limits = PlaneLimits(max_tokens=8, hidden_size=4, elem_bytes=4, top_k=0, micro_batches=2,
+                         max_head_cols=100, max_sample_rows=8)
+    queues = limits.queues()
+    assert queues[RESULT_TAG] == queues[RESULT_TAG + 1] == (2, 3200)
+    assert queues[PAYLOAD_TAG][1] == LIMITS.queues()[PAYLOAD_TAG][1] == 128

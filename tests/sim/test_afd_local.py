@@ -25,21 +25,28 @@ def _scenario(**kw: object) -> AFDLocalScenario:
 def _serial_step_s(sc: AFDLocalScenario, load: StepLoad) -> float:
     costs = _UnitCosts(sc.system, sc.model, sc.precision)
     layers = range(sc.model.num_layers)
-    return (sum(costs.attention(load) + costs.ffn(load, i) for i in layers) + costs.tail(load)
+    return (sum(costs.attention(load) + costs.ffn(load, i) for i in layers)
+            + costs.head(load, 1.0) + costs.tail(load)
             + 2 * sc.model.num_layers * sc.transfer_latency_s)
 
 
-@pytest.mark.parametrize("latency_s", [0.0, 1e-3])
-def test_one_lane_takes_turns(latency_s: float) -> None:
+@pytest.mark.parametrize(("latency_s", "head_share"), [(0.0, 0.0), (1e-3, 0.0), (0.0, 0.5)])
+def test_one_lane_takes_turns(latency_s: float, head_share: float) -> None:
     # One request of one prompt token: every step is one token (prefill, then decodes) over a
-    # context growing by one, so the whole run is a sum of serial steps.
-    sc = _scenario(transfer_latency_s=latency_s)
+    # context growing by one, so the whole run is a sum of serial steps. With half the LM head
+    # on the FFN worker the two halves run side by side: a step saves half the head's time
+    # and pays the FFN worker's launch of it.
+    sc = _scenario(transfer_latency_s=latency_s, ffn_head_share=head_share)
     res = simulate_afd_local(sc)
     kv_per_token = sc.model.kv_elements_per_token * sc.kv_bytes_per_element * sc.model.num_layers
-    want = sum(_serial_step_s(sc, StepLoad(
-        num_seqs=1, num_tokens=1, num_sampled=1,
-        attention_flops=sc.model.attn_flops_per_kv_decode * n * sc.model.num_layers,
-        kv_bytes=kv_per_token * n)) for n in range(1, 7))
+    costs = _UnitCosts(sc.system, sc.model, sc.precision)
+    loads = [StepLoad(num_seqs=1, num_tokens=1, num_sampled=1,
+                      attention_flops=sc.model.attn_flops_per_kv_decode * n * sc.model.num_layers,
+                      kv_bytes=kv_per_token * n) for n in range(1, 7)]
+    want = sum(_serial_step_s(sc, load)
+               - (head_share * costs.head(load, 1.0) - costs.op_s if head_share else 0.0)
+               for load in loads)
+    assert costs.head(loads[0], 1.0) > 2 * costs.op_s  # a real saving, not a wash
     assert res.num_output_tokens == 6 and res.num_steps == 6
     assert res.duration_s == pytest.approx(want, rel=1e-9)
 
