@@ -3,8 +3,10 @@
 In one run: calibrate the cost model for one thread (raw rates with one thread, then the
 efficiency constants fitted to a one-thread engine's steps on the calibration workloads of
 ``tessera.sim.engine_probe``: the workers of the split run one thread each), measure the
-data plane's one-way message time between two local processes, then run the split (A=1, F=1)
-with M=1 and M=2 on the transformerless benchmark's workload and simulate the same. Prints
+data plane's one-way message time between two local processes, print the LM head share
+(``--ffn-head-share``) the simulation finds best for M=1 and M=2, then run the split (A=1, F=1)
+with M=1 and M=2 (at the given share) on the transformerless benchmark's workload and simulate
+the same. Prints
 measured and simulated output throughput and mean TPOT with the error; target: every error
 within 10%. Exit status 1 when one is not.
 
@@ -83,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.model.loader import read_config
     from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
     from tessera.sim.calibrate import calibrate_engine, measure
+    from tessera.sim.engine_sim import EngineSimResult
     from tessera.sim.hardware import system_from_profile
     from tessera.sim.model import spec_from_config
     from tessera.sim.plane_latency import measure_plane_latency_s
@@ -107,19 +110,29 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                for _ in range(args.num_requests)]
+    def simulate(m: int, head_share: float) -> EngineSimResult:
+        return simulate_afd_local(AFDLocalScenario(
+            system=system, model=model, precision="fp32",
+            prompt_tokens=(args.prompt_len,) * args.num_requests,
+            output_tokens=(args.max_tokens,) * args.num_requests,
+            num_blocks=1 << 16, num_micro_batches=m, transfer_latency_s=latency_s,
+            copy_bytes_per_s=profile["copy_gb_s"] * 1e9 / 2,  # it counts read plus write
+            kv_bytes_per_element=kv_bytes, ffn_head_share=head_share))
+
+    # What the simulator advises before anything is measured: the LM head share per M.
+    shares = [i / 10 for i in range(11)]
+    for m in (1, 2):
+        sims = [simulate(m, share).output_tokens_per_s for share in shares]
+        best = max(range(len(shares)), key=sims.__getitem__)
+        print(f"simulated M={m}: best --ffn-head-share {shares[best]:g} ({sims[best]:.1f} tok/s;"
+              f" share 0: {sims[0]:.1f})")
     rows = []
     worst = 0.0
     for m in (1, 2):
         runs = [measure_split(model_dir, prompts, args.max_tokens, m, args.ffn_head_share)
                 for _ in range(max(args.repeats, 1))]
         m_tps, m_tpot = max(runs)
-        sim = simulate_afd_local(AFDLocalScenario(
-            system=system, model=model, precision="fp32",
-            prompt_tokens=(args.prompt_len,) * args.num_requests,
-            output_tokens=(args.max_tokens,) * args.num_requests,
-            num_blocks=1 << 16, num_micro_batches=m, transfer_latency_s=latency_s,
-            copy_bytes_per_s=profile["copy_gb_s"] * 1e9 / 2,  # it counts read plus write
-            kv_bytes_per_element=kv_bytes, ffn_head_share=args.ffn_head_share))
+        sim = simulate(m, args.ffn_head_share)
         s_tps, s_tpot = sim.output_tokens_per_s, sim.tpot_ms_mean
         err_tps, err_tpot = s_tps / m_tps - 1.0, s_tpot / m_tpot - 1.0
         worst = max(worst, abs(err_tps), abs(err_tpot))

@@ -27,3 +27,14 @@ def test_balancer_gap_has_published_direction() -> None:
     real, perfect = (next(a for a in anchors() if a.anchor_id == i)
                      for i in ("sglang-h100-prefill", "sglang-h100-prefill (perfect EPLB)"))
     assert run_anchor(real) < run_anchor(perfect)
+
+
+def test_deepseek_per_node_rates_are_day_averages_over_nodes_in_service() -> None:
+    # The blog's day totals over its per-node rates give its own average node count: the
+    # per-node figures average the day's load, so the prefill one bounds capacity from below.
+    from tessera.sim.validation import nodes_in_service_check
+
+    implied, blog = nodes_in_service_check()
+    assert implied == pytest.approx(blog, rel=0.01)
+    averaged = [a.anchor_id for a in anchors() if a.time_average]
+    assert averaged == ["deepseek-h800-blog (prefill)"]
