@@ -4,8 +4,8 @@ One step of one lane (see ``tessera.afd.lanes``) is a generator: it builds the d
 (``ModelRunner.prepare``, still the one place that builds them), embeds, and per layer runs
 the attention unit, applies the FFN unit's input norm (and a MoE unit's router) locally,
 sends the rest to the FFN workers and yields; resumed, it waits for that FFN result and goes
-on. The lane driver resumes the M lanes in turn, so the FFN round trip of one lane runs while
-another does attention, and the LM head, sampling and scheduling of one lane run while
+on. The lane driver resumes the M lanes in turn (passing over those still waiting), so the
+FFN round trip of one lane runs while another does attention, and the LM head, sampling and scheduling of one lane run while
 another's layers are on the FFN workers. With part of the LM head on the FFN workers
 (``AFDConfig.ffn_head_share``) the final-normed rows to sample go there first, this worker
 computes its own vocabulary rows meanwhile, and the lane yields once more for the rest::
@@ -25,7 +25,7 @@ from collections.abc import Generator
 import torch
 from torch import nn
 
-from tessera.afd.remote_ffn import RemoteFFN
+from tessera.afd.remote_ffn import PendingFFN, PendingHead, RemoteFFN
 from tessera.afd.trace import Tracer
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.scheduler import SchedulerOutput
@@ -33,6 +33,9 @@ from tessera.model.moe import MoEFFNUnit
 
 # Per scheduled sequence: its sampled token (None mid-prompt) and its logprobs entry.
 StepResult = tuple[list[int | None], list[dict[int, float] | None]]
+# What a suspended lane step waits for; the lane driver resumes first the lanes whose
+# transfers are in.
+Pending = PendingFFN | PendingHead
 
 
 def ffn_input_norm(unit: nn.Module) -> nn.Module:
@@ -60,9 +63,9 @@ class AttentionRunner(ModelRunner):
         self.tracer = tracer
         self.local_head = local_head
 
-    def lane_step(self, out: SchedulerOutput, lane: int) -> Generator[None, None, StepResult]:
-        """One step of ``lane`` over ``out``, yielding after each FFN submit; returns the
-        sampled token and logprobs entry per scheduled sequence (as ``execute``).
+    def lane_step(self, out: SchedulerOutput, lane: int) -> Generator[Pending, None, StepResult]:
+        """One step of ``lane`` over ``out``, yielding what it sent after each FFN submit;
+        returns the sampled token and logprobs entry per scheduled sequence (as ``execute``).
 
         The caller runs it under ``torch.inference_mode()``: a mode entered here would leak
         into the other lanes while this one is suspended."""
@@ -85,7 +88,7 @@ class AttentionRunner(ModelRunner):
                 layer_id, lane, h, normed, topk_ids, topk_weights,
                 all_tokens_to_first=getattr(ffn, "shared_expert", None) is not None,
             )
-            yield
+            yield pending
             hidden = pending.wait(deadline_s, tracer)  # [T, D]
         rows = hidden[inp.sample_rows]  # [S, D]
         if self.local_head is None:
@@ -100,7 +103,7 @@ class AttentionRunner(ModelRunner):
             start = tracer.now_us()
             local = self.local_head(normed)  # [S, V_0]
             tracer.add(f"head mb{lane}", "attn", start, tracer.now_us(), {"micro_batch": lane})
-            yield
+            yield head
             logits = torch.cat([local, *head.wait(deadline_s, tracer)], dim=1).float()
         return self.sample(out, logits, inp.sample_seq_indices)
 

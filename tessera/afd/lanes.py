@@ -7,6 +7,10 @@ scheduler (its share of the requests), and lanes do not wait for each other at s
 0 may be sampling while lane 1 is halfway through its layers, and lane 0's next step starts at
 once. The driver resumes the lanes' step generators (``AttentionRunner.lane_step``) in turn;
 each runs until it has sent an FFN request, so the FFN workers always have a lane's work queued.
+A lane whose FFN result is not in yet is passed over while another lane can run; only when
+every lane is waiting does the driver block, on the request sent first (the FFN workers answer
+in arrival order). Strict turns would idle the attention worker on one lane's result while the
+other lane's was ready, which happens each time the two lanes reach their LM heads together.
 
 Invariants:
 - All lanes share the worker's one block manager (one KV pool, one prefix cache). A lane only
@@ -22,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Generator
 from dataclasses import dataclass, field
 
-from tessera.afd.attention_runner import AttentionRunner, StepResult
+from tessera.afd.attention_runner import AttentionRunner, Pending, StepResult
 from tessera.afd.messages import WorkerStats
 from tessera.engine.llm_engine import LLMEngine
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
@@ -34,8 +38,12 @@ from tessera.sampling_params import SamplingParams
 class _Lane:
     index: int
     scheduler: Scheduler
-    step: Generator[None, None, StepResult] | None = None
+    step: Generator[Pending, None, StepResult] | None = None
     """The step in flight, if any."""
+    pending: Pending | None = None
+    """What the step in flight waits for."""
+    pending_order: int = 0
+    """When it was sent, as a count of the worker's sends (the oldest is answered first)."""
     out: SchedulerOutput | None = None
     start_us: int = 0
     deferred_aborts: list[str] = field(default_factory=list)
@@ -58,6 +66,7 @@ class Lanes:
                       for m in range(num_lanes)]
         self.lane_of: dict[str, int] = {}
         """Lane of every unfinished request."""
+        self._num_sent = 0
 
     # ----------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -85,10 +94,12 @@ class Lanes:
 
     # ----------------------------------------------------------------- steps
     def advance(self) -> list[StepOutput]:
-        """Resume every lane once, starting a step on an idle lane with work; returns the
+        """Resume every lane that can go on (its FFN result is in, or it is idle with work, and
+        then starts a step), in turn; if none can, wait for the oldest request. Returns the
         outputs of the lane steps that ended. Run under ``torch.inference_mode()``; a failed
         transfer raises ``TransferError`` (the pool is then rebuilt)."""
-        ended = []
+        ended: list[StepOutput] = []
+        resumed = False
         for lane in self.lanes:
             if lane.step is None:
                 if not lane.num_unfinished:
@@ -98,11 +109,25 @@ class Lanes:
                     continue  # waiting for KV blocks another lane holds
                 lane.out, lane.start_us = out, self.runner.tracer.now_us()
                 lane.step = self.runner.lane_step(out, lane.index)
-            try:
-                next(lane.step)
-            except StopIteration as done:
-                ended.append(self._end_step(lane, done.value))
+            elif lane.pending is not None and not lane.pending.ready():
+                continue  # another lane may go first
+            resumed = True
+            self._resume(lane, ended)
+        if not resumed:
+            waiting = [ln for ln in self.lanes if ln.step is not None]
+            if waiting:  # every lane waits: block (in the step's own wait) on the oldest
+                self._resume(min(waiting, key=lambda ln: ln.pending_order), ended)
         return ended
+
+    def _resume(self, lane: _Lane, ended: list[StepOutput]) -> None:
+        assert lane.step is not None
+        try:
+            lane.pending = next(lane.step)
+            self._num_sent += 1
+            lane.pending_order = self._num_sent
+        except StopIteration as done:
+            lane.pending = None
+            ended.append(self._end_step(lane, done.value))
 
     def _end_step(self, lane: _Lane, result: StepResult) -> StepOutput:
         out = lane.out

@@ -44,6 +44,10 @@ class PendingFFN:
     micro_batch: int = 0
     start_us: int = 0
 
+    def ready(self) -> bool:
+        """Whether every partial has arrived (``wait`` would not block on them)."""
+        return all(work.is_completed() for _, _, work, _ in self.results)
+
     def wait(self, deadline_s: float, tracer: Tracer) -> torch.Tensor:
         """The residual stream after this FFN: residual + sum of the partials. [T, D]"""
         wait_start = tracer.now_us()
@@ -76,6 +80,10 @@ class PendingHead:
     sends: list[tuple[str, torch.Tensor, Work]]
     micro_batch: int
     start_us: int
+
+    def ready(self) -> bool:
+        """Whether every logit slice has arrived."""
+        return all(work.is_completed() for _, _, work in self.results)
 
     def wait(self, deadline_s: float, tracer: Tracer) -> list[torch.Tensor]:
         """The logit slices [S, V_f], in vocabulary order (the model's dtype)."""

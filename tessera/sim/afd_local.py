@@ -5,10 +5,10 @@ model calibrated for one thread), and M lanes: the attention worker's micro-batc
 own engine :class:`Scheduler` over one shared :class:`BlockManager`, stepping on their own as
 ``tessera.afd.lanes`` does. The order of work is the real one:
 
-* the attention worker resumes the lanes round robin; a resumed lane waits for its FFN result
-  (if one is pending), runs the next layer's attention unit and submits that layer's FFN, or,
-  after the last layer, runs the LM head, samples and ends its step; an idle lane schedules
-  its next step when its turn comes;
+* the attention worker resumes the lanes in turn, passing over a lane whose FFN result is not
+  in yet; when every lane waits it blocks on the oldest request. A resumed lane runs the next
+  layer's attention unit and submits that layer's FFN, or, after the last layer, runs the LM
+  head, samples and ends its step; an idle lane schedules its next step when its turn comes;
 * the FFN worker serves requests in arrival order, one at a time;
 * a request and its result each take ``transfer_latency_s`` plus two copies of their bytes to
   arrive (the data plane: into shared memory and out of it);
@@ -73,6 +73,7 @@ class _Lane:
     load: StepLoad | None = None
     layer: int = 0
     ready_s: float = 0.0  # when the pending FFN result arrives
+    sent: int = 0  # order of the lane's last submit among all submits
 
 
 class _UnitCosts:
@@ -137,6 +138,42 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
     share = sc.ffn_head_share
     if not 0.0 <= share <= 1.0:
         raise SimError("ffn_head_share must be from 0 to 1")
+    num_sent = 0
+
+    def resume(lane: _Lane) -> None:
+        """Run ``lane`` until its next submit or the end of its step (on the attention worker),
+        its FFN result being in."""
+        nonlocal attn_s, ffn_s, num_steps, num_out, num_sent
+        attn_s = max(attn_s, lane.ready_s)  # (a new step's ready_s is in the past)
+        out, load = lane.out, lane.load
+        assert out is not None and load is not None
+        num_sent += 1
+        lane.sent = num_sent
+        if lane.layer < num_layers:
+            attn_s += costs.attention(load)
+            hop_s = sc.transfer_latency_s + 2.0 * load.num_tokens * hidden_bytes / copy_rate
+            ffn_start = max(ffn_s, attn_s + hop_s)
+            ffn_s = ffn_start + costs.ffn(load, lane.layer)
+            lane.ready_s = ffn_s + hop_s
+            lane.layer += 1
+            return
+        if lane.layer == num_layers:
+            # The head: the remote share is submitted first, the local share runs meanwhile.
+            lane.layer += 1
+            if share > 0.0 and load.num_sampled > 0:
+                rows_s = 2.0 * load.num_sampled / copy_rate
+                ffn_start = max(ffn_s, attn_s + sc.transfer_latency_s + rows_s * hidden_bytes)
+                ffn_s = ffn_start + costs.head(load, share) + costs.op_s
+                logits_bytes = share * sc.model.vocab_size * sc.kv_bytes_per_element
+                lane.ready_s = ffn_s + sc.transfer_latency_s + rows_s * logits_bytes
+                attn_s += costs.head(load, 1.0 - share)
+                return  # samples when resumed, once the remote logits are in
+            attn_s += costs.head(load, 1.0)
+        attn_s += costs.tail(load)
+        num_steps += 1
+        num_out += len(end_step(lane.scheduler, out, attn_s, sc.output_tokens, first, finish))
+        lane.out = lane.load = None
+
     for _ in range(max_rounds):
         if not any(ln.out is not None or ln.scheduler.has_unfinished() for ln in lanes):
             break
@@ -148,40 +185,17 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
                 out = lane.scheduler.schedule()
                 if out.is_empty:
                     continue  # waiting for KV blocks another lane holds
-                lane.out, lane.layer = out, 0
+                lane.out, lane.layer, lane.ready_s = out, 0, 0.0
                 lane.load = step_load(sc.model, out, sc.kv_bytes_per_element)
-            else:
-                attn_s = max(attn_s, lane.ready_s)  # blocked on this lane's FFN result
+            elif lane.ready_s > attn_s:
+                continue  # its result is not in yet: passed over
+            resume(lane)
             progressed = True
-            out, load = lane.out, lane.load
-            assert out is not None and load is not None
-            if lane.layer < num_layers:
-                attn_s += costs.attention(load)
-                hop_s = sc.transfer_latency_s + 2.0 * load.num_tokens * hidden_bytes / copy_rate
-                ffn_start = max(ffn_s, attn_s + hop_s)
-                ffn_s = ffn_start + costs.ffn(load, lane.layer)
-                lane.ready_s = ffn_s + hop_s
-                lane.layer += 1
-                continue
-            if lane.layer == num_layers:
-                # The head: the remote share is submitted first, the local share runs meanwhile.
-                lane.layer += 1
-                if share > 0.0 and load.num_sampled > 0:
-                    rows_s = 2.0 * load.num_sampled / copy_rate
-                    ffn_start = max(ffn_s, attn_s + sc.transfer_latency_s + rows_s * hidden_bytes)
-                    ffn_s = ffn_start + costs.head(load, share) + costs.op_s
-                    logits_bytes = share * sc.model.vocab_size * sc.kv_bytes_per_element
-                    lane.ready_s = ffn_s + sc.transfer_latency_s + rows_s * logits_bytes
-                    attn_s += costs.head(load, 1.0 - share)
-                    continue  # samples on its next turn, once the remote logits are in
-                attn_s += costs.head(load, 1.0)
-            attn_s += costs.tail(load)
-            num_steps += 1
-            num_out += len(end_step(lane.scheduler, out, attn_s, sc.output_tokens, first,
-                                    finish))
-            lane.out = lane.load = None
         if not progressed:
-            raise SimError("the lanes made no progress (KV pool too small?)")
+            waiting = [ln for ln in lanes if ln.out is not None]
+            if not waiting:
+                raise SimError("the lanes made no progress (KV pool too small?)")
+            resume(min(waiting, key=lambda ln: ln.sent))  # blocks on the oldest request
     else:
         raise SimError(f"simulation did not finish within {max_rounds} rounds")
     tpot = tuple((finish[i] - first[i]) * 1e3 / (sc.output_tokens[i] - 1)
