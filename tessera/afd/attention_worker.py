@@ -24,7 +24,7 @@ from torch import nn
 
 from tessera.afd.attention_runner import AttentionRunner
 from tessera.afd.dataplane import TransferError, open_plane
-from tessera.afd.head_slice import HeadSlice
+from tessera.afd.head_slice import HeadSlice, RemovedHead
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.lanes import Lanes
 from tessera.afd.messages import (
@@ -133,9 +133,11 @@ def main(argv: list[str]) -> int:
         remote = RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners,
                            [end - start for start, end in head[1:]])
         # Warm-up may meet FFN workers still loading: it gets the start-up deadline.
+        split = head[0][1] < model.spec.vocab_size
         runner.attach(remote, cfg.afd.startup_timeout_s, tracer,
-                      local_head(model.lm_head, *head[0]) if head[0][1] < model.spec.vocab_size
-                      else None)
+                      local_head(model.lm_head, *head[0]) if split else None)
+        if split:  # only this worker's slice is used: free the whole head
+            model.lm_head = RemovedHead(model.lm_head)
         engine.warm_up()
         runner.transfer_timeout_s = cfg.afd.transfer_timeout_s
         tracer.take()  # warm-up spans are not part of the workload

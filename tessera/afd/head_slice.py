@@ -28,3 +28,17 @@ class HeadSlice(nn.Module):
                 topk_weights: torch.Tensor | None = None) -> torch.Tensor:
         """Called like an FFN shard (the routing arguments are unused)."""
         return self.lm_head(normed)  # [S, end - start], the model's dtype
+
+
+class RemovedHead(nn.Linear):
+    """Stands in for an LM head whose rows now live in ``HeadSlice``s: the whole head is freed,
+    and a call (which would need all of it) fails loudly instead of giving partial logits."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        nn.Module.__init__(self)  # no weight of its own
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        self.register_parameter("bias", None)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this worker holds only a slice of the LM head (ffn_head_share)")

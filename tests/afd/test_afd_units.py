@@ -9,7 +9,7 @@ import torch
 from tessera.afd.config import AFDConfig
 from tessera.afd.dataplane import brief
 from tessera.afd.ffn_shard import DenseFFNShard
-from tessera.afd.head_slice import HeadSlice
+from tessera.afd.head_slice import HeadSlice, RemovedHead
 from tessera.afd.placement import expert_ids_of, expert_owners, head_split, shard_range
 from tessera.afd.trace import hidden_transfer_fraction
 from tessera.model.dense import DenseFFNUnit
@@ -53,6 +53,12 @@ def test_head_split_slices_give_the_whole_head(model_factory):
               for rows in head_split(model.spec.vocab_size, 0.4, 2)]
     assert [s.shape[1] for s in slices] != [model.spec.vocab_size, 0, 0]
     torch.testing.assert_close(torch.cat(slices, dim=1), model.lm_head(normed))
+    # A worker that keeps only its slice frees the whole head; calling it is an error, never
+    # partial logits.
+    model.lm_head = RemovedHead(model.lm_head)
+    assert model.lm_head.weight.numel() == 0
+    with pytest.raises(RuntimeError, match="only a slice of the LM head"):
+        model.compute_logits(torch.randn(2, model.spec.hidden_size))
 
 
 def test_config_rejects_bad_values():
