@@ -4,8 +4,9 @@ One model (the ~100M dense Llama, or with ``--moe`` a random Mixtral: 8 experts,
 workload, three runs: the single-process engine (``--threads`` threads), then
 one attention worker and one FFN worker (one thread each) with 1 and with 2 micro-batches.
 Reported per run: overall tokens/s, decode tokens/s (steps after every request has started:
-tokens over their time, timed on the attention worker for the disaggregated runs), mean step time, and for the disaggregated runs the fraction of FFN transfer
-time hidden behind attention compute (from the trace: 1 - blocked / in flight).
+tokens over their time, timed on the attention worker for the disaggregated runs), mean step
+time, and for the disaggregated runs the fraction of FFN transfer time hidden behind attention
+compute (from the trace: 1 - blocked / in flight).
 
     python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
     python benchmarks/transformerless.py --moe    # the same for a MoE model

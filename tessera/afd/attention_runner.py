@@ -6,9 +6,10 @@ the attention unit, applies the FFN unit's input norm (and a MoE unit's router) 
 sends the rest to the FFN workers and yields; resumed, it waits for that FFN result and goes
 on. The lane driver resumes the M lanes in turn (passing over those still waiting), so the
 FFN round trip of one lane runs while another does attention, and the LM head, sampling and
-scheduling of one lane run while another's layers are on the FFN workers. With part of the LM head on the FFN workers
-(``AFDConfig.ffn_head_share``) the final-normed rows to sample go there first, this worker
-computes its own vocabulary rows meanwhile, and the lane yields once more for the rest::
+scheduling of one lane run while another's layers are on the FFN workers. With part of the
+LM head on the FFN workers (``AFDConfig.ffn_head_share``) the final-normed rows to sample go
+there first, this worker computes its own vocabulary rows meanwhile, and the lane yields once
+more for the rest::
 
     lane0: attn L0 -> send | lane1: attn L5 -> send | lane0: wait, attn L1 -> send | ...
 

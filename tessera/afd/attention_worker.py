@@ -1,11 +1,12 @@
 """An attention worker process: one data-parallel engine whose FFN units run remotely.
 
 It is an ``LLMEngine`` (block manager, sampler, KV cache, embedding, attention units, final
-norm and LM head, or its first vocabulary rows with ``AFDConfig.ffn_head_share``) with an ``AttentionRunner`` and M lanes (``tessera.afd.lanes``: one
-scheduler per micro-batch), in a loop like the serve engine core: take requests from the front
-without blocking while busy, advance the lanes, and push a ``StepReport`` (token deltas,
-finished outputs, stats, trace spans) per lane step. A failed transfer
-ends the step with ``StepFailed`` and the process; the front then rebuilds the pool.
+norm and LM head, or its first vocabulary rows with ``AFDConfig.ffn_head_share``) with an
+``AttentionRunner`` and M lanes (``tessera.afd.lanes``: one scheduler per micro-batch), in a
+loop like the serve engine core: take requests from the front without blocking while busy,
+advance the lanes, and push a ``StepReport`` (token deltas, finished outputs, stats, trace
+spans) per lane step. A failed transfer ends the step with ``StepFailed`` and the process; the
+front then rebuilds the pool.
 Run as ``python -m tessera.afd.attention_worker CONFIG_JSON`` by the launcher.
 """
 

@@ -140,6 +140,10 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
         raise SimError("ffn_head_share must be from 0 to 1")
     num_sent = 0
 
+    def hop_s(num_bytes: float) -> float:
+        """A message's time from send to receipt: latency plus two copies of its bytes."""
+        return sc.transfer_latency_s + 2.0 * num_bytes / copy_rate
+
     def resume(lane: _Lane) -> None:
         """Run ``lane`` until its next submit or the end of its step (on the attention worker),
         its FFN result being in."""
@@ -151,21 +155,20 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
         lane.sent = num_sent
         if lane.layer < num_layers:
             attn_s += costs.attention(load)
-            hop_s = sc.transfer_latency_s + 2.0 * load.num_tokens * hidden_bytes / copy_rate
-            ffn_start = max(ffn_s, attn_s + hop_s)
+            hop = hop_s(load.num_tokens * hidden_bytes)
+            ffn_start = max(ffn_s, attn_s + hop)
             ffn_s = ffn_start + costs.ffn(load, lane.layer)
-            lane.ready_s = ffn_s + hop_s
+            lane.ready_s = ffn_s + hop
             lane.layer += 1
             return
         if lane.layer == num_layers:
             # The head: the remote share is submitted first, the local share runs meanwhile.
             lane.layer += 1
             if share > 0.0 and load.num_sampled > 0:
-                rows_s = 2.0 * load.num_sampled / copy_rate
-                ffn_start = max(ffn_s, attn_s + sc.transfer_latency_s + rows_s * hidden_bytes)
+                ffn_start = max(ffn_s, attn_s + hop_s(load.num_sampled * hidden_bytes))
                 ffn_s = ffn_start + costs.head(load, share) + costs.op_s
                 logits_bytes = share * sc.model.vocab_size * sc.kv_bytes_per_element
-                lane.ready_s = ffn_s + sc.transfer_latency_s + rows_s * logits_bytes
+                lane.ready_s = ffn_s + hop_s(load.num_sampled * logits_bytes)
                 attn_s += costs.head(load, 1.0 - share)
                 return  # samples when resumed, once the remote logits are in
             attn_s += costs.head(load, 1.0)
