@@ -56,3 +56,51 @@ def test_pack_linears_replaces_float32_cpu_linears_only():
     assert type(model[0].narrow) is nn.Linear  # bfloat16 stays plain
     torch.testing.assert_close(model[0].proj(x), want, rtol=1e-5, atol=1e-5)
     assert kl.pack_linears(model) == 0  # packing twice changes nothing
+
+
+MOE_CFG = dict(
+    architectures=["MixtralForCausalLM"], model_type="mixtral", hidden_size=48,
+    num_hidden_layers=1, num_attention_heads=4, vocab_size=300, intermediate_size=40,
+    num_local_experts=4, num_experts_per_tok=2,
+)
+
+
+@pytest.mark.parametrize("expert_ids", [None, (3, 1)])
+def test_packed_experts_match_plain(expert_ids, monkeypatch):
+    from tessera.model import experts as experts_mod
+    from tessera.model.moe import moe_spec_from_config
+
+    moe = moe_spec_from_config(MOE_CFG)
+    assert moe is not None
+    gen = torch.Generator().manual_seed(0)
+    plain = experts_mod.Experts(moe, expert_ids)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    packed = experts_mod.Experts(moe, expert_ids)
+    packed.load_state_dict(plain.state_dict())
+    wrapper = nn.Sequential(packed)
+    num_local = len(packed.expert_ids)
+    assert kl.pack_linears(wrapper) == 2 * num_local  # gate_up and down of each local expert
+    assert kl.pack_linears(wrapper) == 0  # packing twice changes nothing
+
+    calls: list[int] = []
+
+    def counting(x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(x.shape[0])
+        return kl.packed_linear(x, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(experts_mod, "packed_linear", counting)
+    # 40 tokens put 16-63 rows on every expert (the small matrices' packed range); 5 tokens
+    # stay under it, 400 over it, and one token takes the batch-1 path.
+    for num_tokens in (40, 5, 400, 1):
+        calls.clear()
+        x = torch.randn(num_tokens, 48, generator=gen)
+        ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(num_tokens)])
+        weights = torch.rand(num_tokens, 2, generator=gen)
+        torch.testing.assert_close(packed(x, ids, weights), plain(x, ids, weights),
+                                   rtol=1e-5, atol=1e-5)
+        if num_tokens == 40:
+            assert len(calls) == 2 * num_local and min(calls) >= 16 and max(calls) < 64
+        else:
+            assert calls == []

@@ -6,8 +6,8 @@ over the ~100M Llama's 49 weight matrices on the 2-core benchmark machine
 (``benchmarks/packed_linear.py``, ms, MKL vs packed): 1 row 17.9 / 21.6, 4 rows 32.6 / 22.6,
 8 rows 44.9 / 30.0, 12 rows 59.0 / 30.5, 16 rows 41.9 / 31.4, 512 rows 294.8 / 294.1. So on CPU
 every float32 ``nn.Linear`` is also packed once at load time and run through oneDNN (the same
-``mkldnn`` ops torch's own compiler uses for CPU linears); routed experts are not (see
-``pack_linears``).
+``mkldnn`` ops torch's own compiler uses for CPU linears), and so are the routed experts'
+matrices (``Experts.pack_weights``).
 
 Not every call goes packed. A oneDNN call costs 10-15 us more than an MKL one, which small
 matrices (an expert's 512x256) cannot win back at a few rows, and at one or two rows MKL's
@@ -126,11 +126,14 @@ def pack_linears(model: nn.Module) -> int:
     returns how many were replaced. A module lists the child linears whose ``.weight`` it reads
     itself in a ``keep_plain_linears`` attribute; those stay as they are.
 
-    Routed experts are not packed: their row counts change with every step's routing, oneDNN
-    builds a kernel per new shape, and packed experts measured 10% slower end to end on the
-    Qwen3-MoE benchmark model (the dense projections around them still gain)."""
+    A module that holds weight matrices outside ``nn.Linear`` (the routed experts' stacked
+    weights) packs them in its own ``pack_weights()`` method, which this calls; those count
+    too."""
     count = 0
     for parent in list(model.modules()):
+        pack_own = getattr(parent, "pack_weights", None)
+        if callable(pack_own):
+            count += int(pack_own())
         keep = getattr(parent, "keep_plain_linears", ())
         for name, child in list(parent.named_children()):
             if (
