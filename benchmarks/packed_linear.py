@@ -8,6 +8,13 @@ does. Columns: ``F.linear`` (MKL), ``packed_linear`` forced onto the packed path
 is left out above 64 rows (a step only samples a few rows). Best of several passes.
 
     python benchmarks/packed_linear.py [--threads 2] [--rows 1,2,4,8,12,16,32,64,512]
+
+``--experts`` times one MoE layer's routed experts instead: the 8 experts of the benchmark
+Mixtral (512 -> 2x1024 -> 512) and of a Qwen3-MoE-sized layer (512 -> 2x256 -> 512), each
+expert given ``rows`` tokens, through ``Experts`` as the engine calls it, against the same
+matmuls on the plain weights (MKL) and forced onto the packed path.
+
+    python benchmarks/packed_linear.py --experts --threads 1 --rows 8,16,32,64,128,256
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from tessera.model.experts import Experts  # noqa: E402
 from tessera.model.kernels import linear as kl  # noqa: E402
+from tessera.model.moe_spec import MoESpec  # noqa: E402
 
 HIDDEN, INTERMEDIATE, NUM_LAYERS, VOCAB = 768, 2048, 12, 32000
 
@@ -55,11 +64,56 @@ def _pass(kind: str, used: list[kl.PackedLinear],
     return run
 
 
+def _experts_pass(kind: str, experts: Experts, x: torch.Tensor,
+                  hidden: torch.Tensor) -> Callable[[], None]:
+    """Every local expert over ``x`` [rows, D]: the two plain matmuls (mkl), the two packed ones
+    forced (packed), or ``Experts._expert`` with its own choice of path (engine)."""
+    packed = experts._packed
+    assert packed is not None
+
+    def run() -> None:
+        for e in range(len(experts.expert_ids)):
+            if kind == "mkl":
+                F.linear(x, experts.gate_up_proj[e])
+                F.linear(hidden, experts.down_proj[e])
+            elif kind == "packed":
+                kl.packed_linear(x, experts.gate_up_proj[e], packed[e][0], 1)
+                kl.packed_linear(hidden, experts.down_proj[e], packed[e][1], 1)
+            else:
+                experts._expert(e, x)
+    return run
+
+
+def experts_table(row_counts: list[int], repeats: int) -> None:
+    """ms for one layer's 8 experts at each per-expert row count (see the module docstring)."""
+    gen = torch.Generator().manual_seed(0)
+    print(f"{'experts':>24} {'rows':>6} {'MKL':>9} {'packed':>9} {'engine':>9} {'MKL/engine':>11}")
+    for name, inter in (("mixtral 512x2x1024", 1024), ("qwen3-moe 512x2x256", 256)):
+        spec = MoESpec(num_experts=8, top_k=2, hidden_size=512, moe_intermediate_size=inter,
+                       moe_layers=(True,))
+        experts = Experts(spec)
+        with torch.no_grad():
+            for param in (experts.gate_up_proj, experts.down_proj):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        experts.pack_weights()
+        for rows in row_counts:
+            x = torch.randn(rows, 512, generator=gen)
+            hidden = torch.randn(rows, inter, generator=gen)
+            t_mkl, t_packed, t_engine = (
+                _best_ms(_experts_pass(kind, experts, x, hidden), repeats)
+                for kind in ("mkl", "packed", "engine")
+            )
+            print(f"{name:>24} {rows:>6} {t_mkl:>9.2f} {t_packed:>9.2f} {t_engine:>9.2f} "
+                  f"{t_mkl / t_engine:>10.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", default="1,2,4,8,12,16,32,64,512")
     p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--experts", action="store_true",
+                   help="time one MoE layer's routed experts instead of the Llama's linears")
     args = p.parse_args(argv)
     try:
         row_counts = [int(r) for r in args.rows.split(",")]
@@ -71,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         print("oneDNN packing is not available here (or TESSERA_DISABLE_KERNELS is set)")
         return 1
     torch.set_num_threads(args.threads)
+    if args.experts:
+        print(f"one MoE layer's 8 experts, {args.threads} threads; ms per layer "
+              f"(best of {args.repeats}); rows per expert")
+        with torch.inference_mode():
+            experts_table(row_counts, args.repeats)
+        return 0
     shapes = [(3 * HIDDEN, HIDDEN), (HIDDEN, HIDDEN), (2 * INTERMEDIATE, HIDDEN),
               (HIDDEN, INTERMEDIATE)] * NUM_LAYERS + [(VOCAB, HIDDEN)]
     gen = torch.Generator().manual_seed(0)

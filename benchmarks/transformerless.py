@@ -9,12 +9,19 @@ time, and for the disaggregated runs the fraction of FFN transfer time hidden be
 compute (from the trace: 1 - blocked / in flight).
 
     python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
+    python benchmarks/transformerless.py --rounds 3   # three interleaved rounds, medians
     python benchmarks/transformerless.py --moe    # the same for a MoE model
     python benchmarks/transformerless.py --tiny [--moe]   # a smoke run on a tiny model
     python benchmarks/transformerless.py --data-plane torch   # the split over gloo instead
 
 Targets on a quiet machine: M=2 at least 1.4x the tokens/s of M=1, and at least 0.85x the
 single-process engine.
+
+With ``--rounds N`` the three runs repeat N times, interleaved (single, M=1, M=2, single, ...),
+and a summary gives the median of each column and of each round's ratios. Why: on a shared
+host one run's figures move by 10% or more from minute to minute, and the two split workers
+lose more to a noisy neighbour than one two-thread process does; interleaving exposes every
+configuration to the same spells of noise, and a round's ratio compares runs a minute apart.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -145,6 +153,8 @@ def main() -> None:
                    help="data plane of the split runs (auto: shared memory on this host)")
     p.add_argument("--ffn-head-share", type=float, default=0.0, metavar="S",
                    help="share of the LM head on the FFN worker in the split runs (default 0)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the three runs this many times, interleaved; print medians")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -173,22 +183,54 @@ def main() -> None:
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                for _ in range(args.num_requests)]
-    runs = [single(model_dir, prompts, args.max_tokens, args.threads)] + [
-        disaggregated(model_dir, prompts, args.max_tokens, m, args.data_plane,
-                      args.ffn_head_share)
-        for m in (1, 2)
-    ]
+    rounds: list[list[dict]] = []
+    for _ in range(max(args.rounds, 1)):
+        runs = [single(model_dir, prompts, args.max_tokens, args.threads)] + [
+            disaggregated(model_dir, prompts, args.max_tokens, m, args.data_plane,
+                          args.ffn_head_share)
+            for m in (1, 2)
+        ]
+        print_runs(runs)
+        rounds.append(runs)
+    if len(rounds) > 1:
+        print_summary(rounds)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rounds if len(rounds) > 1 else rounds[0],
+                                              indent=2))
+
+
+def ratios(runs: list[dict]) -> tuple[float, float] | None:
+    """(M=2 / M=1, M=2 / single) decode tokens/s of one round; None if a run timed nothing."""
+    base, m1, m2 = (r["decode_tokens_per_s"] for r in runs)
+    return (m2 / m1, m2 / base) if m1 > 0 and base > 0 else None
+
+
+def print_runs(runs: list[dict]) -> None:
     print(f"{'run':40} {'tok/s':>8} {'decode tok/s':>12} {'step ms':>9} {'hidden':>7}")
     for r in runs:
         hidden = r.get("hidden_transfer_fraction")
         print(f"{r['name']:40} {r['tokens_per_s']:8.1f} {r['decode_tokens_per_s']:12.1f} "
               f"{r['step_ms']:9.2f} {'' if hidden is None else f'{hidden:7.0%}'}")
-    base, m1, m2 = (r["decode_tokens_per_s"] for r in runs)
-    if m1 > 0 and base > 0:
-        print(f"M=2 / M=1: {m2 / m1:.2f}x (target >= 1.4x); "
-              f"M=2 / single: {m2 / base:.2f}x (target >= 0.85x)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=2))
+    pair = ratios(runs)
+    if pair is not None:
+        print(f"M=2 / M=1: {pair[0]:.2f}x (target >= 1.4x); "
+              f"M=2 / single: {pair[1]:.2f}x (target >= 0.85x)", flush=True)
+
+
+def print_summary(rounds: list[list[dict]]) -> None:
+    """Medians over the rounds: each run's decode tokens/s, and each round's two ratios."""
+    print(f"median of {len(rounds)} rounds (decode tok/s; ratios within each round):")
+    for i, name in enumerate(r["name"] for r in rounds[0]):
+        values = [runs[i]["decode_tokens_per_s"] for runs in rounds]
+        print(f"  {name:40} {statistics.median(values):8.1f}   "
+              f"(min {min(values):.1f}, max {max(values):.1f})")
+    pairs = [p for p in map(ratios, rounds) if p is not None]
+    if pairs:
+        by_m1, by_single = ([p[i] for p in pairs] for i in (0, 1))
+        print(f"  M=2 / M=1: median {statistics.median(by_m1):.2f}x "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in by_m1)}; target >= 1.4x)")
+        print(f"  M=2 / single: median {statistics.median(by_single):.2f}x "
+              f"(rounds: {', '.join(f'{x:.2f}' for x in by_single)}; target >= 0.85x)")
 
 
 if __name__ == "__main__":

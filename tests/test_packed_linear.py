@@ -91,9 +91,10 @@ def test_packed_experts_match_plain(expert_ids, monkeypatch):
         return kl.packed_linear(x, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(experts_mod, "packed_linear", counting)
-    # 40 tokens put 16-63 rows on every expert (the small matrices' packed range); 5 tokens
-    # stay under it, 400 over it, and one token takes the batch-1 path.
-    for num_tokens in (40, 5, 400, 1):
+    # 40 tokens put 16-63 rows on every expert and 300 about 150 (both in the small matrices'
+    # packed range); 5 tokens stay under it, 1200 (about 600 rows each) over MAX_PACKED_ROWS,
+    # and one token takes the batch-1 path.
+    for num_tokens in (40, 300, 5, 1200, 1):
         calls.clear()
         x = torch.randn(num_tokens, 48, generator=gen)
         ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(num_tokens)])
@@ -102,5 +103,8 @@ def test_packed_experts_match_plain(expert_ids, monkeypatch):
                                    rtol=1e-5, atol=1e-5)
         if num_tokens == 40:
             assert len(calls) == 2 * num_local and min(calls) >= 16 and max(calls) < 64
+        elif num_tokens == 300:
+            assert len(calls) == 2 * num_local and min(calls) >= 64
+            assert max(calls) < experts_mod.MAX_PACKED_ROWS
         else:
             assert calls == []

@@ -12,13 +12,16 @@ from tessera.model.kernels.linear import can_pack, min_packed_rows, pack_weight,
 from tessera.model.layers import activation
 from tessera.model.moe_spec import MoESpec
 
-MAX_PACKED_ROWS = 64
+MAX_PACKED_ROWS = 256
 """Expert calls with this many rows or more keep the plain weights. oneDNN builds a kernel for
-every new row count (about 1 ms each on the benchmark machine), and prefill gives an expert a
-different count nearly every call; from 64 rows the packed kernel no longer wins anyway (8 of
-Mixtral's experts at 64 rows: 8.6 ms plain, 7.2 packed; at 128 rows 13.5 and 12.7; Qwen3-MoE's
-smaller experts are slower packed from 128 rows). Below it there are at most 64 row counts per
-matrix shape, each built once."""
+every new row count (0.5-1 ms the first time a count is seen, on the benchmark machine), and
+prefill gives an expert a different count nearly every call, so an unbounded packed path would
+keep paying that. Below the cap there are at most 256 row counts per matrix shape, each built
+once. The packed kernel wins at every count up to the cap (8 of Mixtral's experts, one thread,
+plain vs packed: 32 rows 14.6 / 10.0 ms, 64 rows 23.7 / 17.3, 128 rows 44.3 / 35.4, 256 rows
+82.0 / 70.7; Qwen3-MoE's smaller experts 5.6 / 4.4 at 64 and 18.3 / 15.9 at 256), which a
+decode step of a few hundred sequences reaches (64 rows per expert at 256 sequences, top-2 of
+8)."""
 
 
 class Experts(nn.Module):
