@@ -7,7 +7,11 @@ Compares, per call (one layer, one decode step):
   * per-seq  - the pure-torch fallback: per-sequence gather of its own blocks, unmasked SDPA
 
 Run: ``OMP_WAIT_POLICY=PASSIVE python benchmarks/attention_kernels.py`` (the first run builds
-the kernel). Times are medians of several rounds; compare columns within one run.
+the kernel). Times are medians of several rounds; compare columns within one run. With
+``--layers N`` every call passes over N caches of the same shape, as a decode step passes over
+its layers, and the time is per layer: one small batch's cache otherwise stays in the last-level
+cache between calls, which a real step's never does (``--layers 12 --threads 1`` is one
+32-sequence lane of ``transformerless.py``'s workload on one of its one-thread workers).
 """
 
 from __future__ import annotations
@@ -97,6 +101,8 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--window", type=int, default=None)
+    parser.add_argument("--layers", type=int, default=1,
+                        help="caches each call passes over (time reported per layer)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -109,7 +115,8 @@ def main() -> None:
     )
     print(
         f"threads={args.threads} heads={args.heads} kv_heads={args.kv_heads} d={args.head_dim} "
-        f"block_size={args.block_size} dtype={args.dtype} window={args.window}"
+        f"block_size={args.block_size} dtype={args.dtype} window={args.window} "
+        f"layers={args.layers} (ms per layer)"
     )
 
     gen = torch.Generator().manual_seed(1)
@@ -117,7 +124,9 @@ def main() -> None:
         "B=1, ctx 512": [512],
         "B=24, ctx 32..1300": torch.randint(32, 1301, (24,), generator=gen).tolist(),
         "B=64, ctx 32..1300": torch.randint(32, 1301, (64,), generator=gen).tolist(),
+        "B=32, ctx 64..128": torch.randint(64, 129, (32,), generator=gen).tolist(),
     }
+    num_layers = max(args.layers, 1)
     header = f"{'batch':<22}{'kernel ms':>11}{'padded ms':>11}{'per-seq ms':>12}{'vs padded':>11}{'vs per-seq':>12}"
     print(header)
     print("-" * len(header))
@@ -127,17 +136,26 @@ def main() -> None:
         )
         scale = args.head_dim**-0.5
         call_args = (q, cache, tables, seq_lens, scale, args.window)
+        layer_args = [call_args] + [
+            (q, torch.randn_like(cache), tables, seq_lens, scale, args.window)
+            for _ in range(num_layers - 1)
+        ]
         ref = pd.paged_decode_reference(*call_args)
+
+        def over_layers(fn: Callable[..., object],
+                        layers: list[tuple] = layer_args) -> Callable[[], object]:
+            return lambda: [fn(*a) for a in layers]
+
         fns: dict[str, Callable[[], object]] = {
-            "padded": lambda a=call_args: padded_gather_sdpa(*a),
-            "per-seq": lambda a=call_args: pd.paged_decode_reference(*a),
+            "padded": over_layers(padded_gather_sdpa),
+            "per-seq": over_layers(pd.paged_decode_reference),
         }
         if available:
             out = pd.paged_decode_attention(*call_args)
             err = (out.float() - ref.float()).abs().max().item()
             assert err < (1e-4 if dtype == torch.float32 else 5e-2), f"kernel mismatch: {err}"
-            fns["kernel"] = lambda a=call_args: pd.paged_decode_attention(*a)
-        times = {k: time_call(fn, args.rounds) * 1e3 for k, fn in fns.items()}
+            fns["kernel"] = over_layers(pd.paged_decode_attention)
+        times = {k: time_call(fn, args.rounds) * 1e3 / num_layers for k, fn in fns.items()}
         kernel = times.get("kernel", float("nan"))
         print(
             f"{name:<22}{kernel:>11.3f}{times['padded']:>11.3f}{times['per-seq']:>12.3f}"
