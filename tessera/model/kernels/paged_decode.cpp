@@ -41,6 +41,9 @@ constexpr int kLanes = 16;
 // How many keys ahead K rows are prefetched.
 constexpr int64_t kAhead = 4;
 
+// The unit the hardware prefetcher does not stream across.
+constexpr int64_t kPageBytes = 4096;
+
 inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i, 0, 3);
@@ -165,6 +168,28 @@ struct WidenAvx512 {
     }
     for (; i < n; ++i) y[i] += alpha * static_cast<float>(row[i]);
   }
+  // y[0:d] += sum_t p[t] * rows[t][0:d] for d a multiple of 64. Each 64-wide slice of y stays in
+  // four registers over the whole tile: row by row (axpy_row) it was loaded and stored once per
+  // key, and the V pass cost more than the K pass. Same fused multiply-adds in the same order,
+  // so the same bits as axpy_row.
+  static void axpy_tile(const float* p, const C* const* rows, int64_t n, float* y, int64_t d) {
+    for (int64_t c = 0; c < d; c += 64) {
+      __m512 a0 = _mm512_loadu_ps(y + c), a1 = _mm512_loadu_ps(y + c + 16);
+      __m512 a2 = _mm512_loadu_ps(y + c + 32), a3 = _mm512_loadu_ps(y + c + 48);
+      for (int64_t t = 0; t < n; ++t) {
+        const __m512 w = _mm512_set1_ps(p[t]);
+        const C* r = rows[t] + c;
+        a0 = _mm512_fmadd_ps(w, load16(r), a0);
+        a1 = _mm512_fmadd_ps(w, load16(r + 16), a1);
+        a2 = _mm512_fmadd_ps(w, load16(r + 32), a2);
+        a3 = _mm512_fmadd_ps(w, load16(r + 48), a3);
+      }
+      _mm512_storeu_ps(y + c, a0);
+      _mm512_storeu_ps(y + c + 16, a1);
+      _mm512_storeu_ps(y + c + 32, a2);
+      _mm512_storeu_ps(y + c + 48, a3);
+    }
+  }
 };
 
 template <>
@@ -257,9 +282,21 @@ void decode(const T* q, const C* kv, const int64_t* tables, const int64_t* lens,
         // KVH * d), which the hardware prefetcher streams; software prefetches of every line on
         // top of it only queue behind the demand loads (one thread, 12 layers of 32 sequences
         // of 64-128 tokens: 1.96 ms a layer with them, 1.36 without; benchmarks/
-        // attention_kernels.py). An item with part of the heads reads short runs strided by
-        // KVH * d, which the hardware does not follow: there, ask for the rows ahead of use,
-        // K a few rows ahead and this tile's V now.
+        // attention_kernels.py). But that prefetcher stops at every 4 KB page, and blocks lie
+        // anywhere: one prefetch per page of the next tile's K and V rows restarts it ahead of
+        // use. An item with part of the heads reads short runs strided by KVH * d, which the
+        // hardware does not follow: there, ask for every line of the rows ahead of use, K a
+        // few rows ahead and this tile's V now.
+        if (!strided) {
+          const int64_t* next_rows = tile_rows + n;
+          const int64_t num_next = std::min(kTile, len - lo - t0 - n);
+          for (int64_t t = 0; t < num_next; ++t) {
+            for (int64_t o = 0; o < run_bytes; o += kPageBytes) {
+              __builtin_prefetch(reinterpret_cast<const char*>(k_base + next_rows[t]) + o, 0, 3);
+              __builtin_prefetch(reinterpret_cast<const char*>(v_base + next_rows[t]) + o, 0, 3);
+            }
+          }
+        }
         for (int64_t t = 0; t < n; ++t) {
           if (strided) {
             if (t0 + t + kAhead < len - lo) prefetch(k_base + tile_rows[t + kAhead], run_bytes);
@@ -297,6 +334,19 @@ void decode(const T* q, const C* kv, const int64_t* tables, const int64_t* lens,
           if (correction != 1.0f) scale_row(acc.data() + j * d, correction, d);
           l[j] = l[j] * correction + sum;
           m[j] = new_max;
+        }
+        if constexpr (Widen<C>::kInRegisters) {
+          if (d % 64 == 0) {  // each query head's accumulator in registers over the tile
+            const C* vrows[kTile];
+            for (int64_t kh = 0; kh < h1 - h0; ++kh) {
+              for (int64_t t = 0; t < n; ++t) vrows[t] = v_base + tile_rows[t] + kh * d;
+              for (int64_t g = 0; g < group; ++g) {
+                const int64_t j = kh * group + g;
+                Widen<C>::axpy_tile(scores.data() + j * kTile, vrows, n, acc.data() + j * d, d);
+              }
+            }
+            continue;  // the row-by-row pass below serves other head sizes
+          }
         }
         for (int64_t t = 0; t < n; ++t) {
           for (int64_t kh = 0; kh < h1 - h0; ++kh) {
