@@ -35,6 +35,27 @@ def test_packed_linear_matches_linear(shape, bias):
                                                                  plain.bias), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(("vendor", "big_rows"), [("GenuineIntel", 4), ("AuthenticAMD", 1), ("", 4)])
+def test_min_packed_rows_follows_the_cpu(vendor, big_rows, monkeypatch):
+    """Matrices of 2 MiB or more go packed from 4 rows where MKL's few-row code is tuned, from
+    1 row on AMD CPUs; smaller ones from 16 rows everywhere."""
+    monkeypatch.setattr(kl, "cpu_vendor", lambda: vendor)
+    big, small = torch.empty(1024, 512), torch.empty(512, 256)  # 2 MiB and 0.5 MiB float32
+    assert (kl.min_packed_rows(big), kl.min_packed_rows(small)) == (big_rows, 16)
+    # A one-row call takes the path the rule says, and gives F.linear's result either way.
+    gen = torch.Generator().manual_seed(0)
+    plain = nn.Linear(512, 1024, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(torch.randn(plain.weight.shape, generator=gen))
+    packed = kl.PackedLinear(plain)
+    calls: list[int] = []
+    real = kl.packed_linear
+    monkeypatch.setattr(kl, "packed_linear", lambda x, *a: calls.append(1) or real(x, *a))
+    x = torch.randn(1, 512, generator=gen)
+    torch.testing.assert_close(packed(x), F.linear(x, plain.weight), rtol=1e-5, atol=1e-4)
+    assert bool(calls) == (big_rows == 1)
+
+
 class _Unit(nn.Module):
     keep_plain_linears = ("read_directly",)
 
