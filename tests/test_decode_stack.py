@@ -10,8 +10,9 @@ import torch
 
 import tessera.model.dense as dense
 import tessera.model.kernels.build as kb
+import tessera.model.kernels.linear as kl
 from tessera import LLM, SamplingParams
-from tessera.engine.decode_stack import DenseDecodeStack
+from tessera.engine.decode_stack import MAX_ROWS, DenseDecodeStack
 
 pytestmark = pytest.mark.skipif(
     kb.kernels_disabled() or not kb.kernel_available(), reason="native kernels unavailable"
@@ -62,6 +63,25 @@ def test_native_decode_is_bit_identical_to_python_units(model_factory, monkeypat
         monkeypatch.undo()
         assert native == python  # token ids and logprobs, exactly
         assert per_unit == python
+
+
+@pytest.mark.skipif(not kl.packing_available(), reason="oneDNN packing unavailable")
+def test_stack_runs_packed_linears_as_the_units_do(model_factory, monkeypatch):
+    """Where linears take their packed path from one row (large matrices on AMD CPUs), the op
+    multiplies by their packed weights and still gives the Python units' results bit for bit."""
+    monkeypatch.setattr(kl, "min_packed_rows", lambda weight: 1)
+    path, _ = model_factory("qwen2")  # qkv bias: the packed op with a bias
+    prompts = _prompts(6, [9, 30])
+    calls = _count_stack_calls(monkeypatch)
+    llm, native = _generate(path, prompts)
+    stack = llm.engine.runner.decode_stack
+    assert stack is not None and stack.max_rows == MAX_ROWS
+    assert sum(p is not None and p.is_mkldnn for p in stack.params) == 4 * len(stack.windows)
+    assert calls[0] >= PARAMS.max_tokens - 1  # every decode-only step went native
+    monkeypatch.setattr(DenseDecodeStack, "from_units", classmethod(lambda cls, u: None))
+    monkeypatch.setattr(dense, "decode_units_available", lambda hidden: False)
+    _, python = _generate(path, prompts)
+    assert native == python  # token ids and logprobs, exactly
 
 
 def test_stack_is_only_built_for_plain_dense_models(model_factory):

@@ -6,10 +6,14 @@ When every unit runs in this process, the runner may hand a decode-only step of 
 ``tessera/model/kernels/decode_units.cpp``): same ops, same order, same result as calling the
 units, without two Python calls per layer. ``benchmarks/offline_throughput.py``'s batch-1 decode
 is where this shows; steps with a prefill chunk, or with enough rows for a linear's packed path,
-call the units as usual.
+call the units as usual. A linear that takes its packed path from one row (large matrices on AMD
+CPUs, see ``tessera/model/kernels/linear.py``) is handed to the op in its packed layout, which
+the op runs through the same oneDNN op as the Python unit.
 """
 
 from __future__ import annotations
+
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -17,7 +21,26 @@ from torch import nn
 from tessera.model.context import StepContext
 from tessera.model.dense import AttentionUnit, DenseFFNUnit
 from tessera.model.kernels.decode_units import decode_units_available, max_plain_rows
+from tessera.model.kernels.linear import PackedLinear
 from tessera.model.kernels.paged_decode import decode_kernel_applies
+
+# Most rows a step may have to run here. The op saves the launch cost of ~25 small ops per
+# layer, which only matters next to the matmuls of a few rows; the bound holds the op to the
+# steps it was measured on (the small-matrix packed-path threshold, 16 rows, minus one).
+MAX_ROWS = 15
+
+
+def always_packed(linear: nn.Module) -> TypeGuard[PackedLinear]:
+    """Whether ``linear`` takes its packed path at every row count (from one row)."""
+    return isinstance(linear, PackedLinear) and linear.min_packed_rows <= 1
+
+
+def op_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight the op multiplies by: the packed layout for a linear that always takes its
+    packed path, the plain weight otherwise (the op runs each as the Python unit would)."""
+    if always_packed(linear):
+        return linear.packed_weight
+    return linear.weight
 
 
 class DenseDecodeStack:
@@ -34,17 +57,17 @@ class DenseDecodeStack:
         for a, f in zip(attns, ffns, strict=True):
             # Slot order of dense_decode_stack (decode_units.cpp, enum Slot).
             self.params += [
-                a.norm.weight, a.qkv_proj.weight, a.qkv_proj.bias,
+                a.norm.weight, op_weight(a.qkv_proj), a.qkv_proj.bias,
                 None if a.q_norm is None else a.q_norm.weight,
                 None if a.k_norm is None else a.k_norm.weight,
-                a.o_proj.weight, a.o_proj.bias,
-                f.norm.weight, f.gate_up_proj.weight, f.gate_up_proj.bias,
-                f.down_proj.weight, f.down_proj.bias,
+                op_weight(a.o_proj), a.o_proj.bias,
+                f.norm.weight, op_weight(f.gate_up_proj), f.gate_up_proj.bias,
+                op_weight(f.down_proj), f.down_proj.bias,
             ]
-        linears = [m for a, f in zip(attns, ffns, strict=True) for m in
-                   (a.qkv_proj, a.o_proj, f.gate_up_proj, f.down_proj)]
-        # Beyond this many rows some linear takes its packed path, which the op does not.
-        self.max_rows = min(max_plain_rows(m) for m in linears)
+        plain = [m for a, f in zip(attns, ffns, strict=True) for m in
+                 (a.qkv_proj, a.o_proj, f.gate_up_proj, f.down_proj) if not always_packed(m)]
+        # Beyond this many rows some linear handed over plain would take its packed path.
+        self.max_rows = min([MAX_ROWS, *(max_plain_rows(m) for m in plain)])
 
     @classmethod
     def from_units(cls, units: list[nn.Module]) -> DenseDecodeStack | None:

@@ -52,6 +52,29 @@ const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&)>& silu_mul_op() {
   return op;
 }
 
+using PackedLinearSig = at::Tensor(const at::Tensor&, const at::Tensor&,
+                                   const std::optional<at::Tensor>&, c10::string_view,
+                                   c10::List<std::optional<at::Scalar>>,
+                                   std::optional<c10::string_view>);
+const c10::TypedOperatorHandle<PackedLinearSig>& packed_linear_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+                             .typed<PackedLinearSig>();
+  return op;
+}
+
+// x [T, in] -> [T, out]. A weight in oneDNN's packed layout (an opaque mkldnn tensor; see
+// tessera/model/kernels/linear.py) goes through the same op, with the same arguments, as
+// PackedLinear's packed path in Python; a plain [out, in] weight through ATen's linear.
+at::Tensor unit_linear(const at::Tensor& x, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias) {
+  if (weight.is_mkldnn()) {
+    return packed_linear_op().call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(),
+                                   c10::string_view(""));
+  }
+  return at::linear(x, weight, bias);
+}
+
 // The attention unit of a decode-only step: norm -> qkv -> (q/k norm) -> rotary -> KV write ->
 // paged decode attention -> o_proj -> residual add. hidden: [B, D], one token per sequence;
 // kv_cache: [2, num_blocks, block_size, KVH, d]; slots, positions, seq_lens: [B] int64;
@@ -72,7 +95,8 @@ at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_wei
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
   TORCH_CHECK(qkv_weight.size(0) == q_size + 2 * kv_size, "attention_decode: qkv_weight rows");
 
-  at::Tensor qkv = at::linear(rms_norm_op().call(hidden, norm_weight, eps), qkv_weight, qkv_bias);
+  at::Tensor qkv =
+      unit_linear(rms_norm_op().call(hidden, norm_weight, eps), qkv_weight, qkv_bias);
   at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads, head_dim});
   at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
   at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads, head_dim});
@@ -88,7 +112,7 @@ at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_wei
 
   at::Tensor o = paged_decode_op().call(q.contiguous(), kv_cache, block_tables, seq_lens, scale,
                                         window);  // [B, H, d]
-  return at::linear(o.view({tokens, q_size}), o_weight, o_bias).add_(hidden);
+  return unit_linear(o.view({tokens, q_size}), o_weight, o_bias).add_(hidden);
 }
 
 // The dense FFN unit with SiLU: norm -> gate_up -> silu(gate) * up -> down -> residual add.
@@ -99,8 +123,8 @@ at::Tensor ffn_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, d
                       const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias) {
   TORCH_CHECK(hidden.dim() == 2, "ffn_decode: hidden must be [T, D]");
   at::Tensor gate_up =
-      at::linear(rms_norm_op().call(hidden, norm_weight, eps), gate_up_weight, gate_up_bias);
-  return at::linear(silu_mul_op().call(gate_up), down_weight, down_bias).add_(hidden);
+      unit_linear(rms_norm_op().call(hidden, norm_weight, eps), gate_up_weight, gate_up_bias);
+  return unit_linear(silu_mul_op().call(gate_up), down_weight, down_bias).add_(hidden);
 }
 
 // Per-layer parameter slots of dense_decode_stack, in this order (absent ones are None).
@@ -155,6 +179,14 @@ TORCH_LIBRARY_FRAGMENT(tessera_kernels, m) {
 }
 
 TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) {
+  m.impl("attention_decode", &attention_decode);
+  m.impl("ffn_decode", &ffn_decode);
+  m.impl("dense_decode_stack", &dense_decode_stack);
+}
+
+// Packed (opaque mkldnn) weights among the arguments dispatch the call to the MkldnnCPU key; the
+// ops are the same (every other tensor is a plain CPU one).
+TORCH_LIBRARY_IMPL(tessera_kernels, MkldnnCPU, m) {
   m.impl("attention_decode", &attention_decode);
   m.impl("ffn_decode", &ffn_decode);
   m.impl("dense_decode_stack", &dense_decode_stack);
