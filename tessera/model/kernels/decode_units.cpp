@@ -67,7 +67,7 @@ const c10::TypedOperatorHandle<PackedLinearSig>& packed_linear_op() {
 // tessera/model/kernels/linear.py) goes through the same op, with the same arguments, as
 // PackedLinear's packed path in Python; a plain [out, in] weight through ATen's linear.
 at::Tensor unit_linear(const at::Tensor& x, const at::Tensor& weight,
-                  const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias) {
   if (weight.is_mkldnn()) {
     return packed_linear_op().call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(),
                                    c10::string_view(""));

@@ -83,9 +83,9 @@ def cpu_vendor() -> str:
 
 
 def mkl_small_rows_tuned() -> bool:
-    """Whether MKL's few-row matmuls are its fast ones here: everywhere but on AMD CPUs, where
-    only packed-path figures were better (module docstring); elsewhere the Intel thresholds
-    stand."""
+    """Whether MKL's few-row matmuls are the fast ones the 4-row threshold was measured with:
+    False on AMD CPUs, where the packed path won at every row count measured (module
+    docstring); True elsewhere."""
     return cpu_vendor() != "AuthenticAMD"
 
 
