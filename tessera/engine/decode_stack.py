@@ -13,34 +13,23 @@ the op runs through the same oneDNN op as the Python unit.
 
 from __future__ import annotations
 
-from typing import TypeGuard
-
 import torch
 from torch import nn
 
 from tessera.model.context import StepContext
 from tessera.model.dense import AttentionUnit, DenseFFNUnit
-from tessera.model.kernels.decode_units import decode_units_available, max_plain_rows
-from tessera.model.kernels.linear import PackedLinear
+from tessera.model.kernels.decode_units import (
+    always_packed,
+    decode_units_available,
+    max_plain_rows,
+    op_weight,
+)
 from tessera.model.kernels.paged_decode import decode_kernel_applies
 
 # Most rows a step may have to run here. The op saves the launch cost of ~25 small ops per
 # layer, which only matters next to the matmuls of a few rows; the bound holds the op to the
 # steps it was measured on (the small-matrix packed-path threshold, 16 rows, minus one).
 MAX_ROWS = 15
-
-
-def always_packed(linear: nn.Module) -> TypeGuard[PackedLinear]:
-    """Whether ``linear`` takes its packed path at every row count (from one row)."""
-    return isinstance(linear, PackedLinear) and linear.min_packed_rows <= 1
-
-
-def op_weight(linear: nn.Linear) -> torch.Tensor:
-    """The weight the op multiplies by: the packed layout for a linear that always takes its
-    packed path, the plain weight otherwise (the op runs each as the Python unit would)."""
-    if always_packed(linear):
-        return linear.packed_weight
-    return linear.weight
 
 
 class DenseDecodeStack:

@@ -11,6 +11,7 @@ bodies whenever a step has a prefill chunk, a linear would take its packed path 
 from __future__ import annotations
 
 import sys
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -24,6 +25,19 @@ def max_plain_rows(linear: nn.Module) -> int:
     if isinstance(linear, PackedLinear):
         return linear.min_packed_rows - 1
     return sys.maxsize if type(linear) is nn.Linear else -1
+
+
+def always_packed(linear: nn.Module) -> TypeGuard[PackedLinear]:
+    """Whether ``linear`` takes its packed path at every row count (from one row)."""
+    return isinstance(linear, PackedLinear) and linear.min_packed_rows <= 1
+
+
+def op_weight(linear: nn.Linear) -> torch.Tensor:
+    """The weight a native op multiplies by: the packed layout for a linear that always takes its
+    packed path, the plain weight otherwise (the ops run each as the Python unit would)."""
+    if always_packed(linear):
+        return linear.packed_weight
+    return linear.weight
 
 
 def decode_units_available(hidden: torch.Tensor) -> bool:
