@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -30,6 +31,7 @@ from tessera.afd.dataplane import (
     TransferError,
     Work,
     open_plane,
+    wait,
 )
 from tessera.afd.ffn_shard import ffn_shards
 from tessera.afd.heartbeat import start_heartbeat
@@ -39,6 +41,10 @@ from tessera.afd.trace import Tracer
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model, model_spec, moe_spec_of
 from tessera.platform import get_platform
+
+MAX_SENDS = 8
+"""Result sends kept in flight before the oldest is waited for (each peer posted its receive
+before it sent the request, so that wait is short)."""
 
 
 def ffn_side(param_name: str) -> bool:
@@ -60,7 +66,7 @@ def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_s
     """Answer requests until a transfer fails. ``shards[layer_id]`` computes a request;
     ``layer_id == num_layers`` is this worker's slice of the LM head, when it holds one."""
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
-    in_flight: list[tuple[torch.Tensor, Work]] = []
+    in_flight: deque[tuple[torch.Tensor, Work]] = deque()  # results' sends, oldest first
     while True:
         src = plane.recv_any(header, HEADER_TAG)
         recv_start = tracer.now_us()
@@ -83,7 +89,17 @@ def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_s
         name, cat = ("head", "head") if layer_id == num_layers else (f"ffn L{layer_id}", "ffn")
         tracer.add(f"{name} from {src}", cat, start, end, args)
         in_flight.append((partial, plane.isend(partial, src, RESULT_TAG + micro_batch)))
-        in_flight = [(t, w) for t, w in in_flight if not w.is_completed()]
+        retire_sends(in_flight, timeout_s)
+
+
+def retire_sends(in_flight: deque[tuple[torch.Tensor, Work]], timeout_s: float) -> None:
+    """Drop the sends that have drained, and wait for the oldest beyond ``MAX_SENDS``: a gloo
+    send reports completion only from ``wait``, so without the bound the list (and the results
+    it keeps alive) would grow for as long as the worker serves."""
+    while in_flight and in_flight[0][1].is_completed():
+        in_flight.popleft()
+    while len(in_flight) > MAX_SENDS:
+        wait(in_flight.popleft()[1], time.monotonic() + timeout_s, "sending an FFN result")
 
 
 def main(argv: list[str]) -> int:

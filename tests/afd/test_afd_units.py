@@ -111,3 +111,38 @@ def test_pool_failure_names_the_killed_worker_before_its_peers():
 def test_workers_are_named_by_data_plane_rank():
     assert AFDConfig(attention_workers=2, ffn_workers=3).worker_name(1) == "attn1"
     assert AFDConfig(attention_workers=2, ffn_workers=3).worker_name(4) == "ffn2"
+
+
+class _GlooLikeSend:
+    """A send that, like gloo's, reports completion only once waited for."""
+
+    def __init__(self) -> None:
+        self.waited = False
+
+    def is_completed(self) -> bool:
+        return self.waited
+
+    def wait(self, timeout: object = None) -> bool:
+        self.waited = True
+        return True
+
+
+def test_ffn_worker_keeps_a_bounded_number_of_sends_in_flight():
+    from collections import deque
+
+    from tessera.afd.ffn_worker import MAX_SENDS, retire_sends
+
+    in_flight: deque = deque()
+    sends = []
+    for _ in range(5 * MAX_SENDS):
+        sends.append(_GlooLikeSend())
+        in_flight.append((torch.zeros(1), sends[-1]))
+        retire_sends(in_flight, timeout_s=1.0)
+        assert len(in_flight) <= MAX_SENDS
+    # The oldest were waited for, in order; the newest are still held (their tensors alive).
+    assert all(s.waited for s in sends[:-MAX_SENDS])
+    assert not any(s.waited for s in sends[-MAX_SENDS:])
+    # Sends that report completion on their own (the shared-memory plane's) are just dropped.
+    sends[-MAX_SENDS].waited = True
+    retire_sends(in_flight, timeout_s=1.0)
+    assert len(in_flight) == MAX_SENDS - 1
