@@ -45,7 +45,10 @@ class PendingFFN:
     start_us: int = 0
 
     def ready(self) -> bool:
-        """Whether every partial has arrived (``wait`` would not block on them)."""
+        """Whether every partial has arrived (``wait`` would not block on them). Always False
+        on gloo, whose receives report completion only from ``wait``: the lane driver then
+        blocks on the oldest request, which the FFN workers (serving in arrival order) answer
+        first anyway."""
         return all(work.is_completed() for _, _, work, _ in self.results)
 
     def wait(self, deadline_s: float, tracer: Tracer) -> torch.Tensor:
