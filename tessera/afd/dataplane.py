@@ -60,6 +60,8 @@ class Plane(Protocol):
 
     def recv_any(self, tensor: torch.Tensor, tag: int) -> int: ...
 
+    def poll_any(self, tensor: torch.Tensor, tag: int) -> int | None: ...
+
     def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None: ...
 
     def close(self) -> None: ...
@@ -118,6 +120,12 @@ class DataPlane:
             return int(work._source_rank())
         except RuntimeError as e:
             raise TransferError(f"receive failed: {brief(e)}") from e
+
+    def poll_any(self, tensor: torch.Tensor, tag: int) -> int | None:
+        """Never a message: gloo cannot test a receive from any source without waiting for it
+        (its work reports completion only from ``wait``), so on this plane a caller that
+        looks for more queued messages finds none and goes on with what it has."""
+        return None
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None:
         wait(self.irecv(tensor, src, tag), deadline_s, f"receive from {self.names[src]}")

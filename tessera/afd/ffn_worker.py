@@ -1,7 +1,9 @@
 """An FFN worker process: this worker's shard of every layer's FFN, serving any attention rank.
 
 Loop: receive a header from any source (so attention workers never run in lockstep), then the
-payload from that rank, compute, send the partial back without waiting for it to drain. It
+payload from that rank, and with it every other request already queued (on a plane that can
+poll); compute each layer's requests as one batch, send each rank its partial back without
+waiting for it to drain. It
 never blocks on anything but its own receives; an idle worker waits indefinitely (heartbeats
 go on in their own thread). Any transfer error ends the process: the front then rebuilds the
 pool. Run as ``python -m tessera.afd.ffn_worker CONFIG_JSON`` by the launcher.
@@ -15,6 +17,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 import torch
@@ -61,35 +64,97 @@ def head_side(tied: bool) -> Callable[[str], bool]:
     return lambda name: ffn_side(name) or name in head
 
 
+@dataclass
+class _Request:
+    """One FFN (or LM head) request, received."""
+
+    src: int
+    layer_id: int
+    micro_batch: int
+    normed: torch.Tensor  # [T, D]
+    topk_ids: torch.Tensor | None  # [T, k] (MoE layers)
+    topk_weights: torch.Tensor | None  # [T, k]
+    recv_start_us: int
+
+
+def _receive(plane: Plane, src: int, header: torch.Tensor, hidden_size: int,
+             dtype: torch.dtype, device: torch.device, timeout_s: float,
+             tracer: Tracer) -> _Request:
+    """The payload of the request whose ``header`` came from ``src``."""
+    recv_start = tracer.now_us()
+    _, layer_id, micro_batch, num_tokens, top_k = header.tolist()
+    deadline_s = time.monotonic() + timeout_s
+    normed = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)  # [T, D]
+    plane.recv(normed, src, PAYLOAD_TAG, deadline_s)
+    topk_ids = topk_weights = None
+    if top_k:
+        topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+        topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+        plane.recv(topk_ids, src, IDS_TAG, deadline_s)
+        plane.recv(topk_weights, src, WEIGHTS_TAG, deadline_s)
+    return _Request(src, layer_id, micro_batch, normed, topk_ids, topk_weights, recv_start)
+
+
 def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_size: int,
           dtype: torch.dtype, device: torch.device, timeout_s: float, tracer: Tracer) -> None:
     """Answer requests until a transfer fails. ``shards[layer_id]`` computes a request;
-    ``layer_id == num_layers`` is this worker's slice of the LM head, when it holds one."""
+    ``layer_id == num_layers`` is this worker's slice of the LM head, when it holds one.
+
+    Requests that queued up while the worker computed are taken together, and those of one
+    layer computed as one batch (their rows side by side), each answered with its own rows.
+    Why: every request streams the layer's weights, and an FFN worker serving several
+    attention workers (or lanes) is where their tokens meet; a MoE layer's experts see the
+    rows of all of them at once, the reason to pool FFNs at all. Nothing waits for a batch
+    to fill: a request that arrives to an idle worker runs at once, alone."""
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     in_flight: deque[tuple[torch.Tensor, Work]] = deque()  # results' sends, oldest first
     while True:
         src = plane.recv_any(header, HEADER_TAG)
-        recv_start = tracer.now_us()
-        _, layer_id, micro_batch, num_tokens, top_k = header.tolist()
-        deadline_s = time.monotonic() + timeout_s
-        normed = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)  # [T, D]
-        plane.recv(normed, src, PAYLOAD_TAG, deadline_s)
-        topk_ids = topk_weights = None
-        if top_k:
-            topk_ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
-            topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
-            plane.recv(topk_ids, src, IDS_TAG, deadline_s)
-            plane.recv(topk_weights, src, WEIGHTS_TAG, deadline_s)
-        start = tracer.now_us()
-        with torch.inference_mode():
-            partial = shards[layer_id](normed, topk_ids, topk_weights)  # [T, D]
-        end = tracer.now_us()
-        args = {"layer": layer_id, "micro_batch": micro_batch, "src": src, "tokens": num_tokens}
-        tracer.add(f"recv L{layer_id} from {src}", "recv", recv_start, start, args)
-        name, cat = ("head", "head") if layer_id == num_layers else (f"ffn L{layer_id}", "ffn")
-        tracer.add(f"{name} from {src}", cat, start, end, args)
-        in_flight.append((partial, plane.isend(partial, src, RESULT_TAG + micro_batch)))
+        queued = [_receive(plane, src, header, hidden_size, dtype, device, timeout_s, tracer)]
+        while (more := plane.poll_any(header, HEADER_TAG)) is not None:
+            queued.append(_receive(plane, more, header, hidden_size, dtype, device, timeout_s,
+                                   tracer))
+        for batch in _by_layer(queued):
+            for partial, req in _compute(shards, num_layers, batch, tracer):
+                in_flight.append(
+                    (partial, plane.isend(partial, req.src, RESULT_TAG + req.micro_batch))
+                )
         retire_sends(in_flight, timeout_s)
+
+
+def _by_layer(requests: list[_Request]) -> list[list[_Request]]:
+    """``requests`` grouped by layer, groups in the order of their first request."""
+    groups: dict[int, list[_Request]] = {}
+    for req in requests:
+        groups.setdefault(req.layer_id, []).append(req)
+    return list(groups.values())
+
+
+def _compute(shards: list[torch.nn.Module], num_layers: int, batch: list[_Request],
+             tracer: Tracer) -> list[tuple[torch.Tensor, _Request]]:
+    """Compute one layer's requests as one batch; each request's partial [T_i, D] (or slice
+    of logits [S_i, V_f])."""
+    layer_id = batch[0].layer_id
+    sizes = [req.normed.shape[0] for req in batch]
+    normed = torch.cat([req.normed for req in batch]) if len(batch) > 1 else batch[0].normed
+    ids = weights = None
+    if batch[0].topk_ids is not None:
+        ids = torch.cat([req.topk_ids for req in batch if req.topk_ids is not None])
+        weights = torch.cat([req.topk_weights for req in batch if req.topk_weights is not None])
+    start = tracer.now_us()
+    with torch.inference_mode():
+        out = shards[layer_id](normed, ids, weights)  # [sum T_i, D]
+    end = tracer.now_us()
+    name, cat = ("head", "head") if layer_id == num_layers else (f"ffn L{layer_id}", "ffn")
+    for req in batch:
+        args = {"layer": layer_id, "micro_batch": req.micro_batch, "src": req.src,
+                "tokens": req.normed.shape[0], "batched": len(batch)}
+        tracer.add(f"recv L{layer_id} from {req.src}", "recv", req.recv_start_us, start, args)
+    args = {"layer": layer_id, "micro_batch": batch[0].micro_batch, "src": batch[0].src,
+            "tokens": normed.shape[0], "batched": len(batch)}
+    tracer.add(f"{name} from {batch[0].src}", cat, start, end, args)
+    parts = out.split(sizes) if len(batch) > 1 else (out,)
+    return list(zip(parts, batch, strict=True))
 
 
 def retire_sends(in_flight: deque[tuple[torch.Tensor, Work]], timeout_s: float) -> None:

@@ -291,15 +291,22 @@ class ShmDataPlane:
         Peers are polled round-robin, so a busy one cannot starve the others."""
         poller = _Poller(float("inf"), lambda: [self.pid_of(p) for p in self.peers])
         while True:
-            for i in range(len(self.peers)):
-                src = self.peers[(self._next_src + i) % len(self.peers)]
-                if self.try_recv(tensor, src, tag):
-                    self._next_src = (self._next_src + i + 1) % len(self.peers)
-                    return src
+            src = self.poll_any(tensor, tag)
+            if src is not None:
+                return src
             try:
                 poller.pause()
             except RuntimeError as e:
                 raise TransferError(f"receive failed: {e}") from e
+
+    def poll_any(self, tensor: torch.Tensor, tag: int) -> int | None:
+        """Like ``recv_any`` if a message has arrived; None at once if none has."""
+        for i in range(len(self.peers)):
+            src = self.peers[(self._next_src + i) % len(self.peers)]
+            if self.try_recv(tensor, src, tag):
+                self._next_src = (self._next_src + i + 1) % len(self.peers)
+                return src
+        return None
 
     def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None:
         wait(self.irecv(tensor, src, tag), deadline_s, f"receive from {self.names[src]}")

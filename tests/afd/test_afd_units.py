@@ -146,3 +146,90 @@ def test_ffn_worker_keeps_a_bounded_number_of_sends_in_flight():
     sends[-MAX_SENDS].waited = True
     retire_sends(in_flight, timeout_s=1.0)
     assert len(in_flight) == MAX_SENDS - 1
+
+
+class _QueuedPlane:
+    """A data plane whose requests have all queued up before the FFN worker looks; it ends
+    the serve loop (as a failed transfer would) once they are answered."""
+
+    polls = True
+
+    def __init__(self, requests: list) -> None:
+        from collections import deque
+
+        self.queue = deque(requests)  # (src, header [5], {tag: payload})
+        self.payloads: dict = {}
+        self.sent: list = []
+
+    def _take(self, header: torch.Tensor) -> int:
+        src, head, self.payloads = self.queue.popleft()
+        header.copy_(head)
+        return src
+
+    def recv_any(self, header: torch.Tensor, tag: int) -> int:
+        from tessera.afd.dataplane import TransferError
+
+        if not self.queue:
+            raise TransferError("no more requests")
+        return self._take(header)
+
+    def poll_any(self, header: torch.Tensor, tag: int) -> int | None:
+        return self._take(header) if self.queue else None
+
+    def recv(self, tensor: torch.Tensor, src: int, tag: int, deadline_s: float) -> None:
+        tensor.copy_(self.payloads[tag])
+
+    def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> _GlooLikeSend:
+        self.sent.append((dst, tag, tensor.clone()))
+        send = _GlooLikeSend()
+        send.waited = True
+        return send
+
+
+def test_ffn_worker_batches_queued_requests_of_a_layer(model_factory):
+    from tessera.afd.dataplane import (
+        IDS_TAG,
+        PAYLOAD_TAG,
+        RESULT_TAG,
+        WEIGHTS_TAG,
+        TransferError,
+    )
+    from tessera.afd.ffn_shard import ffn_shards
+    from tessera.afd.ffn_worker import serve
+    from tessera.afd.trace import Tracer
+
+    path, _ = model_factory("mixtral")
+    _, model = load_model(path, "float32", torch.device("cpu"))
+    routers = list(model.units()[1::2])
+    shards = ffn_shards(model, 1, 0)
+    calls: list[tuple[int, int]] = []
+    for layer_id, shard in enumerate(shards):
+        shard.register_forward_hook(
+            lambda _m, args, _out, layer_id=layer_id: calls.append((layer_id, args[0].shape[0]))
+        )
+    torch.manual_seed(0)
+    # (src, layer, micro-batch, tokens), all queued: two attention ranks' requests for layer
+    # 0, one for layer 1, and one more for layer 0 behind it, which still joins layer 0's batch.
+    specs = [(0, 0, 0, 3), (1, 0, 1, 2), (0, 1, 1, 4), (1, 0, 0, 1)]
+    requests, expected = [], []
+    for src, layer_id, mb, num_tokens in specs:
+        normed = torch.randn(num_tokens, model.spec.hidden_size)
+        ids, weights = routers[layer_id].route(normed)
+        header = torch.tensor([src, layer_id, mb, num_tokens, ids.shape[1]])
+        requests.append((src, header, {PAYLOAD_TAG: normed, IDS_TAG: ids,
+                                       WEIGHTS_TAG: weights.float()}))
+        with torch.inference_mode():
+            expected.append((src, RESULT_TAG + mb, shards[layer_id](normed, ids, weights)))
+    calls.clear()
+    plane = _QueuedPlane(requests)
+    with pytest.raises(TransferError, match="no more requests"):
+        serve(plane, shards, model.spec.num_layers, model.spec.hidden_size, torch.float32,
+              torch.device("cpu"), 1.0, Tracer(False))
+    # One batch per layer over every request that had queued up, in first-arrival order.
+    assert calls == [(0, 6), (1, 4)]
+    # Each rank gets back its own rows, on its micro-batch's tag.
+    got = sorted(plane.sent, key=lambda s: (s[0], s[1], s[2].shape[0]))
+    want = sorted(expected, key=lambda s: (s[0], s[1], s[2].shape[0]))
+    assert [(d, t) for d, t, _ in got] == [(d, t) for d, t, _ in want]
+    for (_, _, result), (_, _, reference) in zip(got, want, strict=True):
+        torch.testing.assert_close(result, reference, rtol=1e-6, atol=1e-6)
