@@ -9,9 +9,9 @@ time, and for the disaggregated runs the fraction of FFN transfer time hidden be
 compute (from the trace: 1 - blocked / in flight) and the share of FFN requests computed in
 one batch with others that had queued (``batched``; with ``--attention-workers A`` > 1).
 
-    python benchmarks/transformerless.py [--num-requests 64] [--max-tokens 64] [--json out.json]
+    python benchmarks/transformerless.py [--num-requests N] [--max-tokens 64] [--json out.json]
     python benchmarks/transformerless.py --rounds 3   # three interleaved rounds, medians
-    python benchmarks/transformerless.py --moe    # the same for a MoE model
+    python benchmarks/transformerless.py --moe    # the same for a MoE model (256 requests)
     python benchmarks/transformerless.py --tiny [--moe]   # a smoke run on a tiny model
     python benchmarks/transformerless.py --data-plane torch   # the split over gloo instead
     python benchmarks/transformerless.py --attention-workers 2   # A=2 F=1 (sharing the cores)
@@ -155,8 +155,8 @@ def batched_fraction(events: list[dict]) -> float | None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="model directory (default: the ~100M Llama)")
-    p.add_argument("--num-requests", type=int, default=64,
-                   help="concurrent requests (micro-batches need big batches to pay off)")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="concurrent requests (default 64 dense, 256 with --moe: see below)")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=2, help="threads of the single-process run")
@@ -191,12 +191,18 @@ def main() -> None:
                 "llama", str(REPO_ROOT / ".bench" / "models" / "llama-tiny"), **tiny)
         args.num_requests, args.prompt_len, args.max_tokens = 4, 8, 8
     elif args.moe:
+        # Four times the dense run's requests, so that a lane gives each expert as many rows
+        # (32: 128 tokens x top-2 / 8 experts) as it gives each dense matrix at 64 requests.
+        # A lane re-reads every weight it uses; with 8 rows per expert (64 requests) the
+        # experts' weight reads bound the FFN side and M=2 barely beats M=1 (RESULTS.md).
+        args.num_requests = args.num_requests or 256
         model_dir = args.model or make_random_model(
             "mixtral", str(REPO_ROOT / ".bench" / "models" / "mixtral-afd"))
     else:
         model_dir = args.model or str(MODEL_DIR)
         if args.model is None:
             make_random_llama(model_dir)
+    args.num_requests = args.num_requests or 64
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                for _ in range(args.num_requests)]
