@@ -174,6 +174,10 @@ def main() -> None:
                    help="repeat the three runs this many times, interleaved; print medians")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
+    for flag, value in (("--num-requests", args.num_requests),
+                        ("--attention-workers", args.attention_workers)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from benchmarks.models import make_random_llama, make_random_model
@@ -195,14 +199,16 @@ def main() -> None:
         # (32: 128 tokens x top-2 / 8 experts) as it gives each dense matrix at 64 requests.
         # A lane re-reads every weight it uses; with 8 rows per expert (64 requests) the
         # experts' weight reads bound the FFN side and M=2 barely beats M=1 (RESULTS.md).
-        args.num_requests = args.num_requests or 256
+        if args.num_requests is None:
+            args.num_requests = 256
         model_dir = args.model or make_random_model(
             "mixtral", str(REPO_ROOT / ".bench" / "models" / "mixtral-afd"))
     else:
         model_dir = args.model or str(MODEL_DIR)
         if args.model is None:
             make_random_llama(model_dir)
-    args.num_requests = args.num_requests or 64
+    if args.num_requests is None:
+        args.num_requests = 64
     rng = random.Random(0)
     prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                for _ in range(args.num_requests)]

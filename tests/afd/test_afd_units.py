@@ -152,8 +152,6 @@ class _QueuedPlane:
     """A data plane whose requests have all queued up before the FFN worker looks; it ends
     the serve loop (as a failed transfer would) once they are answered."""
 
-    polls = True
-
     def __init__(self, requests: list) -> None:
         from collections import deque
 
