@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from tessera.engine.sequence import Sequence
+from tessera.model.kernels.argmax import row_argmax
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Sampler:
                     _apply_penalties(logits[i], seq)
 
         if all(p.greedy for p in params):
-            token_t = _row_argmax(logits)
+            token_t = row_argmax(logits)
         else:
             token_t = self._sample_random(logits, seqs)
 
@@ -95,14 +96,8 @@ class Sampler:
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None and not seq.params.greedy:
                 q[i] = _exponential((vocab,), self._generator_for(seq), dev)
-        sampled = _row_argmax(probs / q)
-        return torch.where(greedy, _row_argmax(logits), sampled)
-
-
-def _row_argmax(x: torch.Tensor) -> torch.Tensor:
-    """Index of each row's maximum [S]. ``max(dim).indices`` gives the same first maximal
-    index as ``argmax`` and is about 5x faster on CPU for vocabulary-wide rows."""
-    return x.max(dim=-1).indices
+        sampled = row_argmax(probs / q)
+        return torch.where(greedy, row_argmax(logits), sampled)
 
 
 def _exponential(

@@ -23,7 +23,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 _HERE = Path(__file__).parent
-_SOURCES = [_HERE / "paged_decode.cpp", _HERE / "fused_ops.cpp", _HERE / "decode_units.cpp"]
+_SOURCES = [
+    _HERE / "paged_decode.cpp",
+    _HERE / "fused_ops.cpp",
+    _HERE / "decode_units.cpp",
+    _HERE / "argmax.cpp",
+]
 
 _lock = threading.Lock()
 _state: dict[str, bool] = {}  # "tried": build attempted; "ok": ops registered and usable
