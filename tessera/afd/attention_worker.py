@@ -5,7 +5,7 @@ norm and LM head, or its first vocabulary rows with ``AFDConfig.ffn_head_share``
 ``AttentionRunner`` and M lanes (``tessera.afd.lanes``: one scheduler per micro-batch), in a
 loop like the serve engine core: take requests from the front without blocking while busy,
 advance the lanes, and push a ``StepReport`` (token deltas, finished outputs, stats, trace
-spans) per lane step. A failed transfer ends the step with ``StepFailed`` and the process; the
+spans) per lane step, once the lane's next step is under way (see ``run``). A failed transfer ends the step with ``StepFailed`` and the process; the
 front then rebuilds the pool.
 Run as ``python -m tessera.afd.attention_worker CONFIG_JSON`` by the launcher.
 """
@@ -45,6 +45,7 @@ from tessera.afd.trace import Tracer
 from tessera.engine.llm_engine import LLMEngine
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import moe_spec_of
+from tessera.outputs import StepOutput
 
 _IDLE_POLL_MS = 100
 
@@ -71,6 +72,21 @@ def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, front: zmq.Socket,
     encoder = msgspec.msgpack.Encoder()
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)
+    # Reports of ended lane steps wait until that lane's next step has sent its first FFN
+    # request, or until this worker would block on the FFN workers, whichever comes first.
+    # Sending wakes the front, which on a host short of cores runs in this worker's place;
+    # right after a step's end that delay lands on the lane's critical path (nothing is queued
+    # on the FFN workers for it yet). At most one ``advance`` later, so a token's report is
+    # late by at most about one layer's time.
+    unsent: list[StepOutput] = []
+
+    def report() -> None:
+        for step in unsent:
+            front.send(encoder.encode(
+                StepReport(cfg.name, step.deltas, step.finished, lanes.stats(), tracer.take())
+            ))
+        unsent.clear()
+
     while True:
         ready = dict(poller.poll(0 if lanes.has_work() else _IDLE_POLL_MS))
         num_inputs = 0
@@ -87,21 +103,23 @@ def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, front: zmq.Socket,
                 for request_id in msg.request_ids:
                     lanes.abort_request(request_id)
             elif isinstance(msg, Shutdown):
+                report()
                 return 0
         if not lanes.has_work():
-            if num_inputs:
+            if unsent:
+                report()
+            elif num_inputs:
                 front.send(encoder.encode(StepReport(cfg.name, [], [], lanes.stats())))
             continue
         try:
             with torch.inference_mode():
-                ended = lanes.advance()
+                ended = lanes.advance(before_block=report)
         except TransferError as e:
+            report()  # steps that ended before the failure did end: their tokens stand
             front.send(encoder.encode(StepFailed(cfg.name, str(e))))
             return 1
-        for step in ended:
-            front.send(encoder.encode(
-                StepReport(cfg.name, step.deltas, step.finished, lanes.stats(), tracer.take())
-            ))
+        report()
+        unsent.extend(ended)
 
 
 def main(argv: list[str]) -> int:

@@ -23,7 +23,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from tessera.afd.attention_runner import AttentionRunner, Pending, StepResult
@@ -93,11 +93,12 @@ class Lanes:
         return any(ln.step is not None or ln.num_unfinished for ln in self.lanes)
 
     # ----------------------------------------------------------------- steps
-    def advance(self) -> list[StepOutput]:
+    def advance(self, before_block: Callable[[], None] | None = None) -> list[StepOutput]:
         """Resume every lane that can go on (its FFN result is in, or it is idle with work, and
-        then starts a step), in turn; if none can, wait for the oldest request. Returns the
-        outputs of the lane steps that ended. Run under ``torch.inference_mode()``; a failed
-        transfer raises ``TransferError`` (the pool is then rebuilt)."""
+        then starts a step), in turn; if none can, call ``before_block`` and wait for the oldest
+        request. Returns the outputs of the lane steps that ended. Run under
+        ``torch.inference_mode()``; a failed transfer raises ``TransferError`` (the pool is
+        then rebuilt)."""
         ended: list[StepOutput] = []
         resumed = False
         for lane in self.lanes:
@@ -116,6 +117,8 @@ class Lanes:
         if not resumed:
             waiting = [ln for ln in self.lanes if ln.step is not None]
             if waiting:  # every lane waits: block (in the step's own wait) on the oldest
+                if before_block is not None:
+                    before_block()
                 self._resume(min(waiting, key=lambda ln: ln.pending_order), ended)
         return ended
 

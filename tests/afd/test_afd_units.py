@@ -3,17 +3,21 @@ validation, trace metric (no processes)."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import torch
+import zmq
 
 from tessera.afd.config import AFDConfig
 from tessera.afd.dataplane import brief
 from tessera.afd.ffn_shard import DenseFFNShard
 from tessera.afd.head_slice import HeadSlice, RemovedHead
+from tessera.afd.messages import Shutdown, StepReport, WorkerConfig, WorkerStats
 from tessera.afd.placement import expert_ids_of, expert_owners, head_split, shard_range
-from tessera.afd.trace import hidden_transfer_fraction
+from tessera.afd.trace import Tracer, hidden_transfer_fraction
 from tessera.model.dense import DenseFFNUnit
 from tessera.model.loader import load_model
+from tessera.outputs import StepOutput, TokenDelta
 
 
 def test_placement_covers_everything_once():
@@ -231,3 +235,71 @@ def test_ffn_worker_batches_queued_requests_of_a_layer(model_factory):
     assert [(d, t) for d, t, _ in got] == [(d, t) for d, t, _ in want]
     for (_, _, result), (_, _, reference) in zip(got, want, strict=True):
         torch.testing.assert_close(result, reference, rtol=1e-6, atol=1e-6)
+
+
+class _ScriptedLanes:
+    """Lanes whose ``advance`` calls follow a script: "end" ends a step (token i), "block"
+    blocks on the FFN workers, "run" does neither."""
+
+    def __init__(self, script: list[str], events: list[str]) -> None:
+        self.script, self.events, self.num_ended = list(script), events, 0
+
+    def has_work(self) -> bool:
+        return bool(self.script)
+
+    def advance(self, before_block=None):
+        what = self.script.pop(0)
+        self.events.append(f"advance {what}")
+        if what == "block":
+            before_block()
+        if what != "end":
+            return []
+        self.num_ended += 1
+        return [StepOutput(deltas=[TokenDelta("r", self.num_ended - 1, self.num_ended, None,
+                                              None)])]
+
+    def stats(self) -> WorkerStats:
+        return WorkerStats()
+
+
+def test_attention_worker_reports_a_step_once_its_lane_has_moved_on():
+    # A report wakes the front, which on a short host runs in the worker's place: it goes out
+    # when the worker would block, or after the next advance, never in between a step's end
+    # and its lane's next FFN request; none is lost, and the order is kept.
+    from tessera.afd.attention_worker import run
+
+    events: list[str] = []
+    lanes = _ScriptedLanes(["end", "block", "end", "run", "end", "end"], events)
+    ctx = zmq.Context()
+    inputs, feed = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+    inputs.bind("inproc://inputs")
+    feed.connect("inproc://inputs")
+
+    class _Front:
+        def send(self, data: bytes) -> None:
+            report = msgspec.msgpack.decode(data, type=StepReport)
+            events.append(f"report {[d.token_id for d in report.deltas]}")
+            if not lanes.has_work():
+                feed.send(msgspec.msgpack.encode(Shutdown()))
+
+    try:
+        cfg = msgspec.json.decode(
+            msgspec.json.encode({"role": "attention", "index": 0, "rank": 0, "generation": 0,
+                                 "engine": {"model": "m"}, "afd": {}, "master_port": 1,
+                                 "front_address": "ipc://x", "input_address": None,
+                                 "parent_pid": 0}),
+            type=WorkerConfig)
+        assert run(cfg, lanes, inputs, _Front(), Tracer(False)) == 0
+    finally:
+        inputs.close(linger=0)
+        feed.close(linger=0)
+        ctx.term()
+    assert events == [
+        "advance end",
+        "advance block", "report [1]",  # sent before blocking
+        "advance end",
+        "advance run", "report [2]",  # after the next advance
+        "advance end",
+        "advance end", "report [3]",
+        "report [4]",  # no work left: sent at once
+    ]
