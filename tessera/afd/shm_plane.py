@@ -121,11 +121,13 @@ class _Channel:
         with open(path, "r+b") as f:
             self.mm = mmap.mmap(f.fileno(), self.nbytes)
         self.buf = torch.frombuffer(self.mm, dtype=torch.uint8)  # [nbytes]
-        self.counters = torch.frombuffer(self.mm, dtype=torch.int64,
-                                         count=len(tags) * _COUNTERS)
+        # The counters as a memoryview of int64: a read or write is one aligned 8-byte access
+        # of a Python int, about 50x cheaper than indexing a tensor, and each FFN round trip
+        # reads and writes them a dozen times (waiters poll them).
+        self.counters = memoryview(self.mm)[:len(tags) * _COUNTERS * 8].cast("q")
 
     def counter(self, tag: int, which: int) -> int:
-        return int(self.counters[self.index[tag] * _COUNTERS + which])
+        return self.counters[self.index[tag] * _COUNTERS + which]
 
     def set_counter(self, tag: int, which: int, value: int) -> None:
         self.counters[self.index[tag] * _COUNTERS + which] = value
