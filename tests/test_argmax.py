@@ -8,13 +8,9 @@ import torch
 from tessera.model.kernels import argmax
 from tessera.model.kernels import build as kb
 
-
-@pytest.fixture(autouse=True)
-def _kernel() -> None:
-    if kb.kernels_disabled():
-        pytest.skip("TESSERA_DISABLE_KERNELS is set")
-    if not kb.kernel_available():
-        pytest.skip("C++ kernels could not be built here (see the warning log)")
+pytestmark = pytest.mark.skipif(
+    kb.kernels_disabled() or not kb.kernel_available(), reason="native kernels unavailable"
+)
 
 
 def _same(x: torch.Tensor) -> None:
