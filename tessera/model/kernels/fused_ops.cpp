@@ -23,6 +23,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "fast_exp.h"
+
 namespace {
 
 constexpr int kLanes = 16;  // independent partial sums, so the reduction vectorises without fast-math
@@ -35,28 +37,6 @@ inline float widen(T v) {
 template <typename T>
 inline T narrow(float v) {
   return static_cast<T>(v);  // c10 types round to nearest even
-}
-
-// exp for the SiLU: branch-free (so the loop vectorises) Cephes-style range reduction and a
-// degree-6 polynomial; within ~2 ulp of expf on [-87, 88], saturating outside.
-inline float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  // n = round(x / ln 2) by the magic-number trick (exact under the default rounding mode).
-  const float magic = 12582912.0f;  // 1.5 * 2^23
-  const float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f;  // ln 2 in two parts for an exact product with n
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  return e * scale;
 }
 
 // Grain sizes: below these many elements an op runs on the calling thread (no OpenMP region).
@@ -210,7 +190,8 @@ void silu_mul_rows(const T* in, int64_t rows, int64_t s_row, T* out, int64_t int
       T* __restrict__ o = out + r * inter;
       for (int64_t i = 0; i < inter; ++i) {
         const float g = widen(gate[i]);
-        const T act = narrow<T>(g / (1.0f + fast_exp(-g)));  // F.silu rounds to the dtype here
+        // F.silu rounds to the dtype here
+        const T act = narrow<T>(g / (1.0f + tessera_kernels::fast_exp(-g)));
         o[i] = narrow<T>(widen(act) * widen(up[i]));
       }
     }

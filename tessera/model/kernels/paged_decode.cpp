@@ -28,6 +28,8 @@
 #include <immintrin.h>
 #endif
 
+#include "fast_exp.h"
+
 namespace {
 
 // Keys scored between two softmax rescales of the accumulators: large enough to amortise the
@@ -204,25 +206,6 @@ struct Widen<float> : WidenAvx512<float> {};
 // maximum old_max to the tile's (*new_max), sets sc[t] = exp(sc[t] - *new_max), and *sum_out to
 // their sum.
 #if defined(__AVX512F__)
-// exp(x) for 16 lanes: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact),
-// a degree-6 polynomial for exp(r), and scalef for the 2^n (which also gives 0 far below). Within
-// 2 ulp of expf; NaN stays NaN (each clamp keeps its second operand, x, when x is NaN).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-150.0f), _mm512_min_ps(_mm512_set1_ps(88.7f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(e, n);
-}
-
 // Vectorised: with 12 query heads a 32-key tile has 384 scores, and a scalar expf each, between
 // the K and the V pass with no loads in flight, cost about a tenth of the kernel's time (one
 // thread, 32 sequences of 64-128 tokens, old and new called in turn: 1.109 -> 0.995 ms a layer).
@@ -236,8 +219,8 @@ inline void exp_tile(float* sc, int64_t n, float old_max, float* new_max, float*
   const __m512 s1 = _mm512_mask_loadu_ps(low, k1, sc + 16);
   const float top = std::max(old_max, _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
   const __m512 shift = _mm512_set1_ps(top);
-  const __m512 e0 = _mm512_maskz_mov_ps(k0, exp16(_mm512_sub_ps(s0, shift)));
-  const __m512 e1 = _mm512_maskz_mov_ps(k1, exp16(_mm512_sub_ps(s1, shift)));
+  const __m512 e0 = _mm512_maskz_mov_ps(k0, tessera_kernels::exp16(_mm512_sub_ps(s0, shift)));
+  const __m512 e1 = _mm512_maskz_mov_ps(k1, tessera_kernels::exp16(_mm512_sub_ps(s1, shift)));
   _mm512_mask_storeu_ps(sc, k0, e0);
   _mm512_mask_storeu_ps(sc + 16, k1, e1);
   *new_max = top;
