@@ -5,8 +5,8 @@ norm and LM head, or its first vocabulary rows with ``AFDConfig.ffn_head_share``
 ``AttentionRunner`` and M lanes (``tessera.afd.lanes``: one scheduler per micro-batch), in a
 loop like the serve engine core: take requests from the front without blocking while busy,
 advance the lanes, and push a ``StepReport`` (token deltas, finished outputs, stats, trace
-spans) per lane step, once the lane's next step is under way (see ``run``). A failed transfer ends the step with ``StepFailed`` and the process; the
-front then rebuilds the pool.
+spans) per lane step, once the lane's next step is under way (see ``run``). A failed transfer
+ends the step with ``StepFailed`` and the process; the front then rebuilds the pool.
 Run as ``python -m tessera.afd.attention_worker CONFIG_JSON`` by the launcher.
 """
 
