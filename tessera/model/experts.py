@@ -9,6 +9,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.model.kernels.linear import can_pack, min_packed_rows, pack_weight, packed_linear
+from tessera.model.kernels.moe_kernel import (
+    native_experts,
+    native_experts_fit,
+    pack_down,
+    pack_gate_up,
+)
 from tessera.model.layers import activation
 from tessera.model.moe_spec import MoESpec
 
@@ -32,8 +38,10 @@ class Experts(nn.Module):
     experts only, so the outputs of units holding a partition of the experts add up to the
     full layer's output (the expert-parallel split).
 
-    After :meth:`pack_weights` each expert's matrices are also held in oneDNN's packed layout,
-    and a call with enough rows runs through it (see ``kernels.linear``).
+    After :meth:`pack_weights` the weights are also held in the layout of the native experts
+    kernel (``kernels.moe_kernel``), which then computes every call; where that kernel cannot
+    run, each expert's matrices are held in oneDNN's packed layout instead, and a call with
+    enough rows runs through it (see ``kernels.linear``).
     """
 
     def __init__(self, moe: MoESpec, expert_ids: Sequence[int] | None = None) -> None:
@@ -51,14 +59,19 @@ class Experts(nn.Module):
         inter, hidden = moe.moe_intermediate_size, moe.hidden_size
         self.gate_up_proj = nn.Parameter(torch.empty(len(ids), 2 * inter, hidden))
         self.down_proj = nn.Parameter(torch.empty(len(ids), hidden, inter))
+        self.hidden_act = moe.hidden_act
         self.act = activation(moe.hidden_act)
+        # (gate_up [E_local, I/16, D, 32], down [E_local, D/32, I, 32]) for the native kernel.
+        self._native: tuple[torch.Tensor, torch.Tensor] | None = None
         # Per local expert: (gate_up, down) in oneDNN's packed layout; None until packed.
         self._packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._min_packed_rows = (0, 0)  # (gate_up, down): fewest rows that take the packed path
 
-    def pack_weights(self) -> int:
-        """Also hold every local expert's two matrices in oneDNN's packed layout (CPU float32
-        only; a no-op otherwise); returns how many matrices were packed.
+    def pack_weights(self, native: bool = True) -> int:
+        """Also hold the local experts' matrices in a packed layout; returns how many matrices
+        were packed. The native kernel's layout where it runs (``native_experts_fit``; never
+        with ``native=False``, which benchmarks use for the peer), otherwise oneDNN's (CPU
+        float32 only; a no-op elsewhere).
 
         Why: an expert sees a handful of rows per step, MKL's slowest regime against a
         transposed weight. On the benchmark Mixtral's experts (512 -> 2x1024 -> 512) a pass
@@ -67,8 +80,11 @@ class Experts(nn.Module):
         decode; a small expert such as Qwen3-MoE's 512x256 below 16 rows) or with
         ``MAX_PACKED_ROWS`` or more keep the plain weights.
         """
-        if self._packed is not None or len(self.expert_ids) == 0:
+        if self._packed is not None or self._native is not None or len(self.expert_ids) == 0:
             return 0
+        if native and native_experts_fit(self.gate_up_proj, self.down_proj, self.hidden_act):
+            self._native = (pack_gate_up(self.gate_up_proj), pack_down(self.down_proj))
+            return 2 * len(self.expert_ids)
         if not (can_pack(self.gate_up_proj[0]) and can_pack(self.down_proj[0])):
             return 0
         self._packed = [
@@ -127,6 +143,8 @@ class Experts(nn.Module):
         num_local = len(self.expert_ids)
         if num_tokens == 0 or num_local == 0:
             return torch.zeros_like(x)
+        if self._native is not None:
+            return native_experts(x, self._to_local(topk_ids), topk_weights, *self._native)
         if num_tokens == 1:
             return self._forward_one(x, topk_ids, topk_weights)
         local = self._to_local(topk_ids.reshape(-1))  # [T*k]

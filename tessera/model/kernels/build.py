@@ -28,6 +28,7 @@ _SOURCES = [
     _HERE / "fused_ops.cpp",
     _HERE / "decode_units.cpp",
     _HERE / "argmax.cpp",
+    _HERE / "moe_experts.cpp",
 ]
 
 _lock = threading.Lock()
