@@ -1,11 +1,13 @@
-"""Micro-benchmark of float32 weight matmuls on CPU: MKL (``F.linear``) vs oneDNN's packed layout.
+"""Micro-benchmark of float32 weight matmuls on CPU: MKL (``F.linear``) vs oneDNN's packed layout
+vs Tessera's weight panels.
 
 One pass over the weight matrices of the ~100M benchmark Llama (12 layers of fused qkv, o,
 fused gate/up and down projections, then the LM head: 109M weights, 438 MB in float32) at each
 row count, every matrix a distinct tensor so the pass streams from memory as a decode step
-does. Columns: ``F.linear`` (MKL), ``packed_linear`` forced onto the packed path, and
-``PackedLinear`` as the engine calls it (packed from ``min_packed_rows`` rows on). The LM head
-is left out above 64 rows (a step only samples a few rows). Best of several passes.
+does. Columns: ``F.linear`` (MKL), ``packed_linear`` forced onto oneDNN's layout and onto the
+weight panels (where the panel kernel runs: AVX-512 builds), and ``PackedLinear`` as the engine
+calls it (its own layout and row threshold, see ``tessera/model/kernels/linear.py``). The LM
+head is left out above 64 rows (a step only samples a few rows). Best of several passes.
 
     python benchmarks/packed_linear.py [--threads 2] [--rows 1,2,4,8,12,16,32,64,512]
 
@@ -49,17 +51,20 @@ def _best_ms(fn: Callable[[], None], repeats: int) -> float:
     return best * 1e3
 
 
-def _pass(kind: str, used: list[kl.PackedLinear],
-          inputs: dict[int, torch.Tensor]) -> Callable[[], None]:
-    """One pass over ``used``: plain ``F.linear`` (mkl), the packed path at any row count
-    (packed), or the module as the engine calls it (engine)."""
+def _pass(kind: str, used: list[kl.PackedLinear], onednn: dict[int, torch.Tensor],
+          panels: dict[int, torch.Tensor], inputs: dict[int, torch.Tensor]) -> Callable[[], None]:
+    """One pass over ``used``: plain ``F.linear`` (mkl), oneDNN's or the panels' packed path at
+    any row count (onednn, panels; weights by ``id`` of the linear), or the module as the engine
+    calls it (engine)."""
     def run() -> None:
         for lin in used:
             x = inputs[lin.in_features]
             if kind == "mkl":
                 F.linear(x, lin.weight)
-            elif kind == "packed":
-                kl.packed_linear(x, lin.weight, lin.packed_weight, 1)
+            elif kind == "onednn":
+                kl.packed_linear(x, lin.weight, onednn[id(lin)], 1)
+            elif kind == "panels":
+                kl.packed_linear(x, lin.weight, panels[id(lin)], 1)
             else:
                 lin(x)
     return run
@@ -142,21 +147,26 @@ def main(argv: list[str] | None = None) -> int:
             lin.weight.copy_(torch.randn(out_features, in_features, generator=gen) * 0.02)
         linears.append(kl.PackedLinear(lin))
     total_mb = sum(lin.weight.numel() for lin in linears) * 4 / 1e6
+    onednn = {id(lin): kl.pack_onednn(lin.weight) for lin in linears}
+    with_panels = all(kl.panel_fits(lin.weight) for lin in linears)
+    panels = {id(lin): kl.pack_weight(lin.weight) for lin in linears} if with_panels else {}
+    kinds = ["mkl", "onednn", "panels", "engine"] if with_panels else ["mkl", "onednn", "engine"]
 
     print(f"{len(linears)} matrices, {total_mb:.0f} MB float32, {args.threads} threads; "
           "ms per pass (best of %d)" % args.repeats)
-    print(f"{'rows':>6} {'MKL':>9} {'packed':>9} {'engine':>9} {'MKL/engine':>11}")
+    if not with_panels:
+        print("(no weight panels here: the panel kernel needs an AVX-512 build)")
+    names = {"mkl": "MKL", "onednn": "oneDNN", "panels": "panels", "engine": "engine"}
+    print(f"{'rows':>6} " + " ".join(f"{names[k]:>9}" for k in kinds)
+          + f" {'MKL/engine':>11} {'oneDNN/engine':>14}")
     with torch.inference_mode():
         for rows in row_counts:
             used = linears if rows <= 64 else linears[:-1]
             inputs = {n: torch.randn(rows, n, generator=gen) for n in (HIDDEN, INTERMEDIATE)}
-
-            t_mkl, t_packed, t_engine = (
-                _best_ms(_pass(kind, used, inputs), args.repeats)
-                for kind in ("mkl", "packed", "engine")
-            )
-            print(f"{rows:>6} {t_mkl:>9.1f} {t_packed:>9.1f} {t_engine:>9.1f} "
-                  f"{t_mkl / t_engine:>10.2f}x")
+            t = {kind: _best_ms(_pass(kind, used, onednn, panels, inputs), args.repeats)
+                 for kind in kinds}
+            print(f"{rows:>6} " + " ".join(f"{t[k]:>9.1f}" for k in kinds)
+                  + f" {t['mkl'] / t['engine']:>10.2f}x {t['onednn'] / t['engine']:>13.2f}x")
     return 0
 
 

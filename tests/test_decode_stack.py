@@ -65,10 +65,17 @@ def test_native_decode_is_bit_identical_to_python_units(model_factory, monkeypat
         assert per_unit == python
 
 
-@pytest.mark.skipif(not kl.packing_available(), reason="oneDNN packing unavailable")
-def test_stack_runs_packed_linears_as_the_units_do(model_factory, monkeypatch):
-    """Where linears take their packed path from one row (large matrices on AMD CPUs), the op
-    multiplies by their packed weights and still gives the Python units' results bit for bit."""
+@pytest.mark.parametrize("layout", ["panels", "oneDNN"])
+def test_stack_runs_packed_linears_as_the_units_do(layout, model_factory, monkeypatch):
+    """Where linears take their packed path from one row (always in panels; large matrices on
+    AMD CPUs in oneDNN's layout), the op multiplies by their packed weights and still gives the
+    Python units' results bit for bit."""
+    if layout == "panels" and not kl.panel_available():
+        pytest.skip("the weight-panel kernel needs the C++ kernels built with AVX-512")
+    if layout == "oneDNN":
+        if not kl.packing_available():
+            pytest.skip("oneDNN packing unavailable")
+        monkeypatch.setattr(kl, "panel_available", lambda: False)
     monkeypatch.setattr(kl, "min_packed_rows", lambda weight: 1)
     path, _ = model_factory("qwen2")  # qkv bias: the packed op with a bias
     prompts = _prompts(6, [9, 30])
@@ -76,7 +83,10 @@ def test_stack_runs_packed_linears_as_the_units_do(model_factory, monkeypatch):
     llm, native = _generate(path, prompts)
     stack = llm.engine.runner.decode_stack
     assert stack is not None and stack.max_rows == MAX_ROWS
-    assert sum(p is not None and p.is_mkldnn for p in stack.params) == 4 * len(stack.windows)
+    # Every layer's qkv, o, gate_up and down weights (the test model's sizes fill panels).
+    packed = [p for p in stack.params if p is not None and (p.is_mkldnn or p.dim() == 3)]
+    assert len(packed) == 4 * len(stack.windows)
+    assert all(p.is_mkldnn == (layout == "oneDNN") for p in packed)
     assert calls[0] >= PARAMS.max_tokens - 1  # every decode-only step went native
     monkeypatch.setattr(DenseDecodeStack, "from_units", classmethod(lambda cls, u: None))
     monkeypatch.setattr(dense, "decode_units_available", lambda hidden: False)

@@ -68,8 +68,9 @@ def test_native_experts_match_the_python_path(hidden, inter, expert_ids, threads
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        # 1 token; 5 and 13 (tails of the 12-row micro-kernel); 40; 300 (many row blocks).
-        for num_tokens in (1, 5, 13, 40, 300):
+        # 1 token; 5 and 13 (tails of the 12-row micro-kernel); 40; 300 (many micro-kernel
+        # calls); 1400 (about 700 rows per expert: with 320 / 272 features, over one row block).
+        for num_tokens in (1, 5, 13, 40, 300, 1400):
             x = torch.randn(num_tokens, hidden, generator=gen)
             ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(num_tokens)])
             weights = torch.rand(num_tokens, 2, generator=gen)

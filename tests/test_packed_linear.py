@@ -1,4 +1,5 @@
-"""oneDNN-packed linears: same results as ``F.linear`` at every row count, what gets packed."""
+"""Packed linears (weight panels or oneDNN's layout): same results as ``F.linear`` at every row
+count, what gets packed, and which layout."""
 
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ def test_packed_linear_matches_linear(shape, bias):
 
 @pytest.mark.parametrize(("vendor", "big_rows"), [("GenuineIntel", 4), ("AuthenticAMD", 1), ("", 4)])
 def test_min_packed_rows_follows_the_cpu(vendor, big_rows, monkeypatch):
-    """Matrices of 2 MiB or more go packed from 4 rows where MKL's few-row code is tuned, from
-    1 row on AMD CPUs; smaller ones from 16 rows everywhere."""
+    """In oneDNN's layout, matrices of 2 MiB or more go packed from 4 rows where MKL's few-row
+    code is tuned, from 1 row on AMD CPUs; smaller ones from 16 rows everywhere."""
     monkeypatch.setattr(kl, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(kl, "panel_available", lambda: False)
     big, small = torch.empty(1024, 512), torch.empty(512, 256)  # 2 MiB and 0.5 MiB float32
     assert (kl.min_packed_rows(big), kl.min_packed_rows(small)) == (big_rows, 16)
     # A one-row call takes the path the rule says, and gives F.linear's result either way.
@@ -54,6 +56,49 @@ def test_min_packed_rows_follows_the_cpu(vendor, big_rows, monkeypatch):
     x = torch.randn(1, 512, generator=gen)
     torch.testing.assert_close(packed(x), F.linear(x, plain.weight), rtol=1e-5, atol=1e-4)
     assert bool(calls) == (big_rows == 1)
+
+
+def needs_panels() -> None:
+    if not kl.panel_available():
+        pytest.skip("the weight-panel kernel needs the C++ kernels built with AVX-512")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(1, 40), (5, 40), (13, 40), (700, 40), (3, 5, 40)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_panel_linear_matches_linear(shape, bias, threads):
+    """Output sizes that are multiples of 32 take the panels from one row; row counts around the
+    12-row micro-kernel, a k over the 256 of one chunk (300 features), rows over one row block
+    (700 rows of 300 features: three blocks), and both thread counts."""
+    needs_panels()
+    gen = torch.Generator().manual_seed(0)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for in_features in (shape[-1], 300):
+            plain = nn.Linear(in_features, 96, bias=bias)
+            with torch.no_grad():
+                for p in plain.parameters():
+                    p.copy_(torch.randn(p.shape, generator=gen))
+            packed = kl.PackedLinear(plain)
+            assert packed.packed_weight.shape == (3, in_features, 32)
+            assert packed.min_packed_rows == 1
+            x = torch.randn(*shape[:-1], in_features, generator=gen)
+            want = F.linear(x, plain.weight, plain.bias).detach()
+            scale = float(want.abs().max())
+            torch.testing.assert_close(packed(x), want, rtol=1e-5, atol=1e-5 * scale)
+            wide = torch.randn(*shape[:-1], 2 * in_features, generator=gen)[..., ::2]
+            torch.testing.assert_close(packed(wide), F.linear(wide, plain.weight, plain.bias),
+                                       rtol=1e-5, atol=1e-5 * scale)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def test_panels_only_for_output_sizes_that_fill_them():
+    needs_panels()
+    assert kl.pack_weight(torch.randn(64, 48)).shape == (2, 48, 32)
+    assert kl.pack_weight(torch.randn(40, 48)).is_mkldnn  # 40 rows: oneDNN's layout
+    assert not kl.panel_fits(torch.randn(64, 48).to(torch.bfloat16))
 
 
 class _Unit(nn.Module):

@@ -29,6 +29,7 @@ _SOURCES = [
     _HERE / "decode_units.cpp",
     _HERE / "argmax.cpp",
     _HERE / "moe_experts.cpp",
+    _HERE / "panel_linear.cpp",
 ]
 
 _lock = threading.Lock()

@@ -16,6 +16,8 @@
 
 #include <optional>
 
+#include "panel_gemm.h"
+
 namespace {
 
 // The other Tessera ops, called through the dispatcher (they live in other translation units).
@@ -63,11 +65,13 @@ const c10::TypedOperatorHandle<PackedLinearSig>& packed_linear_op() {
   return op;
 }
 
-// x [T, in] -> [T, out]. A weight in oneDNN's packed layout (an opaque mkldnn tensor; see
-// tessera/model/kernels/linear.py) goes through the same op, with the same arguments, as
-// PackedLinear's packed path in Python; a plain [out, in] weight through ATen's linear.
+// x [T, in] -> [T, out]. A packed weight (see tessera/model/kernels/linear.py) goes through
+// the same op, with the same arguments, as PackedLinear's packed path in Python: weight panels
+// [out/32, in, 32] through panel_linear, oneDNN's layout (an opaque mkldnn tensor) through its
+// op; a plain [out, in] weight through ATen's linear.
 at::Tensor unit_linear(const at::Tensor& x, const at::Tensor& weight,
                        const std::optional<at::Tensor>& bias) {
+  if (weight.dim() == 3) return tessera_kernels::panel_linear(x, weight, bias);
   if (weight.is_mkldnn()) {
     return packed_linear_op().call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(),
                                    c10::string_view(""));
@@ -93,7 +97,9 @@ at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_wei
   const int64_t tokens = hidden.size(0);
   const int64_t head_dim = kv_cache.size(4);
   const int64_t q_size = num_heads * head_dim, kv_size = num_kv_heads * head_dim;
-  TORCH_CHECK(qkv_weight.size(0) == q_size + 2 * kv_size, "attention_decode: qkv_weight rows");
+  const int64_t qkv_rows =
+      qkv_weight.dim() == 3 ? qkv_weight.size(0) * qkv_weight.size(2) : qkv_weight.size(0);
+  TORCH_CHECK(qkv_rows == q_size + 2 * kv_size, "attention_decode: qkv_weight rows");
 
   at::Tensor qkv =
       unit_linear(rms_norm_op().call(hidden, norm_weight, eps), qkv_weight, qkv_bias);

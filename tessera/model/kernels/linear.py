@@ -1,27 +1,38 @@
-"""Weight matmuls in oneDNN's packed layout on CPU.
+"""Weight matmuls in a packed layout on CPU: weight panels (Tessera's kernel) or oneDNN's.
 
 Why: MKL's ``sgemm`` (what ``F.linear`` calls for float32 on CPU) is at its worst for a handful
-of rows against a transposed weight, which is exactly a decode step of a few sequences. One pass
-over the ~100M Llama's 49 weight matrices on the 2-core benchmark machine
-(``benchmarks/packed_linear.py``, ms, MKL vs packed): 1 row 17.9 / 21.6, 4 rows 32.6 / 22.6,
-8 rows 44.9 / 30.0, 12 rows 59.0 / 30.5, 16 rows 41.9 / 31.4, 512 rows 294.8 / 294.1. So on CPU
-every float32 ``nn.Linear`` is also packed once at load time and run through oneDNN (the same
-``mkldnn`` ops torch's own compiler uses for CPU linears), and so are the routed experts'
+of rows against a transposed weight, which is exactly a decode step of a few sequences. So on CPU
+every float32 ``nn.Linear`` is also packed once at load time, and so are the routed experts'
 matrices (``Experts.pack_weights``).
 
-Not every call goes packed. A oneDNN call costs 10-15 us more than an MKL one, which small
-matrices (an expert's 512x256) cannot win back at a few rows, and at one or two rows MKL's
-GEMV streams the weights faster than the packed kernel (table above). So a call takes the
-packed path from 4 rows for matrices of 2 MiB or more and from 16 rows for smaller ones
-(``min_packed_rows``), and the plain weight otherwise. Those figures are an Intel CPU's. MKL
-runs its tuned small-row code on Intel CPUs only: on an AMD EPYC (Zen 5, 2 threads) the same
-pass took 34.3 ms with MKL against 14.0 packed at one row, 51.4 / 15.0 at two, and one layer's
-Mixtral-sized experts 3.07 / 1.41 ms at one row each. There, matrices of 2 MiB or more take the
-packed path from one row (``mkl_small_rows_tuned``). A packed linear therefore holds both
-layouts, which costs the weights' size again in host memory; the KV pool is sized after
-packing, so that memory is accounted for. Anything that cannot be packed (not CPU, not float32,
-oneDNN missing, ``TESSERA_DISABLE_KERNELS=1``, or a linear its module lists in
-``keep_plain_linears`` because it only reads the weight) stays an ``nn.Linear``.
+Where the C++ kernels are built with AVX-512 and the output size is a multiple of 32, the weight
+is held in panels and multiplied by ``panel_linear.cpp`` (layout and reasons in
+``panel_gemm.h``): it prefetches the next slice of weights while it computes the current one,
+and has no per-call set-up. On the benchmark AMD EPYC it beat MKL at every row count measured,
+and oneDNN from a 64x64 matrix at one row to the ~100M Llama's matrices at 32 rows (by 10-40%,
+``benchmarks/packed_linear.py``); the two are even at 64-128 rows, and oneDNN is 4-10% faster
+at 512-1024 (a prefill chunk, where the step is bound by arithmetic, not by the weights'
+streaming). Holding both layouts would cost the weights' size once more, so the panels take
+every call, from one row.
+
+Elsewhere the weight is held in oneDNN's packed layout (the same ``mkldnn`` ops torch's own
+compiler uses for CPU linears). One pass over the ~100M Llama's 49 weight matrices on the 2-core
+benchmark machine (ms, MKL vs oneDNN): 1 row 17.9 / 21.6, 4 rows 32.6 / 22.6, 8 rows 44.9 / 30.0,
+12 rows 59.0 / 30.5, 16 rows 41.9 / 31.4, 512 rows 294.8 / 294.1. Not every call goes packed
+there. A oneDNN call costs 10-15 us more than an MKL one, which small matrices (an expert's
+512x256) cannot win back at a few rows, and at one or two rows MKL's GEMV streams the weights
+faster than the packed kernel (table above). So a call takes the packed path from 4 rows for
+matrices of 2 MiB or more and from 16 rows for smaller ones (``min_packed_rows``), and the plain
+weight otherwise. Those figures are an Intel CPU's. MKL runs its tuned small-row code on Intel
+CPUs only: on an AMD EPYC (Zen 5, 2 threads) the same pass took 34.3 ms with MKL against 14.0
+packed at one row, 51.4 / 15.0 at two, and one layer's Mixtral-sized experts 3.07 / 1.41 ms at
+one row each. There, matrices of 2 MiB or more take the packed path from one row
+(``mkl_small_rows_tuned``).
+
+A packed linear holds both layouts, which costs the weights' size again in host memory; the KV
+pool is sized after packing, so that memory is accounted for. Anything that cannot be packed
+(not CPU, not float32, neither kernel usable, ``TESSERA_DISABLE_KERNELS=1``, or a linear its
+module lists in ``keep_plain_linears`` because it only reads the weight) stays an ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tessera.model.kernels.build import kernels_disabled
+from tessera.model.kernels.build import kernel_available, kernels_disabled
 
 # oneDNN picks its blocking for this many rows; measured insensitive between 8 and 64.
 _ROWS_HINT = 32
@@ -58,15 +69,33 @@ def packing_available() -> bool:
     return True
 
 
-def can_pack(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` [out, in] would be packed (CPU float32, non-empty, oneDNN usable)."""
+PANEL = 32
+"""Output columns per weight panel (``panel_gemm.h``)."""
+
+
+@functools.cache
+def panel_available() -> bool:
+    """Whether the weight-panel kernel runs here (C++ kernels built, with AVX-512)."""
+    return kernel_available() and bool(torch.ops.tessera_kernels.panel_native())
+
+
+def _packable(weight: torch.Tensor) -> bool:
     return (
         weight.device.type == "cpu"
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and weight.numel() > 0
-        and packing_available()
     )
+
+
+def panel_fits(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` [out, in] is packed in panels (else in oneDNN's layout)."""
+    return _packable(weight) and weight.shape[0] % PANEL == 0 and panel_available()
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` [out, in] would be packed (CPU float32, non-empty, a kernel usable)."""
+    return _packable(weight) and (panel_fits(weight) or packing_available())
 
 
 @functools.cache
@@ -92,13 +121,26 @@ def mkl_small_rows_tuned() -> bool:
 def min_packed_rows(weight: torch.Tensor) -> int:
     """Fewest rows for which a call with ``weight`` [out, in] takes the packed path (see the
     module docstring for the measurements)."""
+    if panel_fits(weight):
+        return 1
     if weight.numel() * weight.element_size() < 2 << 20:
         return 16
     return 4 if mkl_small_rows_tuned() else 1
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` [out, in] reordered for :func:`packed_linear` (an opaque oneDNN tensor)."""
+    """``weight`` [out, in] reordered for :func:`packed_linear`: panels [out/32, in, 32] where
+    ``panel_fits``, else an opaque oneDNN tensor."""
+    w = weight.detach()
+    if panel_fits(w):
+        out_features, in_features = w.shape
+        return w.reshape(out_features // PANEL, PANEL, in_features).transpose(1, 2).contiguous()
+    return pack_onednn(w)
+
+
+def pack_onednn(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` [out, in] in oneDNN's packed layout (an opaque tensor; needs
+    ``packing_available``), whatever ``panel_fits`` says: :func:`packed_linear` takes it too."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), _ROWS_HINT)
 
 
@@ -114,6 +156,8 @@ def packed_linear(
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
     if rows.shape[0] < min_rows:
         return F.linear(x, weight, bias)
+    if not packed.is_mkldnn:  # weight panels
+        return torch.ops.tessera_kernels.panel_linear(x, packed, bias)  # [..., out]
     if not rows.is_contiguous():
         rows = rows.contiguous()
     y = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")  # [N, out]
@@ -121,7 +165,7 @@ def packed_linear(
 
 
 class PackedLinear(nn.Linear):
-    """An ``nn.Linear`` that also holds its weight in oneDNN's packed layout (inference only)."""
+    """An ``nn.Linear`` that also holds its weight packed (``pack_weight``; inference only)."""
 
     packed_weight: torch.Tensor
 

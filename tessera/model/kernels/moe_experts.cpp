@@ -1,12 +1,10 @@
 // One MoE layer's routed experts on CPU, float32, in one native call (Tessera).
 //
-// Why: at decode, an expert sees a few dozen rows per step, so its matmuls read each weight once
-// for few rows and wait on memory: oneDNN's packed kernel reached ~143 GFLOP/s at 32 rows over
-// eight 512x2048 experts on the benchmark AMD EPYC (1 thread), against ~200 for the same matrix
-// resident in cache. This kernel multiplies panel by panel and, while the first rows of a panel
-// chunk are computed, prefetches the next chunk into L1; memory then streams while the FMAs run.
-// It also fuses what the Python path did around the matmuls: the grouping of (token, expert)
-// pairs, the row gather, silu(gate) * up, the routing weight and the scatter-add.
+// Why: at decode, an expert sees a few dozen rows per step, so its matmuls wait on the weights
+// streaming from memory. Its two matmuls run on weight panels with the next chunk prefetched
+// (panel_gemm.h), and the call also does what the Python path did around them: the grouping of
+// (token, expert) pairs, the row gather, silu(gate) * up, the routing weight and the
+// scatter-add.
 //
 // Layouts (built by moe_kernel.py from the plain [E, 2I, D] and [E, D, I] weights):
 //   gate_up [E, I/16, D, 32]: panel q holds, for every k, the gate rows 16q..16q+15 in lanes
@@ -19,9 +17,8 @@
 // to slot E (experts held by another shard) are skipped.
 //
 // Registered as tessera_kernels::moe_experts (a fragment of the library paged_decode.cpp
-// defines); tessera_kernels::moe_experts_native says whether this build has the AVX-512 body.
+// defines); it runs where tessera_kernels::panel_native (panel_linear.cpp) is true.
 
-#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -32,79 +29,14 @@
 #include <vector>
 
 #include "fast_exp.h"
+#include "panel_gemm.h"
 
 namespace {
 
 #if defined(__AVX512F__)
 
-constexpr int kPanel = 32;       // output lanes of a panel: two AVX-512 registers
-constexpr int kRows = 12;        // rows per micro-kernel call: 24 accumulators
-constexpr int64_t kChunk = 256;  // k per pass over a panel: 32 KiB of weights, fits L1
-
-// c[R, 32] (+)= a[R, kc] (row stride lda) x b[kc, 32]. While it runs, the kc x 32 floats at pf
-// (the next chunk; may be null) are prefetched into L1, two lines per k.
-template <int R>
-inline void micro(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
-                  int64_t kc, float* __restrict__ c, bool accumulate, const float* pf) {
-  __m512 lo[R], hi[R];
-  for (int i = 0; i < R; ++i) {
-    lo[i] = accumulate ? _mm512_loadu_ps(c + i * kPanel) : _mm512_setzero_ps();
-    hi[i] = accumulate ? _mm512_loadu_ps(c + i * kPanel + 16) : _mm512_setzero_ps();
-  }
-  for (int64_t k = 0; k < kc; ++k) {
-    if (pf != nullptr) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel + 16), _MM_HINT_T0);
-    }
-    const __m512 b0 = _mm512_loadu_ps(b + k * kPanel);
-    const __m512 b1 = _mm512_loadu_ps(b + k * kPanel + 16);
-#pragma GCC unroll 12
-    for (int i = 0; i < R; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i * lda + k]);
-      lo[i] = _mm512_fmadd_ps(av, b0, lo[i]);
-      hi[i] = _mm512_fmadd_ps(av, b1, hi[i]);
-    }
-  }
-  for (int i = 0; i < R; ++i) {
-    _mm512_storeu_ps(c + i * kPanel, lo[i]);
-    _mm512_storeu_ps(c + i * kPanel + 16, hi[i]);
-  }
-}
-
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, bool, const float*);
-
-// kMicroByRows[r]: the micro-kernel for r rows (r = 1..kRows).
-const MicroFn kMicroByRows[kRows + 1] = {
-    nullptr,    &micro<1>,  &micro<2>,  &micro<3>, &micro<4>,  &micro<5>, &micro<6>,
-    &micro<7>,  &micro<8>,  &micro<9>,  &micro<10>, &micro<11>, &micro<12>};
-
-// a [n, K] (row stride K) times every panel of `packed` [num_panels, K, 32]; each panel's
-// [n, 32] result goes to epilogue(panel, c) with c row-major [n, 32]. Panels are split over
-// threads (disjoint output columns, so epilogues never race).
-template <typename Epilogue>
-void panels_gemm(const float* a, int64_t n, int64_t K, const float* packed, int64_t num_panels,
-                 const Epilogue& epilogue) {
-  at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> c(static_cast<size_t>(n) * kPanel);
-    for (int64_t p = begin; p < end; ++p) {
-      const float* panel = packed + p * K * kPanel;
-      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-        const int64_t kc = std::min(kChunk, K - k0);
-        const float* b = panel + k0 * kPanel;
-        // Panels are contiguous, so the next chunk (of this panel or the next) starts right
-        // after this one; none to fetch after this thread's last.
-        const bool last = p + 1 == end && k0 + kc == K;
-        const float* pf = last ? nullptr : b + kc * kPanel;
-        for (int64_t r0 = 0; r0 < n; r0 += kRows) {
-          const int rows = static_cast<int>(std::min<int64_t>(kRows, n - r0));
-          kMicroByRows[rows](a + r0 * K + k0, K, b, kc, c.data() + r0 * kPanel, k0 > 0,
-                             r0 == 0 ? pf : nullptr);
-        }
-      }
-      epilogue(p, c.data());
-    }
-  });
-}
+using tessera_kernels::panel::kPanel;
+using tessera_kernels::panel::panels_gemm;
 
 at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
                        const at::Tensor& gate_up, const at::Tensor& down) {
@@ -159,23 +91,24 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
     // h[:, 16q..16q+15] = silu(gate) * up of panel q.
     float* hs = h.data();
     panels_gemm(a.data(), n, D, gate_up.data_ptr<float>() + e * I * D * 2, I / 16,
-                [&](int64_t q, const float* c) {
-                  for (int64_t j = 0; j < n; ++j) {
+                [&](int64_t q, int64_t r0, int64_t rows, const float* c) {
+                  for (int64_t j = 0; j < rows; ++j) {
                     const __m512 g = _mm512_loadu_ps(c + j * kPanel);
                     const __m512 u = _mm512_loadu_ps(c + j * kPanel + 16);
                     const __m512 den = _mm512_add_ps(
                         _mm512_set1_ps(1.0f), tessera_kernels::exp16(_mm512_sub_ps(
                                                   _mm512_setzero_ps(), g)));
-                    _mm512_storeu_ps(hs + j * I + q * 16,
+                    _mm512_storeu_ps(hs + (r0 + j) * I + q * 16,
                                      _mm512_mul_ps(_mm512_div_ps(g, den), u));
                   }
                 });
     // out[token, 32p..32p+31] += w * (h @ down^T) of panel p.
     panels_gemm(h.data(), n, I, down.data_ptr<float>() + e * D * I, D / kPanel,
-                [&](int64_t p, const float* c) {
-                  for (int64_t j = 0; j < n; ++j) {
-                    float* dst = os + pairs[j] / top_k * D + p * kPanel;
-                    const __m512 w = _mm512_set1_ps(ws[pairs[j]]);
+                [&](int64_t p, int64_t r0, int64_t rows, const float* c) {
+                  for (int64_t j = 0; j < rows; ++j) {
+                    const int64_t pair = pairs[r0 + j];
+                    float* dst = os + pair / top_k * D + p * kPanel;
+                    const __m512 w = _mm512_set1_ps(ws[pair]);
                     for (int half = 0; half < 2; ++half) {
                       const __m512 y = _mm512_mul_ps(_mm512_loadu_ps(c + j * kPanel + 16 * half), w);
                       _mm512_storeu_ps(dst + 16 * half,
@@ -187,16 +120,12 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   return out;
 }
 
-bool moe_experts_native() { return true; }
-
-#else  // no AVX-512: the Python path runs instead (moe_experts_native is false)
+#else  // no AVX-512: the Python path runs instead (panel_native is false)
 
 at::Tensor moe_experts(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&) {
   TORCH_CHECK(false, "moe_experts: this build has no AVX-512 body");
 }
-
-bool moe_experts_native() { return false; }
 
 #endif
 
@@ -204,11 +133,6 @@ bool moe_experts_native() { return false; }
 
 TORCH_LIBRARY_FRAGMENT(tessera_kernels, m) {
   m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
-  m.def("moe_experts_native() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) { m.impl("moe_experts", &moe_experts); }
-
-TORCH_LIBRARY_IMPL(tessera_kernels, CatchAll, m) {
-  m.impl("moe_experts_native", &moe_experts_native);
-}

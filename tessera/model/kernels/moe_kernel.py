@@ -28,7 +28,7 @@ PANEL = 32
 
 @functools.cache
 def _native_built() -> bool:
-    return kernel_available() and bool(torch.ops.tessera_kernels.moe_experts_native())
+    return kernel_available() and bool(torch.ops.tessera_kernels.panel_native())
 
 
 def native_experts_fit(gate_up: torch.Tensor, down: torch.Tensor, hidden_act: str) -> bool:
