@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.models import ARCH_DEFAULTS
     from tessera.model.experts import Experts
+    from tessera.model.kernels import linear as kl
     from tessera.model.kernels.moe_kernel import _native_built
     from tessera.model.moe import moe_spec_from_config
 
@@ -76,8 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         for name, layer in paths.items():
             copy = Experts(moe)
             copy.load_state_dict(base.state_dict())
-            if name != "plain":
-                copy.pack_weights(native=name == "native")
+            if name == "native":
+                copy.pack_weights()
+            elif name == "oneDNN packed":
+                # Per-expert matmuls in oneDNN's layout: weight panels held off, as where the
+                # C++ kernels lack AVX-512.
+                available = kl.panel_available
+                kl.panel_available = lambda: False  # type: ignore[assignment]
+                try:
+                    copy.pack_weights(native=False)
+                finally:
+                    kl.panel_available = available  # type: ignore[assignment]
             layer.append(copy)
     top_k, num_experts = moe.top_k, moe.num_experts
     print(f"{args.arch}: {num_experts} experts of {moe.hidden_size} -> 2x"

@@ -13,9 +13,10 @@ head is left out above 64 rows (a step only samples a few rows). Best of several
 
 ``--experts`` times one MoE layer's routed experts instead: the 8 experts of the benchmark
 Mixtral (512 -> 2x1024 -> 512) and of a Qwen3-MoE-sized layer (512 -> 2x256 -> 512), each
-expert given ``rows`` tokens, through ``Experts._expert`` (oneDNN or MKL by row count, the path
-where the native experts kernel does not run), against the same matmuls on the plain weights
-(MKL) and forced onto the packed path. ``benchmarks/moe_kernel.py`` times the native kernel.
+expert given ``rows`` tokens, through ``Experts._expert`` (the per-expert path where the native
+experts kernel does not run: weight panels where they fit, else oneDNN's layout or MKL by row
+count), against the same matmuls on the plain weights (MKL) and forced onto the packed path.
+``benchmarks/moe_kernel.py`` times the native kernel against oneDNN's layout.
 
     python benchmarks/packed_linear.py --experts --threads 1 --rows 8,16,32,64,128,256
 """
@@ -101,7 +102,7 @@ def experts_table(row_counts: list[int], repeats: int) -> None:
         with torch.no_grad():
             for param in (experts.gate_up_proj, experts.down_proj):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        experts.pack_weights(native=False)  # oneDNN's layout: this table's subject
+        experts.pack_weights(native=False)  # the per-expert path: this table's subject
         for rows in row_counts:
             x = torch.randn(rows, 512, generator=gen)
             hidden = torch.randn(rows, inter, generator=gen)
