@@ -10,7 +10,7 @@ is held in panels and multiplied by ``panel_linear.cpp`` (layout and reasons in
 ``panel_gemm.h``): it prefetches the next slice of weights while it computes the current one,
 and has no per-call set-up. On the benchmark AMD EPYC it beat MKL at every row count measured,
 and oneDNN from a 64x64 matrix at one row to the ~100M Llama's matrices at 32 rows (by 10-40%,
-``benchmarks/packed_linear.py``); the two are even at 64-128 rows, and oneDNN is 4-10% faster
+``benchmarks/packed_linear.py``); the two are even at 64-128 rows, and oneDNN is 2-10% faster
 at 512-1024 (a prefill chunk, where the step is bound by arithmetic, not by the weights'
 streaming). Holding both layouts would cost the weights' size once more, so the panels take
 every call, from one row.
