@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from tessera.model import experts as experts_mod
+from tessera.model.kernels import linear as kl
 from tessera.model.kernels import moe_kernel
 from tessera.model.moe import moe_spec_from_config
 
@@ -36,7 +37,7 @@ def experts_pair(cfg: dict, expert_ids: tuple[int, ...] | None,
 
 
 def native_or_skip() -> None:
-    if not moe_kernel._native_built():
+    if not kl.panel_available():
         pytest.skip("the native experts kernel needs an AVX-512 build")
 
 

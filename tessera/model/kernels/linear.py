@@ -132,10 +132,16 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """``weight`` [out, in] reordered for :func:`packed_linear`: panels [out/32, in, 32] where
     ``panel_fits``, else an opaque oneDNN tensor."""
     w = weight.detach()
-    if panel_fits(w):
-        out_features, in_features = w.shape
-        return w.reshape(out_features // PANEL, PANEL, in_features).transpose(1, 2).contiguous()
-    return pack_onednn(w)
+    return to_panels(w) if panel_fits(w) else pack_onednn(w)
+
+
+def to_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[..., out, in] -> [..., out/32, in, 32]: for panel p and every input k, the weights of
+    output columns 32p..32p+31 side by side (``panel_gemm.h``). ``out`` must be a multiple of
+    ``PANEL``."""
+    *lead, out_features, in_features = weight.shape
+    w = weight.detach().reshape(*lead, out_features // PANEL, PANEL, in_features)
+    return w.transpose(-1, -2).contiguous()
 
 
 def pack_onednn(weight: torch.Tensor) -> torch.Tensor:

@@ -7,28 +7,18 @@ matmuls. One layer of the benchmark Mixtral's eight experts (512 -> 2x1024 -> 51
 each, one thread on an AMD EPYC: ``benchmarks/moe_kernel.py`` has the figures.
 
 Used for float32 experts with a silu gate on a CPU whose build has AVX-512
-(``moe_experts_native``), when the intermediate size is a multiple of 16 and the hidden size a
+(``linear.panel_available``), when the intermediate size is a multiple of 16 and the hidden size a
 multiple of 32; every other case keeps the Python path in ``Experts``.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from tessera.model.kernels.build import kernel_available
+from tessera.model.kernels.linear import PANEL, panel_available, to_panels
 
-GATE_LANES = 16
+GATE_LANES = PANEL // 2
 """Gate (and up) rows per packed gate/up panel: a panel is 16 gate rows beside 16 up rows."""
-
-PANEL = 32
-"""Output columns per packed panel (two AVX-512 registers of float32)."""
-
-
-@functools.cache
-def _native_built() -> bool:
-    return kernel_available() and bool(torch.ops.tessera_kernels.panel_native())
 
 
 def native_experts_fit(gate_up: torch.Tensor, down: torch.Tensor, hidden_act: str) -> bool:
@@ -43,7 +33,7 @@ def native_experts_fit(gate_up: torch.Tensor, down: torch.Tensor, hidden_act: st
         and two_inter % (2 * GATE_LANES) == 0
         and hidden % PANEL == 0
         and gate_up.numel() > 0
-        and _native_built()
+        and panel_available()
     )
 
 
@@ -59,10 +49,8 @@ def pack_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def pack_down(down: torch.Tensor) -> torch.Tensor:
-    """[E, D, I] -> [E, D/32, I, 32]: for panel p and every input k, output rows 32p..32p+31."""
-    num_experts, hidden, inter = down.shape
-    w = down.detach().reshape(num_experts, hidden // PANEL, PANEL, inter)
-    return w.transpose(2, 3).contiguous()  # [E, D/32, I, 32]
+    """[E, D, I] -> [E, D/32, I, 32]: each expert's down projection in weight panels."""
+    return to_panels(down)
 
 
 def native_experts(
