@@ -167,3 +167,22 @@ def test_warm_up_leaves_no_trace(model_factory):
     assert engine.stats()["prefix_queried_tokens"] == 0 and not engine.block_manager.cached
     assert engine.block_manager.num_free_blocks == engine.runtime.num_kv_blocks
     assert not engine.has_unfinished_requests()
+
+
+def test_warm_up_runs_a_step_as_large_as_a_step_can_be(model_factory):
+    # The largest step's activations set the host heap's size; warm-up must reach it.
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    engine = llm.engine
+    sizes = []
+    schedule = engine.scheduler.schedule
+
+    def record():
+        out = schedule()
+        sizes.append(out.num_batched_tokens)
+        return out
+
+    engine.scheduler.schedule = record
+    engine.warm_up()
+    largest = min(engine.config.scheduler.max_num_batched_tokens, engine.runtime.max_model_len - 1)
+    assert largest > 2 and max(sizes) == largest

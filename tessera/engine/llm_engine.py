@@ -189,18 +189,27 @@ class LLMEngine:
         return True
 
     def warm_up(self) -> None:
-        """Run one tiny request through prefill and decode before serving, so one-time costs
-        (loading the decode kernel, first allocations) are not paid by the first user.
+        """Run one tiny request through prefill and decode, then one prefill as large as a step
+        can be, before serving, so one-time costs are not paid by the first users: loading the
+        decode kernel, and growing the host heap (and a device's caching allocator) to the
+        activations of the largest step. On CPU the first 2048-token prefill of the ~100M Llama
+        took 2.5 s against 2.0-2.2 s later, its pages faulted in one at a time (27k faults).
         Leaves no trace: counters, prefix cache and blocks are as before."""
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up must run before any request is added")
         s = self.scheduler
         counters = (self.num_prompt_tokens_total, self.num_generation_tokens_total,
                     s.num_prefix_queried_tokens, s.num_prefix_hit_tokens)
-        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
-        self.add_request("__warm_up__", [0, 0], params)
-        while self.has_unfinished_requests():
-            self.step()
+        # A step's worth of prompt tokens, after the tiny request (so the two share no step);
+        # max_model_len already fits in the KV pool.
+        num_tokens = min(self.config.scheduler.max_num_batched_tokens,
+                         self.runtime.max_model_len - 1)
+        for request_id, prompt, max_tokens in (("__warm_up__", [0, 0], 2),
+                                               ("__warm_up_largest_step__", [0] * num_tokens, 1)):
+            self.add_request(request_id, prompt, SamplingParams(
+                temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+            while self.has_unfinished_requests():
+                self.step()
         (self.num_prompt_tokens_total, self.num_generation_tokens_total,
          s.num_prefix_queried_tokens, s.num_prefix_hit_tokens) = counters
         self.block_manager.reset_prefix_cache()
