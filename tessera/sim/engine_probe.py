@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,16 +109,20 @@ CALIBRATION_RUNS: tuple[tuple[int, int, int], ...] = (
 )
 
 
-def _fastest(runs: list[list[StepSample]]) -> list[StepSample]:
-    """Step by step, the fastest of repeated runs that scheduled identical loads.
+def fastest_runs(rounds: Sequence[Sequence[list[StepSample]]]) -> list[StepSample]:
+    """Per workload, the steps of its fastest run over ``rounds`` (each round holds one run of
+    every workload, in the same order), concatenated.
 
-    Other processes on the machine only ever slow a step down, so the minimum over repeats is
-    the closest to the engine's own cost. Runs whose schedules differ are kept whole.
+    Other processes on the machine only ever slow a run down, so the fastest run is the
+    closest to the engine's own cost. The whole run is kept, not each step's minimum over the
+    runs: that minimum picks every step's luckiest timing and would fit constants faster than
+    any one run ever is, while the runs the simulator predicts (``benchmarks/sim_local.py``,
+    ``benchmarks/sim_afd_local.py``) are also the fastest of repeated whole runs.
     """
-    first = runs[0]
-    if any([s.load for s in run] != [s.load for s in first] for run in runs[1:]):
-        return [s for run in runs for s in run]
-    return [min(group, key=lambda s: s.seconds) for group in zip(*runs, strict=True)]
+    samples: list[StepSample] = []
+    for runs in zip(*rounds, strict=True):
+        samples += min(runs, key=lambda run: sum(s.seconds for s in run))
+    return samples
 
 
 def native_decode_rows(engine: Any) -> int:
@@ -133,20 +138,20 @@ def with_native_rows(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
                                       "native_decode_rows": native_decode_rows(engine)}}
 
 
+def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
+                      seed: int = 0) -> list[list[StepSample]]:
+    """One run of every calibration workload on ``engine``: each run's step samples, in the
+    order of ``CALIBRATION_RUNS``. Random prompts from ``seed`` (use a new seed per round:
+    the same lengths, so the same schedule, but no prefix-cache hits)."""
+    vocab = int(engine.spec.vocab_size)
+    return [record_steps(engine, model, random_prompts(num, prompt_len, vocab, seed + k),
+                         [out_len] * num, kv_bytes_per_element).samples
+            for k, (num, prompt_len, out_len) in enumerate(CALIBRATION_RUNS)]
+
+
 def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
                         seed: int = 0, repeats: int = 2) -> list[StepSample]:
-    """Run the calibration workloads on ``engine`` and return every step's sample.
-
-    Each workload runs ``repeats`` times with fresh random prompts (the same lengths, so the
-    same schedule, but no prefix-cache hits) and each step keeps its fastest measurement.
-    """
-    vocab = int(engine.spec.vocab_size)
-    samples: list[StepSample] = []
-    for k, (num, prompt_len, out_len) in enumerate(CALIBRATION_RUNS):
-        runs = []
-        for r in range(max(repeats, 1)):
-            prompts = random_prompts(num, prompt_len, vocab, seed + 1000 * r + k)
-            runs.append(record_steps(engine, model, prompts, [out_len] * num,
-                                     kv_bytes_per_element).samples)
-        samples += _fastest(runs)
-    return samples
+    """Run the calibration workloads ``repeats`` times on ``engine`` and return the steps of
+    each workload's fastest run (``fastest_runs``)."""
+    return fastest_runs([calibration_round(engine, model, kv_bytes_per_element, seed + 1000 * r)
+                         for r in range(max(repeats, 1))])

@@ -9,7 +9,7 @@ from tessera.engine.block_manager import BlockManager
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
 from tessera.sampling_params import SamplingParams
-from tessera.sim.engine_probe import StepSample
+from tessera.sim.engine_probe import StepSample, fastest_runs
 from tessera.sim.engine_sim import (
     EngineScenario,
     StepCost,
@@ -182,3 +182,16 @@ def test_native_decode_steps_pay_no_per_op_launches() -> None:
         load = StepLoad(num_seqs=seqs, num_tokens=tokens, num_sampled=seqs,
                         attention_flops=1e5, kv_bytes=1e5)
         assert plain.seconds(load) == native.seconds(load)
+
+
+def test_calibration_keeps_each_workloads_fastest_whole_run() -> None:
+    # Per-step minima over the runs (0.9 + 0.9) would be faster than either run (2.0, 1.9):
+    # the kept samples of a workload must be one run's, the one with the smallest total.
+    load = StepLoad(num_seqs=1, num_tokens=1, num_sampled=1, attention_flops=0.0, kv_bytes=0.0)
+    slow_then_fast = [StepSample(load, 1.1), StepSample(load, 0.9)]
+    fast_then_slow = [StepSample(load, 0.9), StepSample(load, 1.0)]
+    other_a, other_b = [StepSample(load, 3.0)], [StepSample(load, 2.0)]
+    # Two rounds, each one run of two workloads; workload 2's faster run is in round 2.
+    rounds = [[slow_then_fast, other_a], [fast_then_slow, other_b]]
+    assert fastest_runs(rounds) == fast_then_slow + other_b
+    assert fastest_runs(rounds[::-1]) == fast_then_slow + other_b
