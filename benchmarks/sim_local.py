@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         record_steps,
         with_native_rows,
     )
-    from tessera.sim.engine_sim import EngineScenario, EngineSimResult, simulate_engine
+    from tessera.sim.engine_sim import (
+        EngineScenario,
+        EngineSimResult,
+        StepCost,
+        simulate_engine,
+    )
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
     from tessera.sim.hardware import system_from_profile
     from tessera.sim.model import spec_from_config
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     worst = 0.0
+    step_cost = StepCost(system, model, "fp32")
     for (name, max_num_seqs, workload, serial), case_tries in zip(cases, tries, strict=True):
         groups = [[req] for req in workload] if serial else [workload]
         runs: list[tuple[ProbeRun, EngineSimResult]] = []
@@ -151,9 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         s_tpot = sum(sum(s.tpot_ms) for _, s in runs) / sum(len(s.tpot_ms) for _, s in runs)
         err_tps, err_tpot = s_tps / m_tps - 1.0, s_tpot / m_tpot - 1.0
         worst = max(worst, abs(err_tps), abs(err_tpot))
+        # Each measured step with the fitted model's time for it: which steps a miss comes from.
+        steps = [dict(load=st.load.__dict__, seconds=st.seconds,
+                      simulated_seconds=step_cost.seconds(st.load))
+                 for m, _ in runs for st in m.samples]
         rows.append(dict(workload=name, measured_tok_s=m_tps, simulated_tok_s=s_tps,
                          tok_s_error=err_tps, measured_tpot_ms=m_tpot, simulated_tpot_ms=s_tpot,
-                         tpot_error=err_tpot))
+                         tpot_error=err_tpot, steps=steps))
 
     print(f"\n{'workload':<52} {'tok/s meas':>10} {'sim':>8} {'err':>7} "
           f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7}")
@@ -163,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['simulated_tpot_ms']:>8.1f} {r['tpot_error']:>+7.1%}")
     print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - t0:.0f} s")
     if args.json:
-        # The calibration steps too, so that the fit can be studied offline without rerunning.
+        # The calibration steps too, so that the fit can be studied offline without rerunning;
+        # each row holds its measured steps.
         steps = [dict(load=s.load.__dict__, seconds=s.seconds) for s in fit_samples]
         Path(args.json).write_text(json.dumps(dict(rows=rows, efficiency=eff.__dict__,
                                                    profile=profile, fit_samples=steps), indent=2))
