@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.model.loader import read_config
     from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
     from tessera.sim.calibrate import measure
-    from tessera.sim.engine_probe import calibration_round, fastest_runs, with_native_rows
+    from tessera.sim.engine_probe import calibration_round, fastest_runs, with_engine_facts
     from tessera.sim.engine_sim import EngineSimResult
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
     from tessera.sim.hardware import system_from_profile
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for llm in splits.values():
             llm.close()
     samples = fastest_runs(cal_rounds)
-    profile = with_native_rows(profile, engine)
+    profile = with_engine_facts(profile, engine)
     eff = fit_efficiency(system_from_profile(profile), model, "fp32", samples)
     profile = profile_with(profile, eff)
     system = system_from_profile(profile)

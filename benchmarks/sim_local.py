@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         fastest_runs,
         random_prompts,
         record_steps,
-        with_native_rows,
+        with_engine_facts,
     )
     from tessera.sim.engine_sim import (
         EngineScenario,
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 group_tries.append(record_steps(engines[max_num_seqs], model, prompts,
                                                 [n for _, n in group], kv_bytes))
     fit_samples = fastest_runs(cal_rounds)
-    profile = with_native_rows(profile, engines[256])
+    profile = with_engine_facts(profile, engines[256])
     raw = system_from_profile(profile)
     eff = fit_efficiency(raw, model, "fp32", fit_samples)
     system = system_from_profile(profile_with(profile, eff))

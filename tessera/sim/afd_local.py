@@ -95,7 +95,8 @@ class _UnitCosts:
         """One layer's attention side (the unit, the FFN's input norm, the submit)."""
         n = self.model.num_layers
         return (self.pool.attention_unit_s(load.num_tokens, load.attention_flops / n,
-                                           load.kv_bytes / n) + self.attn_ops_s)
+                                           load.kv_bytes / n, load.num_sampled)
+                + self.attn_ops_s)
 
     def ffn(self, load: StepLoad, layer: int) -> float:
         moe_layer = layer >= self.model.num_dense_layers  # dense layers first, as in the sim

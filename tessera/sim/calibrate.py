@@ -98,7 +98,7 @@ def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "floa
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import ModelLoadError, read_config
 
-    from .engine_probe import calibration_samples, with_native_rows
+    from .engine_probe import calibration_samples, with_engine_facts
     from .fit import fit_efficiency, profile_with, step_errors
     from .hardware import system_from_profile
     from .model import spec_from_config
@@ -116,7 +116,7 @@ def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "floa
     kv_bytes = float(cache.element_size())
     samples = calibration_samples(engine, model, kv_bytes)
     precision = _PRECISION[dtype]
-    profile = with_native_rows(profile, engine)
+    profile = with_engine_facts(profile, engine)
     system = system_from_profile(profile)
     eff = fit_efficiency(system, model, precision, samples)
     fitted = profile_with(profile, eff)

@@ -72,6 +72,9 @@ class PoolCost:
         self.mem_rate = chip.memory_bytes_per_s * eff.memory
         kv_eff = eff.memory if eff.kv_memory is None else eff.kv_memory
         self.kv_mem_rate = chip.memory_bytes_per_s * kv_eff
+        split_eff = kv_eff if eff.kv_memory_split is None else eff.kv_memory_split
+        self.kv_split_rate = chip.memory_bytes_per_s * split_eff
+        self.kv_whole_batch = eff.kv_whole_batch
         self.op_overhead_s = eff.op_overhead_us * 1e-6
         self.ops_per_layer = eff.ops_per_layer
         self.step_overhead_s = eff.step_overhead_ms * 1e-3
@@ -145,11 +148,14 @@ class PoolCost:
 
     # ----- per-layer pieces ---------------------------------------------------------------
     def _attention_s(self, tokens: np.ndarray, core_flops: np.ndarray,
-                     kv_bytes: np.ndarray) -> np.ndarray:
+                     kv_bytes: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+        """One layer's attention unit per group; ``seqs``: sequences sampling a token in the
+        step (the decode batch), which sets the KV read rate (``Efficiency.kv_whole_batch``)."""
         m = self.model
         proj = self._matmul_s(m.attn_params, tokens)
+        kv_rate = np.where(seqs < self.kv_whole_batch, self.kv_split_rate, self.kv_mem_rate)
         core = self._roofline_s(core_flops / self.layout.tp / self.attn_rate,
-                                kv_bytes / self.layout.tp / self.kv_mem_rate)
+                                kv_bytes / self.layout.tp / kv_rate)
         return np.asarray(proj + core + self._tp_allreduce_s(tokens))
 
     def _moe_layer_s(self, attn_s: np.ndarray, tokens: np.ndarray) -> float:
@@ -181,10 +187,13 @@ class PoolCost:
         return max(sum(stages), mb * max(stages))
 
     # ----- units on their own (a worker per unit kind, e.g. tessera.sim.afd_local) -----------
-    def attention_unit_s(self, tokens: float, core_flops: float, kv_bytes: float) -> float:
-        """One layer's attention unit (projections and attention over the KV cache)."""
+    def attention_unit_s(self, tokens: float, core_flops: float, kv_bytes: float,
+                         seqs: float) -> float:
+        """One layer's attention unit (projections and attention over the KV cache) for
+        ``seqs`` sequences sampling a token."""
         t = np.array([tokens])
-        return float(self._attention_s(t, np.array([core_flops]), np.array([kv_bytes]))[0])
+        return float(self._attention_s(t, np.array([core_flops]), np.array([kv_bytes]),
+                                       np.array([seqs]))[0])
 
     def ffn_unit_s(self, tokens: float, moe_layer: bool) -> float:
         """One layer's FFN unit over ``tokens`` rows on one device holding all of it: the dense
@@ -229,7 +238,8 @@ class PoolCost:
     def _layers_s(self, load: PassLoad, num_dense: int, num_moe: int) -> float:
         m, mb = self.model, self.layout.num_micro_batches
         t_mb = load.tokens / mb
-        attn = self._attention_s(t_mb, load.core_flops / mb, load.kv_bytes / mb)
+        attn = self._attention_s(t_mb, load.core_flops / mb, load.kv_bytes / mb,
+                                 load.sampled / mb)
         total = 0.0
         if num_dense:
             dense = attn + self._matmul_s(m.dense_ffn_params, t_mb) + self._tp_allreduce_s(t_mb)

@@ -132,10 +132,19 @@ def native_decode_rows(engine: Any) -> int:
     return 0 if stack is None else int(stack.max_rows)
 
 
-def with_native_rows(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
-    """``profile`` with its efficiency block naming ``engine``'s native decode rows."""
+def with_engine_facts(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
+    """``profile`` with its efficiency block naming what ``engine``'s kernels do by batch size:
+    its native decode rows, and the decode batch from which its attention kernel reads whole
+    sequences (``Efficiency.kv_whole_batch``; 0 off the CPU kernel)."""
+    import torch
+
+    from tessera.model.kernels.paged_decode import kernel_available, whole_sequence_batch
+
+    on_kernel = engine.platform.device.type == "cpu" and kernel_available()
+    whole = whole_sequence_batch(torch.get_num_threads()) if on_kernel else 0
     return {**profile, "efficiency": {**profile["efficiency"],
-                                      "native_decode_rows": native_decode_rows(engine)}}
+                                      "native_decode_rows": native_decode_rows(engine),
+                                      "kv_whole_batch": whole}}
 
 
 def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float,

@@ -19,14 +19,15 @@ from .engine_sim import StepCost
 from .hardware import Efficiency, System
 from .model import ModelSpec
 
-FITTED = ("matmul", "memory", "kv_memory", "attention", "overlap", "op_overhead_us",
-          "step_overhead_ms", "seq_overhead_us")
+FITTED = ("matmul", "memory", "kv_memory", "kv_memory_split", "attention", "overlap",
+          "op_overhead_us", "step_overhead_ms", "seq_overhead_us")
 _FLOOR = {"op_overhead_us": 1e-2, "step_overhead_ms": 1e-3, "seq_overhead_us": 1e-2}
 # Efficiencies are fractions of a rate measured on this machine. The raw rates come from a
 # fraction of a second of timing and may catch a busy moment (the fit's hundreds of steps are
 # the better estimate), so up to 3 is accepted; beyond that the constant would be standing in
 # for something the model lacks. ``overlap`` is a share (at most 1: the pure roofline max).
-_CAP = {"matmul": 3.0, "attention": 3.0, "memory": 3.0, "kv_memory": 3.0, "overlap": 1.0}
+_CAP = {"matmul": 3.0, "attention": 3.0, "memory": 3.0, "kv_memory": 3.0, "kv_memory_split": 3.0,
+        "overlap": 1.0}
 
 
 def profile_with(profile: dict[str, Any], eff: Efficiency) -> dict[str, Any]:
@@ -63,6 +64,8 @@ def fit_efficiency(system: System, model: ModelSpec, precision: str,
     eff = system.chip.efficiency
     if eff.kv_memory is None:
         eff = replace(eff, kv_memory=eff.memory)  # start from the shared rate
+    if eff.kv_memory_split is None:
+        eff = replace(eff, kv_memory_split=eff.kv_memory)
     eff = replace(eff, **{k: max(getattr(eff, k), _FLOOR.get(k, 1e-3)) for k in FITTED})
     best = _loss(_with(system, eff), model, precision, samples)
     step = 2.0

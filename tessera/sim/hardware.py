@@ -37,6 +37,15 @@ class Efficiency:
     """Fraction of the memory rate at which attention reads the KV cache; None: ``memory``. Kept
     apart for calibrated CPUs, where a decode-attention kernel reading scattered KV blocks on
     every thread and a GEMV streaming weights reach different shares of the same bus."""
+    kv_memory_split: float | None = None
+    """Fraction of the memory rate at which attention reads the KV cache in steps of fewer than
+    ``kv_whole_batch`` decoding sequences; None: ``kv_memory``. Tessera's CPU decode kernel
+    splits a sequence's heads over threads there and reads short strided runs (23-27 GB/s
+    against 31-38 for whole sequences, 2 threads, benchmarks/RESULTS.md)."""
+    kv_whole_batch: int = 0
+    """Decoding sequences per step from which attention reads KV at ``kv_memory``, below it at
+    ``kv_memory_split`` (Tessera's CPU kernel: 8 per thread, written at calibration); 0
+    everywhere else."""
     native_decode_rows: int = 0
     """Decode-only steps of up to this many sequences run all layers as one native call
     (Tessera's CPU decode path; read from the engine at calibration) and pay no per-op launch
@@ -109,6 +118,9 @@ def _efficiency(raw: dict[str, Any]) -> Efficiency:
         seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
         overlap=float(raw.get("overlap", 1.0)),
         kv_memory=None if raw.get("kv_memory") is None else float(raw["kv_memory"]),
+        kv_memory_split=(None if raw.get("kv_memory_split") is None
+                         else float(raw["kv_memory_split"])),
+        kv_whole_batch=int(raw.get("kv_whole_batch", 0)),
         native_decode_rows=int(raw.get("native_decode_rows", 0)),
     )
 

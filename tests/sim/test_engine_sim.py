@@ -169,6 +169,40 @@ def test_a_steps_kv_bytes_are_read_once_over_all_layers() -> None:
     assert extra == pytest.approx(kv_bytes / rate)
 
 
+def test_decode_batches_below_the_whole_sequence_batch_read_kv_at_the_split_rate() -> None:
+    cost = _cost(overlap=0.0, kv_memory=0.5, kv_memory_split=0.25, kv_whole_batch=4)
+    kv_bytes = 4e6
+    rate = PROFILE["memory_gb_s"] * 1e9  # type: ignore[operator]
+    for seqs, eff in ((1, 0.25), (3, 0.25), (4, 0.5), (9, 0.5)):
+        base = StepLoad(num_seqs=seqs, num_tokens=seqs, num_sampled=seqs, attention_flops=0.0,
+                        kv_bytes=0.0)
+        extra = cost.seconds(replace(base, kv_bytes=kv_bytes)) - cost.seconds(base)
+        assert extra == pytest.approx(kv_bytes / (rate * eff)), seqs
+    # Without a whole-sequence batch (every catalog chip) the split rate is never used.
+    plain = _cost(overlap=0.0, kv_memory=0.5, kv_memory_split=0.25)
+    base = StepLoad(num_seqs=1, num_tokens=1, num_sampled=1, attention_flops=0.0, kv_bytes=0.0)
+    extra = plain.seconds(replace(base, kv_bytes=kv_bytes)) - plain.seconds(base)
+    assert extra == pytest.approx(kv_bytes / (rate * 0.5))
+
+
+def test_fit_recovers_a_split_kv_rate() -> None:
+    model = spec_from_config(CFG)
+    eff = {**PROFILE["efficiency"], "kv_memory": 0.6, "kv_memory_split": 0.3,  # type: ignore[dict-item]
+           "kv_whole_batch": 8}
+    truth = system_from_profile({**PROFILE, "efficiency": eff})
+    cost = StepCost(truth, model, "fp32")
+    loads = [StepLoad(num_seqs=s, num_tokens=s, num_sampled=s, attention_flops=1e5 * s,
+                      kv_bytes=k) for s, k in [(1, 4e7), (2, 8e7), (4, 1e8), (8, 2e8),
+                                               (16, 3e8), (32, 4e8), (64, 5e8), (6, 1e6),
+                                               (24, 2e6)]]
+    samples = [StepSample(ld, cost.seconds(ld)) for ld in loads]
+    start = replace(truth, chip=replace(truth.chip, efficiency=replace(
+        truth.chip.efficiency, kv_memory=None, kv_memory_split=None)))
+    fitted_eff = fit_efficiency(start, model, "fp32", samples)
+    assert fitted_eff.kv_memory == pytest.approx(0.6, rel=0.05)
+    assert fitted_eff.kv_memory_split == pytest.approx(0.3, rel=0.05)
+
+
 def test_native_decode_steps_pay_no_per_op_launches() -> None:
     model = spec_from_config(CFG)
     plain, native = _cost(), _cost(native_decode_rows=3)

@@ -16,6 +16,16 @@ from tessera.model.kernels.build import kernel_available
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+WHOLE_SEQUENCES_PER_THREAD = 8
+"""Below this many decoding sequences per thread the kernel splits each sequence's kv heads
+into ranges over the threads (short strided reads); from there on a work item is one whole
+sequence (contiguous runs). Mirrors ``num_ranges`` in paged_decode.cpp."""
+
+
+def whole_sequence_batch(num_threads: int) -> int:
+    """The decode batch from which the kernel reads whole sequences on ``num_threads``."""
+    return WHOLE_SEQUENCES_PER_THREAD * max(num_threads, 1)
+
 
 def decode_kernel_applies(q: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     return (
