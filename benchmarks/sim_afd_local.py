@@ -138,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.rounds} rounds in {time.perf_counter() - t0:.0f} s; fit (1 thread) on "
           f"{len(samples)} steps, median step error {fit_err[len(fit_err) // 2]:.1%}; matmul "
           f"{eff.matmul:.2f}, memory {eff.memory:.2f}, kv memory "
-          f"{eff.kv_memory or eff.memory:.2f}, step {eff.step_overhead_ms:.2f} ms, per op "
+          f"{eff.kv_memory or eff.memory:.2f} (fewer than {eff.kv_whole_batch} seqs "
+          f"{eff.kv_memory_split or eff.kv_memory or eff.memory:.2f}), step "
+          f"{eff.step_overhead_ms:.2f} ms, per op "
           f"{eff.op_overhead_us:.1f} us; data plane {latency_s * 1e6:.0f} us one way "
           f"({rows_per_lane} x {model.hidden_size} float32)")
 

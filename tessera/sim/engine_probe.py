@@ -102,10 +102,14 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
 # CPU engine step goes through: decode at batch 1 (weight streaming, short and long context) and
 # at batches 3 to 64 (the matmuls turn compute bound, KV reads grow), single and batched prefills
 # up to 1500 tokens (matmul rate, causal attention), a 3000-token prompt split in chunks that
-# attend over their cached context, and prefill chunks mixed with running decodes.
+# attend over their cached context, and prefill chunks mixed with running decodes. KV-heavy
+# decodes come both below and at the batch from which the decode kernel reads whole sequences
+# (6 and 16 sequences of 512-600 tokens; ``Efficiency.kv_whole_batch``), so that both KV rates
+# are fitted on reads of the same size.
 CALIBRATION_RUNS: tuple[tuple[int, int, int], ...] = (
     (1, 32, 40), (1, 600, 48), (3, 200, 64), (4, 64, 40), (16, 64, 32), (32, 96, 24),
     (64, 32, 12), (2, 1024, 2), (8, 256, 2), (1, 1500, 2), (2, 3000, 2), (6, 600, 16),
+    (16, 512, 16),
 )
 
 
