@@ -108,7 +108,7 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
 # are fitted on reads of the same size.
 CALIBRATION_RUNS: tuple[tuple[int, int, int], ...] = (
     (1, 32, 40), (1, 600, 48), (3, 200, 64), (4, 64, 40), (16, 64, 32), (32, 96, 24),
-    (64, 32, 12), (2, 1024, 2), (8, 256, 2), (1, 1500, 2), (2, 3000, 2), (6, 600, 16),
+    (64, 32, 48), (2, 1024, 2), (8, 256, 2), (1, 1500, 2), (2, 3000, 2), (6, 600, 16),
     (16, 512, 16),
 )
 
