@@ -1,6 +1,6 @@
 """Simulated vs measured: does ``tessera.sim`` predict Tessera's own runs on this machine?
 
-In one run: measure the raw rates, then alternate rounds of the calibration workloads of
+In one run: measure the raw rates, then run rounds of the calibration workloads of
 ``tessera.sim.engine_probe`` and of validation workloads the fit never sees; fit the cost
 model's efficiency constants to the calibration steps, and simulate the validation workloads
 with ``tessera.sim.engine_sim`` (the engine's own scheduler and block manager on a virtual
@@ -11,8 +11,8 @@ Other processes on a shared machine only ever slow a run down, in bursts (a stre
 steps at 1.6-1.8x their neighbours' time) and in drifts over minutes (weight streaming 20-30%
 slower for a while). So every workload, calibration and validation alike, runs once per round
 (``--rounds``; fresh random token ids of the same lengths, so the same schedule and no
-prefix-cache hits) and its fastest whole run is kept; alternating the two kinds lets both come
-from the machine's quiet stretches.
+prefix-cache hits) and its fastest whole run is kept; mixing the two kinds in each round, in a
+shuffled order, lets both come from the machine's quiet stretches.
 
     python benchmarks/sim_local.py [--model DIR] [--threads 2] [--num-requests 32] [--rounds 3]
 """
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -54,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.model.loader import read_config
     from tessera.sim.calibrate import measure
     from tessera.sim.engine_probe import (
+        CALIBRATION_RUNS,
         ProbeRun,
-        calibration_round,
+        StepSample,
+        calibration_run,
         fastest_runs,
         random_prompts,
         record_steps,
@@ -99,15 +102,25 @@ def main(argv: list[str] | None = None) -> int:
     ]
     engines = {n: engine(n) for n in sorted({n for _, n, _, _ in cases} | {256})}
     kv_bytes = 4.0
-    # Rounds: the calibration workloads, then one run of each validation workload, on engines
-    # kept warm. The machine's speed drifts over minutes (other tenants), so calibrating first
-    # and measuring afterwards compares two different machines; alternating, the fastest run of
-    # every workload over the rounds comes from the machine's quiet stretches for both.
-    cal_rounds = []
+    # Rounds: one run of every calibration and every validation workload, on engines kept
+    # warm. The machine's speed drifts over minutes (other tenants), so calibrating first and
+    # measuring afterwards compares two different machines; alternating, the fastest run of
+    # every workload over the rounds comes from the machine's quiet stretches for both. Each
+    # round runs its workloads in a shuffled order, so that no workload always follows the same
+    # one (a heavy run can leave the machine slower for a while).
+    num_cal = len(CALIBRATION_RUNS)
+    cal_rounds: list[list[list[StepSample]]] = []
     tries: list[list[list[ProbeRun]]] = [[] for _ in cases]  # [case][group] -> runs
     for r in range(max(args.rounds, 1)):
-        cal_rounds.append(calibration_round(engines[256], model, kv_bytes, seed=1000 * r))
-        for (_, max_num_seqs, workload, serial), case_tries in zip(cases, tries, strict=True):
+        cal_runs: dict[int, list[StepSample]] = {}
+        order = list(range(num_cal + len(cases)))
+        random.Random(r).shuffle(order)
+        for task in order:
+            if task < num_cal:
+                cal_runs[task] = calibration_run(engines[256], model, kv_bytes, task, 1000 * r)
+                continue
+            _, max_num_seqs, workload, serial = cases[task - num_cal]
+            case_tries = tries[task - num_cal]
             groups = [[req] for req in workload] if serial else [workload]
             if not case_tries:
                 case_tries.extend([] for _ in groups)
@@ -119,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                            for (ids, _), seed in zip(group, seeds, strict=True)]
                 group_tries.append(record_steps(engines[max_num_seqs], model, prompts,
                                                 [n for _, n in group], kv_bytes))
+        cal_rounds.append([cal_runs[k] for k in range(num_cal)])
     fit_samples = fastest_runs(cal_rounds)
     profile = with_engine_facts(profile, engines[256])
     raw = system_from_profile(profile)

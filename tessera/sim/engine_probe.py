@@ -151,15 +151,22 @@ def with_engine_facts(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
                                       "kv_whole_batch": whole}}
 
 
+def calibration_run(engine: Any, model: ModelSpec, kv_bytes_per_element: float, index: int,
+                    seed: int = 0) -> list[StepSample]:
+    """One run of calibration workload ``index`` (of ``CALIBRATION_RUNS``) on ``engine``: its
+    step samples. Random prompts from ``seed + index`` (use a new seed per round: the same
+    lengths, so the same schedule, but no prefix-cache hits)."""
+    num, prompt_len, out_len = CALIBRATION_RUNS[index]
+    prompts = random_prompts(num, prompt_len, int(engine.spec.vocab_size), seed + index)
+    return record_steps(engine, model, prompts, [out_len] * num, kv_bytes_per_element).samples
+
+
 def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
                       seed: int = 0) -> list[list[StepSample]]:
-    """One run of every calibration workload on ``engine``: each run's step samples, in the
-    order of ``CALIBRATION_RUNS``. Random prompts from ``seed`` (use a new seed per round:
-    the same lengths, so the same schedule, but no prefix-cache hits)."""
-    vocab = int(engine.spec.vocab_size)
-    return [record_steps(engine, model, random_prompts(num, prompt_len, vocab, seed + k),
-                         [out_len] * num, kv_bytes_per_element).samples
-            for k, (num, prompt_len, out_len) in enumerate(CALIBRATION_RUNS)]
+    """One run of every calibration workload on ``engine``, in the order of
+    ``CALIBRATION_RUNS``: each run's step samples."""
+    return [calibration_run(engine, model, kv_bytes_per_element, k, seed)
+            for k in range(len(CALIBRATION_RUNS))]
 
 
 def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
