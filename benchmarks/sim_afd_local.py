@@ -1,8 +1,8 @@
 """Simulated vs measured for the attention/FFN split on this machine (``tessera.sim.afd_local``).
 
 In one run: measure the raw rates with one thread and the data plane's one-way message time
-between two local processes; then alternate rounds (``--rounds``) of the calibration workloads of
-``tessera.sim.engine_probe`` on a one-thread engine (each worker of the split has one thread)
+between two local processes; then run rounds (``--rounds``, each in a shuffled order) of the
+calibration workloads of ``tessera.sim.engine_probe`` on a one-thread engine (each worker of the split has one thread)
 and of the transformerless benchmark's workload on the split (A=1, F=1) with M=1 and M=2, at
 the given ``--ffn-head-share``. Fit the efficiency constants to the calibration steps, print
 the LM head share the simulation finds best for M=1 and M=2, and simulate the measured
@@ -10,8 +10,8 @@ workload. Prints measured and simulated output throughput and mean TPOT with the
 target: every error within 10%. Exit status 1 when one is not.
 
 Per workload the fastest run over the rounds counts, as in ``sim_local.py`` (other tenants only
-ever slow a run down; alternating lets calibration and measurement both come from the
-machine's quiet stretches). The splits stay up across rounds: the first run on a fresh split
+ever slow a run down; mixing the two kinds in every round lets calibration and measurement
+both come from the machine's quiet stretches). The splits stay up across rounds: the first run on a fresh split
 also pays its workers' one-time costs (their heaps grow to the size of a full prefill step,
 page by page), which the simulation does not model.
 
@@ -95,7 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.model.loader import read_config
     from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
     from tessera.sim.calibrate import measure
-    from tessera.sim.engine_probe import calibration_round, fastest_runs, with_engine_facts
+    from tessera.sim.engine_probe import (
+        CALIBRATION_RUNS,
+        StepSample,
+        calibration_run,
+        fastest_runs,
+        with_engine_facts,
+    )
     from tessera.sim.engine_sim import EngineSimResult
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
     from tessera.sim.hardware import system_from_profile
@@ -114,18 +120,26 @@ def main(argv: list[str] | None = None) -> int:
     engine.warm_up()
     splits = {m: open_split(model_dir, m, args.ffn_head_share) for m in (1, 2)}
     rng = random.Random(0)
-    # Rounds, as in sim_local.py: the calibration workloads on the one-thread engine, then one
-    # run of the workload on each split, all kept warm; per workload the fastest run counts.
-    # Fresh token ids each round, so no run reuses another's prefix cache.
-    cal_rounds = []
+    # Rounds, as in sim_local.py: the calibration workloads on the one-thread engine and one
+    # run of the workload on each split, all kept warm, in a shuffled order; per workload the
+    # fastest run counts. Fresh token ids each round, so no run reuses another's prefix cache.
+    num_cal = len(CALIBRATION_RUNS)
+    cal_rounds: list[list[list[StepSample]]] = []
     measured: dict[int, list[tuple[float, float]]] = {m: [] for m in splits}
     try:
         for r in range(max(args.rounds, 1)):
-            cal_rounds.append(calibration_round(engine, model, kv_bytes, seed=1000 * r))
             prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                        for _ in range(args.num_requests)]
-            for m, llm in splits.items():
-                measured[m].append(run_split(llm, prompts, args.max_tokens, f"{r}"))
+            cal_runs: dict[int, list[StepSample]] = {}
+            order: list[int | str] = [*range(num_cal), *(f"M={m}" for m in splits)]
+            random.Random(r).shuffle(order)
+            for task in order:
+                if isinstance(task, int):
+                    cal_runs[task] = calibration_run(engine, model, kv_bytes, task, 1000 * r)
+                else:
+                    m = int(task.removeprefix("M="))
+                    measured[m].append(run_split(splits[m], prompts, args.max_tokens, f"{r}"))
+            cal_rounds.append([cal_runs[k] for k in range(num_cal)])
     finally:
         for llm in splits.values():
             llm.close()
