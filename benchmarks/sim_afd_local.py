@@ -22,6 +22,7 @@ page by page), which the simulation does not model.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -95,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.model.loader import read_config
     from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
     from tessera.sim.calibrate import measure
-    from tessera.sim.engine_probe import (
-        CALIBRATION_RUNS,
-        StepSample,
-        calibration_run,
-        fastest_runs,
-        with_engine_facts,
-    )
+    from tessera.sim.engine_probe import calibration_round, fastest_runs, with_engine_facts
     from tessera.sim.engine_sim import EngineSimResult
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
     from tessera.sim.hardware import system_from_profile
@@ -123,23 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     # Rounds, as in sim_local.py: the calibration workloads on the one-thread engine and one
     # run of the workload on each split, all kept warm, in a shuffled order; per workload the
     # fastest run counts. Fresh token ids each round, so no run reuses another's prefix cache.
-    num_cal = len(CALIBRATION_RUNS)
-    cal_rounds: list[list[list[StepSample]]] = []
+    cal_rounds = []
     measured: dict[int, list[tuple[float, float]]] = {m: [] for m in splits}
+
+    def measure_split(m: int, prompts: list[list[int]], r: int) -> None:
+        measured[m].append(run_split(splits[m], prompts, args.max_tokens, f"{r}"))
+
     try:
         for r in range(max(args.rounds, 1)):
             prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                        for _ in range(args.num_requests)]
-            cal_runs: dict[int, list[StepSample]] = {}
-            order: list[int | str] = [*range(num_cal), *(f"M={m}" for m in splits)]
-            random.Random(r).shuffle(order)
-            for task in order:
-                if isinstance(task, int):
-                    cal_runs[task] = calibration_run(engine, model, kv_bytes, task, 1000 * r)
-                else:
-                    m = int(task.removeprefix("M="))
-                    measured[m].append(run_split(splits[m], prompts, args.max_tokens, f"{r}"))
-            cal_rounds.append([cal_runs[k] for k in range(num_cal)])
+            cal_rounds.append(calibration_round(
+                engine, model, kv_bytes, seed=1000 * r, order_seed=r,
+                interleave=[functools.partial(measure_split, m, prompts, r) for m in splits]))
     finally:
         for llm in splits.values():
             llm.close()

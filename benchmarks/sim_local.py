@@ -20,9 +20,9 @@ shuffled order, lets both come from the machine's quiet stretches.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
@@ -55,10 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.model.loader import read_config
     from tessera.sim.calibrate import measure
     from tessera.sim.engine_probe import (
-        CALIBRATION_RUNS,
         ProbeRun,
-        StepSample,
-        calibration_run,
+        calibration_round,
         fastest_runs,
         random_prompts,
         record_steps,
@@ -102,37 +100,34 @@ def main(argv: list[str] | None = None) -> int:
     ]
     engines = {n: engine(n) for n in sorted({n for _, n, _, _ in cases} | {256})}
     kv_bytes = 4.0
+
+    def groups_of(workload: list, serial: bool) -> list[list]:
+        return [[req] for req in workload] if serial else [workload]
+
+    tries: list[list[list[ProbeRun]]] = [  # [case][group] -> runs
+        [[] for _ in groups_of(workload, serial)] for _, _, workload, serial in cases]
+
+    def measure_case(i: int, r: int) -> None:
+        _, max_num_seqs, workload, serial = cases[i]
+        for group, group_tries in zip(groups_of(workload, serial), tries[i], strict=True):
+            # Fresh token ids of the same lengths each round: the same schedule, no
+            # prefix-cache hits (seeds apart from the calibration's).
+            seeds = [VALIDATION_SEED + 1000 * r + j for j in range(len(group))]
+            prompts = [ids if r == 0 else random_prompts(1, len(ids), vocab, seed)[0]
+                       for (ids, _), seed in zip(group, seeds, strict=True)]
+            group_tries.append(record_steps(engines[max_num_seqs], model, prompts,
+                                            [n for _, n in group], kv_bytes))
+
     # Rounds: one run of every calibration and every validation workload, on engines kept
-    # warm. The machine's speed drifts over minutes (other tenants), so calibrating first and
-    # measuring afterwards compares two different machines; alternating, the fastest run of
-    # every workload over the rounds comes from the machine's quiet stretches for both. Each
-    # round runs its workloads in a shuffled order, so that no workload always follows the same
-    # one (a heavy run can leave the machine slower for a while).
-    num_cal = len(CALIBRATION_RUNS)
-    cal_rounds: list[list[list[StepSample]]] = []
-    tries: list[list[list[ProbeRun]]] = [[] for _ in cases]  # [case][group] -> runs
-    for r in range(max(args.rounds, 1)):
-        cal_runs: dict[int, list[StepSample]] = {}
-        order = list(range(num_cal + len(cases)))
-        random.Random(r).shuffle(order)
-        for task in order:
-            if task < num_cal:
-                cal_runs[task] = calibration_run(engines[256], model, kv_bytes, task, 1000 * r)
-                continue
-            _, max_num_seqs, workload, serial = cases[task - num_cal]
-            case_tries = tries[task - num_cal]
-            groups = [[req] for req in workload] if serial else [workload]
-            if not case_tries:
-                case_tries.extend([] for _ in groups)
-            for group, group_tries in zip(groups, case_tries, strict=True):
-                # Fresh token ids of the same lengths each round: the same schedule, no
-                # prefix-cache hits (seeds apart from the calibration's).
-                seeds = [VALIDATION_SEED + 1000 * r + i for i in range(len(group))]
-                prompts = [ids if r == 0 else random_prompts(1, len(ids), vocab, seed)[0]
-                           for (ids, _), seed in zip(group, seeds, strict=True)]
-                group_tries.append(record_steps(engines[max_num_seqs], model, prompts,
-                                                [n for _, n in group], kv_bytes))
-        cal_rounds.append([cal_runs[k] for k in range(num_cal)])
+    # warm, in a shuffled order. The machine's speed drifts over minutes (other tenants), so
+    # calibrating first and measuring afterwards compares two different machines; mixed in
+    # rounds, the fastest run of every workload comes from the machine's quiet stretches for
+    # both.
+    cal_rounds = [
+        calibration_round(engines[256], model, kv_bytes, seed=1000 * r, order_seed=r,
+                          interleave=[functools.partial(measure_case, i, r)
+                                      for i in range(len(cases))])
+        for r in range(max(args.rounds, 1))]
     fit_samples = fastest_runs(cal_rounds)
     profile = with_engine_facts(profile, engines[256])
     raw = system_from_profile(profile)
@@ -155,9 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     worst = 0.0
     step_cost = StepCost(system, model, "fp32")
     for (name, max_num_seqs, workload, serial), case_tries in zip(cases, tries, strict=True):
-        groups = [[req] for req in workload] if serial else [workload]
         runs: list[tuple[ProbeRun, EngineSimResult]] = []
-        for group, group_tries in zip(groups, case_tries, strict=True):
+        for group, group_tries in zip(groups_of(workload, serial), case_tries, strict=True):
             measured = min(group_tries, key=lambda run: run.wall_s)
             eng = engines[max_num_seqs]
             sim = simulate_engine(EngineScenario(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +142,8 @@ def with_engine_facts(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
     sequences (``Efficiency.kv_whole_batch``; 0 off the CPU kernel)."""
     import torch
 
-    from tessera.model.kernels.paged_decode import kernel_available, whole_sequence_batch
+    from tessera.model.kernels.build import kernel_available
+    from tessera.model.kernels.paged_decode import whole_sequence_batch
 
     on_kernel = engine.platform.device.type == "cpu" and kernel_available()
     whole = whole_sequence_batch(torch.get_num_threads()) if on_kernel else 0
@@ -151,22 +152,37 @@ def with_engine_facts(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
                                       "kv_whole_batch": whole}}
 
 
-def calibration_run(engine: Any, model: ModelSpec, kv_bytes_per_element: float, index: int,
-                    seed: int = 0) -> list[StepSample]:
-    """One run of calibration workload ``index`` (of ``CALIBRATION_RUNS``) on ``engine``: its
-    step samples. Random prompts from ``seed + index`` (use a new seed per round: the same
-    lengths, so the same schedule, but no prefix-cache hits)."""
+def _calibration_run(engine: Any, model: ModelSpec, kv_bytes_per_element: float, index: int,
+                     seed: int) -> list[StepSample]:
+    """One run of calibration workload ``index`` (of ``CALIBRATION_RUNS``): its step samples.
+    Random prompts from ``seed + index``."""
     num, prompt_len, out_len = CALIBRATION_RUNS[index]
     prompts = random_prompts(num, prompt_len, int(engine.spec.vocab_size), seed + index)
     return record_steps(engine, model, prompts, [out_len] * num, kv_bytes_per_element).samples
 
 
 def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
-                      seed: int = 0) -> list[list[StepSample]]:
-    """One run of every calibration workload on ``engine``, in the order of
-    ``CALIBRATION_RUNS``: each run's step samples."""
-    return [calibration_run(engine, model, kv_bytes_per_element, k, seed)
-            for k in range(len(CALIBRATION_RUNS))]
+                      seed: int = 0, interleave: Sequence[Callable[[], object]] = (),
+                      order_seed: int | None = None) -> list[list[StepSample]]:
+    """One run of every calibration workload on ``engine``: each run's step samples, in the
+    order of ``CALIBRATION_RUNS``. Random prompts from ``seed`` (use a new seed per round: the
+    same lengths, so the same schedule, but no prefix-cache hits).
+
+    ``interleave``: other work run among the workloads (a benchmark's measured runs, so that
+    calibration and measurement see the same machine). With ``order_seed`` everything runs in
+    an order shuffled from it, so that no run always follows the same one: on a shared machine
+    a heavy run can leave the next ones slower for a while."""
+    num_cal = len(CALIBRATION_RUNS)
+    tasks = list(range(num_cal + len(interleave)))
+    if order_seed is not None:
+        random.Random(order_seed).shuffle(tasks)
+    runs: dict[int, list[StepSample]] = {}
+    for task in tasks:
+        if task < num_cal:
+            runs[task] = _calibration_run(engine, model, kv_bytes_per_element, task, seed)
+        else:
+            interleave[task - num_cal]()
+    return [runs[k] for k in range(num_cal)]
 
 
 def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,

@@ -229,3 +229,31 @@ def test_calibration_keeps_each_workloads_fastest_whole_run() -> None:
     rounds = [[slow_then_fast, other_a], [fast_then_slow, other_b]]
     assert fastest_runs(rounds) == fast_then_slow + other_b
     assert fastest_runs(rounds[::-1]) == fast_then_slow + other_b
+
+
+def test_a_calibration_round_interleaves_other_work_in_a_shuffled_order(monkeypatch) -> None:
+    from tessera.sim import engine_probe
+
+    calls: list[object] = []
+
+    def fake_run(engine, model, kv_bytes, index, seed):  # type: ignore[no-untyped-def]
+        calls.append(index)
+        return [StepSample(StepLoad(1, 1, 1, 0.0, 0.0), float(index + seed))]
+
+    monkeypatch.setattr(engine_probe, "_calibration_run", fake_run)
+    num_cal = len(engine_probe.CALIBRATION_RUNS)
+    others = [lambda tag=tag: calls.append(tag) for tag in ("a", "b")]
+    runs = engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others,
+                                          order_seed=3)
+    # Every workload ran once and the runs come back in CALIBRATION_RUNS order, whatever order
+    # they ran in; the interleaved work ran once each, among them.
+    assert [run[0].seconds for run in runs] == [100.0 + k for k in range(num_cal)]
+    assert sorted(calls, key=str) == sorted([*range(num_cal), "a", "b"], key=str)
+    shuffled = list(calls)
+    assert shuffled != [*range(num_cal), "a", "b"]
+    calls.clear()
+    engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others, order_seed=3)
+    assert calls == shuffled  # the same seed, the same order
+    calls.clear()
+    engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others)
+    assert calls == [*range(num_cal), "a", "b"]  # no seed: the workloads, then the others
