@@ -31,8 +31,9 @@ change here):
   per node for 4K prompts).
 * ``deepseek-h800-blog`` (DeepSeek inference system overview, 2025-03): decode 18 nodes = 144
   H800, EP144 with 32 redundant experts; the blog's 20-22 tokens/s per user gives TPOT about
-  47.6 ms, so 1850 x 47.6 ms = 88 sequences per GPU; no MTP is stated, none is used; mean KV 4K
-  (not published, assumed). Prefill: one unit of 4 nodes = 32 H800, routed experts EP32 with
+  47.6 ms, so 1850 x 47.6 ms = 88 sequences per GPU; no MTP is stated, none is used; mean KV
+  4989, the blog's "average KV cache length per output token" (the mean KV length a decode
+  step reads, which is what ``kv_tokens`` sets). Prefill: one unit of 4 nodes = 32 H800, routed experts EP32 with
   32 redundant (9 routed and 1 shared expert per GPU), MLA and shared expert DP32, dual
   micro-batch overlap (all from the blog). The published 73.7k input tokens/s per node include
   the 56.3% of prompt tokens that hit the on-disk KV cache (342B of 608B in the 24 hours);
@@ -159,7 +160,8 @@ def anchors() -> list[Anchor]:
     out.append(Anchor("sglang-h100-prefill (perfect EPLB)", "prefill_tokens_per_s_per_chip",
                       res["sglang-h100-prefill"]["value_perfect_eplb"], (sgp,), True))
     ds = res["deepseek-h800-blog"]
-    dec("deepseek-h800-blog", h800, "fp8", 144, 1, 4096, None, 32, 96, ds["value"])
+    dec("deepseek-h800-blog", h800, "fp8", 144, 1, DEEPSEEK_KV_LENGTH_PER_OUTPUT_TOKEN, None, 32, 96,
+        ds["value"])
     ds_prefill = _prefill(h800, "fp8", 32, deepseek_prompt_tokens(), DEEPSEEK_CACHE_HIT_FRACTION)
     out.append(Anchor("deepseek-h800-blog (prefill)", "prefill_tokens_per_s_per_chip",
                       ds["prefill_tokens_per_s_per_chip"], (ds_prefill,), time_average=True))
