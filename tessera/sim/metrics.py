@@ -34,6 +34,9 @@ class Recorder:
     def __init__(self, num_requests: int) -> None:
         self.arrival = np.full(num_requests, np.nan)
         self.first_token = np.full(num_requests, np.nan)
+        self.prefilled = np.full(num_requests, np.nan)
+        """When each prompt's prefill finished; in pd/afd the first token reaches the user
+        later, when the decode pool takes the request (``first_token``)."""
         self.finish = np.full(num_requests, np.nan)
         self.step_end: list[float] = []
         self.step_tokens: list[float] = []
@@ -70,7 +73,7 @@ class Recorder:
 
         Decode: between the 10th and 90th percentile of completions, ending at the last
         arrival if that is earlier (afterwards the pool only drains). Prefill: between the
-        10th and 90th percentile of first tokens.
+        10th and 90th percentile of finished prefills.
         """
         done = ~np.isnan(self.finish)
         fin = np.sort(self.finish[done])
@@ -79,8 +82,8 @@ class Recorder:
             last_arrival = float(np.nanmax(self.arrival))
             if last_arrival > t_lo:
                 t_hi = min(t_hi, last_arrival)
-        firsts = np.sort(self.first_token[~np.isnan(self.first_token)])
-        p_lo, p_hi = _percentile_time(firsts, 0.1), _percentile_time(firsts, 0.9)
+        prefilled = np.sort(self.prefilled[~np.isnan(self.prefilled)])
+        p_lo, p_hi = _percentile_time(prefilled, 0.1), _percentile_time(prefilled, 0.9)
         multi = done & (output_tokens > 1)
         tpot = (self.finish[multi] - self.first_token[multi]) / (output_tokens[multi] - 1) * 1e3
         ttft = (self.first_token[done] - self.arrival[done]) * 1e3

@@ -156,8 +156,9 @@ class _Run:
         events: list[Event] = []
         done_now = []
         for rid in batch:
-            self.rec.first_token[rid] = now
+            self.rec.prefilled[rid] = now
             if self.reqs.output_tokens[rid] <= 1:
+                self.rec.first_token[rid] = now
                 done_now.append(rid)
                 continue
             kv_s = self.kv_latency_s + self.kv_transfer_s_per_token * float(self.reqs.input_tokens[rid])
@@ -168,13 +169,23 @@ class _Run:
 
     def _on_kv_ready(self, now: float, rid: int) -> list[Event]:
         self.waiting.append(rid)
+        self._admit_decode(now)
+        return self._kick_decode(now)
+
+    def _admit_decode(self, now: float) -> None:
+        """Move prefilled requests whose KV has arrived into free decode slots, in order.
+
+        The first token reaches the user when the decode pool takes the request and streams it
+        (as in SGLang's and vLLM's disaggregated serving), so a wait for a decode slot counts
+        in TTFT, and TPOT is the decode pool's pace.
+        """
         while self.waiting:
             r = self.waiting[0]
             ctx = int(self.reqs.decode_start_context[r])
             if self.slots.admit(r, ctx, int(self.reqs.output_tokens[r]) - 1) < 0:
                 break
             self.waiting.popleft()
-        return self._kick_decode(now)
+            self.rec.first_token[r] = now
 
     # ----- colocated admission ------------------------------------------------------------------
     def _admit_colocated(self) -> None:
@@ -253,7 +264,7 @@ class _Run:
         done_now = []
         for rid in completed:
             self.num_prefilling -= 1
-            self.rec.first_token[rid] = now
+            self.rec.first_token[rid] = self.rec.prefilled[rid] = now
             if self.reqs.output_tokens[rid] <= 1:
                 done_now.append(rid)
             self.slots.mark_ready(rid)
@@ -263,12 +274,7 @@ class _Run:
         if self.colocated:
             self._admit_colocated()
         else:
-            while self.waiting:
-                r = self.waiting[0]
-                ctx = int(self.reqs.decode_start_context[r])
-                if self.slots.admit(r, ctx, int(self.reqs.output_tokens[r]) - 1) < 0:
-                    break
-                self.waiting.popleft()
+            self._admit_decode(now)
         self.decode_busy = False
         return events + self._kick_decode(now)
 

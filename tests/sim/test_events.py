@@ -55,3 +55,16 @@ def test_higher_load_raises_latency() -> None:
     low = simulate(_scenario("colocated", request_rate_per_s=5.0))
     high = simulate(_scenario("colocated", request_rate_per_s=500.0))
     assert high.ttft_ms_mean > low.ttft_ms_mean
+
+
+def test_pd_wait_for_a_decode_slot_counts_in_ttft_not_tpot() -> None:
+    # 64 decode slots and 256 requests in flight: prefilled requests queue for a slot. The user
+    # sees the first token when the decode pool takes the request, so TPOT stays the decode
+    # pool's pace (step time) and the queue shows up in TTFT.
+    fits = simulate(_scenario("pd", concurrency=48, length_cv=0.0))
+    queued = simulate(_scenario("pd", concurrency=256, num_requests=600, length_cv=0.0))
+    for res in (fits, queued):
+        assert res.num_finished == res.num_requests
+        assert res.tpot_ms_mean <= 1.15 * res.decode_step_ms_mean
+    assert queued.mean_decode_batch_per_dp > 7.5
+    assert queued.ttft_ms_mean > 3 * fits.ttft_ms_mean

@@ -3,7 +3,7 @@
 import pytest
 
 from tessera.sim.catalog import DATA_DIR, load_published, published_path
-from tessera.sim.validation import anchors, run_anchor
+from tessera.sim.validation import anchors, best_result, run_anchor
 
 FAST = ("cminfer-decode-15ms", "cminfer-prefill", "cminfer-prefill (perfect EPLB)",
         "sglang-h100-prefill", "sglang-h100-prefill (perfect EPLB)")
@@ -38,3 +38,14 @@ def test_deepseek_per_node_rates_are_day_averages_over_nodes_in_service() -> Non
     assert implied == pytest.approx(blog, rel=0.01)
     averaged = [a.anchor_id for a in anchors() if a.time_average]
     assert averaged == ["deepseek-h800-blog (prefill)"]
+
+
+def test_decode_anchor_tpot_is_the_decode_pace() -> None:
+    # The scenario keeps 50% more requests in flight than decode slots; requests waiting for a
+    # slot must not stretch TPOT, which the published figure (15 ms) is a decode pace.
+    anchor = next(a for a in anchors() if a.anchor_id == "cminfer-decode-15ms")
+    assert anchor.tpot_ms == 15.0
+    assert [a.tpot_ms is not None for a in anchors()].count(True) == 4
+    result = best_result(anchor)
+    assert result.decode_tokens_per_s_per_chip == run_anchor(anchor)
+    assert abs(result.tpot_ms_mean / anchor.tpot_ms - 1.0) <= 0.15
