@@ -169,6 +169,10 @@ class _Run:
 
     def _on_kv_ready(self, now: float, rid: int) -> list[Event]:
         self.waiting.append(rid)
+        if self.decode_busy:
+            # Joins at the step boundary (``_on_step_done``): a sequence placed now would be
+            # counted as generating a token in a step that started without it.
+            return []
         self._admit_decode(now)
         return self._kick_decode(now)
 

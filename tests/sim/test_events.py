@@ -68,3 +68,30 @@ def test_pd_wait_for_a_decode_slot_counts_in_ttft_not_tpot() -> None:
         assert res.tpot_ms_mean <= 1.15 * res.decode_step_ms_mean
     assert queued.mean_decode_batch_per_dp > 7.5
     assert queued.ttft_ms_mean > 3 * fits.ttft_ms_mean
+
+
+
+def test_pd_sequences_join_decode_at_step_boundaries() -> None:
+    # A request whose KV arrives mid-step must not be credited a token by the step in flight:
+    # from its first token on, each of its other tokens takes at least one whole step.
+    import numpy as np
+
+    from tessera.sim.hardware import get_system
+    from tessera.sim.model import load_model
+    from tessera.sim.simulator import _Run
+
+    scen = _scenario("pd", request_rate_per_s=400.0, length_cv=0.0)
+    run = _Run(scen, get_system(scen.hardware), load_model(scen.model))
+    run.start()
+    run.loop.run()
+    rec = run.rec
+    assert np.isfinite(rec.finish).all()
+    ends = np.array(rec.step_end)
+    starts = ends - np.array(rec.step_ms[:ends.size]) / 1e3
+    joined = rec.first_token[run.reqs.output_tokens > 1]
+    inside = (starts[None, :] + 1e-9 < joined[:, None]) & (joined[:, None] < ends[None, :] - 1e-9)
+    assert not inside.any()
+    # Prefill ends before the first token is shown, and KV did arrive while steps ran.
+    assert (rec.first_token >= rec.prefilled).all()
+    kv_ready = rec.prefilled + run.kv_latency_s
+    assert ((starts[None, :] < kv_ready[:, None]) & (kv_ready[:, None] < ends[None, :])).any()
