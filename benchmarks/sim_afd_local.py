@@ -95,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
     from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
-    from tessera.sim.calibrate import measure
-    from tessera.sim.engine_probe import calibration_round, fastest_runs, with_engine_facts
+    from tessera.sim.calibrate import MachineGauge, gauge_report, measure
+    from tessera.sim.engine_probe import (
+        calibration_round,
+        fastest_rounds,
+        fastest_runs,
+        with_engine_facts,
+    )
     from tessera.sim.engine_sim import EngineSimResult
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
     from tessera.sim.hardware import system_from_profile
@@ -124,17 +129,31 @@ def main(argv: list[str] | None = None) -> int:
     def measure_split(m: int, prompts: list[list[int]], r: int) -> None:
         measured[m].append(run_split(splits[m], prompts, args.max_tokens, f"{r}"))
 
+    # A machine gauge before every run (as in sim_local.py): did the kept runs see one machine?
+    gauge = MachineGauge()
+    readings: dict[tuple[int, int], tuple[float, float]] = {}  # (round, task) -> gauge
+
+    def read_gauge(r: int, task: int) -> None:
+        readings[(r, task)] = gauge.read()
+
     try:
         for r in range(max(args.rounds, 1)):
             prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
                        for _ in range(args.num_requests)]
             cal_rounds.append(calibration_round(
                 engine, model, kv_bytes, seed=1000 * r, order_seed=r,
-                interleave=[functools.partial(measure_split, m, prompts, r) for m in splits]))
+                interleave=[functools.partial(measure_split, m, prompts, r) for m in splits],
+                before_each=functools.partial(read_gauge, r)))
     finally:
         for llm in splits.values():
             llm.close()
     samples = fastest_runs(cal_rounds)
+    num_cal = len(cal_rounds[0])
+    kept_cal = [readings[(r, k)] for k, r in enumerate(fastest_rounds(cal_rounds))]
+    kept_val = [readings[(max(range(len(measured[m])), key=lambda r: measured[m][r]),
+                          num_cal + i)] for i, m in enumerate(splits)]
+    drift = gauge_report(kept_cal, kept_val, list(readings.values()))
+    print(drift["line"])
     profile = with_engine_facts(profile, engine)
     eff = fit_efficiency(system_from_profile(profile), model, "fp32", samples)
     profile = profile_with(profile, eff)
@@ -186,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         # The calibration steps too, so that the fit can be studied offline without rerunning.
         steps = [dict(load=s.load.__dict__, seconds=s.seconds) for s in samples]
         Path(args.json).write_text(json.dumps(dict(
-            rows=rows, profile=profile, transfer_latency_s=latency_s, fit_samples=steps),
+            rows=rows, profile=profile, transfer_latency_s=latency_s, fit_samples=steps,
+            machine_gauge=drift),
             indent=2))
     return 0 if worst <= TOLERANCE else 1
 

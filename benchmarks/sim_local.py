@@ -12,7 +12,10 @@ steps at 1.6-1.8x their neighbours' time) and in drifts over minutes (weight str
 slower for a while). So every workload, calibration and validation alike, runs once per round
 (``--rounds``; fresh random token ids of the same lengths, so the same schedule and no
 prefix-cache hits) and its fastest whole run is kept; mixing the two kinds in each round, in a
-shuffled order, lets both come from the machine's quiet stretches.
+shuffled order, lets both come from the machine's quiet stretches. A ~50 ms machine gauge
+(``tessera.sim.calibrate.MachineGauge``) is read before every run; the report gives its median
+at the kept calibration runs and at the kept validation runs, so that a miss of the size of
+their difference can be told from a miss of the model.
 
     python benchmarks/sim_local.py [--model DIR] [--threads 2] [--num-requests 32] [--rounds 3]
 """
@@ -53,10 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
-    from tessera.sim.calibrate import measure
+    from tessera.sim.calibrate import MachineGauge, gauge_report, measure
     from tessera.sim.engine_probe import (
         ProbeRun,
         calibration_round,
+        fastest_rounds,
         fastest_runs,
         random_prompts,
         record_steps,
@@ -123,12 +127,27 @@ def main(argv: list[str] | None = None) -> int:
     # calibrating first and measuring afterwards compares two different machines; mixed in
     # rounds, the fastest run of every workload comes from the machine's quiet stretches for
     # both.
+    gauge = MachineGauge()
+    readings: dict[tuple[int, int], tuple[float, float]] = {}  # (round, task) -> gauge
+
+    def read_gauge(r: int, task: int) -> None:
+        readings[(r, task)] = gauge.read()
+
     cal_rounds = [
         calibration_round(engines[256], model, kv_bytes, seed=1000 * r, order_seed=r,
                           interleave=[functools.partial(measure_case, i, r)
-                                      for i in range(len(cases))])
+                                      for i in range(len(cases))],
+                          before_each=functools.partial(read_gauge, r))
         for r in range(max(args.rounds, 1))]
     fit_samples = fastest_runs(cal_rounds)
+    # The gauge next to each kept run: calibration workload k's fastest round, and the round
+    # of each validation request group's fastest run (task num_cal + case).
+    num_cal = len(cal_rounds[0])
+    kept_cal = [readings[(r, k)] for k, r in enumerate(fastest_rounds(cal_rounds))]
+    kept_val = [readings[(min(range(len(t)), key=lambda r: t[r].wall_s), num_cal + i)]
+                for i, case_tries in enumerate(tries) for t in case_tries]
+    drift = gauge_report(kept_cal, kept_val, list(readings.values()))
+    print(drift["line"])
     profile = with_engine_facts(profile, engines[256])
     raw = system_from_profile(profile)
     eff = fit_efficiency(raw, model, "fp32", fit_samples)
@@ -187,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         # each row holds its measured steps.
         steps = [dict(load=s.load.__dict__, seconds=s.seconds) for s in fit_samples]
         Path(args.json).write_text(json.dumps(dict(rows=rows, efficiency=eff.__dict__,
-                                                   profile=profile, fit_samples=steps), indent=2))
+                                                   profile=profile, fit_samples=steps,
+                                                   machine_gauge=drift), indent=2))
     return 0 if worst <= TOLERANCE else 1
 
 

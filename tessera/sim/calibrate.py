@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from .errors import OneLineArgumentParser, SimError
@@ -86,6 +87,47 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
                        "step_overhead_ms": 1.0},
         "source": "measured by tessera sim calibrate (torch on CPU); rates already effective",
     }
+
+
+class MachineGauge:
+    """A reading of this machine's speed that takes ~50 ms, to take next to each measured run.
+
+    On a shared machine the speed drifts by 20-30% over minutes. Read before every calibration
+    and every measured run, it tells whether the runs a comparison keeps saw the same machine.
+    Same operations as :func:`measure`, smaller: a 512-square engine linear (fp32 GFLOP/s) and
+    a one-row matmul over a 256 MiB weight (weight streaming GB/s; far larger than a desktop or
+    small-server last-level cache, though not than the largest ones).
+    """
+
+    def __init__(self) -> None:
+        import torch
+
+        size = 512
+        self._mm = _engine_linear(torch.randn(size, size), torch.randn(size, size))
+        self._flops = 2.0 * size**3
+        weight = torch.ones(2048, 32768, dtype=torch.float32)  # 256 MiB
+        self._stream = _engine_linear(torch.ones(1, 32768), weight)
+        self._bytes = weight.numel() * 4
+
+    def read(self) -> tuple[float, float]:
+        """(fp32 GFLOP/s, weight-streaming GB/s), each the best of a few tries."""
+        return self._flops / _best_s(self._mm, 5) / 1e9, self._bytes / _best_s(self._stream, 3) / 1e9
+
+
+def gauge_report(kept_cal: list[tuple[float, float]], kept_val: list[tuple[float, float]],
+                  every: list[tuple[float, float]]) -> dict[str, Any]:
+    """:class:`MachineGauge` readings at the kept calibration and validation runs (medians),
+    and their range over every run, with a line that says so: how far a miss between the two
+    may be the machine's rather than the model's."""
+    cal = [median([g[k] for g in kept_cal]) for k in (0, 1)]
+    val = [median([g[k] for g in kept_val]) for k in (0, 1)]
+    lo = [min(g[k] for g in every) for k in (0, 1)]
+    hi = [max(g[k] for g in every) for k in (0, 1)]
+    line = (f"machine gauge (median at the kept runs): calibration {cal[0]:.0f} GFLOP/s,"
+            f" {cal[1]:.1f} GB/s; validation {val[0]:.0f} GFLOP/s, {val[1]:.1f} GB/s"
+            f" ({val[0] / cal[0] - 1:+.0%}, {val[1] / cal[1] - 1:+.0%}); over all"
+            f" {len(every)} runs {lo[0]:.0f}-{hi[0]:.0f} GFLOP/s, {lo[1]:.1f}-{hi[1]:.1f} GB/s")
+    return dict(line=line, calibration=cal, validation=val, low=lo, high=hi)
 
 
 _PRECISION = {"float32": "fp32", "bfloat16": "bf16"}

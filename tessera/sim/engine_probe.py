@@ -124,9 +124,15 @@ def fastest_runs(rounds: Sequence[Sequence[list[StepSample]]]) -> list[StepSampl
     ``benchmarks/sim_afd_local.py``) are also the fastest of repeated whole runs.
     """
     samples: list[StepSample] = []
-    for runs in zip(*rounds, strict=True):
-        samples += min(runs, key=lambda run: sum(s.seconds for s in run))
+    for k, r in enumerate(fastest_rounds(rounds)):
+        samples += rounds[r][k]
     return samples
+
+
+def fastest_rounds(rounds: Sequence[Sequence[list[StepSample]]]) -> list[int]:
+    """Per workload, the round of its fastest run (the run :func:`fastest_runs` keeps)."""
+    return [min(range(len(rounds)), key=lambda r: sum(s.seconds for s in rounds[r][k]))
+            for k in range(len(rounds[0]))]
 
 
 def native_decode_rows(engine: Any) -> int:
@@ -163,7 +169,9 @@ def _calibration_run(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
 
 def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
                       seed: int = 0, interleave: Sequence[Callable[[], object]] = (),
-                      order_seed: int | None = None) -> list[list[StepSample]]:
+                      order_seed: int | None = None,
+                      before_each: Callable[[int], object] | None = None,
+                      ) -> list[list[StepSample]]:
     """One run of every calibration workload on ``engine``: each run's step samples, in the
     order of ``CALIBRATION_RUNS``. Random prompts from ``seed`` (use a new seed per round: the
     same lengths, so the same schedule, but no prefix-cache hits).
@@ -171,13 +179,19 @@ def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float
     ``interleave``: other work run among the workloads (a benchmark's measured runs, so that
     calibration and measurement see the same machine). With ``order_seed`` everything runs in
     an order shuffled from it, so that no run always follows the same one: on a shared machine
-    a heavy run can leave the next ones slower for a while."""
+    a heavy run can leave the next ones slower for a while.
+
+    ``before_each(task)`` runs just before each task: ``task`` < ``len(CALIBRATION_RUNS)`` is
+    that calibration workload, ``len(CALIBRATION_RUNS) + i`` is ``interleave[i]`` (a machine
+    gauge read next to every run, for one)."""
     num_cal = len(CALIBRATION_RUNS)
     tasks = list(range(num_cal + len(interleave)))
     if order_seed is not None:
         random.Random(order_seed).shuffle(tasks)
     runs: dict[int, list[StepSample]] = {}
     for task in tasks:
+        if before_each is not None:
+            before_each(task)
         if task < num_cal:
             runs[task] = _calibration_run(engine, model, kv_bytes_per_element, task, seed)
         else:

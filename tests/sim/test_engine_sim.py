@@ -229,6 +229,10 @@ def test_calibration_keeps_each_workloads_fastest_whole_run() -> None:
     rounds = [[slow_then_fast, other_a], [fast_then_slow, other_b]]
     assert fastest_runs(rounds) == fast_then_slow + other_b
     assert fastest_runs(rounds[::-1]) == fast_then_slow + other_b
+    from tessera.sim.engine_probe import fastest_rounds
+
+    assert fastest_rounds(rounds) == [1, 1]
+    assert fastest_rounds([[fast_then_slow, other_a], [slow_then_fast, other_b]]) == [0, 1]
 
 
 def test_a_calibration_round_interleaves_other_work_in_a_shuffled_order(monkeypatch) -> None:
@@ -257,3 +261,29 @@ def test_a_calibration_round_interleaves_other_work_in_a_shuffled_order(monkeypa
     calls.clear()
     engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others)
     assert calls == [*range(num_cal), "a", "b"]  # no seed: the workloads, then the others
+    # before_each runs just before each task, told which: a gauge read next to every run.
+    calls.clear()
+    engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others, order_seed=3,
+                                   before_each=lambda task: calls.append(("gauge", task)))
+    ids = [num_cal + "ab".index(t) if isinstance(t, str) else t for t in shuffled]
+    assert calls == [x for task, tag in zip(ids, shuffled, strict=True)
+                     for x in (("gauge", task), tag)]
+
+
+def test_gauge_report_compares_the_kept_runs() -> None:
+    from tessera.sim.calibrate import gauge_report
+
+    kept_cal = [(100.0, 40.0), (110.0, 44.0), (90.0, 36.0)]
+    kept_val = [(121.0, 40.0)]
+    every = [*kept_cal, *kept_val, (60.0, 20.0)]
+    report = gauge_report(kept_cal, kept_val, every)
+    assert report["calibration"] == [100.0, 40.0] and report["validation"] == [121.0, 40.0]
+    assert report["low"] == [60.0, 20.0] and report["high"] == [121.0, 44.0]
+    assert "(+21%, +0%)" in report["line"] and "5 runs 60-121 GFLOP/s" in report["line"]
+
+
+def test_machine_gauge_reads_positive_rates() -> None:
+    from tessera.sim.calibrate import MachineGauge
+
+    gflops, gb_s = MachineGauge().read()
+    assert 0.1 < gflops < 1e5 and 0.1 < gb_s < 1e4
