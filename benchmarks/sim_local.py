@@ -144,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     # of each validation request group's fastest run (task num_cal + case).
     num_cal = len(cal_rounds[0])
     kept_cal = [readings[(r, k)] for k, r in enumerate(fastest_rounds(cal_rounds))]
-    kept_val = [readings[(min(range(len(t)), key=lambda r: t[r].wall_s), num_cal + i)]
-                for i, case_tries in enumerate(tries) for t in case_tries]
+    kept_by_case = [[readings[(min(range(len(t)), key=lambda r: t[r].wall_s), num_cal + i)]
+                     for t in case_tries] for i, case_tries in enumerate(tries)]
+    kept_val = [g for case in kept_by_case for g in case]
     drift = gauge_report(kept_cal, kept_val, list(readings.values()))
+    drift["kept_calibration_runs"] = kept_cal  # in CALIBRATION_RUNS order
     print(drift["line"])
     profile = with_engine_facts(profile, engines[256])
     raw = system_from_profile(profile)
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     worst = 0.0
     step_cost = StepCost(system, model, "fp32")
-    for (name, max_num_seqs, workload, serial), case_tries in zip(cases, tries, strict=True):
+    for (name, max_num_seqs, workload, serial), case_tries, kept in zip(
+            cases, tries, kept_by_case, strict=True):
         runs: list[tuple[ProbeRun, EngineSimResult]] = []
         for group, group_tries in zip(groups_of(workload, serial), case_tries, strict=True):
             measured = min(group_tries, key=lambda run: run.wall_s)
@@ -192,14 +195,18 @@ def main(argv: list[str] | None = None) -> int:
                  for m, _ in runs for st in m.samples]
         rows.append(dict(workload=name, measured_tok_s=m_tps, simulated_tok_s=s_tps,
                          tok_s_error=err_tps, measured_tpot_ms=m_tpot, simulated_tpot_ms=s_tpot,
-                         tpot_error=err_tpot, steps=steps))
+                         tpot_error=err_tpot, steps=steps, gauge_at_kept_runs=kept))
 
+    # The gauge's weight-streaming GB/s before the kept run(s) of each workload, against the
+    # calibration's median: a row measured on a faster or slower machine shows here.
     print(f"\n{'workload':<52} {'tok/s meas':>10} {'sim':>8} {'err':>7} "
-          f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7}")
+          f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7} {'gauge GB/s':>10}")
     for r in rows:
+        gb_s = sorted(g[1] for g in r["gauge_at_kept_runs"])[len(r["gauge_at_kept_runs"]) // 2]
         print(f"{r['workload']:<52} {r['measured_tok_s']:>10.1f} {r['simulated_tok_s']:>8.1f} "
               f"{r['tok_s_error']:>+7.1%} {r['measured_tpot_ms']:>12.1f} "
-              f"{r['simulated_tpot_ms']:>8.1f} {r['tpot_error']:>+7.1%}")
+              f"{r['simulated_tpot_ms']:>8.1f} {r['tpot_error']:>+7.1%} {gb_s:>10.1f}")
+    print(f"{'calibration (median of its kept runs)':<52} {'':>57} {drift['calibration'][1]:>10.1f}")
     print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - t0:.0f} s")
     if args.json:
         # The calibration steps too, so that the fit can be studied offline without rerunning;
