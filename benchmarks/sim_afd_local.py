@@ -9,7 +9,8 @@ the LM head share the simulation finds best for M=1 and M=2, and simulate the me
 workload. Prints measured and simulated output throughput and mean TPOT with the error;
 target: every error within 10%. Exit status 1 when one is not.
 
-Per workload the fastest run over the rounds counts, as in ``sim_local.py`` (other tenants only
+Per workload the fastest run over the rounds counts, and each run is costed at the machine gauge
+reading around it (fit and simulation alike), as in ``sim_local.py`` (other tenants only
 ever slow a run down; mixing the two kinds in every round lets calibration and measurement
 both come from the machine's quiet stretches). The splits stay up across rounds: the first run on a fresh split
 also pays its workers' one-time costs (their heaps grow to the size of a full prefill step,
@@ -28,6 +29,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +97,18 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
     from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
-    from tessera.sim.calibrate import MachineGauge, gauge_report, measure
+    from tessera.sim.calibrate import measure
     from tessera.sim.engine_probe import (
         calibration_round,
         fastest_rounds,
         fastest_runs,
+        gauged_rounds,
         with_engine_facts,
     )
     from tessera.sim.engine_sim import EngineSimResult
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
-    from tessera.sim.hardware import system_from_profile
+    from tessera.sim.gauge import GaugeLog, GaugeReading, MachineGauge, gauge_report, system_at
+    from tessera.sim.hardware import System, system_from_profile
     from tessera.sim.model import spec_from_config
     from tessera.sim.plane_latency import measure_plane_latency_s
 
@@ -129,13 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     def measure_split(m: int, prompts: list[list[int]], r: int) -> None:
         measured[m].append(run_split(splits[m], prompts, args.max_tokens, f"{r}"))
 
-    # A machine gauge before every run (as in sim_local.py): did the kept runs see one machine?
-    gauge = MachineGauge()
-    readings: dict[tuple[int, int], tuple[float, float]] = {}  # (round, task) -> gauge
-
-    def read_gauge(r: int, task: int) -> None:
-        readings[(r, task)] = gauge.read()
-
+    # A machine gauge between every two runs (as in sim_local.py): each run is costed at the
+    # machine's speed around it, in the fit and in the simulation.
+    log = GaugeLog(MachineGauge())
     try:
         for r in range(max(args.rounds, 1)):
             prompts = [[rng.randrange(3, 500) for _ in range(args.prompt_len)]
@@ -143,21 +143,26 @@ def main(argv: list[str] | None = None) -> int:
             cal_rounds.append(calibration_round(
                 engine, model, kv_bytes, seed=1000 * r, order_seed=r,
                 interleave=[functools.partial(measure_split, m, prompts, r) for m in splits],
-                before_each=functools.partial(read_gauge, r)))
+                before_each=functools.partial(lambda r, t: log.mark((r, t)), r)))
+        log.close()
     finally:
         for llm in splits.values():
             llm.close()
-    samples = fastest_runs(cal_rounds)
+    samples = fastest_runs(gauged_rounds(cal_rounds, log))
     num_cal = len(cal_rounds[0])
-    kept_cal = [readings[(r, k)] for k, r in enumerate(fastest_rounds(cal_rounds))]
-    kept_val = [readings[(max(range(len(measured[m])), key=lambda r: measured[m][r]),
-                          num_cal + i)] for i, m in enumerate(splits)]
-    drift = gauge_report(kept_cal, kept_val, list(readings.values()))
+    kept_cal = [log.around((r, k)) for k, r in enumerate(fastest_rounds(cal_rounds))]
+    kept_val = {m: log.around((max(range(len(measured[m])), key=lambda r: measured[m][r]),
+                               num_cal + i)) for i, m in enumerate(splits)}
+    drift = gauge_report(kept_cal, list(kept_val.values()), log.readings())
     print(drift["line"])
     profile = with_engine_facts(profile, engine)
+    ref_gauge: list[float] = profile["gauge"]  # type: ignore[assignment]
+    plain_eff = fit_efficiency(system_from_profile(profile), model, "fp32",
+                               [replace(s, gauge=None) for s in samples])
     eff = fit_efficiency(system_from_profile(profile), model, "fp32", samples)
     profile = profile_with(profile, eff)
     system = system_from_profile(profile)
+    plain_system = system_from_profile(profile_with(profile, plain_eff))
     fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", samples))
     print(f"{args.rounds} rounds in {time.perf_counter() - t0:.0f} s; fit (1 thread) on "
           f"{len(samples)} steps, median step error {fit_err[len(fit_err) // 2]:.1%}; matmul "
@@ -166,15 +171,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{eff.kv_memory_split or eff.kv_memory or eff.memory:.2f}), step "
           f"{eff.step_overhead_ms:.2f} ms, per op "
           f"{eff.op_overhead_us:.1f} us; data plane {latency_s * 1e6:.0f} us one way "
-          f"({rows_per_lane} x {model.hidden_size} float32)")
+          f"({rows_per_lane} x {model.hidden_size} float32); gauge at the profile's rates "
+          f"{ref_gauge[0]:.0f} GFLOP/s, {ref_gauge[1]:.1f} GB/s")
 
-    def simulate(m: int, head_share: float) -> EngineSimResult:
+    def simulate(m: int, head_share: float, reading: GaugeReading | None = None,
+                 fitted: System | None = None) -> EngineSimResult:
+        """The split with M=``m`` simulated at the machine speed ``reading`` (None: the
+        profile's rates), with ``fitted`` constants (default: the gauge-rated fit)."""
+        at = system_at(fitted or system, reading)
+        # Copies stream through the same memory as the weights: they follow the gauge's GB/s.
+        copy_scale = 1.0 if reading is None else reading[1] / ref_gauge[1]
         return simulate_afd_local(AFDLocalScenario(
-            system=system, model=model, precision="fp32",
+            system=at, model=model, precision="fp32",
             prompt_tokens=(args.prompt_len,) * args.num_requests,
             output_tokens=(args.max_tokens,) * args.num_requests,
             num_blocks=1 << 16, num_micro_batches=m, transfer_latency_s=latency_s,
-            copy_bytes_per_s=profile["copy_gb_s"] * 1e9 / 2,  # it counts read plus write
+            copy_bytes_per_s=profile["copy_gb_s"] * 1e9 / 2 * copy_scale,  # read plus write
             kv_bytes_per_element=kv_bytes, ffn_head_share=head_share))
 
     # What the simulator advises, from the calibration alone: the LM head share per M.
@@ -185,28 +197,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"simulated M={m}: best --ffn-head-share {shares[best]:g} ({sims[best]:.1f} tok/s;"
               f" share 0: {sims[0]:.1f})")
     rows = []
-    worst = 0.0
+    worst = plain_worst = 0.0
     for m in (1, 2):
         m_tps, m_tpot = max(measured[m])  # the fastest run
-        sim = simulate(m, args.ffn_head_share)
+        sim = simulate(m, args.ffn_head_share, kept_val[m])
+        plain = simulate(m, args.ffn_head_share, None, plain_system)
         s_tps, s_tpot = sim.output_tokens_per_s, sim.tpot_ms_mean
         err_tps, err_tpot = s_tps / m_tps - 1.0, s_tpot / m_tpot - 1.0
+        plain_errs = (plain.output_tokens_per_s / m_tps - 1.0, plain.tpot_ms_mean / m_tpot - 1.0)
         worst = max(worst, abs(err_tps), abs(err_tpot))
+        plain_worst = max(plain_worst, *map(abs, plain_errs))
         head = f", head {args.ffn_head_share:g}" if args.ffn_head_share else ""
         rows.append((f"A=1 F=1 M={m}{head}, {args.num_requests} x {args.prompt_len} in / "
-                     f"{args.max_tokens} out", m_tps, s_tps, err_tps, m_tpot, s_tpot, err_tpot))
+                     f"{args.max_tokens} out", m_tps, s_tps, err_tps, m_tpot, s_tpot, err_tpot,
+                     kept_val[m][1], *plain_errs))
     print(f"\n{'workload':<40} {'tok/s meas':>10} {'sim':>8} {'err':>7} "
-          f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7}")
-    for name, m_tps, s_tps, e1, m_tpot, s_tpot, e2 in rows:
+          f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7} {'gauge GB/s':>10} {'no gauge':>16}")
+    for name, m_tps, s_tps, e1, m_tpot, s_tpot, e2, gb_s, p1, p2 in rows:
         print(f"{name:<40} {m_tps:>10.1f} {s_tps:>8.1f} {e1:>+7.1%} {m_tpot:>12.1f} "
-              f"{s_tpot:>8.1f} {e2:>+7.1%}")
-    print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - t0:.0f} s")
+              f"{s_tpot:>8.1f} {e2:>+7.1%} {gb_s:>10.1f} {p1:>+8.1%}{p2:>+8.1%}")
+    print(f"{'calibration (median of its kept runs)':<40} {'':>57} {drift['calibration'][1]:>10.1f}")
+    print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); without the gauge "
+          f"{plain_worst:.1%}; {time.perf_counter() - t0:.0f} s")
     if args.json:
         # The calibration steps too, so that the fit can be studied offline without rerunning.
-        steps = [dict(load=s.load.__dict__, seconds=s.seconds) for s in samples]
+        steps = [dict(load=s.load.__dict__, seconds=s.seconds, gauge=s.gauge) for s in samples]
         Path(args.json).write_text(json.dumps(dict(
             rows=rows, profile=profile, transfer_latency_s=latency_s, fit_samples=steps,
-            machine_gauge=drift),
+            machine_gauge=drift, gauge_readings=log.readings()),
             indent=2))
     return 0 if worst <= TOLERANCE else 1
 

@@ -12,10 +12,13 @@ steps at 1.6-1.8x their neighbours' time) and in drifts over minutes (weight str
 slower for a while). So every workload, calibration and validation alike, runs once per round
 (``--rounds``; fresh random token ids of the same lengths, so the same schedule and no
 prefix-cache hits) and its fastest whole run is kept; mixing the two kinds in each round, in a
-shuffled order, lets both come from the machine's quiet stretches. A ~50 ms machine gauge
-(``tessera.sim.calibrate.MachineGauge``) is read before every run; the report gives its median
-at the kept calibration runs and at the kept validation runs, so that a miss of the size of
-their difference can be told from a miss of the model.
+shuffled order, lets both come from the machine's quiet stretches. What is left of the drift
+is measured: a ~50 ms machine gauge (``tessera.sim.gauge``) is read between every two runs, and
+each run is costed at the mean of the readings just before and after it, in the fit and in the
+simulation alike (``tessera.sim.gauge.system_at``). On the benchmark machine weight streaming
+flips between about 36 and 59 GB/s every minute or so, and a batch-1 decode step between 15 and
+11 ms with it. The report gives the gauge's median at the kept calibration and validation runs,
+and, from the same measurements, the errors of a fit and simulation that ignore the gauge.
 
     python benchmarks/sim_local.py [--model DIR] [--threads 2] [--num-requests 32] [--rounds 3]
 """
@@ -28,7 +31,10 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,12 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
-    from tessera.sim.calibrate import MachineGauge, gauge_report, measure
+    from tessera.sim.calibrate import measure
     from tessera.sim.engine_probe import (
+        CALIBRATION_RUNS,
         ProbeRun,
+        StepSample,
         calibration_round,
         fastest_rounds,
         fastest_runs,
+        gauged_rounds,
         random_prompts,
         record_steps,
         with_engine_facts,
@@ -73,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         simulate_engine,
     )
     from tessera.sim.fit import fit_efficiency, profile_with, step_errors
-    from tessera.sim.hardware import system_from_profile
+    from tessera.sim.gauge import GaugeLog, GaugeReading, MachineGauge, gauge_report, system_at
+    from tessera.sim.hardware import Efficiency, system_from_profile
     from tessera.sim.model import spec_from_config
 
     model_dir = args.model or make_random_llama(".bench/models/llama-100m")
@@ -113,12 +123,16 @@ def main(argv: list[str] | None = None) -> int:
 
     def measure_case(i: int, r: int) -> None:
         _, max_num_seqs, workload, serial = cases[i]
-        for group, group_tries in zip(groups_of(workload, serial), tries[i], strict=True):
-            # Fresh token ids of the same lengths each round: the same schedule, no
-            # prefix-cache hits (seeds apart from the calibration's).
-            seeds = [VALIDATION_SEED + 1000 * r + j for j in range(len(group))]
+        for g, (group, group_tries) in enumerate(zip(groups_of(workload, serial), tries[i],
+                                                     strict=True)):
+            # Fresh token ids of the same lengths each round and for each group: the same
+            # schedule, no prefix-cache hits (seeds apart from the calibration's).
+            seeds = [VALIDATION_SEED + 1000 * r + 100 * g + j for j in range(len(group))]
             prompts = [ids if r == 0 else random_prompts(1, len(ids), vocab, seed)[0]
                        for (ids, _), seed in zip(group, seeds, strict=True)]
+            # A reading before each group, so that each of a serial case's short runs is rated
+            # at its own (the machine's state lasts some seconds to a minute).
+            log.mark((r, len(CALIBRATION_RUNS) + i, g))
             group_tries.append(record_steps(engines[max_num_seqs], model, prompts,
                                             [n for _, n in group], kv_bytes))
 
@@ -127,36 +141,83 @@ def main(argv: list[str] | None = None) -> int:
     # calibrating first and measuring afterwards compares two different machines; mixed in
     # rounds, the fastest run of every workload comes from the machine's quiet stretches for
     # both.
-    gauge = MachineGauge()
-    readings: dict[tuple[int, int], tuple[float, float]] = {}  # (round, task) -> gauge
+    log = GaugeLog(MachineGauge())
 
-    def read_gauge(r: int, task: int) -> None:
-        readings[(r, task)] = gauge.read()
+    def mark_calibration(r: int, task: int) -> None:
+        if task < len(CALIBRATION_RUNS):  # a validation case marks each of its groups
+            log.mark((r, task))
 
     cal_rounds = [
         calibration_round(engines[256], model, kv_bytes, seed=1000 * r, order_seed=r,
                           interleave=[functools.partial(measure_case, i, r)
                                       for i in range(len(cases))],
-                          before_each=functools.partial(read_gauge, r))
+                          before_each=functools.partial(mark_calibration, r))
         for r in range(max(args.rounds, 1))]
-    fit_samples = fastest_runs(cal_rounds)
-    # The gauge next to each kept run: calibration workload k's fastest round, and the round
-    # of each validation request group's fastest run (task num_cal + case).
+    log.close()
+    # Every calibration step carries the reading around its run, so the fit costs it at the
+    # machine's speed of that moment; each validation group is simulated at its kept run's.
+    fit_samples = fastest_runs(gauged_rounds(cal_rounds, log))
     num_cal = len(cal_rounds[0])
-    kept_cal = [readings[(r, k)] for k, r in enumerate(fastest_rounds(cal_rounds))]
-    kept_by_case = [[readings[(min(range(len(t)), key=lambda r: t[r].wall_s), num_cal + i)]
-                     for t in case_tries] for i, case_tries in enumerate(tries)]
+    kept_cal = [log.around((r, k)) for k, r in enumerate(fastest_rounds(cal_rounds))]
+    kept_by_case = [[log.around((min(range(len(t)), key=lambda r: t[r].wall_s), num_cal + i, g))
+                     for g, t in enumerate(case_tries)] for i, case_tries in enumerate(tries)]
     kept_val = [g for case in kept_by_case for g in case]
-    drift = gauge_report(kept_cal, kept_val, list(readings.values()))
+    drift = gauge_report(kept_cal, kept_val, log.readings())
     drift["kept_calibration_runs"] = kept_cal  # in CALIBRATION_RUNS order
     print(drift["line"])
     profile = with_engine_facts(profile, engines[256])
     raw = system_from_profile(profile)
-    eff = fit_efficiency(raw, model, "fp32", fit_samples)
-    system = system_from_profile(profile_with(profile, eff))
-    fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", fit_samples))
+
+    def evaluate(samples: list[StepSample], readings: Sequence[Sequence[GaugeReading | None]],
+                 ) -> tuple[Efficiency, float, list[dict[str, Any]], float]:
+        """Fit on ``samples``, simulate every validation group at its reading: the fitted
+        constants, the median step error of the fit, a row per workload, the worst error."""
+        eff = fit_efficiency(raw, model, "fp32", samples)
+        system = system_from_profile(profile_with(profile, eff))
+        fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", samples))
+        rows = []
+        worst = 0.0
+        for (name, max_num_seqs, workload, serial), case_tries, kept in zip(
+                cases, tries, readings, strict=True):
+            runs: list[tuple[ProbeRun, EngineSimResult]] = []
+            steps = []
+            for group, group_tries, reading in zip(groups_of(workload, serial), case_tries,
+                                                   kept, strict=True):
+                measured = min(group_tries, key=lambda run: run.wall_s)
+                eng = engines[max_num_seqs]
+                at = system_at(system, reading)  # the machine's speed during the kept run
+                sim = simulate_engine(EngineScenario(
+                    system=at, model=model, precision="fp32", kv_bytes_per_element=kv_bytes,
+                    prompt_tokens=tuple(len(ids) for ids, _ in group),
+                    output_tokens=tuple(n for _, n in group),
+                    num_blocks=eng.runtime.num_kv_blocks, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=eng.config.scheduler.max_num_batched_tokens))
+                runs.append((measured, sim))
+                # Each measured step with the fitted model's time for it: which steps a miss
+                # comes from.
+                step_cost = StepCost(at, model, "fp32")
+                steps += [dict(load=st.load.__dict__, seconds=st.seconds,
+                               simulated_seconds=step_cost.seconds(st.load), gauge=reading)
+                          for st in measured.samples]
+            m_tps = sum(m.num_output_tokens for m, _ in runs) / sum(m.wall_s for m, _ in runs)
+            s_tps = sum(s.num_output_tokens for _, s in runs) / sum(s.duration_s for _, s in runs)
+            m_tpot = sum(sum(m.tpot_ms) for m, _ in runs) / sum(len(m.tpot_ms) for m, _ in runs)
+            s_tpot = sum(sum(s.tpot_ms) for _, s in runs) / sum(len(s.tpot_ms) for _, s in runs)
+            err_tps, err_tpot = s_tps / m_tps - 1.0, s_tpot / m_tpot - 1.0
+            worst = max(worst, abs(err_tps), abs(err_tpot))
+            rows.append(dict(workload=name, measured_tok_s=m_tps, simulated_tok_s=s_tps,
+                             tok_s_error=err_tps, measured_tpot_ms=m_tpot,
+                             simulated_tpot_ms=s_tpot, tpot_error=err_tpot, steps=steps))
+        return eff, fit_err[len(fit_err) // 2], rows, worst
+
+    ref_gauge: list[float] = profile["gauge"]  # type: ignore[assignment]
+    eff, median_err, rows, worst = evaluate(fit_samples, kept_by_case)
+    # The same measurements without the gauge: the fit and the simulations at the profile's
+    # fixed rates, as before the gauge rated each run (the peer of the line above).
+    _, plain_median_err, plain_rows, plain_worst = evaluate(
+        [replace(s, gauge=None) for s in fit_samples], [[None] * len(k) for k in kept_by_case])
     print(f"{args.rounds} rounds in {time.perf_counter() - t0:.0f} s; fit on "
-          f"{len(fit_samples)} steps, median step error {fit_err[len(fit_err) // 2]:.1%}; matmul "
+          f"{len(fit_samples)} steps, median step error {median_err:.1%}; matmul "
           f"{eff.matmul:.2f}, memory {eff.memory:.2f}, kv memory "
           f"{eff.kv_memory or eff.memory:.2f} (fewer than {eff.kv_whole_batch} seqs "
           f"{eff.kv_memory_split or eff.kv_memory or eff.memory:.2f}), attention "
@@ -164,57 +225,33 @@ def main(argv: list[str] | None = None) -> int:
           f"per op "
           f"{eff.op_overhead_us:.1f} us, native decode rows {eff.native_decode_rows}, per seq "
           f"{eff.seq_overhead_us:.0f} us; machine: {profile['tflops']['fp32'] * 1e3:.0f} fp32 "
-          f"GFLOPS, {profile['memory_gb_s']:.1f} GB/s weight streaming, load average "
+          f"GFLOPS, {profile['memory_gb_s']:.1f} GB/s weight streaming (gauge "
+          f"{ref_gauge[0]:.0f} GFLOP/s, {ref_gauge[1]:.1f} GB/s), load average "
           f"{os.getloadavg()[0]:.1f}")
 
-    rows = []
-    worst = 0.0
-    step_cost = StepCost(system, model, "fp32")
-    for (name, max_num_seqs, workload, serial), case_tries, kept in zip(
-            cases, tries, kept_by_case, strict=True):
-        runs: list[tuple[ProbeRun, EngineSimResult]] = []
-        for group, group_tries in zip(groups_of(workload, serial), case_tries, strict=True):
-            measured = min(group_tries, key=lambda run: run.wall_s)
-            eng = engines[max_num_seqs]
-            sim = simulate_engine(EngineScenario(
-                system=system, model=model, precision="fp32", kv_bytes_per_element=kv_bytes,
-                prompt_tokens=tuple(len(ids) for ids, _ in group),
-                output_tokens=tuple(n for _, n in group),
-                num_blocks=eng.runtime.num_kv_blocks, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=eng.config.scheduler.max_num_batched_tokens))
-            runs.append((measured, sim))
-        m_tps = sum(m.num_output_tokens for m, _ in runs) / sum(m.wall_s for m, _ in runs)
-        s_tps = sum(s.num_output_tokens for _, s in runs) / sum(s.duration_s for _, s in runs)
-        m_tpot = sum(sum(m.tpot_ms) for m, _ in runs) / sum(len(m.tpot_ms) for m, _ in runs)
-        s_tpot = sum(sum(s.tpot_ms) for _, s in runs) / sum(len(s.tpot_ms) for _, s in runs)
-        err_tps, err_tpot = s_tps / m_tps - 1.0, s_tpot / m_tpot - 1.0
-        worst = max(worst, abs(err_tps), abs(err_tpot))
-        # Each measured step with the fitted model's time for it: which steps a miss comes from.
-        steps = [dict(load=st.load.__dict__, seconds=st.seconds,
-                      simulated_seconds=step_cost.seconds(st.load))
-                 for m, _ in runs for st in m.samples]
-        rows.append(dict(workload=name, measured_tok_s=m_tps, simulated_tok_s=s_tps,
-                         tok_s_error=err_tps, measured_tpot_ms=m_tpot, simulated_tpot_ms=s_tpot,
-                         tpot_error=err_tpot, steps=steps, gauge_at_kept_runs=kept))
-
-    # The gauge's weight-streaming GB/s before the kept run(s) of each workload, against the
+    # The gauge's weight-streaming GB/s around the kept run(s) of each workload, against the
     # calibration's median: a row measured on a faster or slower machine shows here.
     print(f"\n{'workload':<52} {'tok/s meas':>10} {'sim':>8} {'err':>7} "
-          f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7} {'gauge GB/s':>10}")
-    for r in rows:
-        gb_s = sorted(g[1] for g in r["gauge_at_kept_runs"])[len(r["gauge_at_kept_runs"]) // 2]
+          f"{'TPOT ms meas':>12} {'sim':>8} {'err':>7} {'gauge GB/s':>10} {'no gauge':>16}")
+    for r, plain, kept in zip(rows, plain_rows, kept_by_case, strict=True):
+        gb_s = sorted(g[1] for g in kept)[len(kept) // 2]
         print(f"{r['workload']:<52} {r['measured_tok_s']:>10.1f} {r['simulated_tok_s']:>8.1f} "
               f"{r['tok_s_error']:>+7.1%} {r['measured_tpot_ms']:>12.1f} "
-              f"{r['simulated_tpot_ms']:>8.1f} {r['tpot_error']:>+7.1%} {gb_s:>10.1f}")
+              f"{r['simulated_tpot_ms']:>8.1f} {r['tpot_error']:>+7.1%} {gb_s:>10.1f} "
+              f"{plain['tok_s_error']:>+8.1%}{plain['tpot_error']:>+8.1%}")
     print(f"{'calibration (median of its kept runs)':<52} {'':>57} {drift['calibration'][1]:>10.1f}")
-    print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); {time.perf_counter() - t0:.0f} s")
+    print(f"worst error {worst:.1%} (target {TOLERANCE:.0%}); without the gauge "
+          f"{plain_worst:.1%} (fit median step error {plain_median_err:.1%}); "
+          f"{time.perf_counter() - t0:.0f} s")
     if args.json:
         # The calibration steps too, so that the fit can be studied offline without rerunning;
         # each row holds its measured steps.
-        steps = [dict(load=s.load.__dict__, seconds=s.seconds) for s in fit_samples]
-        Path(args.json).write_text(json.dumps(dict(rows=rows, efficiency=eff.__dict__,
-                                                   profile=profile, fit_samples=steps,
-                                                   machine_gauge=drift), indent=2))
+        steps = [dict(load=s.load.__dict__, seconds=s.seconds, gauge=s.gauge)
+                 for s in fit_samples]
+        Path(args.json).write_text(json.dumps(dict(
+            rows=[{**r, "gauge_at_kept_runs": k} for r, k in zip(rows, kept_by_case, strict=True)],
+            rows_without_gauge=plain_rows, efficiency=eff.__dict__, profile=profile,
+            fit_samples=steps, machine_gauge=drift, gauge_readings=log.readings()), indent=2))
     return 0 if worst <= TOLERANCE else 1
 
 

@@ -7,16 +7,18 @@ let a benchmark compare simulated and measured steps one by one.
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tessera.engine.scheduler import SchedulerOutput
 from tessera.sampling_params import SamplingParams
 
 from .engine_sim import StepLoad, step_load
+from .gauge import GaugeLog, GaugeReading, MachineGauge
 from .model import ModelSpec
 
 
@@ -26,6 +28,9 @@ class StepSample:
 
     load: StepLoad
     seconds: float
+    gauge: tuple[float, float] | None = None
+    """The machine gauge reading around the run this step belongs to (:mod:`tessera.sim.gauge`);
+    None: the machine at the profile's own reading."""
 
 
 @dataclass(frozen=True)
@@ -199,9 +204,33 @@ def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float
     return [runs[k] for k in range(num_cal)]
 
 
+def gauged_rounds(rounds: Sequence[Sequence[list[StepSample]]],
+                  log: GaugeLog) -> list[list[list[StepSample]]]:
+    """``rounds`` of :func:`calibration_round` with every run's samples carrying the gauge
+    reading around that run, ``log.around((round, workload))``: the log was marked with
+    ``(round, task)`` before each task (``before_each``) and closed after the last round."""
+    return [[with_gauge(run, log.around((r, k))) for k, run in enumerate(rnd)]
+            for r, rnd in enumerate(rounds)]
+
+
+def with_gauge(samples: list[StepSample], reading: GaugeReading) -> list[StepSample]:
+    """``samples`` of one run, each carrying the gauge ``reading`` around that run."""
+    return [replace(s, gauge=reading) for s in samples]
+
+
 def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
-                        seed: int = 0, repeats: int = 2) -> list[StepSample]:
+                        seed: int = 0, repeats: int = 2,
+                        gauge: MachineGauge | None = None) -> list[StepSample]:
     """Run the calibration workloads ``repeats`` times on ``engine`` and return the steps of
-    each workload's fastest run (``fastest_runs``)."""
-    return fastest_runs([calibration_round(engine, model, kv_bytes_per_element, seed + 1000 * r)
-                         for r in range(max(repeats, 1))])
+    each workload's fastest run (``fastest_runs``); with ``gauge``, read around every run, each
+    step carries its run's reading."""
+    log = None if gauge is None else GaugeLog(gauge)
+    rounds = []
+    for r in range(max(repeats, 1)):
+        mark = None if log is None else functools.partial(lambda r, t: log.mark((r, t)), r)
+        rounds.append(calibration_round(engine, model, kv_bytes_per_element, seed + 1000 * r,
+                                        before_each=mark))
+    if log is not None:
+        log.close()
+        rounds = gauged_rounds(rounds, log)
+    return fastest_runs(rounds)

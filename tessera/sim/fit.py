@@ -5,6 +5,10 @@ bandwidth and attention rate, a fixed cost per step and a host cost per sequence
 picks the values that best explain measured steps, by coordinate search on a log scale over the
 mean squared log error: plain, dependency-free, and a few hundred cost evaluations is enough for
 five constants. The fitted constants then predict workloads they were not fitted on.
+
+A sample that carries a machine gauge reading is costed at the speed the machine had during its
+run (:func:`tessera.sim.gauge.system_at`), so the constants are fractions of the profile's
+rates at its reference reading, not of whatever state the machine was in when each run ran.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from .engine_probe import StepSample
 from .engine_sim import StepCost
+from .gauge import system_at
 from .hardware import Efficiency, System
 from .model import ModelSpec
 
@@ -40,20 +45,30 @@ def _with(system: System, eff: Efficiency) -> System:
     return replace(system, chip=replace(system.chip, efficiency=eff))
 
 
+def _predicted_s(system: System, model: ModelSpec, precision: str,
+                 samples: Sequence[StepSample]) -> list[float]:
+    """Predicted seconds of each sample, each costed at its own gauge reading."""
+    costs: dict[tuple[float, float] | None, StepCost] = {}
+    out = []
+    for s in samples:
+        if s.gauge not in costs:
+            costs[s.gauge] = StepCost(system_at(system, s.gauge), model, precision)
+        out.append(costs[s.gauge].seconds(s.load))
+    return out
+
+
 def step_errors(system: System, model: ModelSpec, precision: str,
                 samples: Sequence[StepSample]) -> list[float]:
     """Relative error (predicted / measured - 1) of each sample under ``system``'s constants."""
-    cost = StepCost(system, model, precision)
-    return [cost.seconds(s.load) / s.seconds - 1.0 for s in samples]
+    return [p / s.seconds - 1.0
+            for p, s in zip(_predicted_s(system, model, precision, samples), samples, strict=True)]
 
 
 def _loss(system: System, model: ModelSpec, precision: str,
           samples: Sequence[StepSample]) -> float:
-    cost = StepCost(system, model, precision)
-    total = 0.0
-    for s in samples:
-        total += math.log(cost.seconds(s.load) / s.seconds) ** 2
-    return total / len(samples)
+    predicted = _predicted_s(system, model, precision, samples)
+    return sum(math.log(p / s.seconds) ** 2
+               for p, s in zip(predicted, samples, strict=True)) / len(samples)
 
 
 def fit_efficiency(system: System, model: ModelSpec, precision: str,

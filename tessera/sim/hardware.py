@@ -66,6 +66,9 @@ class Chip:
     memory_bytes: float
     memory_bytes_per_s: float
     efficiency: Efficiency
+    gauge: tuple[float, float] | None = None
+    """The machine gauge reading (fp32 GFLOP/s, weight-streaming GB/s) at which these rates
+    hold: calibrated CPUs only, whose speed drifts (:mod:`tessera.sim.gauge`); None elsewhere."""
 
     def matmul_flops_per_s(self, precision: str) -> float:
         """Peak dense matrix rate of one device at ``precision`` (raises if unsupported)."""
@@ -175,6 +178,8 @@ def system_from_profile(raw: dict[str, Any]) -> System:
         memory_bytes=float(raw["memory_gb"]) * 1e9,
         memory_bytes_per_s=float(raw["memory_gb_s"]) * 1e9,
         efficiency=_efficiency(raw["efficiency"]),
+        gauge=None if raw.get("gauge") is None else (float(raw["gauge"][0]),
+                                                      float(raw["gauge"][1])),
     )
     fabric = Fabric(name="none", bytes_per_s=1e12, latency_us=0.0)
     return System(name=LOCAL_CHIP, chip=chip, num_chips=1, scale_up=fabric,

@@ -100,3 +100,17 @@ def test_cpu_local_runs_the_engine_scheduler(capsys: pytest.CaptureFixture[str],
     assert data["mode"] == "colocated (engine scheduler)"
     assert data["num_finished"] == 12 and data["mean_decode_batch_per_dp"] <= 4
     assert data["tpot_ms_mean"] > 0 and data["decode_tokens_per_s_per_chip"] > 0
+
+
+def test_calibrate_on_a_model_too_short_for_its_workloads(
+        tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
+    from tessera.demo_model import model_dir
+
+    out = f"{tmp_path}/profile.json"
+    rc = sim_main(["calibrate", "--model", str(model_dir()), "--out", out])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert "holds 256 tokens of context" in err and "need 3002" in err
+    import os
+
+    assert not os.path.exists(out)  # nothing half-written

@@ -268,22 +268,3 @@ def test_a_calibration_round_interleaves_other_work_in_a_shuffled_order(monkeypa
     ids = [num_cal + "ab".index(t) if isinstance(t, str) else t for t in shuffled]
     assert calls == [x for task, tag in zip(ids, shuffled, strict=True)
                      for x in (("gauge", task), tag)]
-
-
-def test_gauge_report_compares_the_kept_runs() -> None:
-    from tessera.sim.calibrate import gauge_report
-
-    kept_cal = [(100.0, 40.0), (110.0, 44.0), (90.0, 36.0)]
-    kept_val = [(121.0, 40.0)]
-    every = [*kept_cal, *kept_val, (60.0, 20.0)]
-    report = gauge_report(kept_cal, kept_val, every)
-    assert report["calibration"] == [100.0, 40.0] and report["validation"] == [121.0, 40.0]
-    assert report["low"] == [60.0, 20.0] and report["high"] == [121.0, 44.0]
-    assert "(+21%, +0%)" in report["line"] and "5 runs 60-121 GFLOP/s" in report["line"]
-
-
-def test_machine_gauge_reads_positive_rates() -> None:
-    from tessera.sim.calibrate import MachineGauge
-
-    gflops, gb_s = MachineGauge().read()
-    assert 0.1 < gflops < 1e5 and 0.1 < gb_s < 1e4
