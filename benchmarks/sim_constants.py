@@ -75,9 +75,11 @@ def main() -> int:
     ranked = sorted(rest, key=lambda p: p.worst(fitted))
     head = " ".join(f"{n[:5]:>5}" for n in sorted(SEARCHED))
     print(f"family {args.family}: {len(combos)} grid points, {len(ids)} anchors"
-          f" ({len(ids) - len(fitted)} time-averaged, not fitted); {wall:.0f} s")
-    for i in ids:
-        print(f"  [{ids.index(i)}] {i}{'  (time average)' if i not in fitted else ''}")
+          f" ({len(ids) - len(fitted)} not fitted: day averages, held-out checks); {wall:.0f} s")
+    for k, a in enumerate(chosen):
+        why = "" if a.anchor_id in fitted else (
+            "  (time average)" if a.time_average else "  (held out: not in published.json)")
+        print(f"  [{k}] {a.anchor_id}{why}")
     cols = " ".join(f"{'[' + str(k) + ']':>8}" for k in range(len(ids)))
     print(f"{'':<8} {head}  {cols}  {'fitted':>7} {'all':>7}")
     print(_row("catalog", base, ids, fitted))

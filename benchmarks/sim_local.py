@@ -89,30 +89,28 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = args.model or make_random_llama(".bench/models/llama-100m")
     model = spec_from_config(read_config(model_dir), name=model_dir)
 
-    def engine(max_num_seqs: int = 256) -> LLMEngine:
-        # The engines stay up together, so each gets a KV pool of a fixed size instead of a
-        # share of the memory the others left: room for its workload's requests at once with
-        # the ~100M Llama (32 mixed requests need 3 GiB, 8 concurrent 0.3 GiB).
-        pool_bytes = (4 if max_num_seqs > 8 else 1) << 30
-        eng = LLMEngine(EngineConfig(model=model_dir, dtype="float32", num_threads=args.threads,
-                                     scheduler=SchedulerConfig(max_num_seqs=max_num_seqs),
-                                     cache=CacheConfig(kv_cache_memory=pool_bytes)))
-        eng.warm_up()
-        return eng
-
     t0 = time.perf_counter()
     profile = measure()
+    # One engine runs the calibration and every validation workload, as a user calibrates and
+    # then predicts the engine they serve with. Separate engines, each with its own copy of the
+    # weights, decoded batch 1 up to 20% apart on this machine at the same gauge reading (where
+    # a fresh process's weights land in the host's memory differs, and no separate probe sees
+    # it), so calibrating one and validating another compared two machines.
+    eng = LLMEngine(EngineConfig(model=model_dir, dtype="float32", num_threads=args.threads,
+                                 scheduler=SchedulerConfig(max_num_seqs=256),
+                                 cache=CacheConfig(kv_cache_memory=4 << 30)))
+    eng.warm_up()
     vocab = model.vocab_size
     mixed = make_workload(num_requests=args.num_requests, vocab_size=vocab, seed=1)
-    # (name, max_num_seqs, requests, one at a time?)
+    # (name, requests in flight at most (None: all at once), requests, one at a time?)
     cases = [
-        ("batch-1 decode (256 in / 128 out)", 1,
+        ("batch-1 decode (256 in / 128 out)", None,
          make_workload(3, 256, 256, 128, 128, vocab_size=vocab, seed=2), True),
         ("8 concurrent (64-512 in / 64 out)", 8,
          make_workload(16, 64, 512, 64, 64, vocab_size=vocab, seed=3), False),
-        (f"mixed offline ({args.num_requests} req, 32-1024 in / 16-256 out)", 256, mixed, False),
+        (f"mixed offline ({args.num_requests} req, 32-1024 in / 16-256 out)", None, mixed,
+         False),
     ]
-    engines = {n: engine(n) for n in sorted({n for _, n, _, _ in cases} | {256})}
     kv_bytes = 4.0
 
     def groups_of(workload: list, serial: bool) -> list[list]:
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         [[] for _ in groups_of(workload, serial)] for _, _, workload, serial in cases]
 
     def measure_case(i: int, r: int) -> None:
-        _, max_num_seqs, workload, serial = cases[i]
+        _, in_flight, workload, serial = cases[i]
         for g, (group, group_tries) in enumerate(zip(groups_of(workload, serial), tries[i],
                                                      strict=True)):
             # Fresh token ids of the same lengths each round and for each group: the same
@@ -133,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             # A reading before each group, so that each of a serial case's short runs is rated
             # at its own (the machine's state lasts some seconds to a minute).
             log.mark((r, len(CALIBRATION_RUNS) + i, g))
-            group_tries.append(record_steps(engines[max_num_seqs], model, prompts,
-                                            [n for _, n in group], kv_bytes))
+            group_tries.append(record_steps(eng, model, prompts, [n for _, n in group],
+                                            kv_bytes, max_in_flight=in_flight))
 
-    # Rounds: one run of every calibration and every validation workload, on engines kept
+    # Rounds: one run of every calibration and every validation workload, on the engine kept
     # warm, in a shuffled order. The machine's speed drifts over minutes (other tenants), so
     # calibrating first and measuring afterwards compares two different machines; mixed in
     # rounds, the fastest run of every workload comes from the machine's quiet stretches for
@@ -148,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             log.mark((r, task))
 
     cal_rounds = [
-        calibration_round(engines[256], model, kv_bytes, seed=1000 * r, order_seed=r,
+        calibration_round(eng, model, kv_bytes, seed=1000 * r, order_seed=r,
                           interleave=[functools.partial(measure_case, i, r)
                                       for i in range(len(cases))],
                           before_each=functools.partial(mark_calibration, r))
@@ -165,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     drift = gauge_report(kept_cal, kept_val, log.readings())
     drift["kept_calibration_runs"] = kept_cal  # in CALIBRATION_RUNS order
     print(drift["line"])
-    profile = with_engine_facts(profile, engines[256])
+    profile = with_engine_facts(profile, eng)
     raw = system_from_profile(profile)
 
     def evaluate(samples: list[StepSample], readings: Sequence[Sequence[GaugeReading | None]],
@@ -177,20 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", samples))
         rows = []
         worst = 0.0
-        for (name, max_num_seqs, workload, serial), case_tries, kept in zip(
+        for (name, in_flight, workload, serial), case_tries, kept in zip(
                 cases, tries, readings, strict=True):
             runs: list[tuple[ProbeRun, EngineSimResult]] = []
             steps = []
             for group, group_tries, reading in zip(groups_of(workload, serial), case_tries,
                                                    kept, strict=True):
                 measured = min(group_tries, key=lambda run: run.wall_s)
-                eng = engines[max_num_seqs]
                 at = system_at(system, reading)  # the machine's speed during the kept run
                 sim = simulate_engine(EngineScenario(
                     system=at, model=model, precision="fp32", kv_bytes_per_element=kv_bytes,
                     prompt_tokens=tuple(len(ids) for ids, _ in group),
                     output_tokens=tuple(n for _, n in group),
-                    num_blocks=eng.runtime.num_kv_blocks, max_num_seqs=max_num_seqs,
+                    num_blocks=eng.runtime.num_kv_blocks, max_num_seqs=256,
+                    concurrency=in_flight,
                     max_num_batched_tokens=eng.config.scheduler.max_num_batched_tokens))
                 runs.append((measured, sim))
                 # Each measured step with the fitted model's time for it: which steps a miss

@@ -4,8 +4,9 @@ The catalog's constants per chip family (``hardware.json``: ``efficiency``) are 
 measured: a coarse grid over the fractions of peak and the fixed costs, keeping the point whose
 worst anchor error is smallest. This module runs that search so that the catalog's values can be
 checked and a new family fitted. Anchors that average a day of varying load
-(:attr:`Anchor.time_average`) bound capacity from below and are not fitted on; the search still
-reports their error at each point, and the best worst-error reachable if they were.
+(:attr:`Anchor.time_average`) bound capacity from below and are not fitted on, nor are the
+held-out figures validation adds from outside ``published.json``; the search still reports their
+error at each point, and the best worst-error reachable if the day averages were fitted on.
 """
 
 from __future__ import annotations
@@ -80,8 +81,10 @@ def evaluate(family: str, values: Mapping[str, float], chosen: Sequence[Anchor])
 
 
 def fitted_ids(chosen: Sequence[Anchor]) -> list[str]:
-    """Anchors a fit minimises over: all but those that average a day of varying load."""
-    return [a.anchor_id for a in chosen if not a.time_average]
+    """Anchors a fit minimises over: those of ``published.json`` that are capacities. Day
+    averages bound capacity from below; the figures validation adds from other sources
+    (:attr:`Anchor.in_published`) are held out, so that they stay a check the fit never saw."""
+    return [a.anchor_id for a in chosen if not a.time_average and a.in_published]
 
 
 def catalog_values(family: str) -> dict[str, float]:

@@ -50,12 +50,20 @@ class ProbeRun:
 
 
 def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
-                 output_tokens: list[int], kv_bytes_per_element: float) -> ProbeRun:
-    """Run ``prompts`` (greedy, ignoring EOS; all arriving at once) through ``engine`` and time
-    every step.
+                 output_tokens: list[int], kv_bytes_per_element: float,
+                 max_in_flight: int | None = None) -> ProbeRun:
+    """Run ``prompts`` (greedy, ignoring EOS) through ``engine`` and time every step.
+
+    All arrive at once, or with ``max_in_flight`` as a closed-loop client sends them: that many
+    at first, then the next one as soon as a step finishes one (``EngineScenario.concurrency``
+    in the simulation). TTFT counts from each request's arrival.
 
     ``engine`` is a :class:`tessera.engine.llm_engine.LLMEngine` with no requests in flight.
     """
+    if len(prompts) != len(output_tokens):
+        raise ValueError("one output length per prompt")
+    if max_in_flight is not None and max_in_flight < 1:
+        raise ValueError("max_in_flight must be at least 1")
     scheduler = engine.scheduler
     original = scheduler.schedule
     loads: list[StepLoad | None] = []
@@ -71,11 +79,22 @@ def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
     finish: dict[str, float] = {}
     counts: dict[str, int] = {}
     tag = time.monotonic_ns()
+    arrived: dict[str, float] = {}
+    num_sent = 0
+
+    def send(now: float) -> None:
+        nonlocal num_sent
+        rid = f"probe-{tag}-{num_sent}"
+        params = SamplingParams(max_tokens=output_tokens[num_sent], temperature=0.0,
+                                ignore_eos=True)
+        engine.add_request(rid, prompts[num_sent], params)
+        arrived[rid] = now
+        num_sent += 1
+
     try:
         start = time.perf_counter()
-        for i, (ids, n) in enumerate(zip(prompts, output_tokens, strict=True)):
-            params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-            engine.add_request(f"probe-{tag}-{i}", ids, params)
+        while num_sent < min(len(prompts), max_in_flight or len(prompts)):
+            send(start)
         while engine.has_unfinished_requests():
             t0 = time.perf_counter()
             step = engine.step_with_deltas()
@@ -89,10 +108,12 @@ def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
                 counts[rid] = counts.get(rid, 0) + 1
                 if delta.finish_reason is not None:
                     finish[rid] = now
+                    if num_sent < len(prompts):
+                        send(now)
         wall_s = time.perf_counter() - start
     finally:
         del scheduler.schedule
-    ttft = [(first[r] - start) * 1e3 for r in sorted(first)]
+    ttft = [(first[r] - arrived[r]) * 1e3 for r in sorted(first)]
     tpot = [(finish[r] - first[r]) * 1e3 / (counts[r] - 1) for r in sorted(finish) if counts[r] > 1]
     return ProbeRun(samples, wall_s, sum(counts.values()), ttft, tpot)
 

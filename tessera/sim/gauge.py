@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import replace
 from statistics import median
-from typing import Any
+from typing import Any, Protocol
 
 from .hardware import System
 
@@ -70,6 +70,12 @@ class MachineGauge:
                 self._bytes / best_s(self._stream, 3) / 1e9)
 
 
+class Gauge(Protocol):
+    """Anything that reads the machine's speed (:class:`MachineGauge`, or a scripted one)."""
+
+    def read(self) -> GaugeReading: ...
+
+
 class GaugeLog:
     """Gauge readings taken between runs, in the order they were taken.
 
@@ -79,7 +85,7 @@ class GaugeLog:
     ends is nearer the run's average speed than either end alone.
     """
 
-    def __init__(self, gauge: MachineGauge) -> None:
+    def __init__(self, gauge: Gauge) -> None:
         self._gauge = gauge
         self._keys: dict[Hashable, int] = {}
         self._readings: list[GaugeReading] = []

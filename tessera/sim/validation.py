@@ -58,6 +58,17 @@ change here):
   the load: no TTFT, queue length or request rate. The published value is then a lower bound
   on capacity, and published / simulated is the day's average utilization of a prefill node.
   ``nodes_in_service_check`` recomputes the node count; the validation report prints both.
+
+* ``deepseek-h800-profile (prefill)`` is not in ``published.json``: it is the capacity of that
+  same prefill deployment, from DeepSeek's own profile (deepseek-ai/profile-data, 2025-03: EP32,
+  TP1 "in line with DeepSeek V3/R1's actual online deployment", 4K prompts, 16K tokens per GPU,
+  two micro-batches, an absolutely balanced MoE routing simulated for the profile). The figure,
+  62,713 tokens/s per node, is LMSYS's reading of that trace (lmsys.org/blog/2025-05-05-large-
+  scale-ep, "Profile Results", next to the blog's 32,206 excluding cache hits; they note that
+  "DeepSeek's profile reports a throughput roughly twice that of its production environment").
+  The scenario is ``deepseek-h800-blog (prefill)``'s unit with 4K prompts, no cache hits and
+  perfect balance. The Hopper constants were fitted without it (``anchor_fit.fitted_ids``), so it
+  is a held-out check of the capacity model on the system whose day average it cannot match.
 """
 
 from __future__ import annotations
@@ -85,6 +96,10 @@ DEEPSEEK_PREFILL_TOKENS_PER_S_PER_NODE = 73.7e3
 DEEPSEEK_DECODE_TOKENS_PER_S_PER_NODE = 14.8e3
 DEEPSEEK_AVERAGE_NODES = 226.75
 """The blog's average node occupancy over the same 24 hours."""
+DEEPSEEK_PROFILE_PREFILL_TOKENS_PER_S_PER_NODE = 62_713
+"""DeepSeek's prefill profile (EP32, 4K prompts, 16K tokens per GPU, balanced routing), as read
+by LMSYS (lmsys.org/blog/2025-05-05-large-scale-ep); not in ``published.json``."""
+DEEPSEEK_PROFILE_ID = "deepseek-h800-profile (prefill)"
 
 
 def nodes_in_service_check() -> tuple[float, float]:
@@ -113,6 +128,8 @@ class Anchor:
     """The figure averages a day of varying load (a lower bound on the simulated capacity)."""
     tpot_ms: float | None = None
     """The TPOT published with a decode figure (its scenario's batch comes from it)."""
+    in_published: bool = True
+    """False for a figure this module adds from another cited source (not in published.json)."""
 
 
 def _decode(hw: str, prec: str, num_dp: int, batch: int, kv: int, mtp: float | None,
@@ -170,7 +187,18 @@ def anchors() -> list[Anchor]:
     ds_prefill = _prefill(h800, "fp8", 32, deepseek_prompt_tokens(), DEEPSEEK_CACHE_HIT_FRACTION)
     out.append(Anchor("deepseek-h800-blog (prefill)", "prefill_tokens_per_s_per_chip",
                       ds["prefill_tokens_per_s_per_chip"], (ds_prefill,), time_average=True))
+    out.append(Anchor(DEEPSEEK_PROFILE_ID, "prefill_tokens_per_s_per_chip",
+                      DEEPSEEK_PROFILE_PREFILL_TOKENS_PER_S_PER_NODE / 8,
+                      (_prefill(h800, "fp8", 32, 4096, 0.0),), perfect_balance=True,
+                      in_published=False))
     return out
+
+
+def profile_over_blog() -> float:
+    """DeepSeek's prefill profile over its blog's day-average figure, per node: how far below
+    its own system's capacity the day average sits."""
+    ds = next(r for r in load_published()["results"] if r["id"] == "deepseek-h800-blog")
+    return DEEPSEEK_PROFILE_PREFILL_TOKENS_PER_S_PER_NODE / (8 * ds["prefill_tokens_per_s_per_chip"])
 
 
 def run_anchor(anchor: Anchor) -> float:

@@ -18,9 +18,12 @@ def test_families_hold_their_own_anchors() -> None:
     hopper = [a.anchor_id for a in family_anchors("hopper")]
     assert all(i.startswith("cminfer") for i in ascend)
     assert {i.split(" (")[0] for i in hopper} == {"sglang-h100-decode", "sglang-h100-prefill",
-                                                 "deepseek-h800-blog"}
-    # The day-averaged DeepSeek prefill figure is reported, never fitted on.
-    assert fitted_ids(family_anchors("hopper")) == [i for i in hopper if i != "deepseek-h800-blog (prefill)"]
+                                                 "deepseek-h800-blog", "deepseek-h800-profile"}
+    # The day-averaged DeepSeek prefill figure is reported, never fitted on; nor is the
+    # held-out capacity of the same deployment from DeepSeek's profile.
+    assert fitted_ids(family_anchors("hopper")) == [
+        i for i in hopper
+        if i not in ("deepseek-h800-blog (prefill)", "deepseek-h800-profile (prefill)")]
     with pytest.raises(SimError, match="no published anchor"):
         family_anchors("blackwell")
     with pytest.raises(SimError, match="unknown efficiency family"):

@@ -1,0 +1,57 @@
+"""The engine probe: real engine steps timed, with the load of each, as the simulator sees them."""
+
+from typing import Any
+
+import pytest
+
+from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
+from tessera.engine.llm_engine import LLMEngine
+from tessera.model.loader import read_config
+from tessera.sim.engine_probe import random_prompts, record_steps
+from tessera.sim.engine_sim import EngineScenario, simulate_engine
+from tessera.sim.hardware import system_from_profile
+from tessera.sim.model import ModelSpec, spec_from_config
+
+PROFILE = {
+    "tflops": {"fp32": 0.1, "bf16": 1.0}, "memory_gb": 16.0, "memory_gb_s": 10.0,
+    "efficiency": {"matmul": 0.5, "attention": 0.2, "memory": 0.8, "fabric": 1.0,
+                   "op_overhead_us": 2.0, "ops_per_layer": 14, "step_overhead_ms": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def engine_and_spec(model_factory: Any) -> tuple[LLMEngine, ModelSpec]:
+    path, _ = model_factory("llama")
+    engine = LLMEngine(EngineConfig(model=str(path), dtype="float32", device="cpu",
+                                    scheduler=SchedulerConfig(max_num_seqs=256),
+                                    cache=CacheConfig(kv_cache_memory=16 << 20)))
+    return engine, spec_from_config(read_config(str(path)))
+
+
+@pytest.mark.parametrize("in_flight", [None, 1, 2])
+def test_closed_loop_probe_schedules_as_the_simulated_client(
+        engine_and_spec: tuple[LLMEngine, ModelSpec], in_flight: int | None) -> None:
+    engine, spec = engine_and_spec
+    lengths, outputs = [9, 30, 4, 17, 12], [3, 5, 2, 4, 3]
+    prompts = [random_prompts(1, n, spec.vocab_size, seed=i)[0] for i, n in enumerate(lengths)]
+    run = record_steps(engine, spec, prompts, outputs, 4.0, max_in_flight=in_flight)
+    assert run.num_output_tokens == sum(outputs)
+    assert max(s.load.num_seqs for s in run.samples) == (in_flight or len(prompts))
+    assert len(run.ttft_ms) == len(prompts) and min(run.ttft_ms) > 0
+    assert not engine.has_unfinished_requests()
+    # The simulator's closed-loop client, on the engine's own scheduler, takes the same steps.
+    sim = simulate_engine(EngineScenario(
+        system=system_from_profile(PROFILE), model=spec, precision="fp32",
+        prompt_tokens=tuple(lengths), output_tokens=tuple(outputs),
+        num_blocks=engine.runtime.num_kv_blocks, max_num_seqs=256, concurrency=in_flight,
+        max_num_batched_tokens=engine.config.scheduler.max_num_batched_tokens))
+    assert sim.num_steps == len(run.samples)
+
+
+def test_probe_rejects_mismatched_lengths(engine_and_spec: tuple[LLMEngine, ModelSpec]) -> None:
+    engine, spec = engine_and_spec
+    with pytest.raises(ValueError, match="one output length"):
+        record_steps(engine, spec, [[1, 2]], [3, 4], 4.0)
+    with pytest.raises(ValueError, match="at least 1"):
+        record_steps(engine, spec, [[1, 2]], [3], 4.0, max_in_flight=0)
+    assert "schedule" not in vars(engine.scheduler)  # the probe's wrapper is gone
