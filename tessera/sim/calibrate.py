@@ -103,7 +103,7 @@ def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "floa
     cache = engine.runner.kv_caches[0]
     assert cache is not None
     kv_bytes = float(cache.element_size())
-    samples = calibration_samples(engine, model, kv_bytes, gauge=MachineGauge())
+    samples = calibration_samples(engine, model, kv_bytes)
     precision = _PRECISION[dtype]
     profile = with_engine_facts(profile, engine)
     system = system_from_profile(profile)

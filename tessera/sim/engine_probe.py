@@ -7,7 +7,6 @@ let a benchmark compare simulated and measured steps one by one.
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from tessera.engine.scheduler import SchedulerOutput
 from tessera.sampling_params import SamplingParams
 
 from .engine_sim import StepLoad, step_load
-from .gauge import GaugeLog, GaugeReading, MachineGauge
+from .gauge import GaugeLog, GaugeReading
 from .model import ModelSpec
 
 
@@ -240,18 +239,8 @@ def with_gauge(samples: list[StepSample], reading: GaugeReading) -> list[StepSam
 
 
 def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
-                        seed: int = 0, repeats: int = 2,
-                        gauge: MachineGauge | None = None) -> list[StepSample]:
+                        seed: int = 0, repeats: int = 2) -> list[StepSample]:
     """Run the calibration workloads ``repeats`` times on ``engine`` and return the steps of
-    each workload's fastest run (``fastest_runs``); with ``gauge``, read around every run, each
-    step carries its run's reading."""
-    log = None if gauge is None else GaugeLog(gauge)
-    rounds = []
-    for r in range(max(repeats, 1)):
-        mark = None if log is None else functools.partial(lambda r, t: log.mark((r, t)), r)
-        rounds.append(calibration_round(engine, model, kv_bytes_per_element, seed + 1000 * r,
-                                        before_each=mark))
-    if log is not None:
-        log.close()
-        rounds = gauged_rounds(rounds, log)
-    return fastest_runs(rounds)
+    each workload's fastest run (``fastest_runs``)."""
+    return fastest_runs([calibration_round(engine, model, kv_bytes_per_element, seed + 1000 * r)
+                         for r in range(max(repeats, 1))])

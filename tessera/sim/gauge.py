@@ -2,11 +2,13 @@
 
 On a shared machine the speed drifts while a calibration runs: on the benchmark AMD EPYC the
 weight-streaming rate flips between two states (about 36 and 59 GB/s) every minute or so, and a
-batch-1 decode step follows it (15 against 11 ms), while prefill and matrix rates hold still.
-A profile's raw rates are one moment's; each run's own reading says how far the machine then
-was from that moment. :func:`system_at` rates a system at a reading, so that the fit and the
-simulations of a local check each run at the speed the machine had during that run, and the
-fitted efficiencies stay fractions of the profile's rates at its reference reading.
+batch-1 decode step follows it (15 against 11 ms), while prefill, the matrix rate and decode
+steps of 8 sequences hold still. A profile's raw rates are one moment's (``measure`` keeps the
+reading of that moment); :class:`GaugeLog` keeps the readings around each run, and
+:func:`system_at` rates a system at one of them. The local checks report the errors of a fit
+and simulation rated that way next to their plain result: the correction helps steps that
+stream weights and hurts steps the cost model wrongly makes follow the memory state, and over
+five runs it did not beat the plain fit (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -120,15 +122,24 @@ class GaugeLog:
 
 def system_at(system: System, reading: GaugeReading | None) -> System:
     """``system`` with its chip's rates at the machine speed ``reading`` gives: its matrix rates
-    scaled by the reading's GFLOP/s and its memory rate by the reading's GB/s, each against the
-    chip's reference reading (``Chip.gauge``). Unchanged where either is missing (every catalog
-    chip)."""
+    scaled by the reading's GFLOP/s and its weight-streaming rate by the reading's GB/s, each
+    against the chip's reference reading (``Chip.gauge``). KV read rates are left as they are:
+    Tessera's CPU attention kernel reads KV at its own pace (23-38 GB/s, well below a weight
+    stream), and 8-sequence decode steps reading ~180 MB of KV took the same time in both
+    memory states (benchmarks/RESULTS.md). Unchanged where either reading is missing (every
+    catalog chip)."""
     ref = system.chip.gauge
     if reading is None or ref is None:
         return system
     flops, stream = reading[0] / ref[0], reading[1] / ref[1]
+    eff = system.chip.efficiency
+    kv = eff.memory if eff.kv_memory is None else eff.kv_memory
+    split = kv if eff.kv_memory_split is None else eff.kv_memory_split
+    # KV rates are fractions of the memory rate: divide them by the stream's factor so that
+    # their bytes per second stay where they were.
     chip = replace(system.chip, tflops={k: v * flops for k, v in system.chip.tflops.items()},
-                   memory_bytes_per_s=system.chip.memory_bytes_per_s * stream, gauge=reading)
+                   memory_bytes_per_s=system.chip.memory_bytes_per_s * stream, gauge=reading,
+                   efficiency=replace(eff, kv_memory=kv / stream, kv_memory_split=split / stream))
     return replace(system, chip=chip)
 
 

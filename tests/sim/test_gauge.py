@@ -42,6 +42,11 @@ def test_system_at_scales_each_rate_by_its_own_reading() -> None:
     assert fast.chip.tflops["fp32"] == pytest.approx(0.15)
     assert fast.chip.tflops["bf16"] == pytest.approx(1.5)
     assert fast.chip.memory_bytes_per_s == pytest.approx(15e9)
+    # KV reads keep their bytes per second: the CPU attention kernel sets that pace.
+    for rated in (fast, system_at(system, (200.0, 20.0))):
+        eff = rated.chip.efficiency
+        assert rated.chip.memory_bytes_per_s * eff.kv_memory == pytest.approx(8e9)
+        assert rated.chip.memory_bytes_per_s * eff.kv_memory_split == pytest.approx(8e9)
     slow_memory = system_at(system, (200.0, 20.0))  # memory only, halved
     assert slow_memory.chip.tflops == system.chip.tflops
     assert slow_memory.chip.memory_bytes_per_s == pytest.approx(5e9)
@@ -83,9 +88,9 @@ def test_gauged_rounds_stamp_each_run_with_its_own_reading() -> None:
 
 
 def test_fit_with_readings_sees_through_a_machine_that_changed_speed() -> None:
-    """Steps measured while the machine's memory ran at half speed for a while: costed at each
-    run's reading, the fit recovers the constants that made them; blind to the readings, no
-    set of constants explains both halves."""
+    """Steps measured while the machine ran slower for a while (60% of its matrix rate, a third
+    of its weight-streaming rate): costed at each run's reading, the fit recovers the constants
+    that made them; blind to the readings, no set of constants explains both halves."""
     model = spec_from_config(CFG)
     truth = system_from_profile(PROFILE)
     loads = [StepLoad(num_seqs=s, num_tokens=t, num_sampled=s, attention_flops=f, kv_bytes=k)
@@ -93,7 +98,7 @@ def test_fit_with_readings_sees_through_a_machine_that_changed_speed() -> None:
                                 (2, 1024, 1e9, 1e6), (4, 512, 3e8, 2e6), (64, 64, 4e7, 3e7),
                                 (1, 2048, 4e9, 2e6), (16, 16, 2e6, 4e7), (3, 300, 1e8, 1e6)]]
     samples = []
-    for reading in (REF, (REF[0], REF[1] / 2)):  # every workload once at each speed
+    for reading in (REF, (REF[0] * 0.6, REF[1] / 3)):  # every workload once at each speed
         cost = StepCost(system_at(truth, reading), model, "fp32")
         samples += [StepSample(ld, cost.seconds(ld), gauge=reading) for ld in loads]
     start = replace(truth, chip=replace(truth.chip, efficiency=replace(
