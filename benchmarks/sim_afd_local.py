@@ -12,9 +12,10 @@ target: every error within 10%. Exit status 1 when one is not.
 Per workload the fastest run over the rounds counts, as in ``sim_local.py`` (other tenants
 only ever slow a run down; mixing the two kinds in every round lets calibration and
 measurement both come from the machine's quiet stretches), and, as there, the report adds the
-errors of a fit and simulation rated at the machine gauge reading around each run. The splits stay up across rounds: the first run on a fresh split
-also pays its workers' one-time costs (their heaps grow to the size of a full prefill step,
-page by page), which the simulation does not model.
+errors of a fit and simulation rated at the machine gauge reading around each run. The splits
+stay up across rounds: the first run on a fresh split also pays its workers' one-time costs
+(their heaps grow to the size of a full prefill step, page by page), which the simulation does
+not model.
 
     python benchmarks/sim_afd_local.py [--model DIR] [--num-requests 64] [--max-tokens 64]
         [--ffn-head-share S] [--rounds 3]
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     def measure_split(m: int, prompts: list[list[int]], r: int) -> None:
         measured[m].append(run_split(splits[m], prompts, args.max_tokens, f"{r}"))
 
-    # A machine gauge between every two runs (as in sim_local.py): each run is costed at the
-    # machine's speed around it, in the fit and in the simulation.
+    # A machine gauge between every two runs (as in sim_local.py): the machine each kept run
+    # saw, and the errors of a fit and simulation rated at it.
     log = GaugeLog(MachineGauge())
     try:
         for r in range(max(args.rounds, 1)):

@@ -27,7 +27,7 @@ class StepSample:
 
     load: StepLoad
     seconds: float
-    gauge: tuple[float, float] | None = None
+    gauge: GaugeReading | None = None
     """The machine gauge reading around the run this step belongs to (:mod:`tessera.sim.gauge`);
     None: the machine at the profile's own reading."""
 

@@ -103,10 +103,6 @@ class GaugeLog:
         """Read the gauge once after the last run."""
         self._readings.append(self._gauge.read())
 
-    def before(self, key: Hashable) -> GaugeReading:
-        """The reading taken just before run ``key``."""
-        return self._readings[self._keys[key]]
-
     def around(self, key: Hashable) -> GaugeReading:
         """Mean of the readings just before and just after run ``key``."""
         i = self._keys[key]
@@ -147,7 +143,7 @@ def gauge_report(kept_cal: list[GaugeReading], kept_val: list[GaugeReading],
                  every: list[GaugeReading]) -> dict[str, Any]:
     """Readings at the kept calibration and validation runs (medians), and their range over
     every run, with a line that says so: how far apart the machines of the two kinds of run
-    were, before :func:`system_at` corrects for it."""
+    were."""
     cal = [median([g[k] for g in kept_cal]) for k in (0, 1)]
     val = [median([g[k] for g in kept_val]) for k in (0, 1)]
     lo = [min(g[k] for g in every) for k in (0, 1)]
