@@ -10,8 +10,9 @@ every error within 10%. Exit status 1 when one is not.
 Other processes on a shared machine only ever slow a run down, in bursts (a stretch of decode
 steps at 1.6-1.8x their neighbours' time) and in drifts over minutes (weight streaming 20-30%
 slower for a while). So every workload, calibration and validation alike, runs once per round
-(``--rounds``; fresh random token ids of the same lengths, so the same schedule and no
-prefix-cache hits) and its fastest whole run is kept; mixing the two kinds in each round, in a
+(``--rounds``; fresh random token ids of the same lengths, so the same schedule, and every run
+checked to have taken no prompt token from the prefix cache: ``engine_probe.fresh_run``) and
+its fastest whole run is kept; mixing the two kinds in each round, in a
 shuffled order, lets both come from the machine's quiet stretches. One engine runs it all. A
 ~50 ms machine gauge (``tessera.sim.gauge``) is read before every run and every request group
 of a serial case; the report gives its median at the kept calibration and validation runs
@@ -31,6 +32,7 @@ import argparse
 import functools
 import json
 import os
+import random
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +43,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 TOLERANCE = 0.10
-VALIDATION_SEED = 1_000_000  # above every calibration seed (1000 x round + workload)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         calibration_round,
         fastest_rounds,
         fastest_runs,
+        fresh_run,
         gauged_rounds,
-        random_prompts,
         record_steps,
         with_engine_facts,
     )
@@ -125,16 +126,17 @@ def main(argv: list[str] | None = None) -> int:
         _, in_flight, workload, serial = cases[i]
         for g, (group, group_tries) in enumerate(zip(groups_of(workload, serial), tries[i],
                                                      strict=True)):
-            # Fresh token ids of the same lengths each round and for each group: the same
-            # schedule, no prefix-cache hits (seeds apart from the calibration's).
-            seeds = [VALIDATION_SEED + 1000 * r + 100 * g + j for j in range(len(group))]
-            prompts = [ids if r == 0 else random_prompts(1, len(ids), vocab, seed)[0]
-                       for (ids, _), seed in zip(group, seeds, strict=True)]
+            # Fresh token ids of the same lengths for every request of every case, group and
+            # round: the same schedule, no prefix-cache hits. One stream per (round, case,
+            # group): seeds once repeated across cases, so a case's first prompts began like
+            # another case's and took its blocks from the prefix cache (fresh_run checks).
+            rng = random.Random(f"sim_local validation {r} {i} {g}")
+            prompts = [ids if r == 0 else [rng.randrange(vocab) for _ in ids] for ids, _ in group]
             # A reading before each group, so that each of a serial case's short runs is rated
             # at its own (the machine's state lasts some seconds to a minute).
             log.mark((r, len(CALIBRATION_RUNS) + i, g))
-            group_tries.append(record_steps(eng, model, prompts, [n for _, n in group],
-                                            kv_bytes, max_in_flight=in_flight))
+            group_tries.append(fresh_run(record_steps(eng, model, prompts, [n for _, n in group],
+                                                      kv_bytes, max_in_flight=in_flight)))
 
     # Rounds: one run of every calibration and every validation workload, on the engine kept
     # warm, in a shuffled order. The machine's speed drifts over minutes (other tenants), so

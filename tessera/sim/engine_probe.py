@@ -42,6 +42,8 @@ class ProbeRun:
     ttft_ms: list[float]
     tpot_ms: list[float]
     """Per request with more than one output token: (finish - first token) / (outputs - 1)."""
+    num_prefix_hit_tokens: int = 0
+    """Prompt tokens the engine took from its prefix cache instead of computing them."""
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -90,6 +92,7 @@ def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
         arrived[rid] = now
         num_sent += 1
 
+    hits_before = scheduler.num_prefix_hit_tokens
     try:
         start = time.perf_counter()
         while num_sent < min(len(prompts), max_in_flight or len(prompts)):
@@ -114,7 +117,18 @@ def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
         del scheduler.schedule
     ttft = [(first[r] - arrived[r]) * 1e3 for r in sorted(first)]
     tpot = [(finish[r] - first[r]) * 1e3 / (counts[r] - 1) for r in sorted(finish) if counts[r] > 1]
-    return ProbeRun(samples, wall_s, sum(counts.values()), ttft, tpot)
+    return ProbeRun(samples, wall_s, sum(counts.values()), ttft, tpot,
+                    scheduler.num_prefix_hit_tokens - hits_before)
+
+
+def fresh_run(run: ProbeRun) -> ProbeRun:
+    """``run``, checked to have computed every prompt token: the simulator gives a workload
+    distinct prompts, so a measured run whose prompts began like an earlier run's (and took
+    that run's blocks from the prefix cache) would be compared against different work."""
+    if run.num_prefix_hit_tokens:
+        raise RuntimeError(f"a measured run took {run.num_prefix_hit_tokens} prompt tokens from "
+                           "the prefix cache: its prompts share a prefix with an earlier run's")
+    return run
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -189,7 +203,8 @@ def _calibration_run(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
     Random prompts from ``seed + index``."""
     num, prompt_len, out_len = CALIBRATION_RUNS[index]
     prompts = random_prompts(num, prompt_len, int(engine.spec.vocab_size), seed + index)
-    return record_steps(engine, model, prompts, [out_len] * num, kv_bytes_per_element).samples
+    return fresh_run(record_steps(engine, model, prompts, [out_len] * num,
+                                  kv_bytes_per_element)).samples
 
 
 def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float,

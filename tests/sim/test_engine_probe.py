@@ -7,7 +7,7 @@ import pytest
 from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
 from tessera.engine.llm_engine import LLMEngine
 from tessera.model.loader import read_config
-from tessera.sim.engine_probe import random_prompts, record_steps
+from tessera.sim.engine_probe import fresh_run, random_prompts, record_steps
 from tessera.sim.engine_sim import EngineScenario, simulate_engine
 from tessera.sim.hardware import system_from_profile
 from tessera.sim.model import ModelSpec, spec_from_config
@@ -55,3 +55,17 @@ def test_probe_rejects_mismatched_lengths(engine_and_spec: tuple[LLMEngine, Mode
     with pytest.raises(ValueError, match="at least 1"):
         record_steps(engine, spec, [[1, 2]], [3], 4.0, max_in_flight=0)
     assert "schedule" not in vars(engine.scheduler)  # the probe's wrapper is gone
+
+
+def test_probe_counts_prefix_cache_hits_and_fresh_run_rejects_them(
+        engine_and_spec: tuple[LLMEngine, ModelSpec]) -> None:
+    """The simulator gives every request its own prompt, so a measured run that took prompt
+    tokens from the prefix cache (its prompts began like an earlier run's) did other work."""
+    engine, spec = engine_and_spec
+    prompt = random_prompts(1, 40, spec.vocab_size, seed=77)[0]
+    first = fresh_run(record_steps(engine, spec, [prompt], [2], 4.0))
+    assert first.num_prefix_hit_tokens == 0
+    again = record_steps(engine, spec, [prompt[:36] + [1, 2, 3, 4]], [2], 4.0)
+    assert again.num_prefix_hit_tokens == 32  # two full 16-token blocks
+    with pytest.raises(RuntimeError, match="32 prompt tokens from the prefix cache"):
+        fresh_run(again)
