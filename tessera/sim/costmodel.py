@@ -76,6 +76,7 @@ class PoolCost:
         self.kv_split_rate = chip.memory_bytes_per_s * split_eff
         self.kv_whole_batch = eff.kv_whole_batch
         self.op_overhead_s = eff.op_overhead_us * 1e-6
+        self.attention_row_s = eff.attention_row_us * 1e-6
         self.ops_per_layer = eff.ops_per_layer
         self.step_overhead_s = eff.step_overhead_ms * 1e-3
         self.fabric_eff = eff.fabric
@@ -148,15 +149,33 @@ class PoolCost:
 
     # ----- per-layer pieces ---------------------------------------------------------------
     def _attention_s(self, tokens: np.ndarray, core_flops: np.ndarray,
-                     kv_bytes: np.ndarray, seqs: np.ndarray) -> np.ndarray:
+                     kv_bytes: np.ndarray, seqs: np.ndarray,
+                     prefill: PrefillAttention | None = None) -> np.ndarray:
         """One layer's attention unit per group; ``seqs``: sequences sampling a token in the
-        step (the decode batch), which sets the KV read rate (``Efficiency.kv_whole_batch``)."""
+        step (the decode batch), which sets the KV read rate (``Efficiency.kv_whole_batch``).
+
+        With ``prefill`` the decodes' kernel and the chunks' kernels run one after the other:
+        each is its own roofline (a memory-bound decode read does not hide under a chunk's
+        FLOPs), and each chunk pays its own host ops and per-row cost."""
         m = self.model
         proj = self._matmul_s(m.attn_params, tokens)
-        kv_rate = np.where(seqs < self.kv_whole_batch, self.kv_split_rate, self.kv_mem_rate)
-        core = self._roofline_s(core_flops / self.layout.tp / self.attn_rate,
-                                kv_bytes / self.layout.tp / kv_rate)
+        if prefill is None:
+            core = self._core_s(core_flops, kv_bytes, seqs)
+        else:
+            core = (self._core_s(core_flops - prefill.core_flops, kv_bytes - prefill.kv_bytes,
+                                 prefill.num_decodes)
+                    + self._roofline_s(prefill.core_flops / self.layout.tp / self.attn_rate,
+                                       prefill.kv_bytes / self.layout.tp / self.kv_mem_rate)
+                    + prefill.num_rows * self.attention_row_s
+                    + prefill.num_chunks * PREFILL_OPS_PER_CHUNK * self.op_overhead_s)
         return np.asarray(proj + core + self._tp_allreduce_s(tokens))
+
+    def _core_s(self, core_flops: np.ndarray, kv_bytes: np.ndarray,
+                seqs: np.ndarray) -> np.ndarray:
+        """Attention over the KV cache (no projections) as one op."""
+        kv_rate = np.where(seqs < self.kv_whole_batch, self.kv_split_rate, self.kv_mem_rate)
+        return np.asarray(self._roofline_s(core_flops / self.layout.tp / self.attn_rate,
+                                           kv_bytes / self.layout.tp / kv_rate))
 
     def _moe_layer_s(self, attn_s: np.ndarray, tokens: np.ndarray) -> float:
         """One MoE layer: attention, expert FFN and dispatch/combine, micro-batch pipelined."""
@@ -238,8 +257,11 @@ class PoolCost:
     def _layers_s(self, load: PassLoad, num_dense: int, num_moe: int) -> float:
         m, mb = self.model, self.layout.num_micro_batches
         t_mb = load.tokens / mb
+        pre = load.prefill
+        if pre is not None and mb > 1:
+            raise SimError("a split prefill/decode attention load runs as one micro-batch")
         attn = self._attention_s(t_mb, load.core_flops / mb, load.kv_bytes / mb,
-                                 load.sampled / mb)
+                                 load.sampled / mb, pre)
         total = 0.0
         if num_dense:
             dense = attn + self._matmul_s(m.dense_ffn_params, t_mb) + self._tp_allreduce_s(t_mb)
@@ -294,6 +316,25 @@ class PoolCost:
 
 
 @dataclass(frozen=True)
+class PrefillAttention:
+    """The prefill chunks' part of a step's attention, where they run as kernels of their own
+    after the decodes' (Tessera's engine: one paged decode kernel, then SDPA per chunk). Per
+    group and one layer, like :class:`PassLoad`, whose ``core_flops`` and ``kv_bytes`` keep the
+    totals."""
+
+    core_flops: np.ndarray
+    kv_bytes: np.ndarray
+    num_rows: np.ndarray
+    """Query rows (prompt tokens computed) of the chunks."""
+    num_chunks: np.ndarray
+    num_decodes: np.ndarray
+    """Sequences decoding one token: the decode kernel's batch, which sets its KV read rate."""
+
+
+PREFILL_OPS_PER_CHUNK = 2  # a chunk's own host ops per layer: its SDPA call, its output copy
+
+
+@dataclass(frozen=True)
 class PassLoad:
     """Work of one step, per data-parallel group (numpy arrays of equal length)."""
 
@@ -301,6 +342,8 @@ class PassLoad:
     core_flops: np.ndarray
     kv_bytes: np.ndarray
     sampled: np.ndarray
+    prefill: PrefillAttention | None = None
+    """None: the step's attention is costed as one op (every accelerator scenario)."""
 
 
 def decode_load(model: ModelSpec, num_seqs: np.ndarray, context_tokens: np.ndarray,

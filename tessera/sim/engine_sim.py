@@ -22,7 +22,7 @@ from tessera.engine.scheduler import Scheduler, SchedulerOutput
 from tessera.engine.sequence import Sequence
 from tessera.sampling_params import SamplingParams
 
-from .costmodel import PassLoad, PoolCost, PoolLayout, causal_pairs
+from .costmodel import PassLoad, PoolCost, PoolLayout, PrefillAttention, causal_pairs
 from .errors import SimError
 from .hardware import System
 from .model import ModelSpec
@@ -32,22 +32,40 @@ from .model import ModelSpec
 class StepLoad:
     """The work of one engine step, as plain numbers (what a step costs depends on these).
 
-    ``attention_flops`` and ``kv_bytes`` are totals over all layers of the step."""
+    ``attention_flops`` and ``kv_bytes`` are totals over all layers of the step; the
+    ``prefill_*`` fields are the prefill chunks' part of them (the engine runs the decodes'
+    attention in one paged kernel and each chunk's in SDPA of its own)."""
 
     num_seqs: int
     num_tokens: int
     num_sampled: int
     attention_flops: float
     kv_bytes: float
+    num_prefill_chunks: int = 0
+    """Sequences computing prompt tokens (a chunk each); the other ``num_seqs`` decode."""
+    prefill_attention_flops: float = 0.0
+    prefill_kv_bytes: float = 0.0
+
+    @property
+    def num_prefill_rows(self) -> int:
+        """Prompt tokens computed: every token of the step that is not a decode."""
+        return self.num_tokens - (self.num_seqs - self.num_prefill_chunks)
 
     def pass_load(self, num_layers: int) -> PassLoad:
         """The cost model's view of the step (one data-parallel group). A ``PassLoad`` holds
         the attention work of one layer (the pool cost charges it once per layer), so the
         step's totals are divided by ``num_layers``."""
-        return PassLoad(tokens=np.array([float(self.num_tokens)]),
-                        core_flops=np.array([self.attention_flops / num_layers]),
-                        kv_bytes=np.array([self.kv_bytes / num_layers]),
-                        sampled=np.array([float(self.num_sampled)]))
+        def one(x: float) -> np.ndarray:
+            return np.array([float(x)])
+
+        prefill = PrefillAttention(
+            core_flops=one(self.prefill_attention_flops / num_layers),
+            kv_bytes=one(self.prefill_kv_bytes / num_layers),
+            num_rows=one(self.num_prefill_rows), num_chunks=one(self.num_prefill_chunks),
+            num_decodes=one(self.num_seqs - self.num_prefill_chunks))
+        return PassLoad(tokens=one(self.num_tokens), core_flops=one(self.attention_flops / num_layers),
+                        kv_bytes=one(self.kv_bytes / num_layers), sampled=one(self.num_sampled),
+                        prefill=prefill)
 
 
 def step_load(model: ModelSpec, out: SchedulerOutput, kv_bytes_per_element: float) -> StepLoad:
@@ -58,23 +76,29 @@ def step_load(model: ModelSpec, out: SchedulerOutput, kv_bytes_per_element: floa
     attention path spends them, see below).
     """
     kv_bytes_per_token = model.kv_elements_per_token * kv_bytes_per_element * model.num_layers
-    flops = kv = 0.0
-    sampled = 0
+    flops = kv = pre_flops = pre_kv = 0.0
+    sampled = chunks = 0
     for seq, n in zip(out.seqs, out.num_new_tokens, strict=True):
         start = seq.num_computed_tokens
         if start + n == seq.num_tokens:
             sampled += 1
-        if n == 1:
-            flops += model.attn_flops_per_kv_decode * (start + 1) * model.num_layers
-        elif start:
+        if n == 1:  # the runner sends every one-token query to the paged decode kernel
+            flops += model.attn_flops_per_kv_decode * (start + n) * model.num_layers
+            kv += kv_bytes_per_token * (start + n)
+            continue
+        if start:
             # A chunk after cached context goes to SDPA with an explicit causal mask, and a
             # masked kernel computes every (query, key) score: n x (start + n), not a triangle.
-            flops += model.attn_flops_per_pair_prefill * n * (start + n) * model.num_layers
+            f = float(model.attn_flops_per_pair_prefill * n * (start + n) * model.num_layers)
         else:
-            flops += model.attn_flops_per_pair_prefill * causal_pairs(n, 0) * model.num_layers
-        kv += kv_bytes_per_token * (start + n)
+            f = model.attn_flops_per_pair_prefill * causal_pairs(n, 0) * model.num_layers
+        chunks += 1
+        pre_flops += f
+        pre_kv += kv_bytes_per_token * (start + n)
     return StepLoad(num_seqs=len(out.seqs), num_tokens=out.num_batched_tokens,
-                    num_sampled=sampled, attention_flops=flops, kv_bytes=kv)
+                    num_sampled=sampled, attention_flops=flops + pre_flops, kv_bytes=kv + pre_kv,
+                    num_prefill_chunks=chunks, prefill_attention_flops=pre_flops,
+                    prefill_kv_bytes=pre_kv)
 
 
 class StepCost:

@@ -25,8 +25,9 @@ from .hardware import Efficiency, System
 from .model import ModelSpec
 
 FITTED = ("matmul", "memory", "kv_memory", "kv_memory_split", "attention", "overlap",
-          "op_overhead_us", "step_overhead_ms", "seq_overhead_us")
-_FLOOR = {"op_overhead_us": 1e-2, "step_overhead_ms": 1e-3, "seq_overhead_us": 1e-2}
+          "op_overhead_us", "step_overhead_ms", "seq_overhead_us", "attention_row_us")
+_FLOOR = {"op_overhead_us": 1e-2, "step_overhead_ms": 1e-3, "seq_overhead_us": 1e-2,
+          "attention_row_us": 1e-3}
 # Efficiencies are fractions of a rate measured on this machine. The raw rates come from a
 # fraction of a second of timing and may catch a busy moment (the fit's hundreds of steps are
 # the better estimate), so up to 3 is accepted; beyond that the constant would be standing in

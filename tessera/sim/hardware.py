@@ -50,6 +50,11 @@ class Efficiency:
     """Decode-only steps of up to this many sequences run all layers as one native call
     (Tessera's CPU decode path; read from the engine at calibration) and pay no per-op launch
     cost; 0 everywhere else."""
+    attention_row_us: float = 0.0
+    """Host time per query row per layer of a prefill chunk's attention, on top of its FLOPs at
+    the attention rate: Tessera's CPU path runs each chunk through SDPA, whose FLOP rate rises
+    with the chunk's length (2 threads: about 40 GFLOP/s at 64 tokens, 70 at 512, 110 at 2048;
+    benchmarks/RESULTS.md), so short chunks cost more per FLOP. 0 everywhere else."""
     overlap: float = 1.0
     """Share of an op's shorter leg (compute or memory) hidden under its longer one: 1 is the
     pure roofline max (accelerators stream weights while computing), 0 the plain sum (a CPU
@@ -119,6 +124,7 @@ def _efficiency(raw: dict[str, Any]) -> Efficiency:
         ops_per_layer=int(raw["ops_per_layer"]),
         step_overhead_ms=float(raw["step_overhead_ms"]),
         seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
+        attention_row_us=float(raw.get("attention_row_us", 0.0)),
         overlap=float(raw.get("overlap", 1.0)),
         kv_memory=None if raw.get("kv_memory") is None else float(raw["kv_memory"]),
         kv_memory_split=(None if raw.get("kv_memory_split") is None

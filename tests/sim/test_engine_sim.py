@@ -9,6 +9,7 @@ from tessera.engine.block_manager import BlockManager
 from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
 from tessera.sampling_params import SamplingParams
+from tessera.sim.costmodel import PREFILL_OPS_PER_CHUNK
 from tessera.sim.engine_probe import StepSample, fastest_runs
 from tessera.sim.engine_sim import (
     EngineScenario,
@@ -91,6 +92,11 @@ def test_step_load_counts_decode_and_prefill_work() -> None:
     assert load.attention_flops == pytest.approx(
         model.num_layers * (model.attn_flops_per_kv_decode * 7
                             + model.attn_flops_per_pair_prefill * pairs))
+    # The chunk's part, which the engine runs in a kernel of its own after the decode kernel.
+    assert (load.num_prefill_chunks, load.num_prefill_rows) == (1, 10)
+    assert load.prefill_attention_flops == pytest.approx(
+        model.num_layers * model.attn_flops_per_pair_prefill * pairs)
+    assert load.prefill_kv_bytes == pytest.approx(kv_token * 10)
 
 
 def test_prefill_chunk_after_context_pays_the_full_masked_rectangle() -> None:
@@ -117,7 +123,8 @@ def test_fit_recovers_the_constants_that_made_the_samples() -> None:
     loads = [StepLoad(num_seqs=s, num_tokens=t, num_sampled=s, attention_flops=f, kv_bytes=k)
              for s, t, f, k in [(1, 1, 1e5, 1e5), (8, 8, 1e6, 1e6), (32, 32, 1e7, 5e6),
                                 (2, 1024, 1e9, 1e6), (4, 512, 3e8, 2e6), (64, 64, 4e7, 3e7),
-                                (1, 2048, 4e9, 2e6), (16, 16, 2e6, 4e7), (3, 300, 1e8, 1e6)]]
+                                (1, 2048, 4e9, 2e6), (16, 16, 2e6, 4e7), (3, 300, 1e8, 1e6),
+                                (24, 24, 3e6, 2e7)]]
     samples = [StepSample(ld, cost.seconds(ld)) for ld in loads]
     start = replace(truth, chip=replace(truth.chip, efficiency=replace(
         truth.chip.efficiency, matmul=1.0, attention=1.0, memory=1.0, step_overhead_ms=5.0,
@@ -194,7 +201,7 @@ def test_fit_recovers_a_split_kv_rate() -> None:
     loads = [StepLoad(num_seqs=s, num_tokens=s, num_sampled=s, attention_flops=1e5 * s,
                       kv_bytes=k) for s, k in [(1, 4e7), (2, 8e7), (4, 1e8), (8, 2e8),
                                                (16, 3e8), (32, 4e8), (64, 5e8), (6, 1e6),
-                                               (24, 2e6)]]
+                                               (24, 2e6), (3, 5e7)]]
     samples = [StepSample(ld, cost.seconds(ld)) for ld in loads]
     start = replace(truth, chip=replace(truth.chip, efficiency=replace(
         truth.chip.efficiency, kv_memory=None, kv_memory_split=None)))
@@ -268,3 +275,45 @@ def test_a_calibration_round_interleaves_other_work_in_a_shuffled_order(monkeypa
     ids = [num_cal + "ab".index(t) if isinstance(t, str) else t for t in shuffled]
     assert calls == [x for task, tag in zip(ids, shuffled, strict=True)
                      for x in (("gauge", task), tag)]
+
+
+def test_decode_and_prefill_attention_are_separate_kernels() -> None:
+    """A step's decodes read KV in the paged kernel and its chunks compute in SDPA, one after
+    the other: the decode read is not hidden under the chunk's FLOPs, even at overlap 1."""
+    cost = _cost(overlap=1.0, kv_memory=0.5)
+    layers = spec_from_config(CFG).num_layers
+    # Two decodes and one 62-token chunk; attention work first left out, then added.
+    base = StepLoad(num_seqs=3, num_tokens=64, num_sampled=3, attention_flops=0.0, kv_bytes=0.0,
+                    num_prefill_chunks=1)
+    decode_kv, chunk_flops = 4e6, 4e8
+    step = replace(base, attention_flops=chunk_flops, kv_bytes=decode_kv,
+                   prefill_attention_flops=chunk_flops)
+    extra = cost.seconds(step) - cost.seconds(base)
+    read_s = decode_kv / (PROFILE["memory_gb_s"] * 1e9 * 0.5)  # type: ignore[operator]
+    compute_s = chunk_flops / (PROFILE["tflops"]["bf16"] * 1e12 * 0.2)  # type: ignore[index]
+    assert extra == pytest.approx(read_s + compute_s)
+    # The same work as one op (how a load without the split is costed): the longer leg only.
+    merged = replace(step, num_prefill_chunks=0, prefill_attention_flops=0.0)
+    base_merged = replace(base, num_prefill_chunks=0)
+    assert cost.seconds(merged) - cost.seconds(base_merged) == pytest.approx(
+        max(read_s, compute_s))
+    assert layers == 2  # the totals are over both layers, as the rates above assume
+
+
+def test_prefill_rows_pay_the_attention_row_cost_and_chunks_their_ops() -> None:
+    layers = spec_from_config(CFG).num_layers
+    plain, rowed = _cost(), _cost(attention_row_us=3.0)
+    load = StepLoad(num_seqs=5, num_tokens=100, num_sampled=5, attention_flops=1e6,
+                    kv_bytes=1e5, num_prefill_chunks=2, prefill_attention_flops=1e6,
+                    prefill_kv_bytes=1e5)
+    assert load.num_prefill_rows == 97  # 3 decodes, 97 prompt tokens in the two chunks
+    assert rowed.seconds(load) - plain.seconds(load) == pytest.approx(97 * layers * 3e-6)
+    # Each chunk's own SDPA call and output copy are host ops of their own.
+    one_chunk = replace(load, num_prefill_chunks=1)
+    assert plain.seconds(load) - plain.seconds(one_chunk) == pytest.approx(
+        layers * PREFILL_OPS_PER_CHUNK * 2.0e-6)  # PROFILE's op_overhead_us
+    # Decode-only steps have no prefill rows.
+    decode = StepLoad(num_seqs=4, num_tokens=4, num_sampled=4, attention_flops=1e5,
+                      kv_bytes=1e5)
+    assert rowed.seconds(decode) == plain.seconds(decode)
+
