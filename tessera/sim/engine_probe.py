@@ -17,6 +17,7 @@ from tessera.engine.scheduler import SchedulerOutput
 from tessera.sampling_params import SamplingParams
 
 from .engine_sim import StepLoad, step_load
+from .errors import SimError
 from .gauge import GaugeLog, GaugeReading
 from .model import ModelSpec
 
@@ -124,9 +125,10 @@ def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
 def fresh_run(run: ProbeRun) -> ProbeRun:
     """``run``, checked to have computed every prompt token: the simulator gives a workload
     distinct prompts, so a measured run whose prompts began like an earlier run's (and took
-    that run's blocks from the prefix cache) would be compared against different work."""
+    that run's blocks from the prefix cache) would be compared against different work. Raises
+    :class:`SimError`, so ``tessera sim calibrate`` reports it in one line."""
     if run.num_prefix_hit_tokens:
-        raise RuntimeError(f"a measured run took {run.num_prefix_hit_tokens} prompt tokens from "
+        raise SimError(f"a measured run took {run.num_prefix_hit_tokens} prompt tokens from "
                            "the prefix cache: its prompts share a prefix with an earlier run's")
     return run
 

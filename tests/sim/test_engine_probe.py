@@ -9,6 +9,7 @@ from tessera.engine.llm_engine import LLMEngine
 from tessera.model.loader import read_config
 from tessera.sim.engine_probe import fresh_run, random_prompts, record_steps
 from tessera.sim.engine_sim import EngineScenario, simulate_engine
+from tessera.sim.errors import SimError
 from tessera.sim.hardware import system_from_profile
 from tessera.sim.model import ModelSpec, spec_from_config
 
@@ -67,5 +68,5 @@ def test_probe_counts_prefix_cache_hits_and_fresh_run_rejects_them(
     assert first.num_prefix_hit_tokens == 0
     again = record_steps(engine, spec, [prompt[:36] + [1, 2, 3, 4]], [2], 4.0)
     assert again.num_prefix_hit_tokens == 32  # two full 16-token blocks
-    with pytest.raises(RuntimeError, match="32 prompt tokens from the prefix cache"):
+    with pytest.raises(SimError, match="32 prompt tokens from the prefix cache"):
         fresh_run(again)
