@@ -160,20 +160,22 @@ class PoolCost:
         m = self.model
         proj = self._matmul_s(m.attn_params, tokens)
         if prefill is None:
-            core = self._core_s(core_flops, kv_bytes, seqs)
+            core = self._core_s(core_flops, kv_bytes, self._decode_kv_rate(seqs))
         else:
             core = (self._core_s(core_flops - prefill.core_flops, kv_bytes - prefill.kv_bytes,
-                                 prefill.num_decodes)
-                    + self._roofline_s(prefill.core_flops / self.layout.tp / self.attn_rate,
-                                       prefill.kv_bytes / self.layout.tp / self.kv_mem_rate)
+                                 self._decode_kv_rate(prefill.num_decodes))
+                    + self._core_s(prefill.core_flops, prefill.kv_bytes, self.kv_mem_rate)
                     + prefill.num_rows * self.attention_row_s
                     + prefill.num_chunks * PREFILL_OPS_PER_CHUNK * self.op_overhead_s)
         return np.asarray(proj + core + self._tp_allreduce_s(tokens))
 
+    def _decode_kv_rate(self, seqs: np.ndarray) -> np.ndarray:
+        """KV read rate of a decode batch of ``seqs`` (``Efficiency.kv_whole_batch``)."""
+        return np.where(seqs < self.kv_whole_batch, self.kv_split_rate, self.kv_mem_rate)
+
     def _core_s(self, core_flops: np.ndarray, kv_bytes: np.ndarray,
-                seqs: np.ndarray) -> np.ndarray:
-        """Attention over the KV cache (no projections) as one op."""
-        kv_rate = np.where(seqs < self.kv_whole_batch, self.kv_split_rate, self.kv_mem_rate)
+                kv_rate: np.ndarray | float) -> np.ndarray:
+        """Attention over the KV cache (no projections) as one op, reading it at ``kv_rate``."""
         return np.asarray(self._roofline_s(core_flops / self.layout.tp / self.attn_rate,
                                            kv_bytes / self.layout.tp / kv_rate))
 

@@ -54,11 +54,12 @@ class StepLoad:
     def pass_load(self, num_layers: int) -> PassLoad:
         """The cost model's view of the step (one data-parallel group). A ``PassLoad`` holds
         the attention work of one layer (the pool cost charges it once per layer), so the
-        step's totals are divided by ``num_layers``."""
+        step's totals are divided by ``num_layers``. A step without prefill chunks keeps the
+        one-op view of its attention: it is all the decode kernel's."""
         def one(x: float) -> np.ndarray:
             return np.array([float(x)])
 
-        prefill = PrefillAttention(
+        prefill = None if not self.num_prefill_chunks else PrefillAttention(
             core_flops=one(self.prefill_attention_flops / num_layers),
             kv_bytes=one(self.prefill_kv_bytes / num_layers),
             num_rows=one(self.num_prefill_rows), num_chunks=one(self.num_prefill_chunks),
