@@ -21,8 +21,9 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     cumulative_logprob: float | None = None
     error: str | None = None
-    """Why the completion ended early when ``finish_reason`` is ``"error"`` (a failed worker
-    in disaggregated serving); its tokens so far are kept but are not a complete answer."""
+    """Why the completion ended early when ``finish_reason`` is ``"error"`` (an engine step
+    that raised, or a failed worker in disaggregated serving); its tokens so far are kept but
+    are not a complete answer."""
 
 
 @dataclass

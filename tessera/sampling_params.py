@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+
+MIN_SEED = -(2**63)
+MAX_SEED = 2**64 - 1
+"""Seeds span what a 64-bit seed can be: torch's generators take [-2**63, 2**64) and read a
+negative seed as its two's complement, as the sampler's per-completion offset does."""
+MAX_INT = 2**63 - 1
+"""Counts and token ids above this cannot cross the engine's msgpack wire (int64)."""
 
 
 @dataclass(frozen=True)
@@ -24,7 +32,8 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's."""
     seed: int | None = None
-    """Per-request seed: the same seed gives the same output whatever else is in the batch."""
+    """Per-request seed in [-2**63, 2**64): the same seed gives the same output whatever else is
+    in the batch."""
     max_tokens: int | None = 16
     """Maximum number of generated tokens; None means up to the model's context length."""
     stop: list[str] | None = None
@@ -46,18 +55,30 @@ class SamplingParams:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            # bool is an int: a client's `true` is a mistake, not 1.0.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad(name, "must be a number")
+            if not math.isfinite(value):
+                raise bad(name, "must be a finite number")
+        for name in ("top_k", "max_tokens", "logprobs", "n", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise bad(name, "must be an integer")
         if not self.temperature >= 0.0:
             raise bad("temperature", "must be non-negative")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
-        if self.top_k < -1:
-            raise bad("top_k", "must be -1 (disabled) or a positive integer")
+        if not -1 <= self.top_k <= MAX_INT:
+            raise bad("top_k", "must be -1 (disabled) or a positive integer below 2**63")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise bad("max_tokens", "must be at least 1")
-        if self.n < 1:
-            raise bad("n", "must be at least 1")
+        if self.max_tokens is not None and not 1 <= self.max_tokens <= MAX_INT:
+            raise bad("max_tokens", "must be at least 1 and below 2**63")
+        if not 1 <= self.n <= MAX_INT:
+            raise bad("n", "must be at least 1 and below 2**63")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be between 0 and 20")
         if not -2.0 <= self.presence_penalty <= 2.0:
@@ -72,11 +93,12 @@ class SamplingParams:
             if any(not isinstance(s, str) or not s for s in self.stop or []):
                 raise bad("stop", "must be non-empty strings")
         if self.stop_token_ids is not None and any(
-            not isinstance(t, int) or t < 0 for t in self.stop_token_ids
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_INT
+            for t in self.stop_token_ids
         ):
-            raise bad("stop_token_ids", "must be non-negative integers")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+            raise bad("stop_token_ids", "must be non-negative integers below 2**63")
+        if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
+            raise bad("seed", "must be in [-2**63, 2**64)")
         object.__setattr__(self, "stop_set", frozenset(self.stop_token_ids or ()))
 
     @property

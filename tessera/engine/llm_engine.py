@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
@@ -32,6 +33,11 @@ from tessera.model.loader import load_model
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput, TokenDelta
 from tessera.platform import get_platform
 from tessera.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STEP_FAILED_MESSAGE = "the engine failed while running this request (see the server log)"
+"""The error of a request whose step raised; the traceback goes to the log, not the client."""
 
 RunnerFactory = Callable[..., ModelRunner]
 """(model, device, block_size, num_blocks, sampler, kv_dtype) -> runner."""
@@ -227,9 +233,33 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return StepOutput()
-        tokens, logprobs = self.runner.execute(out)
+        try:
+            tokens, logprobs = self.runner.execute(out)
+        except Exception:
+            return self._fail_step(out)
         self.scheduler.update(out, tokens)
         return self.postprocess(out, tokens, logprobs)
+
+    def _fail_step(self, out: SchedulerOutput) -> StepOutput:
+        """Contain a step that raised: its requests end with ``finish_reason="error"`` and
+        free their blocks; every other request goes on. The step's KV writes only touched
+        blocks not yet published to the prefix cache (``update`` publishes them), so freeing
+        them leaves no wrong KV behind."""
+        logger.exception("an engine step of %d sequences failed", len(out.seqs))
+        result = StepOutput()
+        for request_id in dict.fromkeys(seq.request_id for seq in out.seqs):
+            req = self.requests.pop(request_id, None)
+            if req is None:
+                continue
+            for seq in req.seqs:
+                self.scheduler.finish(seq, "error")
+                self.sampler.release(seq)
+            output = self._make_output(req)
+            for completion in output.outputs:
+                if completion.finish_reason == "error":
+                    completion.error = STEP_FAILED_MESSAGE
+            result.finished.append(output)
+        return result
 
     def postprocess(
         self,

@@ -35,8 +35,10 @@ class Sampler:
         if g is None:
             assert seq.params.seed is not None
             g = torch.Generator(device=self.device)
-            # Completion i of an n>1 request gets its own stream, derived from the seed.
-            g.manual_seed(seq.params.seed + 1_000_003 * seq.index)
+            # Completion i of an n>1 request gets its own stream, derived from the seed; modulo
+            # 2**64, the generator's range, any valid seed gives a valid stream for any i (and
+            # a negative seed the stream torch gives its two's complement).
+            g.manual_seed((seq.params.seed + 1_000_003 * seq.index) % 2**64)
             self._seq_generators[seq.seq_id] = g
         return g
 
