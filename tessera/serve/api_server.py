@@ -1,73 +1,71 @@
-"""The FastAPI app: routes, API-key check and OpenAI-shaped errors."""
+"""The FastAPI app: routes, request parsing and OpenAI-shaped errors."""
 
 from __future__ import annotations
 
-import hmac
-import sys
-import traceback
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from tessera.serve.chat import create_chat_completion
 from tessera.serve.completions import create_completion
-from tessera.serve.errors import APIError, error_body, error_response
+from tessera.serve.errors import APIError, error_body, error_response, internal_error_message
+from tessera.serve.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from tessera.serve.openai_models import ChatCompletionRequest, CompletionRequest
 from tessera.serve.state import ServerState
 
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    errors = exc.errors()
+
+def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    errors = exc.errors(include_url=False)
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
+    loc = [str(p) for p in first.get("loc", ())]
+    if not loc and first.get("type") == "model_type":
+        return "the request body must be a JSON object", None
     param = ".".join(loc) or None
     msg = str(first.get("msg", "invalid value"))
     return (f"{param}: {msg}" if param else msg), param
 
 
-class _APIKeyMiddleware:
-    """Refuse ``/v1/*`` requests without ``Authorization: Bearer KEY`` before the body is read.
+async def parse_body(request: Request, model: type[BodyT]) -> BodyT:
+    """The request's JSON body as ``model``: 400 naming the first bad field otherwise.
 
-    Plain ASGI (not BaseHTTPMiddleware), so streaming and disconnect detection pass through.
+    Parsed by pydantic's own JSON reader, which bounds nesting depth and refuses ``NaN`` and
+    ``Infinity`` (neither is JSON); the body's size is already bounded by the middleware.
     """
-
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
-        self.app = app
-        self.expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            if not hmac.compare_digest(auth.strip(), self.expected):
-                err = APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
-                await error_response(err)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as e:
+        message, param = _validation_message(e)
+        raise APIError(400, message, param) from None
 
 
 def build_app(state: ServerState) -> FastAPI:
     """The app over an already started engine client."""
+    config = state.config
     app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tessera = state
-    if state.config.api_key is not None:
-        app.add_middleware(_APIKeyMiddleware, api_key=state.config.api_key)
+    # The last added runs first: the key is checked before a byte of the body is read.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=config.max_request_body_bytes,
+        timeout_s=config.request_body_timeout_s,
+    )
+    if config.api_key is not None:
+        app.add_middleware(
+            APIKeyMiddleware, api_key=config.api_key, protect_metrics=config.metrics_require_key
+        )
 
     @app.exception_handler(APIError)
     async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = _validation_message(exc)
-        return JSONResponse(error_body(400, message, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -75,11 +73,10 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
-        traceback.print_exception(exc, file=sys.stderr)
-        return JSONResponse(error_body(500, f"internal error: {exc}"), status_code=500)
+        return JSONResponse(error_body(500, internal_error_message(exc)), status_code=500)
 
     def check_model(model: str | None) -> None:
-        name = state.config.served_model_name
+        name = config.served_model_name
         if model is not None and model != name:
             raise APIError(
                 404,
@@ -99,27 +96,26 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
+        # The served name only: the model's directory is the operator's business.
         card = {
-            "id": state.config.served_model_name,
+            "id": config.served_model_name,
             "object": "model",
             "created": state.created_s,
             "owned_by": "tessera",
-            "root": state.client.engine_config.model,
+            "root": config.served_model_name,
             "max_model_len": state.max_model_len,
         }
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(
-        body: CompletionRequest, request: Request
-    ) -> JSONResponse | StreamingResponse:
+    async def completions(request: Request) -> JSONResponse | StreamingResponse:
+        body = await parse_body(request, CompletionRequest)
         check_model(body.model)
         return await create_completion(body, request, state)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(
-        body: ChatCompletionRequest, request: Request
-    ) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+        body = await parse_body(request, ChatCompletionRequest)
         check_model(body.model)
         return await create_chat_completion(body, request, state)
 

@@ -10,6 +10,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tessera.serve.errors import APIError
+from tessera.serve.limits import check_limits
 from tessera.serve.openai_models import ChatCompletionRequest
 from tessera.serve.prompts import chat_prompt, check_prompt
 from tessera.serve.responses import (
@@ -32,14 +33,16 @@ async def create_chat_completion(
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     num_top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens or body.max_tokens
+    check_limits(body, state.config, state.vocab_size)
     try:
         params = body.sampling_params(max_tokens, num_top if body.logprobs else None)
     except ValueError as e:
         raise APIError(400, str(e)) from e
-    prompt = chat_prompt(body, state.tokenizer)
-    check_prompt(prompt, state.max_model_len, state.vocab_size)
     n = params.n
+    # Before rendering and tokenizing: a full server refuses at once.
     state.check_capacity(n)
+    prompt = await chat_prompt(body, state.tokenizer, state.max_prompt_chars)
+    check_prompt(prompt, state.max_model_len, state.vocab_size)
 
     request_id = new_id("chatcmpl")
     created_s = int(time.time())
@@ -79,12 +82,12 @@ async def create_chat_completion(
         return stream_response(chunks())
 
     async def collect() -> dict[str, Any]:
-        texts = [""] * n
+        texts: list[list[str]] = [[] for _ in range(n)]
         ids: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[dict[int, float]]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
         async for _, u in updates:
-            texts[u.index] += u.text
+            texts[u.index].append(u.text)
             ids[u.index].extend(u.token_ids)
             lps[u.index].extend(u.logprobs)
             reasons[u.index] = u.finish_reason
@@ -92,7 +95,7 @@ async def create_chat_completion(
         for index in range(n):
             choice: dict[str, Any] = {
                 "index": index,
-                "message": {"role": "assistant", "content": texts[index]},
+                "message": {"role": "assistant", "content": "".join(texts[index])},
                 "logprobs": chat_logprobs(tok, ids[index], lps[index], num_top)
                 if body.logprobs
                 else None,

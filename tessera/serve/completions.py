@@ -10,8 +10,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tessera.serve.errors import APIError
+from tessera.serve.limits import check_limits
 from tessera.serve.openai_models import CompletionRequest
-from tessera.serve.prompts import check_prompt, completion_prompts
+from tessera.serve.prompts import check_prompt, completion_prompts, count_prompts
 from tessera.serve.responses import (
     admitted,
     completion_logprobs,
@@ -34,15 +35,17 @@ async def create_completion(
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
+    check_limits(body, state.config, state.vocab_size)
     try:
         params = body.sampling_params(body.max_tokens, body.logprobs)
     except ValueError as e:
         raise APIError(400, str(e)) from e
-    prompts = completion_prompts(body.prompt, state.tokenizer)
+    num_seqs = params.n * count_prompts(body.prompt)
+    # Before tokenizing: a full server refuses at once, without spending work on the prompt.
+    state.check_capacity(num_seqs)
+    prompts = await completion_prompts(body.prompt, state.tokenizer, state.max_prompt_chars)
     for ids in prompts:
         check_prompt(ids, state.max_model_len, state.vocab_size)
-    num_seqs = params.n * len(prompts)
-    state.check_capacity(num_seqs)
 
     request_id = new_id("cmpl")
     created_s = int(time.time())
@@ -78,13 +81,13 @@ async def create_completion(
         return stream_response(chunks())
 
     async def collect() -> dict[str, Any]:
-        texts: dict[int, str] = {}
+        texts: dict[int, list[str]] = {}
         ids: dict[int, list[int]] = {}
         lps: dict[int, list[dict[int, float]]] = {}
         reasons: dict[int, str | None] = {}
         async for i, u in updates:
             index = i * params.n + u.index
-            texts[index] = texts.get(index, "") + u.text
+            texts.setdefault(index, []).append(u.text)
             ids.setdefault(index, []).extend(u.token_ids)
             lps.setdefault(index, []).extend(u.logprobs)
             reasons[index] = u.finish_reason
@@ -92,7 +95,7 @@ async def create_completion(
         for index in range(num_seqs):
             choice: dict[str, Any] = {
                 "index": index,
-                "text": texts.get(index, ""),
+                "text": "".join(texts.get(index, [])),
                 "logprobs": None,
                 "finish_reason": reasons.get(index),
             }

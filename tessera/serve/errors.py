@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any
 
 from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("tessera.serve")
 
 _TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
     404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
+    413: "RequestTooLargeError",
     500: "InternalServerError",
     503: "ServiceUnavailableError",
 }
@@ -49,3 +56,11 @@ def error_response(err: APIError) -> JSONResponse:
         status_code=err.status_code,
         headers=err.headers,
     )
+
+
+def internal_error_message(exc: BaseException) -> str:
+    """Log an unexpected exception with its traceback and a fresh id; the client's message
+    names only the id, never the exception's text (it may hold paths or internals)."""
+    error_id = uuid.uuid4().hex[:12]
+    logger.error("internal error %s", error_id, exc_info=exc)
+    return f"internal server error (id {error_id}; the server log has the details)"

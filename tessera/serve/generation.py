@@ -15,7 +15,7 @@ from typing import Any
 
 from tessera.engine.detokenizer import IncrementalDetokenizer, find_stop
 from tessera.sampling_params import SamplingParams
-from tessera.serve.engine_client import EngineClient, Finished
+from tessera.serve.engine_client import EngineClient, EngineDeadError, Finished
 from tessera.serve.errors import APIError
 from tessera.serve.metrics import ServerMetrics
 from tessera.serve.protocol import SamplingOptions
@@ -48,6 +48,9 @@ class ChoiceState:
     detok: IncrementalDetokenizer | None = None
 
     def __post_init__(self) -> None:
+        # Prompt tail and tokens in one list that only grows: the detokenizer reads a short
+        # window of it, so a token costs the same at any length (no copy per token).
+        self.context_ids = list(self.prompt_tail)
         if self.tokenizer is not None:
             self.detok = IncrementalDetokenizer(self.tokenizer, self.prompt_tail)
         # A stop string may straddle two chunks: hold back text that could be its start.
@@ -57,11 +60,12 @@ class ChoiceState:
         self, token_id: int, logprobs: dict[int, float] | None, finish_reason: str | None
     ) -> ChoiceUpdate:
         self.token_ids.append(token_id)
+        self.context_ids.append(token_id)
         if logprobs is not None:
             self.logprobs.append(logprobs)
         detok = self.detok
         if detok is not None:
-            delta = detok.step(self.prompt_tail + self.token_ids)
+            delta = detok.step(self.context_ids)
             cut = find_stop(detok.text, len(delta), self.stop) if delta and self.stop else -1
             if cut != -1:
                 self.text = detok.text[:cut]
@@ -105,7 +109,12 @@ async def generate(
     first_token_s: float | None = None
     stop = list(params.stop or [])
     choices = [ChoiceState(i, tokenizer, prompt_token_ids[-6:], stop) for i in range(params.n)]
-    queue = client.add_request(request_id, prompt_token_ids, SamplingOptions.from_params(params))
+    try:
+        queue = client.add_request(
+            request_id, prompt_token_ids, SamplingOptions.from_params(params)
+        )
+    except EngineDeadError as e:
+        raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
     num_core_finished = 0
     core_gone = False
     try:

@@ -1,23 +1,29 @@
 """Request bodies of the OpenAI endpoints (pydantic, validated by FastAPI).
 
-Ranges are checked by ``SamplingParams`` (one source of truth for the messages); here only
-shapes and types are declared. Unknown fields are ignored, as OpenAI's API does.
+Ranges are checked by ``SamplingParams`` (one source of truth for the messages) and the
+server's limits (``limits.py``); here only shapes and types are declared, and non-finite
+numbers (``NaN``, ``Infinity``, ``1e999``) are refused wherever a number goes. Unknown fields
+are ignored, as OpenAI's API does.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tessera.sampling_params import SamplingParams
 
 
-class StreamOptions(BaseModel):
+class _Body(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
+class _SamplingFields(_Body):
     """Fields shared by both endpoints, plus vLLM's extras (top_k, min_p, ...)."""
 
     model: str | None = None
@@ -72,7 +78,7 @@ class CompletionRequest(_SamplingFields):
     best_of: int | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None

@@ -12,7 +12,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tessera.sampling_params import SamplingParams
-from tessera.serve.errors import APIError, error_body
+from tessera.serve.errors import APIError, error_body, internal_error_message
 from tessera.serve.generation import ChoiceUpdate, generate
 from tessera.serve.state import ServerState
 
@@ -102,7 +102,9 @@ async def until_disconnect(request: Request, work: Callable[[], Any]) -> Any:
 
 
 def stream_response(chunks: AsyncIterator[bytes]) -> StreamingResponse:
-    """An SSE response; an error after the first byte is sent as a final error event."""
+    """An SSE response; an error after the first byte is sent as a final error event, and
+    every stream ends with ``[DONE]``. An unexpected error is logged with its traceback and
+    shown to the client without its text (which may hold internals)."""
 
     async def body() -> AsyncIterator[bytes]:
         try:
@@ -110,6 +112,8 @@ def stream_response(chunks: AsyncIterator[bytes]) -> StreamingResponse:
                 yield chunk
         except APIError as e:
             yield sse(error_body(e.status_code, e.message, e.param))
+        except Exception as e:
+            yield sse(error_body(500, internal_error_message(e)))
         yield sse("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream")

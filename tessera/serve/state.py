@@ -1,4 +1,4 @@
-"""The server's configuration and the state its handlers share."""
+"""The state the server's handlers share."""
 
 from __future__ import annotations
 
@@ -6,25 +6,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from tessera.serve.config import ServeConfig
 from tessera.serve.engine_client import EngineClient
 from tessera.serve.errors import APIError
 from tessera.serve.metrics import ServerMetrics
 
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """HTTP-side options of ``tessera serve`` (the engine's are in ``EngineConfig``)."""
-
-    served_model_name: str
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_num_seqs: int = 256
-    """The engine's running limit; with ``max_waiting`` it bounds the sequences in flight."""
-    max_waiting: int = 1024
-    """Sequences allowed to wait beyond ``max_num_seqs``; more get 503 with Retry-After."""
-    shutdown_grace_s: float = 30.0
-    """On SIGINT/SIGTERM, how long in-flight requests may run before they are aborted."""
+_PROMPT_CHARS_PER_TOKEN = 64
+"""Default bound on a prompt's text per token of context: tokenizers' longest tokens are tens
+of characters (runs of spaces), so a longer text cannot fit the context and is refused before
+tokenizing it costs anything."""
 
 
 @dataclass
@@ -41,18 +31,31 @@ class ServerState:
     num_seqs_in_flight: int = 0
     shutting_down: bool = False
 
+    @property
+    def max_prompt_chars(self) -> int:
+        configured = self.config.max_prompt_chars
+        return configured or _PROMPT_CHARS_PER_TOKEN * self.max_model_len
+
     def admit(self, num_seqs: int) -> None:
         """Count ``num_seqs`` new sequences in, or raise 503 when the queue is full."""
         self.check_capacity(num_seqs)
         self.num_seqs_in_flight += num_seqs
 
     def check_capacity(self, num_seqs: int) -> None:
-        """Raise 503 (with Retry-After) unless ``num_seqs`` more sequences may start."""
+        """Raise 400 if ``num_seqs`` sequences could never be admitted, 503 (with Retry-After)
+        unless they may start now."""
+        limit = self.config.max_seqs_in_flight
+        if num_seqs > limit:
+            raise APIError(
+                400,
+                f"the request needs {num_seqs} sequences (n times the number of prompts); this "
+                f"server admits at most {limit} at once",
+                param="n",
+            )
         if self.shutting_down:
             raise APIError(503, "the server is shutting down", headers={"Retry-After": "5"})
         if not self.client.alive:
-            raise APIError(503, "the engine core is not running")
-        limit = self.config.max_num_seqs + self.config.max_waiting
+            raise APIError(503, "the engine core is not running", headers={"Retry-After": "5"})
         if self.num_seqs_in_flight + num_seqs > limit:
             raise APIError(
                 503,
