@@ -64,7 +64,9 @@ def pid_alive(pid: int) -> bool:
 class ServerProcess:
     """``tessera serve`` in a subprocess on a free port; ``stop()`` leaves nothing behind."""
 
-    def __init__(self, model: Path, *extra: str, name: str = "tiny") -> None:
+    def __init__(
+        self, model: Path, *extra: str, name: str = "tiny", env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.name = name
@@ -75,7 +77,8 @@ class ServerProcess:
             "--kv-cache-memory", str(16 << 20), *extra,
         ]  # fmt: skip
         self.proc = subprocess.Popen(
-            cmd, env=SERVER_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            cmd, env=SERVER_ENV | (env or {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
         )
         self.core_pid: int | None = None
 
@@ -94,6 +97,11 @@ class ServerProcess:
             time.sleep(0.2)
         raise RuntimeError("server did not become healthy")
 
+    def current_core_pid(self) -> int | None:
+        """The engine core now running (it changes when the server restarts it)."""
+        kids = child_pids(self.proc.pid)
+        return kids[0] if kids else None
+
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.base_url}/metrics", timeout=5).text
         for line in text.splitlines():
@@ -103,6 +111,7 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL for anything (server or core) still running."""
+        cores = {self.core_pid, self.current_core_pid() if self.proc.poll() is None else None}
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -110,8 +119,9 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.core_pid is not None and pid_alive(self.core_pid):
-            os.kill(self.core_pid, signal.SIGKILL)
+        for pid in cores:
+            if pid is not None and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
         for stream in (self.proc.stdout, self.proc.stderr):
             if stream is not None:
                 stream.close()

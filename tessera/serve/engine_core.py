@@ -5,19 +5,27 @@ Run as ``python -m tessera.serve.engine_core CONFIG_JSON`` by the API process. I
 ``StepResult`` (new tokens plus stats) per step. Between steps it only drains its input socket
 without blocking, so HTTP work in the API process never delays a step and a step never waits
 on HTTP. It exits on ``Shutdown``, or when its parent process is gone (no orphans).
+
+A failure is contained to the requests it touches: the engine ends the requests of a step
+that raised with ``finish_reason="error"``; should a step raise past the engine anyway, the
+core ends every request it holds the same way and keeps serving. Each failure is logged once
+with its traceback; clients get a message without internals (HTTP 500 or an error event).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import sys
+import time
 
 import msgspec
 import zmq
 
 from tessera.engine.factory import Engine, create_engine
+from tessera.engine.llm_engine import STEP_FAILED_MESSAGE
 from tessera.serve.protocol import (
     AbortRequests,
     AddRequest,
@@ -34,6 +42,8 @@ from tessera.serve.protocol import (
 
 _IDLE_POLL_MS = 200
 """How long an idle core blocks on its input before checking that its parent still lives."""
+
+logger = logging.getLogger("tessera.engine_core")
 
 
 def engine_stats(engine: Engine) -> EngineStats:
@@ -66,6 +76,8 @@ class EngineCore:
         self.outputs.connect(config.output_address)
         self.decoder = msgspec.msgpack.Decoder(CoreInput)
         self.encoder = msgspec.msgpack.Encoder()
+        self.request_ids: set[str] = set()
+        """Requests added and not yet finished or aborted."""
 
     def send(self, msg: msgspec.Struct) -> None:
         # Again means the API process is gone; the parent check then ends the loop.
@@ -81,17 +93,50 @@ class EngineCore:
                 )
             except ValueError as e:
                 failed.append(RequestFailed(msg.request_id, str(e)))
+            except Exception:
+                logger.exception("adding request %s failed", msg.request_id)
+                failed.append(RequestFailed(msg.request_id, STEP_FAILED_MESSAGE, 500))
+            else:
+                self.request_ids.add(msg.request_id)
         elif isinstance(msg, AbortRequests):
             for request_id in msg.request_ids:
                 self.engine.abort_request(request_id)
+                self.request_ids.discard(request_id)
         elif isinstance(msg, Shutdown):
             return False
         return True
+
+    def _step(self, failed: list[RequestFailed]) -> list[Delta]:
+        """One engine step; its finished requests leave ``request_ids``, failed ones go to
+        ``failed`` (500)."""
+        try:
+            step = self.engine.step_with_deltas()
+        except Exception:
+            # The engine contains a failing step itself; this is the net under it.
+            logger.exception("an engine step raised; ending the %d requests in the core",
+                             len(self.request_ids))
+            for request_id in self.request_ids:
+                self.engine.abort_request(request_id)
+                failed.append(RequestFailed(request_id, STEP_FAILED_MESSAGE, 500))
+            self.request_ids.clear()
+            return []
+        for out in step.finished:
+            self.request_ids.discard(out.request_id)
+            # A failed step or a lost worker (disaggregated serving): a server error.
+            if out.outputs and out.outputs[0].finish_reason == "error":
+                failed.append(
+                    RequestFailed(out.request_id, out.outputs[0].error or "request failed", 500)
+                )
+        return [
+            Delta(d.request_id, d.index, d.token_id, d.logprobs, d.finish_reason)
+            for d in step.deltas
+        ]
 
     def run(self) -> None:
         engine = self.engine
         poller = zmq.Poller()
         poller.register(self.inputs, zmq.POLLIN)
+        pid = os.getpid()
         while True:
             busy = engine.has_unfinished_requests()
             # Busy: only pick up what has arrived. Idle: sleep on the socket.
@@ -104,39 +149,37 @@ class EngineCore:
                 except zmq.Again:
                     break
                 num_inputs += 1
-                if not self._handle(self.decoder.decode(raw), failed):
+                try:
+                    msg = self.decoder.decode(raw)
+                except msgspec.DecodeError:
+                    logger.warning("dropped an undecodable input message (%d bytes)", len(raw))
+                    continue
+                if not self._handle(msg, failed):
                     return
             if os.getppid() != self.config.parent_pid:
                 return  # the API process died; do not linger as an orphan
             deltas: list[Delta] = []
             if engine.has_unfinished_requests():
-                step = engine.step_with_deltas()
-                deltas = [
-                    Delta(d.request_id, d.index, d.token_id, d.logprobs, d.finish_reason)
-                    for d in step.deltas
-                ]
-                # Requests lost to a failed worker (disaggregated serving) end as server errors.
-                failed += [
-                    RequestFailed(out.request_id, out.outputs[0].error or "request failed", 500)
-                    for out in step.finished
-                    if out.outputs and out.outputs[0].finish_reason == "error"
-                ]
+                deltas = self._step(failed)
             elif not num_inputs:
                 continue
             # Also sent after inputs alone, so an abort shows in the stats at once.
-            self.send(StepResult(deltas, failed, engine_stats(engine)))
+            self.send(StepResult(deltas, failed, engine_stats(engine), pid))
 
 
 def main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group; the API process decides when the core stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(format="tessera: %(levelname)s: %(message)s", level=logging.WARNING)
     config = msgspec.json.decode(argv[0], type=CoreConfig)
     ctx = zmq.Context()
     try:
         engine: Engine | None = None
         try:
             engine = create_engine(config.engine)
+            warm_up_start_s = time.monotonic()
             engine.warm_up()
+            warm_up_s = time.monotonic() - warm_up_start_s
         except Exception as e:  # any load failure becomes one line in the API process
             out = ctx.socket(zmq.PUSH)
             out.connect(config.output_address)
@@ -147,7 +190,9 @@ def main(argv: list[str]) -> int:
             return 1
         core = EngineCore(config, engine, ctx)
         rt = engine.runtime
-        core.send(Ready(rt.max_model_len, rt.vocab_size, rt.num_kv_blocks, os.getpid()))
+        core.send(
+            Ready(rt.max_model_len, rt.vocab_size, rt.num_kv_blocks, os.getpid(), warm_up_s)
+        )
         core.run()
         return 0
     finally:

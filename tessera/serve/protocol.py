@@ -65,6 +65,9 @@ class Ready(msgspec.Struct, frozen=True, tag=True):
     vocab_size: int
     num_kv_blocks: int
     pid: int
+    warm_up_s: float = 0.0
+    """How long the warm-up (which runs the largest step) took: the API process allows a step
+    a multiple of this before it calls the core stalled."""
 
 
 class StartupFailed(msgspec.Struct, frozen=True, tag=True):
@@ -104,11 +107,16 @@ class EngineStats(msgspec.Struct, frozen=True):
 
 
 class StepResult(msgspec.Struct, frozen=True, tag=True):
-    """What one pass of the core loop produced (sent after a step or after handling inputs)."""
+    """What one pass of the core loop produced (sent after a step or after handling inputs).
+
+    It is also the core's heartbeat: a core that sends none while requests are pending is
+    stalled. ``pid`` tells a restarted core's results from a dead one's still in the socket.
+    """
 
     deltas: list[Delta]
     failed: list[RequestFailed]
     stats: EngineStats
+    pid: int = 0
 
 
 CoreOutput = Ready | StartupFailed | StepResult

@@ -19,12 +19,15 @@ from pathlib import Path
 
 import uvicorn
 
+from tessera.cli_options import options_from_args
 from tessera.engine.detokenizer import load_tokenizer
 from tessera.engine_args import engine_config_from_args
 from tessera.serve.api_server import build_app
+from tessera.serve.cli import resolve_api_key
+from tessera.serve.config import ServeConfig
 from tessera.serve.engine_client import EngineClient, Finished
 from tessera.serve.metrics import ServerMetrics
-from tessera.serve.state import ServeConfig, ServerState
+from tessera.serve.state import ServerState
 
 
 class _Server(uvicorn.Server):
@@ -34,6 +37,12 @@ class _Server(uvicorn.Server):
         super().__init__(config)
         self.state = state
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.exit_code = 0
+
+    def exit_with(self, code: int) -> None:
+        """Stop serving (in-flight requests were already ended) and exit with ``code``."""
+        self.exit_code = code
+        self.should_exit = True
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -89,19 +98,18 @@ async def serve(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{args.model!r} is not a model directory (no config.json)")
     engine_config = engine_config_from_args(args)
-    config = ServeConfig(
+    config = options_from_args(
+        ServeConfig, args,
         served_model_name=args.served_model_name or args.model,
-        host=args.host,
-        port=args.port,
-        api_key=args.api_key,
+        api_key=resolve_api_key(args),
         max_num_seqs=args.max_num_seqs,
-        max_waiting=args.max_waiting,
-        shutdown_grace_s=args.shutdown_timeout,
     )
-    if args.max_waiting < 0:
-        raise ValueError(f"--max-waiting must be non-negative, got {args.max_waiting}")
-    sock = _bind(args.host, args.port)
-    client = EngineClient(engine_config)
+    sock = _bind(config.host, config.port)
+    client = EngineClient(
+        engine_config,
+        stall_timeout_s=config.engine_stall_timeout_s,
+        exit_on_failure=config.exit_on_engine_failure,
+    )
     try:
         # The core loads the model while this process loads the tokenizer.
         starting = asyncio.create_task(client.start())
@@ -109,6 +117,8 @@ async def serve(args: argparse.Namespace) -> int:
             tokenizer = await asyncio.to_thread(load_tokenizer, str(model_dir))
         except BaseException:
             starting.cancel()
+            with contextlib.suppress(BaseException):
+                await starting
             raise
         ready = await starting
         metrics = ServerMetrics(config.served_model_name)
@@ -120,11 +130,16 @@ async def serve(args: argparse.Namespace) -> int:
             build_app(state),
             log_level=args.log_level,
             lifespan="off",
-            timeout_graceful_shutdown=args.shutdown_timeout + 10,
+            timeout_graceful_shutdown=int(config.shutdown_grace_s) + 10,
+            # Beyond this many open connections and tasks uvicorn answers 503 at once, so a
+            # flood of idle connections cannot exhaust the process's file descriptors.
+            limit_concurrency=2 * config.max_seqs_in_flight + 64,
         )
         server = _Server(uv_config, state)
+        client.on_fatal = lambda _: server.exit_with(1)
         print(
-            f"tessera: serving {config.served_model_name!r} on http://{args.host}:{args.port}",
+            f"tessera: serving {config.served_model_name!r} on "
+            f"http://{config.host}:{config.port}",
             file=sys.stderr,
             flush=True,
         )
@@ -132,4 +147,4 @@ async def serve(args: argparse.Namespace) -> int:
     finally:
         await client.shutdown()
         sock.close()
-    return 0
+    return server.exit_code
