@@ -118,24 +118,51 @@ def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "floa
     return fitted
 
 
+MAX_MATMUL_SIZE = 8192
+"""Largest ``--size``: two fp32 matrices of 8192^2 take 512 MiB and a second per product on a
+laptop core; a larger size is a typo that would exhaust memory or run for hours."""
+
+
 def calibrate_main(argv: list[str]) -> int:
     """Write the local profile (``--out`` or the default profile path)."""
+    from .inputs import check_output_file, int_arg
+
     p = OneLineArgumentParser(prog="tessera sim calibrate")
     p.add_argument("--out", help="profile path (default: ~/.cache/tessera/cpu-local.json)")
-    p.add_argument("--size", type=int, default=1024, help="matmul size")
+    p.add_argument("--size", type=int_arg(16, MAX_MATMUL_SIZE), default=1024, help="matmul size")
     p.add_argument("--model", help="HF model directory: also run Tessera on it and fit the "
                    "cost model's efficiency constants to its measured steps")
-    p.add_argument("--dtype", default="float32", help="engine dtype for --model")
-    p.add_argument("--threads", type=int, default=None, help="engine threads for --model")
+    p.add_argument("--dtype", default="float32", choices=sorted(_PRECISION),
+                   help="engine dtype for --model")
+    p.add_argument("--threads", type=int_arg(1), default=None, help="engine threads for --model")
     args = p.parse_args(argv)
-    if args.size < 16:
-        raise SimError("--size must be at least 16")
+    # Measuring takes seconds and --model minutes: check where the profile goes and what
+    # --model names first.
+    path = Path(args.out) if args.out is not None else default_profile_path()
+    # The default's directory is created on first use; a given --out must name an existing one
+    # (a mistyped directory is an error, not a new tree).
+    check_output_file(str(path), "--out" if args.out is not None else "the profile path",
+                      make_parents=args.out is None)
+    if args.model is not None:
+        _check_model_dir(args.model)
     profile = measure(args.size)
     if args.model:
         profile = calibrate_engine(profile, args.model, args.dtype, args.threads)
-    path = Path(args.out) if args.out else default_profile_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(profile, indent=2))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # only the default's can be missing
+        path.write_text(json.dumps(profile, indent=2))
+    except OSError as exc:
+        raise SimError(f"cannot write the profile to {path}: {exc.strerror or exc}") from exc
     print(json.dumps(profile))
     print(f"profile written to {path}")
     return 0
+
+
+def _check_model_dir(model_dir: str) -> None:
+    # Only the path: loading the config pulls in torch and the model loader, which the engine
+    # run does anyway and reports in full.
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise SimError(f"--model: model directory {model_dir!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise SimError(f"--model: {model_dir!r} has no config.json; is it a Hugging Face model?")

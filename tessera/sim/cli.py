@@ -8,33 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 
 from .deployment import Deployment
 from .errors import OneLineArgumentParser, SimError
+from .inputs import MAX_BATCH_PER_DP, MAX_REQUESTS, float_arg, int_arg
 from .simulator import Scenario, simulate
 from .workload import Workload
 
 _Parser = OneLineArgumentParser
-
-
-def _int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
-    return value
 
 
 def sim_parser() -> argparse.ArgumentParser:
@@ -45,32 +27,39 @@ def sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="bundled model name or path to a config.json")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp8", "int8"])
     p.add_argument("--deployment", default="colocated", choices=["colocated", "pd", "afd"])
-    i = _int
-    p.add_argument("--dp", type=i, help="data-parallel attention groups (colocated/pd decode)")
-    p.add_argument("--ep", type=i, help="expert-parallel ranks; must equal dp*tp (colocated/pd)")
-    p.add_argument("--tp", type=i, default=1, help="devices per attention group (tensor parallel)")
-    p.add_argument("--batch-per-dp", type=i, default=64, help="decode batch of one DP group")
-    p.add_argument("--attention-devices", type=i, help="afd: attention devices (one DP group each)")
-    p.add_argument("--ffn-devices", type=i, default=0, help="afd: expert (FFN) devices")
-    p.add_argument("--micro-batches", type=i, default=None, help="ping-pong micro-batches")
-    p.add_argument("--prefill-devices", type=i, default=0, help="pd/afd: prefill pool devices")
-    p.add_argument("--prefill-instance-devices", type=i, default=0,
+    count = int_arg(1)  # device counts, sizes and lengths: 0 or less is always a mistake
+    p.add_argument("--dp", type=count, help="data-parallel attention groups (colocated/pd decode)")
+    p.add_argument("--ep", type=count, help="expert-parallel ranks; must equal dp*tp (colocated/pd)")
+    p.add_argument("--tp", type=count, default=1, help="devices per attention group (tensor parallel)")
+    p.add_argument("--batch-per-dp", type=int_arg(1, MAX_BATCH_PER_DP), default=64,
+                   help="decode batch of one DP group")
+    p.add_argument("--attention-devices", type=count,
+                   help="afd: attention devices (one DP group each)")
+    p.add_argument("--ffn-devices", type=count, help="afd: expert (FFN) devices")
+    p.add_argument("--micro-batches", type=count, default=None, help="ping-pong micro-batches")
+    p.add_argument("--prefill-devices", type=count, help="pd/afd: prefill pool devices")
+    p.add_argument("--prefill-instance-devices", type=count,
                    help="devices per prefill instance (default min(pool, 32))")
-    p.add_argument("--decode-devices", type=i, help="pd: decode pool devices (sets --dp)")
-    p.add_argument("--redundant-experts", type=i, default=None,
+    p.add_argument("--decode-devices", type=count, help="pd: decode pool devices (sets --dp)")
+    p.add_argument("--redundant-experts", type=int_arg(0), default=None,
                    help="extra expert slots for load balancing (default 32 for MoE)")
     p.add_argument("--no-load-balancer", action="store_true", help="disable expert balancing")
-    p.add_argument("--mtp-acceptance", type=_float, help="MTP draft acceptance rate (0..1)")
-    p.add_argument("--input-tokens", type=i, required=True)
-    p.add_argument("--output-tokens", type=i, required=True)
-    p.add_argument("--kv-tokens", type=i, help="mean KV length of a decoding sequence")
-    p.add_argument("--length-cv", type=_float, default=0.0, help="lognormal length spread (cv)")
-    p.add_argument("--prefix-hit", type=_float, default=0.0, help="prompt share in prefix cache")
+    p.add_argument("--mtp-acceptance", type=float_arg(0.0, 1.0),
+                   help="MTP draft acceptance rate (0..1)")
+    p.add_argument("--input-tokens", type=count, required=True)
+    p.add_argument("--output-tokens", type=count, required=True)
+    p.add_argument("--kv-tokens", type=count, help="mean KV length of a decoding sequence")
+    p.add_argument("--length-cv", type=float_arg(0.0), default=0.0,
+                   help="lognormal length spread (cv)")
+    p.add_argument("--prefix-hit", type=float_arg(0.0, 1.0, max_open=True), default=0.0,
+                   help="prompt share in prefix cache")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--request-rate", type=_float, help="Poisson arrivals per second")
-    g.add_argument("--concurrency", type=i, help="closed loop: requests in flight")
-    p.add_argument("--num-requests", type=i, default=None, help="requests to simulate")
-    p.add_argument("--seed", type=i, default=0)
+    g.add_argument("--request-rate", type=float_arg(0.0, min_open=True),
+                   help="Poisson arrivals per second")
+    g.add_argument("--concurrency", type=count, help="closed loop: requests in flight")
+    p.add_argument("--num-requests", type=int_arg(1, MAX_REQUESTS), default=None,
+                   help="requests to simulate")
+    p.add_argument("--seed", type=int_arg(0), default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -84,6 +73,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     model = load_model(args.model)
     mode = args.deployment
     tp = args.tp
+    ffn_devices = args.ffn_devices or 0  # 0: no FFN pool (colocated, pd)
     if mode == "afd":
         if not args.attention_devices:
             raise SimError("afd needs --attention-devices")
@@ -96,9 +86,9 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         dp = args.decode_devices // tp
     else:
         dp = args.dp or max(system.num_devices // tp if mode == "colocated" else 0, 1)
-    if mode == "afd" and args.ep is not None and args.ep != args.ffn_devices:
+    if mode == "afd" and args.ep is not None and args.ep != ffn_devices:
         raise SimError(f"in afd the experts live on the FFN devices: --ep {args.ep} must equal"
-                       f" --ffn-devices {args.ffn_devices}")
+                       f" --ffn-devices {ffn_devices}")
     if mode != "afd" and args.ep is not None and model.is_moe and args.ep != dp * tp:
         raise SimError(f"--ep {args.ep} must equal the attention devices dp*tp = {dp * tp}")
     mb = args.micro_batches if args.micro_batches is not None else (2 if model.is_moe else 1)
@@ -109,15 +99,12 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         args.concurrency = dp * args.batch_per_dp
     num_requests = args.num_requests
     if num_requests is None:
-        num_requests = max(4 * (args.concurrency or dp * args.batch_per_dp), 200)
-    if args.seed < 0:
-        raise SimError("--seed must be non-negative")
-    if redundant < 0:
-        raise SimError("--redundant-experts must be non-negative")
+        num_requests = min(max(4 * (args.concurrency or dp * args.batch_per_dp), 200),
+                           MAX_REQUESTS)
     dep = Deployment(mode=mode, precision=args.precision, num_dp=dp, tp=tp,
-                     batch_per_dp=args.batch_per_dp, num_ffn_devices=args.ffn_devices,
-                     num_micro_batches=mb, num_prefill_devices=args.prefill_devices,
-                     prefill_instance_devices=args.prefill_instance_devices,
+                     batch_per_dp=args.batch_per_dp, num_ffn_devices=ffn_devices,
+                     num_micro_batches=mb, num_prefill_devices=args.prefill_devices or 0,
+                     prefill_instance_devices=args.prefill_instance_devices or 0,
                      mtp_acceptance=args.mtp_acceptance, load_balancer=not args.no_load_balancer,
                      num_redundant_experts=redundant)
     wl = Workload(num_requests=num_requests, input_tokens=args.input_tokens,
@@ -155,10 +142,83 @@ def sim_main(argv: list[str]) -> int:
     return 0
 
 
+def _compare_spec(text: str) -> tuple[str, int]:
+    """argparse type of ``--compare``: ``HARDWARE:CHIPS``."""
+    name, _, chips = text.partition(":")
+    if not name or not chips:
+        raise argparse.ArgumentTypeError(f"want HARDWARE:CHIPS, got {text!r}")
+    return name, int_arg(1)(chips)
+
+
+def plan_parser() -> argparse.ArgumentParser:
+    """Argument parser of ``tessera plan``."""
+    p = _Parser(prog="tessera plan", description="Find the best deployments under an SLO.")
+    count = int_arg(1)
+    slo_ms = float_arg(0.0, min_open=True)
+    p.add_argument("--hardware", required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--chips", type=count, required=True)
+    p.add_argument("--tpot-slo-ms", type=slo_ms, required=True)
+    p.add_argument("--ttft-slo-ms", type=slo_ms)
+    p.add_argument("--input-tokens", type=count, required=True)
+    p.add_argument("--output-tokens", type=count, required=True)
+    p.add_argument("--precision", choices=["bf16", "fp8", "int8"])
+    p.add_argument("--mtp-acceptance", type=float_arg(0.0, 1.0))
+    p.add_argument("--top", type=count, default=5, help="rows to print")
+    p.add_argument("--plot", help="write the throughput-latency frontier to this PNG")
+    p.add_argument("--compare", type=_compare_spec, action="append", default=[],
+                   metavar="HARDWARE:CHIPS",
+                   help="add another system's frontier to the plot (repeatable)")
+    return p
+
+
+def plan_cli(argv: list[str]) -> int:
+    """``tessera plan`` implementation (errors raise :class:`SimError`)."""
+    from .hardware import get_system
+    from .planner import check_chips, describe, plan
+
+    a = plan_parser().parse_args(argv)
+    # Everything that can fail is checked here, before a search that takes seconds to minutes.
+    if a.plot is not None:
+        from .plot import check_plot_file
+
+        check_plot_file(a.plot)
+    elif a.compare:
+        raise SimError("--compare adds to the --plot frontier: give --plot too")
+    for name, chips in a.compare:
+        try:
+            check_chips(get_system(name), chips)
+        except SimError as exc:
+            raise SimError(f"--compare {name}:{chips}: {exc}") from exc
+    best, feasible = plan(a.hardware, a.model, a.chips, a.tpot_slo_ms, a.ttft_slo_ms,
+                          a.input_tokens, a.output_tokens, a.precision, a.mtp_acceptance, a.top)
+    print(f"{len(feasible)} feasible deployments; best under TPOT <= {a.tpot_slo_ms} ms"
+          + (f", TTFT <= {a.ttft_slo_ms} ms" if a.ttft_slo_ms else ""))
+    if not best:
+        print("none meets the SLO")
+    for cand, res in best:
+        line = (f"{describe(cand.deployment):<55} {cand.tokens_per_s_per_chip:8.0f} tok/s/chip"
+                f"  tpot {cand.tpot_ms:6.1f} ms  ttft {cand.ttft_ms:7.0f} ms")
+        if res is not None:
+            line += (f"  | simulated {res.tokens_per_s_per_chip:6.0f} tok/s/chip"
+                     f" tpot p99 {res.tpot_ms_p99:6.1f} ms ttft p99 {res.ttft_ms_p99:7.0f} ms")
+        print(line)
+    if a.plot is not None:
+        from .plot import plot_frontier
+
+        series = {f"{a.hardware} x{a.chips}": feasible}
+        for name, chips in a.compare:
+            _, other = plan(name, a.model, chips, a.tpot_slo_ms, None, a.input_tokens,
+                            a.output_tokens, None, a.mtp_acceptance, top=0, verify=0)
+            series[f"{name} x{chips}"] = other
+        plot_frontier(series, a.plot, f"{a.model}, {a.input_tokens} in / {a.output_tokens} out",
+                      a.tpot_slo_ms)
+        print(f"plot written to {a.plot}")
+    return 0
+
+
 def plan_main(argv: list[str]) -> int:
     """``tessera plan``: search deployments for the best tokens/s per chip under an SLO."""
-    from .planner import plan_cli
-
     try:
         return plan_cli(argv)
     except SimError as exc:

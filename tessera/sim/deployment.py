@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .costmodel import PoolLayout
 from .errors import SimError
 from .hardware import PRECISIONS, System
+from .inputs import MAX_BATCH_PER_DP, check_float, check_int
 from .model import ModelSpec
 
 MODES = ("colocated", "pd", "afd")
@@ -60,22 +61,34 @@ class Deployment:
             return self.prefill_instance_devices
         return min(self.num_prefill_devices, DEFAULT_PREFILL_INSTANCE_DEVICES)
 
-    def validate(self, system: System, model: ModelSpec) -> None:
-        """Raise :class:`SimError` when the deployment cannot run on ``system``."""
+    def check_numbers(self) -> None:
+        """Raise :class:`SimError` for counts and rates no system could run (zero, negative,
+        non-integer, absurdly large, not finite); needs neither the system nor the model."""
         if self.mode not in MODES:
             raise SimError(f"unknown deployment {self.mode!r}: use one of {', '.join(MODES)}")
         if self.precision not in PRECISIONS:
             raise SimError(f"unknown precision {self.precision!r}: use one of {', '.join(PRECISIONS)}")
-        system.chip.matmul_flops_per_s(self.precision)
         for name, value in (("--dp", self.num_dp), ("--tp", self.tp),
-                            ("--batch-per-dp", self.batch_per_dp),
                             ("--micro-batches", self.num_micro_batches),
                             ("prefill tokens per device", self.prefill_tokens_per_device),
                             ("chunk tokens per group", self.chunk_tokens_per_group)):
-            if value < 1:
-                raise SimError(f"{name} must be at least 1 (got {value})")
-        if self.num_redundant_experts < 0:
-            raise SimError("redundant experts must be non-negative")
+            check_int(name, value)
+        check_int("--batch-per-dp", self.batch_per_dp, 1, MAX_BATCH_PER_DP)
+        # 0 means "none" (colocated has no FFN or prefill pool) or "default" (instance size).
+        for name, value in (("--ffn-devices", self.num_ffn_devices),
+                            ("--prefill-devices", self.num_prefill_devices),
+                            ("--prefill-instance-devices", self.prefill_instance_devices),
+                            ("--redundant-experts", self.num_redundant_experts)):
+            check_int(name, value, 0)
+        if self.mtp_acceptance is not None:
+            check_float("--mtp-acceptance", self.mtp_acceptance, 0.0, 1.0)
+        if not isinstance(self.load_balancer, bool):
+            raise SimError(f"load_balancer must be True or False (got {self.load_balancer!r})")
+
+    def validate(self, system: System, model: ModelSpec) -> None:
+        """Raise :class:`SimError` when the deployment cannot run on ``system``."""
+        self.check_numbers()
+        system.chip.matmul_flops_per_s(self.precision)
         if self.mode == "afd":
             if not model.is_moe:
                 raise SimError("attention/FFN disaggregation (afd) needs an MoE model")
@@ -88,11 +101,8 @@ class Deployment:
             if self.num_prefill_devices % inst or inst % self.tp:
                 raise SimError(f"prefill pool of {self.num_prefill_devices} devices does not split"
                                f" into instances of {inst} devices (tp {self.tp})")
-        if self.mtp_acceptance is not None:
-            if not 0.0 <= self.mtp_acceptance <= 1.0:
-                raise SimError(f"--mtp-acceptance must be in [0, 1] (got {self.mtp_acceptance})")
-            if model.num_mtp_layers < 1:
-                raise SimError(f"{model.name} has no MTP layers (num_nextn_predict_layers)")
+        if self.mtp_acceptance is not None and model.num_mtp_layers < 1:
+            raise SimError(f"{model.name} has no MTP layers (num_nextn_predict_layers)")
         if self.num_devices > system.num_devices:
             raise SimError(f"deployment needs {self.num_devices} devices but {system.name} has"
                            f" {system.num_devices}")

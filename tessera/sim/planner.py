@@ -16,7 +16,8 @@ import numpy as np
 from .costmodel import PassLoad, PoolCost, causal_pairs, decode_load, prefill_load
 from .deployment import Deployment
 from .errors import SimError
-from .hardware import System, get_system
+from .hardware import PRECISIONS, System, get_system
+from .inputs import check_float, check_int
 from .model import ModelSpec, load_model
 from .result import SimResult
 from .simulator import Scenario, simulate
@@ -91,12 +92,37 @@ def _steady(system: System, model: ModelSpec, dep: Deployment, inp: int, out: in
                      dep.num_devices / dpc)
 
 
+def check_chips(system: System, num_chips: object) -> int:
+    """Return ``num_chips`` if ``system`` has that many chips; else raise SimError."""
+    return check_int("--chips", num_chips, 1, system.num_chips)
+
+
+def _check_inputs(system: System, model: ModelSpec, precision: str, tpot_slo_ms: float,
+                  ttft_slo_ms: float | None, input_tokens: int, output_tokens: int,
+                  mtp: float | None, top: int, verify: int) -> None:
+    # Every candidate would fail alike on these; checked once so the error names the input
+    # instead of "no deployment fits" after the whole search.
+    check_float("--tpot-slo-ms", tpot_slo_ms, 0.0, min_open=True)
+    if ttft_slo_ms is not None:
+        check_float("--ttft-slo-ms", ttft_slo_ms, 0.0, min_open=True)
+    check_int("--input-tokens", input_tokens)
+    check_int("--output-tokens", output_tokens)
+    if precision not in PRECISIONS:
+        raise SimError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    system.chip.matmul_flops_per_s(precision)
+    if mtp is not None:
+        check_float("--mtp-acceptance", mtp, 0.0, 1.0)
+        if model.num_mtp_layers < 1:
+            raise SimError(f"{model.name} has no MTP layers (num_nextn_predict_layers)")
+    check_int("--top", top, 0)
+    check_int("verify", verify, 0)
+
+
 def candidates(system: System, model: ModelSpec, num_chips: int, precision: str,
                mtp: float | None) -> list[Deployment]:
     """Deployments to try on ``num_chips`` chips."""
+    check_chips(system, num_chips)
     devices = num_chips * system.chip.num_devices_per_chip
-    if num_chips < 1 or devices > system.num_devices:
-        raise SimError(f"--chips must be between 1 and {system.num_chips} for {system.name}")
     out: list[Deployment] = []
     tps = [t for t in (1, 2, 4, 8) if devices % t == 0] if not model.is_moe else [1]
     base = Deployment(mode="colocated", precision=precision, mtp_acceptance=mtp,
@@ -137,13 +163,16 @@ def plan(hardware: str, model_name: str, num_chips: int, tpot_slo_ms: float,
          ttft_slo_ms: float | None, input_tokens: int, output_tokens: int,
          precision: str | None = None, mtp: float | None = None, top: int = 5,
          verify: int = 3) -> tuple[list[tuple[Candidate, SimResult | None]], list[Candidate]]:
-    """Search deployments; return (best verified, every feasible candidate)."""
+    """Search deployments; return (best verified, every feasible candidate).
+
+    Raises :class:`SimError` for unknown hardware or models and bad numbers before searching."""
     system = get_system(hardware)
     model = load_model(model_name)
+    check_chips(system, num_chips)
     if precision is None:
         precision = "int8" if "fp8" not in system.chip.tflops else "fp8"
-    if tpot_slo_ms <= 0 or (ttft_slo_ms is not None and ttft_slo_ms <= 0):
-        raise SimError("SLOs must be positive")
+    _check_inputs(system, model, precision, tpot_slo_ms, ttft_slo_ms, input_tokens,
+                  output_tokens, mtp, top, verify)
     feasible: list[Candidate] = []
     for dep in candidates(system, model, num_chips, precision, mtp):
         try:
@@ -180,54 +209,3 @@ def describe(dep: Deployment) -> str:
     if dep.mode != "colocated":
         text += f" prefill={dep.num_prefill_devices}"
     return text + f" batch/dp={dep.batch_per_dp}"
-
-
-def plan_cli(argv: list[str]) -> int:
-    """``tessera plan`` implementation (errors raise :class:`SimError`)."""
-    from .cli import _Parser
-
-    p = _Parser(prog="tessera plan", description="Find the best deployments under an SLO.")
-    p.add_argument("--hardware", required=True)
-    p.add_argument("--model", required=True)
-    p.add_argument("--chips", type=int, required=True)
-    p.add_argument("--tpot-slo-ms", type=float, required=True)
-    p.add_argument("--ttft-slo-ms", type=float)
-    p.add_argument("--input-tokens", type=int, required=True)
-    p.add_argument("--output-tokens", type=int, required=True)
-    p.add_argument("--precision", choices=["bf16", "fp8", "int8"])
-    p.add_argument("--mtp-acceptance", type=float)
-    p.add_argument("--top", type=int, default=5)
-    p.add_argument("--plot", help="write the throughput-latency frontier to this PNG")
-    p.add_argument("--compare", action="append", default=[], metavar="HARDWARE:CHIPS",
-                   help="add another system's frontier to the plot (repeatable)")
-    a = p.parse_args(argv)
-    if a.input_tokens < 1 or a.output_tokens < 1:
-        raise SimError("--input-tokens and --output-tokens must be at least 1")
-    best, feasible = plan(a.hardware, a.model, a.chips, a.tpot_slo_ms, a.ttft_slo_ms,
-                          a.input_tokens, a.output_tokens, a.precision, a.mtp_acceptance, a.top)
-    print(f"{len(feasible)} feasible deployments; best under TPOT <= {a.tpot_slo_ms} ms"
-          + (f", TTFT <= {a.ttft_slo_ms} ms" if a.ttft_slo_ms else ""))
-    if not best:
-        print("none meets the SLO")
-    for cand, res in best:
-        line = (f"{describe(cand.deployment):<55} {cand.tokens_per_s_per_chip:8.0f} tok/s/chip"
-                f"  tpot {cand.tpot_ms:6.1f} ms  ttft {cand.ttft_ms:7.0f} ms")
-        if res is not None:
-            line += (f"  | simulated {res.tokens_per_s_per_chip:6.0f} tok/s/chip"
-                     f" tpot p99 {res.tpot_ms_p99:6.1f} ms ttft p99 {res.ttft_ms_p99:7.0f} ms")
-        print(line)
-    if a.plot:
-        from .plot import plot_frontier
-
-        series = {f"{a.hardware} x{a.chips}": feasible}
-        for spec in a.compare:
-            name, _, chips = spec.partition(":")
-            if not chips.isdigit():
-                raise SimError(f"--compare wants HARDWARE:CHIPS, got {spec!r}")
-            _, other = plan(name, a.model, int(chips), a.tpot_slo_ms, None, a.input_tokens,
-                            a.output_tokens, None, a.mtp_acceptance, top=0, verify=0)
-            series[f"{name} x{chips}"] = other
-        plot_frontier(series, a.plot, f"{a.model}, {a.input_tokens} in / {a.output_tokens} out",
-                      a.tpot_slo_ms)
-        print(f"plot written to {a.plot}")
-    return 0

@@ -2,10 +2,29 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .errors import SimError
+from .inputs import check_output_file, require_module
 
 if TYPE_CHECKING:
     from .planner import Candidate
+
+
+def check_plot_file(path: str) -> None:
+    """Raise :class:`SimError` unless a plot can be written to ``path``: matplotlib is
+    installed, the directory exists and is writable, and matplotlib knows the file type."""
+    require_module("matplotlib", "--plot", "sim")
+    check_output_file(path, "--plot")
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix:  # no suffix: matplotlib writes PNG
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        known = FigureCanvasBase.get_supported_filetypes()
+        if suffix not in known:
+            raise SimError(f"--plot {path}: matplotlib cannot write .{suffix} files (use one of"
+                           f" {', '.join(sorted(known))})")
 
 
 def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -21,7 +40,7 @@ def frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
 
 def plot_frontier(series: dict[str, list[Candidate]], path: str, title: str,
                   tpot_slo_ms: float | None = None) -> None:
-    """Plot the frontier of each (label, mode) pair to ``path``."""
+    """Plot the frontier of each (label, mode) pair to ``path`` (see :func:`check_plot_file`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -48,5 +67,9 @@ def plot_frontier(series: dict[str, list[Candidate]], path: str, title: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:  # checked up front, but the disk can fill or the directory go
+        raise SimError(f"cannot write --plot {path}: {exc.strerror or exc}") from exc
+    finally:
+        plt.close(fig)

@@ -19,6 +19,7 @@ from .deployment import Deployment
 from .errors import SimError
 from .events import Event, EventLoop
 from .hardware import LOCAL_CHIP, System, get_system
+from .inputs import check_int
 from .metrics import Recorder
 from .model import ModelSpec, load_model
 from .result import SimResult
@@ -27,13 +28,29 @@ from .workload import Requests, Workload, generate
 
 @dataclass(frozen=True)
 class Scenario:
-    """Everything one simulation needs: hardware, model, deployment and workload."""
+    """Everything one simulation needs: hardware, model, deployment and workload.
+
+    Construction raises :class:`SimError` for values no system could run (zero or negative
+    counts, non-finite rates, a negative seed); what depends on the system and model (device
+    counts, memory) is checked by :func:`simulate`."""
 
     hardware: str
     model: str
     deployment: Deployment
     workload: Workload
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, value in (("hardware", self.hardware), ("model", self.model)):
+            if not isinstance(value, str) or not value:
+                raise SimError(f"{name} must be a non-empty name (got {value!r})")
+        if not isinstance(self.deployment, Deployment):
+            raise SimError(f"deployment must be a Deployment (got {type(self.deployment).__name__})")
+        if not isinstance(self.workload, Workload):
+            raise SimError(f"workload must be a Workload (got {type(self.workload).__name__})")
+        check_int("--seed", self.seed, 0)
+        self.deployment.check_numbers()
+        self.workload.validate()
 
 
 def _sum_loads(a: PassLoad, b: PassLoad) -> PassLoad:

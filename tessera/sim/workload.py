@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SimError
+from .inputs import MAX_REQUESTS, check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -32,23 +33,19 @@ class Workload:
 
     def validate(self) -> None:
         """Raise :class:`SimError` on impossible numbers."""
-        if self.num_requests < 1:
-            raise SimError("number of requests must be at least 1")
-        if self.input_tokens < 1 or self.output_tokens < 1:
-            raise SimError("--input-tokens and --output-tokens must be at least 1")
+        check_int("number of requests", self.num_requests, 1, MAX_REQUESTS)
+        check_int("--input-tokens", self.input_tokens)
+        check_int("--output-tokens", self.output_tokens)
         if (self.request_rate_per_s is None) == (self.concurrency is None):
             raise SimError("give exactly one of --request-rate and --concurrency")
-        rate = self.request_rate_per_s
-        if rate is not None and not (rate > 0 and rate != float("inf")):
-            raise SimError("--request-rate must be positive")
-        if self.concurrency is not None and self.concurrency < 1:
-            raise SimError("--concurrency must be at least 1")
-        if not 0.0 <= self.prefix_hit_fraction < 1.0:
-            raise SimError("prefix hit fraction must be in [0, 1)")
-        if not self.length_cv >= 0:
-            raise SimError("length cv must be non-negative")
-        if self.kv_tokens is not None and self.kv_tokens < 1:
-            raise SimError("--kv-tokens must be at least 1")
+        if self.request_rate_per_s is not None:
+            check_float("--request-rate", self.request_rate_per_s, 0.0, min_open=True)
+        if self.concurrency is not None:
+            check_int("--concurrency", self.concurrency)
+        check_float("--prefix-hit", self.prefix_hit_fraction, 0.0, 1.0, max_open=True)
+        check_float("--length-cv", self.length_cv, 0.0)
+        if self.kv_tokens is not None:
+            check_int("--kv-tokens", self.kv_tokens)
 
 
 @dataclass(frozen=True)
