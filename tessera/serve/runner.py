@@ -3,7 +3,9 @@
 Start-up order makes every failure cheap and clean: bind the port (in use: one line, exit 2),
 start the engine core (bad model: one line, exit 2, the core reaped), then serve. SIGINT and
 SIGTERM stop accepting, give in-flight requests ``--shutdown-timeout`` seconds, abort the rest
-with a proper final chunk, stop the core and exit 0.
+with a proper final chunk, stop the core and exit 0. A core that fails later is replaced by
+the engine client; with ``--exit-on-engine-failure`` (or when restarts keep failing) the server
+stops and exits 1 instead.
 """
 
 from __future__ import annotations
