@@ -28,7 +28,7 @@ from typing import Any
 import msgspec
 
 from tessera.afd.config import AFDConfig
-from tessera.afd.launcher import WorkerStartupError, track, untrack
+from tessera.afd.launcher import PoolLink, WorkerStartupError, track, untrack
 from tessera.afd.messages import WorkerConfig
 from tessera.config import EngineConfig
 
@@ -92,19 +92,20 @@ class _WorkerActor:
         node_id = ray.get_runtime_context().get_node_id()
         return str(ray.util.get_node_ip_address()), str(node_id), os.getpid()
 
-    def free_ports(self, num_ports: int) -> list[int]:
-        """Distinct TCP ports free on this node now (all held until all are picked)."""
+    def free_ports(self, ip: str, num_ports: int) -> list[int]:
+        """Distinct TCP ports free on this node's ``ip`` now (all held until all are picked)."""
         with contextlib.ExitStack() as stack:
             socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                      for _ in range(num_ports)]
             for s in socks:
-                s.bind(("", 0))
+                s.bind((ip, 0))
             return [int(s.getsockname()[1]) for s in socks]
 
-    def run(self, role: str, config_json: str) -> int:
-        """The worker main, as ``python -m tessera.afd.{role}_worker`` would run it."""
+    def run(self, role: str, config_json: str, secret: bytes) -> int:
+        """The worker main, as ``python -m tessera.afd.{role}_worker`` would run it (the
+        secret comes as an argument: Ray ships it to this actor, not on a command line)."""
         module = importlib.import_module(f"tessera.afd.{role}_worker")
-        return int(module.main([config_json]))
+        return int(module.main([config_json], secret))
 
 
 def _brief(error: BaseException) -> str:
@@ -116,7 +117,7 @@ class RayWorkerPool:
     """The actors of one pool generation: attention ranks first, then FFN ranks."""
 
     def __init__(self, engine: EngineConfig, afd: AFDConfig, generation: int,
-                 front_address: str) -> None:
+                 link: PoolLink) -> None:
         assert afd.ray_address is not None
         ray = connect(afd.ray_address)
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -156,7 +157,7 @@ class RayWorkerPool:
             # on each attention worker's node.
             places = self._get([a.where.remote() for a in actors], afd, names)
             # Rank 0 needs two: its input and the rendezvous.
-            ports = self._get([a.free_ports.remote(2 if rank == 0 else 1)
+            ports = self._get([a.free_ports.remote(places[rank][0], 2 if rank == 0 else 1)
                                for rank, a in enumerate(actors)], afd, names)
             for name, (_, node_id, pid) in zip(names, places, strict=True):
                 self.node_ids[name] = node_id
@@ -174,14 +175,16 @@ class RayWorkerPool:
                     engine=engine,
                     afd=afd,
                     master_port=master_port,
-                    front_address=front_address,
+                    front_address=link.front_address,
                     input_address=f"tcp://{ip}:{ports[rank][0]}" if attention else None,
                     parent_pid=0,
                     master_addr=places[0][0],
+                    host_addr=ip,
+                    frame_limit_bytes=link.frame_limit_bytes,
                 ))
             for cfg in self.configs:
-                ref = self.actors[cfg.name].run.remote(cfg.role,
-                                                       msgspec.json.encode(cfg).decode())
+                ref = self.actors[cfg.name].run.remote(
+                    cfg.role, msgspec.json.encode(cfg).decode(), link.secret)
                 self._runs[ref] = cfg.name
         except BaseException:
             self.kill()  # no actor or placement group of a half-started pool may remain
