@@ -254,10 +254,17 @@ class AFDEngine:
         assert self._pool is not None
         self._pool.kill()
         self._totals = self._sum_stats()
+        self._stats = {name: WorkerStats() for name in self._stats}
         message = f"worker pool failed: {reason}"
         for request_id, req in self.requests.items():
             result.finished.append(self._error_output(request_id, req, message))
         self.requests.clear()
+        if self.afd.ray_address is not None:
+            # Placing Ray actors takes as long as the cluster needs (bounded by the
+            # placement and startup timeouts): leave it to the next request rather than
+            # hold the failed requests' errors, and this engine, until then.
+            self._broken = True
+            return result
         with contextlib.suppress(WorkerStartupError):  # reported to the next request
             self._spawn_pool()
         return result
