@@ -129,19 +129,23 @@ def split_message(msg: Any) -> tuple[Any, Any] | None:
     """Two messages that carry ``msg``'s content in order, or None if it holds one element.
 
     A ``StepReport``'s deltas stay ahead of its finished outputs (the front ends a request at
-    its finished output and ignores later deltas of it), both parts carry the stats, and the
-    spans are halved on their own. A ``Heartbeat``'s spans are halved."""
+    its finished output and ignores later deltas of it), then come its spans; both parts
+    carry the stats. A ``Heartbeat``'s spans are halved."""
     replace = msgspec.structs.replace
     if isinstance(msg, StepReport):
-        items = [*msg.deltas, *msg.finished]
-        if len(items) + len(msg.spans) <= 1:
+        # Halve the sequence deltas, finished outputs, spans: each part is strictly smaller.
+        num_items = len(msg.deltas) + len(msg.finished)
+        total = num_items + len(msg.spans)
+        if total <= 1:
             return None
-        mid, spans_mid = (len(items) + 1) // 2, (len(msg.spans) + 1) // 2
+        mid = total // 2
         num_deltas = len(msg.deltas)
-        first = replace(msg, deltas=msg.deltas[:mid], finished=msg.finished[:max(mid - num_deltas, 0)],
-                        spans=msg.spans[:spans_mid])
-        second = replace(msg, deltas=msg.deltas[mid:], finished=msg.finished[max(mid - num_deltas, 0):],
-                         spans=msg.spans[spans_mid:])
+        cut_deltas, cut_finished = min(mid, num_deltas), max(min(mid, num_items) - num_deltas, 0)
+        cut_spans = max(mid - num_items, 0)
+        first = replace(msg, deltas=msg.deltas[:cut_deltas],
+                        finished=msg.finished[:cut_finished], spans=msg.spans[:cut_spans])
+        second = replace(msg, deltas=msg.deltas[cut_deltas:],
+                         finished=msg.finished[cut_finished:], spans=msg.spans[cut_spans:])
         return first, second
     if isinstance(msg, Heartbeat) and len(msg.spans) > 1:
         mid = len(msg.spans) // 2

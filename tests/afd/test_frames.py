@@ -132,6 +132,12 @@ def test_a_large_report_is_split_in_order_and_a_lone_huge_output_ends_with_an_er
     beats = [reader.open(f) for f in writer.seal_all(beat)]
     assert [s for b in beats for s in b.spans] == beat.spans and beats[0].progress == 5
     assert split_message(Heartbeat("ffn0.g0")) is None
+    # Any two elements go to different parts, so splitting always ends.
+    for deltas, finished, spans in [(1, 0, 1), (0, 1, 1), (1, 1, 0), (0, 0, 2)]:
+        first, second = split_message(_report(deltas, finished, spans))
+        sizes = [len(p.deltas) + len(p.finished) + len(p.spans) for p in (first, second)]
+        assert sizes == [1, 1], (deltas, finished, spans)
+    assert split_message(_report(0, 1, 0)) is None
 
     # One output larger than any frame: that request ends with an error; the rest go as they are.
     huge = _report(0, 1, 0, text="x" * limit)
