@@ -6,8 +6,10 @@ norm and LM head, or its first vocabulary rows with ``AFDConfig.ffn_head_share``
 loop like the serve engine core: take requests from the front without blocking while busy,
 advance the lanes, and push a ``StepReport`` (token deltas, finished outputs, stats, trace
 spans) per lane step, once the lane's next step is under way (see ``run``). A failed transfer
-ends the step with ``StepFailed`` and the process; the front then rebuilds the pool.
-Run as ``python -m tessera.afd.attention_worker CONFIG_JSON`` by the launcher.
+ends the step with ``StepFailed`` and the process; the front then rebuilds the pool. Inputs
+are sealed frames (``frames.py``): anything else is dropped. Run as ``python -m
+tessera.afd.attention_worker CONFIG_JSON`` by the launcher, which writes the pool's secret to
+its stdin.
 """
 
 from __future__ import annotations
@@ -25,6 +27,15 @@ from torch import nn
 
 from tessera.afd.attention_runner import AttentionRunner
 from tessera.afd.dataplane import TransferError, open_plane
+from tessera.afd.frames import (
+    MAIN_CHANNEL,
+    FrameReader,
+    FrameTooLarge,
+    FrameWriter,
+    SealedPush,
+    read_secret,
+    worker_sender,
+)
 from tessera.afd.head_slice import HeadSlice, RemovedHead
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.lanes import Lanes
@@ -40,14 +51,16 @@ from tessera.afd.messages import (
     WorkerInput,
 )
 from tessera.afd.placement import expert_owners, head_split
+from tessera.afd.progress import BUSY, IDLE, Progress
 from tessera.afd.remote_ffn import RemoteFFN
 from tessera.afd.trace import Tracer
 from tessera.engine.llm_engine import LLMEngine
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import moe_spec_of
-from tessera.outputs import StepOutput
+from tessera.outputs import CompletionOutput, RequestOutput, StepOutput
 
 _IDLE_POLL_MS = 100
+_ENCODER = msgspec.msgpack.Encoder()
 
 
 _DENSE_FFN_PARAM = re.compile(r"^layers\.\d+\.ffn\.(gate_up_proj|down_proj)\.")
@@ -66,10 +79,8 @@ def local_head(lm_head: nn.Linear, start: int, end: int) -> nn.Module:
     return head
 
 
-def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, front: zmq.Socket,
-        tracer: Tracer) -> int:
-    decoder = msgspec.msgpack.Decoder(WorkerInput)
-    encoder = msgspec.msgpack.Encoder()
+def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, reader: FrameReader,
+        front: SealedPush, tracer: Tracer, progress: Progress) -> int:
     poller = zmq.Poller()
     poller.register(inputs, zmq.POLLIN)
     # Reports of ended lane steps wait until that lane's next step has sent its first FFN
@@ -82,20 +93,23 @@ def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, front: zmq.Socket,
 
     def report() -> None:
         for step in unsent:
-            front.send(encoder.encode(
-                StepReport(cfg.name, step.deltas, step.finished, lanes.stats(), tracer.take())
-            ))
+            send_report(front, StepReport(cfg.name, step.deltas, step.finished, lanes.stats(),
+                                          tracer.take()))
         unsent.clear()
 
     while True:
+        progress.state = BUSY if lanes.has_work() else IDLE
         ready = dict(poller.poll(0 if lanes.has_work() else _IDLE_POLL_MS))
         num_inputs = 0
         while inputs in ready:
             try:
-                msg = decoder.decode(inputs.recv(zmq.NOBLOCK))
+                msg = reader.open(inputs.recv(zmq.NOBLOCK))
             except zmq.Again:
                 break
+            if msg is None:
+                continue  # dropped (and logged) by the reader
             num_inputs += 1
+            progress.tick()
             if isinstance(msg, AddRequest):
                 # The front validated the prompt against this worker's limits already.
                 lanes.add_request(msg.request_id, msg.prompt, msg.prompt_token_ids, msg.params)
@@ -109,34 +123,62 @@ def run(cfg: WorkerConfig, lanes: Lanes, inputs: zmq.Socket, front: zmq.Socket,
             if unsent:
                 report()
             elif num_inputs:
-                front.send(encoder.encode(StepReport(cfg.name, [], [], lanes.stats())))
+                front.send(StepReport(cfg.name, [], [], lanes.stats()))
             continue
+        progress.state = BUSY
         try:
             with torch.inference_mode():
                 ended = lanes.advance(before_block=report)
         except TransferError as e:
             report()  # steps that ended before the failure did end: their tokens stand
-            front.send(encoder.encode(StepFailed(cfg.name, str(e))))
+            front.send(StepFailed(cfg.name, str(e)))
             return 1
         report()
         unsent.extend(ended)
 
 
-def main(argv: list[str]) -> int:
+def send_report(front: SealedPush, report: StepReport) -> None:
+    """Send ``report``; a finished output too large for any control frame (a prompt with many
+    long completions and logprobs) ends with an error instead, the others as they are."""
+    try:
+        front.send(report)
+    except FrameTooLarge as e:
+        limit_bytes = front.writer.limit_bytes // 2
+        finished = [out if len(_ENCODER.encode(out)) <= limit_bytes else _too_large(out, str(e))
+                    for out in report.finished]
+        front.send(msgspec.structs.replace(report, finished=finished))
+
+
+def _too_large(out: RequestOutput, why: str) -> RequestOutput:
+    outputs = [CompletionOutput(c.index, "", [], "error", error=f"output too large: {why}")
+               for c in out.outputs]
+    return RequestOutput(out.request_id, None, [], outputs, True)
+
+
+def main(argv: list[str], secret: bytes | None = None) -> int:
+    """Run the worker ``argv[0]`` (its ``WorkerConfig`` as JSON) describes; the pool's
+    secret is ``secret``, or read from stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when workers stop
     cfg = msgspec.json.decode(argv[0], type=WorkerConfig)
     assert cfg.input_address is not None
+    if secret is None:
+        secret = read_secret(sys.stdin)
     ctx = zmq.Context()
-    front = ctx.socket(zmq.PUSH)
-    front.setsockopt(zmq.SNDHWM, 0)
-    front.connect(cfg.front_address)
-    encoder = msgspec.msgpack.Encoder()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.connect(cfg.front_address)
+    front = SealedPush(sock, FrameWriter(secret, cfg.generation,
+                                         worker_sender(cfg.rank, MAIN_CHANNEL),
+                                         cfg.frame_limit_bytes))
     tracer = Tracer(cfg.afd.trace_path is not None)
-    start_heartbeat(ctx, cfg.front_address, cfg.name, cfg.afd.heartbeat_interval_s,
-                    cfg.parent_pid)
+    progress = Progress(cfg.name)
+    start_heartbeat(ctx, cfg, secret, progress)
     try:
         inputs = ctx.socket(zmq.PULL)
+        inputs.setsockopt(zmq.MAXMSGSIZE, cfg.frame_limit_bytes)
         inputs.bind(cfg.input_address)
+        reader = FrameReader(secret, WorkerInput, cfg.generation, f"{cfg.name} input",
+                             from_front=True)
         moe = moe_spec_of(cfg.engine.model)
         # Routed experts live on the FFN workers only; the router stays here.
         engine = LLMEngine(cfg.engine, make_runner=AttentionRunner,
@@ -150,7 +192,7 @@ def main(argv: list[str]) -> int:
         assert isinstance(runner, AttentionRunner)
         head = head_split(model.spec.vocab_size, cfg.afd.ffn_head_share, cfg.afd.ffn_workers)
         remote = RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners,
-                           [end - start for start, end in head[1:]])
+                           [end - start for start, end in head[1:]], progress)
         # Warm-up may meet FFN workers still loading: it gets the start-up deadline.
         split = head[0][1] < model.spec.vocab_size
         runner.attach(remote, cfg.afd.startup_timeout_s, tracer,
@@ -162,13 +204,14 @@ def main(argv: list[str]) -> int:
         tracer.take()  # warm-up spans are not part of the workload
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
-        front.send(encoder.encode(StartupFailed(cfg.name, text)))
+        front.send(StartupFailed(cfg.name, text))
         front.close(linger=2000)
         return 1
     rt = engine.runtime
-    front.send(encoder.encode(Ready(cfg.name, os.getpid(), rt.max_model_len, rt.num_kv_blocks)))
+    front.send(Ready(cfg.name, os.getpid(), rt.max_model_len, rt.num_kv_blocks))
     try:
-        return run(cfg, Lanes(engine, cfg.afd.micro_batches), inputs, front, tracer)
+        return run(cfg, Lanes(engine, cfg.afd.micro_batches, progress), inputs, reader, front,
+                   tracer, progress)
     finally:
         with contextlib.suppress(Exception):
             front.close(linger=1000)

@@ -38,7 +38,9 @@ class AFDConfig:
     """Deadline of every FFN transfer, counted from the start of the step that issued it."""
     heartbeat_interval_s: float = 0.5
     failure_detect_s: float = 3.0
-    """A worker silent for this long (no heartbeat) is declared dead."""
+    """A worker silent for this long (no heartbeat) is declared dead, and so is one whose main
+    loop makes no progress for this long while it has work (see ``progress.py``): it must
+    exceed the longest single FFN layer or lane step."""
     startup_timeout_s: float = 300.0
     """Longest wait for all workers to load their weights and join the data plane."""
     master_port: int | None = None

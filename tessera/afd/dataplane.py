@@ -16,10 +16,12 @@ wait for one another; it answers with a partial ``[T, D]`` on tag ``RESULT_TAG +
 from __future__ import annotations
 
 import datetime
+import errno
 import re
+import socket
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -68,53 +70,51 @@ class Plane(Protocol):
 
 
 class DataPlane:
-    """This process's membership in the data-plane group (attention ranks, then FFN ranks)."""
+    """This process's membership in the data-plane group (attention ranks, then FFN ranks).
+
+    Nothing of it listens on every interface: rank 0 serves the rendezvous store on
+    ``master_addr`` only (a socket bound here and handed to the store, whose own listener
+    would take all interfaces), and gloo's pairs listen on ``host_addr``, this worker's
+    address in the pool. Other backends join through the same store."""
 
     def __init__(
         self, rank: int, world_size: int, master_addr: str, master_port: int, backend: str,
-        timeout_s: float, names: Sequence[str] | None = None,
+        timeout_s: float, names: Sequence[str] | None = None, host_addr: str = "127.0.0.1",
     ) -> None:
         self.rank = rank
         self.world_size = world_size
         # Errors name the peer as the user knows it (ffn1), not by its rank: the front reports
         # them as the cause of a pool failure.
         self.names = list(names) if names is not None else [f"rank {r}" for r in range(world_size)]
-        try:
-            dist.init_process_group(
-                backend,
-                init_method=f"tcp://{master_addr}:{master_port}",
-                rank=rank,
-                world_size=world_size,
-                timeout=datetime.timedelta(seconds=timeout_s),
-            )
-        except RuntimeError as e:  # DistNetworkError and friends
-            if "EADDRINUSE" in str(e):
-                raise OSError(
-                    f"data-plane rendezvous port {master_port} is already in use"
-                ) from e
-            raise
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.store = rendezvous_store(rank, world_size, master_addr, master_port, timeout)
+        if backend == "gloo":
+            gloo: Any = dist.ProcessGroupGloo  # its stubs lack _Options, which takes devices
+            options = gloo._Options()
+            options._timeout = timeout
+            options._devices = [gloo.create_device(hostname=host_addr)]
+            self.group: Any = gloo(self.store, rank, world_size, options)
+        else:
+            dist.init_process_group(backend, store=self.store, rank=rank,
+                                    world_size=world_size, timeout=timeout)
+            self.group = dist.group.WORLD
 
     def isend(self, tensor: torch.Tensor, dst: int, tag: int) -> dist.Work:
         try:
-            work = dist.isend(tensor, dst, tag=tag)
+            return self.group.send([tensor], dst, tag)
         except RuntimeError as e:
             raise TransferError(f"send to {self.names[dst]} failed: {brief(e)}") from e
-        assert work is not None
-        return work
 
     def irecv(self, tensor: torch.Tensor, src: int, tag: int) -> dist.Work:
         try:
-            work = dist.irecv(tensor, src, tag=tag)
+            return self.group.recv([tensor], src, tag)
         except RuntimeError as e:
             raise TransferError(f"receive from {self.names[src]} failed: {brief(e)}") from e
-        assert work is not None
-        return work
 
     def recv_any(self, tensor: torch.Tensor, tag: int) -> int:
         """Block until a message with ``tag`` arrives from any rank; returns that rank."""
         try:
-            work = dist.irecv(tensor, None, tag=tag)
-            assert work is not None
+            work = self.group.recv_anysource([tensor], tag)
             # An explicit long wait: the group's default timeout would end an idle worker.
             work.wait(_IDLE_WAIT)
             return int(work._source_rank())
@@ -131,8 +131,29 @@ class DataPlane:
         wait(self.irecv(tensor, src, tag), deadline_s, f"receive from {self.names[src]}")
 
     def close(self) -> None:
-        if dist.is_initialized():
+        if self.group is dist.group.WORLD and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int,
+                     timeout: datetime.timedelta) -> dist.TCPStore:
+    """The data plane's rendezvous store: served by rank 0 on ``master_addr:master_port``
+    only, joined there by the others. OSError if the port is taken."""
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, False, timeout)
+    listener = socket.socket(socket.AF_INET6 if ":" in master_addr else socket.AF_INET)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((master_addr, master_port))
+        listener.listen()
+    except OSError as e:
+        listener.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(f"data-plane rendezvous port {master_port} is already in use") from e
+        raise
+    # The store owns the socket from here on (and closes it).
+    return dist.TCPStore(master_addr, master_port, world_size, True, timeout,
+                         wait_for_workers=False, master_listen_fd=listener.detach())
 
 
 def open_plane(cfg: WorkerConfig, backend: str, hidden_size: int, elem_bytes: int,
@@ -143,7 +164,7 @@ def open_plane(cfg: WorkerConfig, backend: str, hidden_size: int, elem_bytes: in
     names = [afd.worker_name(r) for r in range(afd.world_size)]
     if cfg.plane_dir is None:
         return DataPlane(cfg.rank, afd.world_size, cfg.master_addr, cfg.master_port, backend,
-                         afd.startup_timeout_s, names)
+                         afd.startup_timeout_s, names, cfg.host_addr)
     from tessera.afd.placement import head_split
     from tessera.afd.shm_plane import PlaneLimits, ShmDataPlane
 

@@ -1,12 +1,13 @@
 """An FFN worker process: this worker's shard of every layer's FFN, serving any attention rank.
 
-Loop: receive a header from any source (so attention workers never run in lockstep), then the
-payload from that rank, and with it every other request already queued (on a plane that can
+Loop: receive a header from any source (so attention workers never run in lockstep), check it
+(``ffn_requests.py``), then the payload from that rank, and with it every other request already queued (on a plane that can
 poll); compute each layer's requests as one batch, send each rank its partial back without
 waiting for it to drain. It
 never blocks on anything but its own receives; an idle worker waits indefinitely (heartbeats
 go on in their own thread). Any transfer error ends the process: the front then rebuilds the
-pool. Run as ``python -m tessera.afd.ffn_worker CONFIG_JSON`` by the launcher.
+pool. Run as ``python -m tessera.afd.ffn_worker CONFIG_JSON`` by the launcher, which writes the
+pool's secret to its stdin.
 """
 
 from __future__ import annotations
@@ -36,10 +37,20 @@ from tessera.afd.dataplane import (
     open_plane,
     wait,
 )
-from tessera.afd.ffn_shard import ffn_shards
+from tessera.afd.ffn_requests import RequestLimits
+from tessera.afd.ffn_shard import MoEShard, ffn_shards
+from tessera.afd.frames import (
+    MAIN_CHANNEL,
+    DropLog,
+    FrameWriter,
+    SealedPush,
+    read_secret,
+    worker_sender,
+)
 from tessera.afd.heartbeat import start_heartbeat
-from tessera.afd.messages import Heartbeat, Ready, StartupFailed, WorkerConfig
+from tessera.afd.messages import Heartbeat, Ready, StartupFailed, StepFailed, WorkerConfig
 from tessera.afd.placement import expert_ids_of, head_split
+from tessera.afd.progress import BUSY, IDLE, Progress
 from tessera.afd.trace import Tracer
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model, model_spec, moe_spec_of
@@ -77,12 +88,12 @@ class _Request:
     recv_start_us: int
 
 
-def _receive(plane: Plane, src: int, header: torch.Tensor, hidden_size: int,
+def _receive(plane: Plane, src: int, fields: list[int], hidden_size: int,
              dtype: torch.dtype, device: torch.device, timeout_s: float,
              tracer: Tracer) -> _Request:
-    """The payload of the request whose ``header`` came from ``src``."""
+    """The payload of the request whose header ``fields`` (checked) came from ``src``."""
     recv_start = tracer.now_us()
-    _, layer_id, micro_batch, num_tokens, top_k = header.tolist()
+    _, layer_id, micro_batch, num_tokens, top_k = fields
     deadline_s = time.monotonic() + timeout_s
     normed = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)  # [T, D]
     plane.recv(normed, src, PAYLOAD_TAG, deadline_s)
@@ -96,7 +107,9 @@ def _receive(plane: Plane, src: int, header: torch.Tensor, hidden_size: int,
 
 
 def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_size: int,
-          dtype: torch.dtype, device: torch.device, timeout_s: float, tracer: Tracer) -> None:
+          dtype: torch.dtype, device: torch.device, timeout_s: float, tracer: Tracer,
+          limits: RequestLimits, progress: Progress | None = None,
+          on_bad_request: Callable[[str], None] | None = None) -> None:
     """Answer requests until a transfer fails. ``shards[layer_id]`` computes a request;
     ``layer_id == num_layers`` is this worker's slice of the LM head, when it holds one.
 
@@ -105,21 +118,57 @@ def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_s
     Why: every request streams the layer's weights, and an FFN worker serving several
     attention workers (or lanes) is where their tokens meet; a MoE layer's experts see the
     rows of all of them at once, the reason to pool FFNs at all. Nothing waits for a batch
-    to fill: a request that arrives to an idle worker runs at once, alone."""
+    to fill: a request that arrives to an idle worker runs at once, alone.
+
+    A request outside ``limits`` is dropped (logged at most once a minute) before anything
+    is allocated for it, and so is every later request of its sender: the rest of that
+    sender's stream can no longer be told apart from the bad request's payload.
+    ``on_bad_request`` is told why, once per sender (the front then rebuilds the pool);
+    other senders go on being served."""
+    progress = progress or Progress()
+    drops = DropLog(plane.names[plane.rank], "FFN request(s)")
+    bad_senders: set[int] = set()
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     in_flight: deque[tuple[torch.Tensor, Work]] = deque()  # results' sends, oldest first
+
+    def take(src: int) -> _Request | None:
+        """The request whose header just came from ``src``, or None if it is dropped."""
+        fields = header.tolist()
+        if src in bad_senders:
+            drops.drop(f"from {plane.names[src]}, after a malformed one")
+            return None
+        why = limits.check(src, fields)
+        if why is None:
+            with progress.waiting():  # each receive has its deadline: not a stall
+                req = _receive(plane, src, fields, hidden_size, dtype, device, timeout_s,
+                               tracer)
+            if req.topk_ids is not None:
+                why = limits.check_expert_ids(req.topk_ids)
+            if why is None:
+                return req
+        bad_senders.add(src)
+        drops.drop(f"malformed, from {plane.names[src]}")
+        if on_bad_request is not None:
+            on_bad_request(f"malformed FFN request from {plane.names[src]}: {why}")
+        return None
+
     while True:
-        src = plane.recv_any(header, HEADER_TAG)
-        queued = [_receive(plane, src, header, hidden_size, dtype, device, timeout_s, tracer)]
-        while (more := plane.poll_any(header, HEADER_TAG)) is not None:
-            queued.append(_receive(plane, more, header, hidden_size, dtype, device, timeout_s,
-                                   tracer))
+        progress.state = IDLE
+        src: int | None = plane.recv_any(header, HEADER_TAG)
+        progress.state = BUSY
+        queued: list[_Request] = []
+        while src is not None:
+            if (req := take(src)) is not None:
+                queued.append(req)
+            src = plane.poll_any(header, HEADER_TAG)
         for batch in _by_layer(queued):
             for partial, req in _compute(shards, num_layers, batch, tracer):
                 in_flight.append(
                     (partial, plane.isend(partial, req.src, RESULT_TAG + req.micro_batch))
                 )
-        retire_sends(in_flight, timeout_s)
+            progress.tick()
+        with progress.waiting():  # bounded by the deadline
+            retire_sends(in_flight, timeout_s)
 
 
 def _by_layer(requests: list[_Request]) -> list[list[_Request]]:
@@ -167,16 +216,36 @@ def retire_sends(in_flight: deque[tuple[torch.Tensor, Work]], timeout_s: float) 
         wait(in_flight.popleft()[1], time.monotonic() + timeout_s, "sending an FFN result")
 
 
-def main(argv: list[str]) -> int:
+def request_limits(cfg: WorkerConfig, shards: list[torch.nn.Module], num_layers: int,
+                   top_k: int, num_experts: int) -> RequestLimits:
+    """The bounds of the requests this worker serves (see ``ffn_requests.py``)."""
+    sched = cfg.engine.scheduler
+    return RequestLimits(
+        num_attention=cfg.afd.attention_workers,
+        micro_batches=cfg.afd.micro_batches,
+        max_tokens=sched.max_num_batched_tokens,
+        # Every sampled row is one of the step's tokens.
+        max_head_rows=min(sched.max_num_seqs, sched.max_num_batched_tokens),
+        top_k=[top_k if isinstance(shard, MoEShard) else 0 for shard in shards],
+        num_layers=num_layers,
+        num_experts=num_experts,
+    )
+
+
+def main(argv: list[str], secret: bytes | None = None) -> int:
+    """Run the worker ``argv[0]`` (its ``WorkerConfig`` as JSON) describes; the pool's
+    secret is ``secret``, or read from stdin."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the front decides when workers stop
     cfg = msgspec.json.decode(argv[0], type=WorkerConfig)
+    if secret is None:
+        secret = read_secret(sys.stdin)
     ctx = zmq.Context()
-    front = ctx.socket(zmq.PUSH)
-    front.connect(cfg.front_address)
-    encoder = msgspec.msgpack.Encoder()
+    front = SealedPush(ctx.socket(zmq.PUSH), FrameWriter(
+        secret, cfg.generation, worker_sender(cfg.rank, MAIN_CHANNEL), cfg.frame_limit_bytes))
+    front.sock.connect(cfg.front_address)
     tracer = Tracer(cfg.afd.trace_path is not None)
-    stop_beating = start_heartbeat(ctx, cfg.front_address, cfg.name,
-                                   cfg.afd.heartbeat_interval_s, cfg.parent_pid, tracer)
+    progress = Progress(cfg.name)
+    stop_beating = start_heartbeat(ctx, cfg, secret, progress, tracer)
     try:
         platform = get_platform(cfg.engine.device)
         platform.prepare_process()
@@ -200,21 +269,27 @@ def main(argv: list[str]) -> int:
         del model
         for shard in shards:
             pack_linears(shard)  # after sharding, which slices the plain weights
+        limits = request_limits(cfg, shards, spec.num_layers, moe.top_k if moe else 0,
+                                moe.num_experts if moe else 0)
         plane = open_plane(cfg, platform.dist_backend, spec.hidden_size, dtype.itemsize,
                            moe.top_k if moe else 0, spec.vocab_size)
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
-        front.send(encoder.encode(StartupFailed(cfg.name, text)))
+        front.send(StartupFailed(cfg.name, text))
         front.close(linger=2000)
         return 1
-    front.send(encoder.encode(Ready(cfg.name, os.getpid())))
+    front.send(Ready(cfg.name, os.getpid()))
+
+    def report_bad_request(why: str) -> None:
+        front.send(StepFailed(cfg.name, why))
+
     try:
         serve(plane, list(shards), spec.num_layers, spec.hidden_size, dtype, platform.device,
-              cfg.afd.transfer_timeout_s, tracer)
+              cfg.afd.transfer_timeout_s, tracer, limits, progress, report_bad_request)
     except TransferError:
         # A peer died or stalled (or the pool is shutting down: attention workers exit first);
         # the front rebuilds the pool if it is still running. Ship the last spans first.
-        front.send(encoder.encode(Heartbeat(cfg.name, tracer.take(), time.time())))
+        front.send(Heartbeat(cfg.name, tracer.take(), time.time(), progress.count, IDLE))
         stop_beating.set()
         front.close(linger=1000)
         ctx.term()  # delivers that last message (within the linger) before the process ends

@@ -7,11 +7,15 @@ the fewest unfinished requests (then the most free KV blocks), and merges the wo
 reports. Attention workers step independently; ``step`` returns whatever they reported since
 the last call, blocking until something arrives.
 
-Failures: a worker that exits, reports a failed transfer, or sends no heartbeat for
-``failure_detect_s`` fails the pool. Every unfinished request then ends at once with
+Failures: a worker that exits, reports a failed transfer, sends no heartbeat for
+``failure_detect_s``, or makes no progress for that long while it has work (its heartbeat
+goes on but its main loop is stuck; see ``progress.py``) fails the pool. Every unfinished request then ends at once with
 ``finish_reason="error"`` (its tokens so far and the reason in ``CompletionOutput.error``),
 the pool is killed (which frees all KV blocks) and a new generation is started on a fresh
 port; new requests succeed once it is up.
+
+Control messages travel as sealed frames (``frames.py``) under a secret drawn here per pool:
+anything else reaching the front's socket is dropped.
 """
 
 from __future__ import annotations
@@ -24,10 +28,18 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
 import zmq
 
-from tessera.afd.launcher import Pool, WorkerStartupError, bind_front, start_pool
+from tessera.afd.frames import (
+    FRONT_SENDER,
+    FrameReader,
+    FrameTooLarge,
+    FrameWriter,
+    SealedPush,
+    frame_limit_bytes,
+    new_secret,
+)
+from tessera.afd.launcher import Pool, PoolLink, WorkerStartupError, bind_front, start_pool
 from tessera.afd.messages import (
     AbortRequests,
     AddRequest,
@@ -40,6 +52,7 @@ from tessera.afd.messages import (
     StepReport,
     WorkerStats,
 )
+from tessera.afd.progress import ProgressWatch
 from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
@@ -90,10 +103,13 @@ class AFDEngine:
         self.num_recoveries = 0
         self.last_failure: str | None = None
         self._ipc_dir = tempfile.mkdtemp(prefix="tessera-afd-")
+        self._secret = new_secret()
+        self._frame_limit_bytes = frame_limit_bytes(
+            config.max_model_len or self.spec.max_position_embeddings)
         self._ctx = zmq.Context()
         self._pull = self._ctx.socket(zmq.PULL)
-        self._decoder = msgspec.msgpack.Decoder(FrontInput)
-        self._encoder = msgspec.msgpack.Encoder()
+        self._pull.setsockopt(zmq.MAXMSGSIZE, self._frame_limit_bytes)
+        self._reader = FrameReader(self._secret, FrontInput, -1, "front", from_front=False)
         self._trace_events: list[dict] = []
         self._generation = -1
         self._pool: Pool | None = None
@@ -103,7 +119,8 @@ class AFDEngine:
         self._starting = self._broken = False
         self._totals = WorkerStats()  # counters of earlier pool generations
         try:
-            self._front_address = bind_front(self._pull, self.afd, self._ipc_dir)
+            self._link = PoolLink(bind_front(self._pull, self.afd, self._ipc_dir),
+                                  self._ipc_dir, self._secret, self._frame_limit_bytes)
             self._spawn_pool()
             try:
                 self._await_pool()
@@ -121,20 +138,21 @@ class AFDEngine:
     def _spawn_pool(self) -> None:
         """Start the next generation's processes; ``_await_pool`` waits until they are up."""
         self._generation += 1
+        self._reader.set_generation(self._generation)
         try:
-            pool = start_pool(self.config, self.afd, self._generation, self._front_address,
-                              self._ipc_dir)
+            pool = start_pool(self.config, self.afd, self._generation, self._link)
         except WorkerStartupError:
             self._broken = True  # the next _await_pool tries again and raises to its caller
             raise
         self._pool = pool
-        self._pushes: dict[str, zmq.Socket] = {}
+        self._pushes: dict[str, SealedPush] = {}
         for cfg in pool.attention:
             sock = self._ctx.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, 0)
             assert cfg.input_address is not None
             sock.connect(cfg.input_address)
-            self._pushes[cfg.name] = sock
+            self._pushes[cfg.name] = SealedPush(sock, FrameWriter(
+                self._secret, self._generation, FRONT_SENDER, self._frame_limit_bytes))
         self._ranks = {cfg.name: cfg.rank for cfg in pool.configs}
         self._stats = {name: WorkerStats() for name in self._pushes}
         self._load = dict.fromkeys(self._pushes, 0)
@@ -163,9 +181,9 @@ class AFDEngine:
         deadline = time.monotonic() + self.afd.startup_timeout_s
         while pending:
             if self._pull.poll(100):
-                msg = self._decoder.decode(self._pull.recv())
-                if msg.worker not in self._ranks:
-                    continue  # an older generation
+                msg = self._recv()
+                if msg is None or msg.worker not in self._ranks:
+                    continue  # dropped, or an older generation's
                 if isinstance(msg, StartupFailed):
                     pool.kill()
                     raise WorkerStartupError(f"{msg.worker.split('.')[0]}: {msg.message}")
@@ -183,6 +201,7 @@ class AFDEngine:
                 )
         now = time.monotonic()
         self._last_seen = dict.fromkeys(self._ranks, now)
+        self._progress = ProgressWatch(list(self._ranks), self.afd.failure_detect_s, now)
         self.runtime = RuntimeInfo(
             num_kv_blocks=sum(r.num_kv_blocks for r in limits),
             max_model_len=min(r.max_model_len for r in limits),
@@ -203,7 +222,17 @@ class AFDEngine:
         for name, seen in self._last_seen.items():
             if now - seen > self.afd.failure_detect_s:
                 return f"worker {name.split('.')[0]} sent no heartbeat for {now - seen:.1f} s"
+        for name in self._ranks:
+            stalled_s = self._progress.stalled_s(name, self._load.get(name, 0) > 0, now)
+            if stalled_s is not None:
+                return (f"worker {name.split('.')[0]} made no progress for {stalled_s:.1f} s "
+                        "with work pending (its main loop is stuck)")
         return None
+
+    def _recv(self) -> Any | None:
+        """The next message on the front's socket (there must be one), or None if it is
+        dropped: not a sealed frame of this pool (logged by the reader)."""
+        return self._reader.open(self._pull.recv())
 
     def _late_report(self, result: StepOutput) -> str | None:
         """A failure some worker reports within ``_LATE_REPORT_S``, if any."""
@@ -211,7 +240,7 @@ class AFDEngine:
         while (left_s := deadline - time.monotonic()) > 0:
             if not self._pull.poll(int(left_s * 1000) + 1):
                 break
-            failure = self._handle(self._decoder.decode(self._pull.recv()), result)
+            failure = self._handle(self._recv(), result)
             if failure is not None:
                 return failure
         return None
@@ -225,10 +254,17 @@ class AFDEngine:
         assert self._pool is not None
         self._pool.kill()
         self._totals = self._sum_stats()
+        self._stats = {name: WorkerStats() for name in self._stats}
         message = f"worker pool failed: {reason}"
         for request_id, req in self.requests.items():
             result.finished.append(self._error_output(request_id, req, message))
         self.requests.clear()
+        if self.afd.ray_address is not None:
+            # Placing Ray actors takes as long as the cluster needs (bounded by the
+            # placement and startup timeouts): leave it to the next request rather than
+            # hold the failed requests' errors, and this engine, until then.
+            self._broken = True
+            return result
         with contextlib.suppress(WorkerStartupError):  # reported to the next request
             self._spawn_pool()
         return result
@@ -271,7 +307,12 @@ class AFDEngine:
             self._check_idle_pool()
         check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
         worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
-        self._pushes[worker].send(self._encoder.encode(AddRequest(request_id, text, ids, params)))
+        try:
+            self._pushes[worker].send(AddRequest(request_id, text, ids, params))
+        except FrameTooLarge as e:
+            raise ValueError(f"request too large for the worker pool: {e}") from e
+        if self._load[worker] == 0:
+            self._progress.progressed(worker, time.monotonic())  # its clock starts now
         self._load[worker] += 1
         self.requests[request_id] = _Request(worker, text, ids, params)
 
@@ -280,7 +321,7 @@ class AFDEngine:
         if req is None:
             return False
         self._load[req.worker] -= 1
-        self._pushes[req.worker].send(self._encoder.encode(AbortRequests([request_id])))
+        self._pushes[req.worker].send(AbortRequests([request_id]))
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -299,7 +340,7 @@ class AFDEngine:
         if self._starting or self._broken:
             return  # Ready messages are for _wait_ready
         while self._pull.poll(0):
-            failure = self._handle(self._decoder.decode(self._pull.recv()), self._pending)
+            failure = self._handle(self._recv(), self._pending)
             self._pending_failure = self._pending_failure or failure
 
     def step_with_deltas(self) -> StepOutput:
@@ -314,18 +355,24 @@ class AFDEngine:
             timeout = 0 if (result.deltas or result.finished or not self.requests) else poll_ms
             while self._pull.poll(timeout):
                 timeout = 0
-                failure = self._handle(self._decoder.decode(self._pull.recv()), result) or failure
+                failure = self._handle(self._recv(), result) or failure
             failure = failure or self._health(result)
             if failure is not None:
                 return self._recover(failure, result)
             if result.deltas or result.finished or not self.requests:
                 return result
 
-    def _handle(self, msg: Any, result: StepOutput) -> str | None:
+    def _handle(self, msg: Any | None, result: StepOutput) -> str | None:
         """Apply one message of a running pool; returns a failure reason, if it reports one."""
-        if msg.worker not in self._ranks:
-            return None  # an older generation
-        self._last_seen[msg.worker] = time.monotonic()
+        if msg is None or msg.worker not in self._ranks:
+            return None  # dropped, or an older generation's
+        now = time.monotonic()
+        self._last_seen[msg.worker] = now
+        if isinstance(msg, Heartbeat):
+            self._progress.beat(msg.worker, msg.progress, msg.state,
+                                self._load.get(msg.worker, 0) > 0, now)
+        if isinstance(msg, StepReport):
+            self._progress.progressed(msg.worker, now)
         if isinstance(msg, Heartbeat | StepReport):
             self._add_spans(msg.worker, msg.spans)
         if isinstance(msg, StepFailed):
@@ -394,9 +441,9 @@ class AFDEngine:
             return
         self._closed = True
         if self._pool is not None:
-            for sock in self._pushes.values():
+            for push in self._pushes.values():
                 with contextlib.suppress(zmq.ZMQError):
-                    sock.send(self._encoder.encode(Shutdown()), zmq.NOBLOCK)
+                    push.send(Shutdown(), zmq.NOBLOCK)
             if self.afd.trace_path is not None:
                 # FFN workers ship spans with heartbeats: wait for one sent after this point
                 # from each (an earlier one may predate their last spans).
@@ -406,7 +453,7 @@ class AFDEngine:
                 while quiet and time.monotonic() < end:
                     if not self._pull.poll(50):
                         continue
-                    msg = self._decoder.decode(self._pull.recv())
+                    msg = self._recv()
                     if isinstance(msg, Heartbeat | StepReport) and msg.worker in self._ranks:
                         self._add_spans(msg.worker, msg.spans)
                         if isinstance(msg, Heartbeat) and msg.sent_s >= since_s:

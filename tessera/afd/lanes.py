@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from tessera.afd.attention_runner import AttentionRunner, Pending, StepResult
 from tessera.afd.messages import WorkerStats
+from tessera.afd.progress import Progress
 from tessera.engine.llm_engine import LLMEngine
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
 from tessera.outputs import StepOutput
@@ -56,7 +57,10 @@ class _Lane:
 class Lanes:
     """Drive ``num_lanes`` lanes over one attention worker's engine."""
 
-    def __init__(self, engine: LLMEngine, num_lanes: int) -> None:
+    def __init__(self, engine: LLMEngine, num_lanes: int,
+                 progress: Progress | None = None) -> None:
+        """``progress`` counts each resumed lane (a layer, or a step's end) for the
+        heartbeat's stall detection."""
         runner = engine.runner
         assert isinstance(runner, AttentionRunner)
         self.engine = engine
@@ -67,6 +71,7 @@ class Lanes:
         self.lane_of: dict[str, int] = {}
         """Lane of every unfinished request."""
         self._num_sent = 0
+        self.progress = progress or Progress()
 
     # ----------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
@@ -131,6 +136,7 @@ class Lanes:
         except StopIteration as done:
             lane.pending = None
             ended.append(self._end_step(lane, done.value))
+        self.progress.tick()
 
     def _end_step(self, lane: _Lane, result: StepResult) -> StepOutput:
         out = lane.out

@@ -5,16 +5,19 @@ actors across hosts (``ray_launcher.py``) when ``AFDConfig.ray_address`` is set.
 pool is started from the same ``WorkerConfig`` per worker, running the same worker main.
 
 Each worker is ``python -m tessera.afd.{attention,ffn}_worker CONFIG_JSON`` in its own session
-(so a terminal's Ctrl-C reaches only the front, which then stops them in order). Workers are
-killed on every exit path: ``kill()``, an ``atexit`` hook for pools still alive, and each
-worker's own parent-death check (see ``heartbeat.py``), which covers a front killed by SIGKILL.
-A pool is never repaired in place: after a failure the front kills it and starts a new
-generation on a fresh rendezvous port.
+(so a terminal's Ctrl-C reaches only the front, which then stops them in order), with the
+pool's control-frame secret written to its stdin (a command line is visible to every user).
+Workers are killed on every exit path: ``kill()``, an ``atexit`` hook for pools still alive,
+and each worker's own parent-death check (see ``heartbeat.py``), which covers a front killed
+by SIGKILL. ``kill()`` also removes the generation's files (the shared-memory plane, the
+workers' ipc sockets), which a killed worker cannot. A pool is never repaired in place: after
+a failure the front kills it and starts a new generation on a fresh rendezvous port.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import socket
@@ -22,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import weakref
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
@@ -58,7 +62,8 @@ class Pool(Protocol):
 def bind_front(sock: zmq.Socket, afd: AFDConfig, ipc_dir: str) -> str:
     """Bind the front's PULL socket where every worker can reach it; returns its address.
     Local workers use an ipc socket; Ray workers, on any node, a TCP port on this node's IP
-    (this connects to the Ray cluster first: WorkerStartupError if that fails)."""
+    (this connects to the Ray cluster first: WorkerStartupError if that fails). Only that
+    interface: never all of them."""
     if afd.ray_address is None:
         address = f"ipc://{ipc_dir}/front"
         sock.bind(address)
@@ -70,15 +75,26 @@ def bind_front(sock: zmq.Socket, afd: AFDConfig, ipc_dir: str) -> str:
     return f"tcp://{ip}:{port}"
 
 
-def start_pool(engine: EngineConfig, afd: AFDConfig, generation: int, front_address: str,
-               ipc_dir: str) -> Pool:
+@dataclass(frozen=True)
+class PoolLink:
+    """How a pool's workers reach their front: the same for every generation."""
+
+    front_address: str
+    ipc_dir: str
+    """The front's directory of ipc sockets (local workers' inputs live there too)."""
+    secret: bytes = field(repr=False)
+    """Seals every control frame (``frames.py``); never on a command line."""
+    frame_limit_bytes: int
+
+
+def start_pool(engine: EngineConfig, afd: AFDConfig, generation: int, link: PoolLink) -> Pool:
     """Start generation ``generation`` of the pool: Ray actors if ``afd.ray_address`` is set,
     else local processes. Returns once every worker is started (not yet ready)."""
     if afd.ray_address is None:
-        return WorkerPool(engine, afd, generation, front_address, ipc_dir)
+        return WorkerPool(engine, afd, generation, link)
     from tessera.afd.ray_launcher import RayWorkerPool
 
-    return RayWorkerPool(engine, afd, generation, front_address)
+    return RayWorkerPool(engine, afd, generation, link)
 
 
 def use_shm_plane(engine: EngineConfig, afd: AFDConfig) -> bool:
@@ -103,7 +119,7 @@ class WorkerPool:
     """The local processes of one pool generation: attention ranks first, then FFN ranks."""
 
     def __init__(self, engine: EngineConfig, afd: AFDConfig, generation: int,
-                 front_address: str, ipc_dir: str) -> None:
+                 link: PoolLink) -> None:
         port = afd.master_port if afd.master_port is not None and generation == 0 else free_port()
         # A fresh directory per generation for the shared-memory plane, removed with the pool.
         self.plane_dir = (
@@ -122,20 +138,27 @@ class WorkerPool:
                 engine=engine,
                 afd=afd,
                 master_port=port,
-                front_address=front_address,
-                input_address=f"ipc://{ipc_dir}/attn{index}.g{generation}" if attention else None,
+                front_address=link.front_address,
+                input_address=(f"ipc://{link.ipc_dir}/attn{index}.g{generation}" if attention
+                               else None),
                 parent_pid=os.getpid(),
                 plane_dir=self.plane_dir,
+                ipc_dir=link.ipc_dir,
+                frame_limit_bytes=link.frame_limit_bytes,
             ))
         self.procs: dict[str, subprocess.Popen] = {}
         _live_pools.add(self)
         try:
             for cfg in self.configs:
                 module = f"tessera.afd.{cfg.role}_worker"
-                self.procs[cfg.name] = subprocess.Popen(
+                proc = subprocess.Popen(
                     [sys.executable, "-m", module, msgspec.json.encode(cfg).decode()],
-                    start_new_session=True,
+                    start_new_session=True, stdin=subprocess.PIPE,
                 )
+                self.procs[cfg.name] = proc
+                assert proc.stdin is not None
+                with contextlib.suppress(BrokenPipeError), proc.stdin:
+                    proc.stdin.write(link.secret.hex().encode() + b"\n")
         except BaseException:
             self.kill()  # none of a half-started pool may outlive this
             raise
@@ -160,8 +183,13 @@ class WorkerPool:
                 proc.kill()
         for proc in self.procs.values():
             proc.wait()
+        # What the workers leave behind when killed: the plane's files, their ipc sockets.
         if self.plane_dir is not None:
             shutil.rmtree(self.plane_dir, ignore_errors=True)
+        for cfg in self.attention:
+            assert cfg.input_address is not None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cfg.input_address.removeprefix("ipc://"))
         _live_pools.discard(self)
 
 

@@ -18,7 +18,8 @@ from tessera.sampling_params import SamplingParams
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):
-    """Everything a worker process is started with (passed as JSON on its command line)."""
+    """Everything a worker process is started with (passed as JSON on its command line, so
+    nothing secret: the pool's control-frame secret travels apart, see ``frames.py``)."""
 
     role: str  # "attention" or "ffn"
     index: int  # among workers of its role
@@ -31,7 +32,11 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     input_address: str | None  # attention workers only
     parent_pid: int  # 0: no parent to watch (a Ray actor; Ray ends it with its owner)
     master_addr: str = "127.0.0.1"  # data-plane rendezvous: the host of rank 0
+    host_addr: str = "127.0.0.1"  # this worker's address: its data-plane sockets bind to it
     plane_dir: str | None = None  # the shared-memory data plane's directory; None: torch
+    ipc_dir: str | None = None  # the front's ipc sockets; a worker outliving the front removes it
+    frame_limit_bytes: int = 16 << 20  # largest control frame; the launcher sets it from the
+    # engine's limits (``frames.frame_limit_bytes``)
 
     @property
     def name(self) -> str:
@@ -105,6 +110,12 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
     sent_s: float = 0.0
     """Wall-clock send time: the front's shutdown waits for a beat sent after it began, which
     carries every span the worker recorded."""
+    progress: int = 0
+    """Units of work the worker's main loop has done (``progress.Progress``): a beating
+    worker whose count stands still while it has work is stalled."""
+    state: str = "idle"
+    """What the main loop does: ``idle`` (no work), ``busy`` (working) or ``waiting`` (on a
+    peer's transfer, which has its own deadline)."""
 
 
 FrontInput = Ready | StartupFailed | StepReport | StepFailed | Heartbeat

@@ -9,7 +9,9 @@ its node's IP (see ``launcher.bind_front``), so every node reaches every address
 
 Failures are handled as for local processes: an actor whose ``run`` call has ended (its
 process exited or died) is a worker that exited; ``kill`` ends every actor and removes the
-placement group, and a new generation starts afresh. Actors are owned by the front's
+placement group, and waits (bounded) until both are gone, so the next generation's group does
+not queue behind the resources of the last one. Every wait has a deadline and ends in an
+error that says what did not happen. Actors are owned by the front's
 process, so Ray ends them if the front dies. Ray is connected to once per process and the
 connection is kept (later engines reuse it); a Ray already initialised by the caller is used
 as it is.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import logging
 import os
 import socket
 import time
@@ -28,11 +31,15 @@ from typing import Any
 import msgspec
 
 from tessera.afd.config import AFDConfig
-from tessera.afd.launcher import WorkerStartupError, track, untrack
+from tessera.afd.launcher import PoolLink, WorkerStartupError, track, untrack
 from tessera.afd.messages import WorkerConfig
 from tessera.config import EngineConfig
 
 _HEALTH_CHECK_S = 0.1  # ray.wait per engine step would cost more than a step of a tiny model
+_RELEASE_TIMEOUT_S = 30.0
+"""Longest ``kill`` waits for the actors to die and the placement group to be removed."""
+
+logger = logging.getLogger(__name__)
 
 
 def _ray() -> Any:
@@ -92,19 +99,20 @@ class _WorkerActor:
         node_id = ray.get_runtime_context().get_node_id()
         return str(ray.util.get_node_ip_address()), str(node_id), os.getpid()
 
-    def free_ports(self, num_ports: int) -> list[int]:
-        """Distinct TCP ports free on this node now (all held until all are picked)."""
+    def free_ports(self, ip: str, num_ports: int) -> list[int]:
+        """Distinct TCP ports free on this node's ``ip`` now (all held until all are picked)."""
         with contextlib.ExitStack() as stack:
             socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                      for _ in range(num_ports)]
             for s in socks:
-                s.bind(("", 0))
+                s.bind((ip, 0))
             return [int(s.getsockname()[1]) for s in socks]
 
-    def run(self, role: str, config_json: str) -> int:
-        """The worker main, as ``python -m tessera.afd.{role}_worker`` would run it."""
+    def run(self, role: str, config_json: str, secret: bytes) -> int:
+        """The worker main, as ``python -m tessera.afd.{role}_worker`` would run it (the
+        secret comes as an argument: Ray ships it to this actor, not on a command line)."""
         module = importlib.import_module(f"tessera.afd.{role}_worker")
-        return int(module.main([config_json]))
+        return int(module.main([config_json], secret))
 
 
 def _brief(error: BaseException) -> str:
@@ -116,7 +124,7 @@ class RayWorkerPool:
     """The actors of one pool generation: attention ranks first, then FFN ranks."""
 
     def __init__(self, engine: EngineConfig, afd: AFDConfig, generation: int,
-                 front_address: str) -> None:
+                 link: PoolLink) -> None:
         assert afd.ray_address is not None
         ray = connect(afd.ray_address)
         from ray.util.placement_group import placement_group, remove_placement_group
@@ -154,10 +162,12 @@ class RayWorkerPool:
             actors = [self.actors[n] for n in names]
             # Where each actor landed, a rendezvous port on rank 0's node and an input port
             # on each attention worker's node.
-            places = self._get([a.where.remote() for a in actors], afd, names)
+            # One deadline for the actors to come up (their processes start on loaded nodes).
+            deadline_s = time.monotonic() + afd.startup_timeout_s
+            places = self._get([a.where.remote() for a in actors], afd, names, deadline_s)
             # Rank 0 needs two: its input and the rendezvous.
-            ports = self._get([a.free_ports.remote(2 if rank == 0 else 1)
-                               for rank, a in enumerate(actors)], afd, names)
+            ports = self._get([a.free_ports.remote(places[rank][0], 2 if rank == 0 else 1)
+                               for rank, a in enumerate(actors)], afd, names, deadline_s)
             for name, (_, node_id, pid) in zip(names, places, strict=True):
                 self.node_ids[name] = node_id
                 self.pids[name] = pid
@@ -174,14 +184,16 @@ class RayWorkerPool:
                     engine=engine,
                     afd=afd,
                     master_port=master_port,
-                    front_address=front_address,
+                    front_address=link.front_address,
                     input_address=f"tcp://{ip}:{ports[rank][0]}" if attention else None,
                     parent_pid=0,
                     master_addr=places[0][0],
+                    host_addr=ip,
+                    frame_limit_bytes=link.frame_limit_bytes,
                 ))
             for cfg in self.configs:
-                ref = self.actors[cfg.name].run.remote(cfg.role,
-                                                       msgspec.json.encode(cfg).decode())
+                ref = self.actors[cfg.name].run.remote(
+                    cfg.role, msgspec.json.encode(cfg).decode(), link.secret)
                 self._runs[ref] = cfg.name
         except BaseException:
             self.kill()  # no actor or placement group of a half-started pool may remain
@@ -196,12 +208,13 @@ class RayWorkerPool:
             return num_cpus, 1, dataclasses.replace(engine, device="cuda")
         return num_cpus, 0, engine
 
-    def _get(self, refs: list[Any], afd: AFDConfig, names: list[str]) -> list[Any]:
-        """Results of calls to freshly created actors; an actor that could not start is one
-        clear startup error."""
+    def _get(self, refs: list[Any], afd: AFDConfig, names: list[str],
+             deadline_s: float) -> list[Any]:
+        """Results of calls to freshly created actors, by ``deadline_s``; an actor that could
+        not start is one clear startup error."""
         ray = self._ray
         try:
-            return list(ray.get(refs, timeout=afd.startup_timeout_s))
+            return list(ray.get(refs, timeout=max(deadline_s - time.monotonic(), 0.0)))
         except ray.exceptions.GetTimeoutError as e:
             raise WorkerStartupError(
                 f"Ray actors did not start within {afd.startup_timeout_s:g} s"
@@ -239,23 +252,56 @@ class RayWorkerPool:
         return self._exited
 
     def kill(self) -> None:
-        """Kill every actor and remove the placement group; safe to call twice (and after
-        Ray itself has shut down)."""
+        """Kill every actor and remove the placement group, and wait until both are gone
+        (at most ``_RELEASE_TIMEOUT_S``): ``ray.kill`` and the group's removal only start
+        that, and a new generation asking for the same resources meanwhile (on a cluster
+        just big enough, all of them) would queue behind its own predecessor. Safe to call
+        twice (and after Ray itself has shut down)."""
         for actor in self.actors.values():
             with contextlib.suppress(Exception):
                 self._ray.kill(actor, no_restart=True)
         self.actors.clear()
-        if self._pg is not None:
+        pg, self._pg = self._pg, None
+        if pg is not None:
             with contextlib.suppress(Exception):
-                self._remove_placement_group(self._pg)
-            self._pg = None
+                self._remove_placement_group(pg)
+        runs, self._runs = list(self._runs), {}
         untrack(self)
+        left = self._await_release(runs, pg, time.monotonic() + _RELEASE_TIMEOUT_S)
+        if left:
+            logger.warning("Ray has not released %s %g s after the pool was killed; a new "
+                           "pool may wait for their resources", left, _RELEASE_TIMEOUT_S)
+
+    def _await_release(self, runs: list[Any], pg: Any, deadline_s: float) -> str | None:
+        """None once every actor's ``run`` has ended (each ends with its actor) and ``pg``
+        is removed; else what is still held at ``deadline_s``."""
+        ray = self._ray
+        try:
+            if runs:
+                _, pending = ray.wait(runs, num_returns=len(runs), fetch_local=False,
+                                      timeout=max(deadline_s - time.monotonic(), 0.0))
+                if pending:
+                    return f"{len(pending)} actor(s)"
+            while pg is not None and _pg_state(ray, pg) not in ("REMOVED", None):
+                if time.monotonic() > deadline_s:
+                    return "the placement group"
+                time.sleep(0.05)
+        except Exception:  # noqa: BLE001 - Ray shut down: nothing is held any more
+            return None
+        return None
 
 
 def _name(rank: int, afd: AFDConfig, generation: int) -> str:
     attention = rank < afd.attention_workers
     index = rank if attention else rank - afd.attention_workers
     return f"{'attn' if attention else 'ffn'}{index}.g{generation}"
+
+
+def _pg_state(ray: Any, pg: Any) -> str | None:
+    """The placement group's state in the GCS (``CREATED``, ``REMOVED``, ...), None if the
+    GCS does not know it."""
+    table = ray.util.placement_group_table(pg)
+    return table.get("state") if table else None
 
 
 def _free(ray: Any) -> dict[str, float]:

@@ -27,6 +27,7 @@ from tessera.afd.dataplane import (
     Work,
     wait,
 )
+from tessera.afd.progress import Progress
 from tessera.afd.trace import Tracer
 
 
@@ -43,6 +44,7 @@ class PendingFFN:
     layer_id: int = 0
     micro_batch: int = 0
     start_us: int = 0
+    progress: Progress = field(default_factory=Progress)
 
     def ready(self) -> bool:
         """Whether every partial has arrived (``wait`` would not block on them). Always False
@@ -55,16 +57,17 @@ class PendingFFN:
         """The residual stream after this FFN: residual + sum of the partials. [T, D]"""
         wait_start = tracer.now_us()
         total: torch.Tensor | None = None
-        for worker, partial, work, rows in self.results:
-            wait(work, deadline_s, f"FFN result of layer {self.layer_id} from {worker}")
-            if rows is None:
-                total = partial if total is None else total + partial
-            else:
-                if total is None:
-                    total = torch.zeros_like(self.residual)
-                total = total.index_add(0, rows, partial)
-        for worker, _, work in self.sends:
-            wait(work, deadline_s, f"FFN request of layer {self.layer_id} to {worker}")
+        with self.progress.waiting():  # each wait has its deadline: not a stall
+            for worker, partial, work, rows in self.results:
+                wait(work, deadline_s, f"FFN result of layer {self.layer_id} from {worker}")
+                if rows is None:
+                    total = partial if total is None else total + partial
+                else:
+                    if total is None:
+                        total = torch.zeros_like(self.residual)
+                    total = total.index_add(0, rows, partial)
+            for worker, _, work in self.sends:
+                wait(work, deadline_s, f"FFN request of layer {self.layer_id} to {worker}")
         end = tracer.now_us()
         args = {"layer": self.layer_id, "micro_batch": self.micro_batch}
         tracer.add(f"ffn L{self.layer_id} mb{self.micro_batch}", "send", self.start_us, end, args)
@@ -83,6 +86,7 @@ class PendingHead:
     sends: list[tuple[str, torch.Tensor, Work]]
     micro_batch: int
     start_us: int
+    progress: Progress = field(default_factory=Progress)
 
     def ready(self) -> bool:
         """Whether every logit slice has arrived."""
@@ -91,10 +95,11 @@ class PendingHead:
     def wait(self, deadline_s: float, tracer: Tracer) -> list[torch.Tensor]:
         """The logit slices [S, V_f], in vocabulary order (the model's dtype)."""
         wait_start = tracer.now_us()
-        for worker, _, work in self.results:
-            wait(work, deadline_s, f"LM head logits from {worker}")
-        for worker, _, work in self.sends:
-            wait(work, deadline_s, f"LM head request to {worker}")
+        with self.progress.waiting():  # each wait has its deadline: not a stall
+            for worker, _, work in self.results:
+                wait(work, deadline_s, f"LM head logits from {worker}")
+            for worker, _, work in self.sends:
+                wait(work, deadline_s, f"LM head request to {worker}")
         end = tracer.now_us()
         args = {"micro_batch": self.micro_batch}
         tracer.add(f"head mb{self.micro_batch}", "send", self.start_us, end, args)
@@ -107,19 +112,21 @@ class RemoteFFN:
 
     def __init__(self, plane: Plane, ffn_ranks: list[int], tracer: Tracer,
                  expert_owners: torch.Tensor | None = None,
-                 head_cols: list[int] | None = None) -> None:
+                 head_cols: list[int] | None = None, progress: Progress | None = None) -> None:
         self.plane = plane
         self.ffn_ranks = ffn_ranks
         self.tracer = tracer
         self.expert_owners = expert_owners  # [E] FFN worker index per expert (MoE models)
         self.head_cols = head_cols or [0] * len(ffn_ranks)
         """Vocabulary rows of the LM head on each FFN worker (0: none)."""
+        self.progress = progress or Progress()
+        """The worker's main-loop progress: waits for results are marked as waiting."""
 
     def submit_head(self, head_id: int, micro_batch: int, normed: torch.Tensor) -> PendingHead:
         """Start the FFN workers' slices of the LM head over the final-normed rows to sample
         ``normed`` [S, D], S > 0. ``head_id`` (the number of layers) marks the request as the
         head's; workers holding no rows of it are skipped."""
-        pending = PendingHead([], [], micro_batch, self.tracer.now_us())
+        pending = PendingHead([], [], micro_batch, self.tracer.now_us(), self.progress)
         normed = normed.contiguous()
         header = torch.tensor([self.plane.rank, head_id, micro_batch, normed.shape[0], 0],
                               dtype=torch.int64)
@@ -144,7 +151,7 @@ class RemoteFFN:
         weights (worker 0 gets all of them when ``all_tokens_to_first``: the shared expert)."""
         start = self.tracer.now_us()
         normed = normed.contiguous()
-        pending = PendingFFN(residual, [], [], layer_id, micro_batch, start)
+        pending = PendingFFN(residual, [], [], layer_id, micro_batch, start, self.progress)
         owners = None
         if topk_ids is not None:
             assert self.expert_owners is not None, "MoE routing without an expert placement"

@@ -8,14 +8,15 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def watchdog():
-    """Fail a hung test instead of hanging the suite (these tests drive worker processes)."""
+def watchdog(request):
+    """Fail a hung test instead of hanging the suite (these tests drive worker processes).
+    A module whose tests start several pools of slow-starting workers sets ``WATCHDOG_S``."""
 
     def on_alarm(signum, frame):
         raise TimeoutError("test exceeded its watchdog")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(120)
+    signal.alarm(getattr(request.module, "WATCHDOG_S", 120))
     yield
     signal.alarm(0)
     signal.signal(signal.SIGALRM, old)

@@ -19,6 +19,11 @@ ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
+# A pool start on one-CPU Ray nodes of a busy two-core machine took 1.5-4 minutes (actor
+# processes, then model loads): each start has explicit deadlines (STARTUP_S, the placement
+# timeout) that end in a clear error, and the watchdog leaves room for two starts.
+STARTUP_S = 240.0
+WATCHDOG_S = 600
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 PROMPTS = [[1, 2, 3], [7] * 11, [40, 41, 42, 43, 44]]
 
@@ -69,7 +74,8 @@ def test_multi_node_tokens_match_and_a_killed_worker_recovers(cluster, model_fac
     path, _ = model_factory("llama")
     reference = LLM(str(path), **COMMON).generate(PROMPTS, GREEDY, use_tqdm=False)
     afd = AFDConfig(attention_workers=1, ffn_workers=2, micro_batches=2,
-                    ray_address=cluster.address, heartbeat_interval_s=0.2, failure_detect_s=2.0)
+                    ray_address=cluster.address, heartbeat_interval_s=0.2, failure_detect_s=2.0,
+                    startup_timeout_s=STARTUP_S)
     llm = LLM(str(path), afd=afd, **COMMON)
     try:
         engine = llm.engine
@@ -88,14 +94,19 @@ def test_multi_node_tokens_match_and_a_killed_worker_recovers(cluster, model_fac
         engine.add_request("y", [9] * 7, long)
         while not any(d.request_id == "x" for d in engine.step_with_deltas().deltas):
             pass
+        old_group, old_runs = pool._pg, list(pool._runs)
         os.kill(pool.pids["ffn1.g0"], signal.SIGKILL)
         finished = []
         start = time.monotonic()
         while engine.has_unfinished_requests():
             finished += engine.step()
         # failure_detect_s is 2 s; the bound is the 10 s default because a Ray cluster of
-        # one-CPU nodes on a small, busy CI machine can starve the front for seconds.
+        # one-CPU nodes on a small, busy CI machine can starve the front for seconds. The
+        # errors do not wait for the new pool's actors to be placed.
         assert time.monotonic() - start < 10.0
+        # The old generation is gone before a new one asks for the same three CPUs.
+        assert ray.util.placement_group_table(old_group)["state"] == "REMOVED"
+        assert ray.wait(old_runs, num_returns=len(old_runs), timeout=0)[1] == []
         assert {o.request_id for o in finished} == {"x", "y"}
         for out in finished:
             assert out.outputs[0].finish_reason == "error"

@@ -156,6 +156,9 @@ class _QueuedPlane:
     """A data plane whose requests have all queued up before the FFN worker looks; it ends
     the serve loop (as a failed transfer would) once they are answered."""
 
+    rank = 2
+    names = ["attn0", "attn1", "ffn0"]
+
     def __init__(self, requests: list) -> None:
         from collections import deque
 
@@ -186,6 +189,17 @@ class _QueuedPlane:
         send = _GlooLikeSend()
         send.waited = True
         return send
+
+
+def _limits(model, shards, num_attention: int = 2, micro_batches: int = 2, max_tokens: int = 64):
+    from tessera.afd.ffn_requests import RequestLimits
+    from tessera.afd.ffn_shard import MoEShard
+
+    moe = [s for s in shards if isinstance(s, MoEShard)]
+    top_k = moe[0].unit.moe.top_k if moe else 0
+    return RequestLimits(num_attention, micro_batches, max_tokens, max_tokens,
+                         [top_k if isinstance(s, MoEShard) else 0 for s in shards],
+                         model.spec.num_layers, moe[0].unit.moe.num_experts if moe else 0)
 
 
 def test_ffn_worker_batches_queued_requests_of_a_layer(model_factory):
@@ -226,7 +240,7 @@ def test_ffn_worker_batches_queued_requests_of_a_layer(model_factory):
     plane = _QueuedPlane(requests)
     with pytest.raises(TransferError, match="no more requests"):
         serve(plane, shards, model.spec.num_layers, model.spec.hidden_size, torch.float32,
-              torch.device("cpu"), 1.0, Tracer(False))
+              torch.device("cpu"), 1.0, Tracer(False), _limits(model, shards))
     # One batch per layer over every request that had queued up, in first-arrival order.
     assert calls == [(0, 6), (1, 4)]
     # Each rank gets back its own rows, on its micro-batch's tag.
@@ -267,7 +281,12 @@ def test_attention_worker_reports_a_step_once_its_lane_has_moved_on():
     # when the worker would block, or after the next advance, never in between a step's end
     # and its lane's next FFN request; none is lost, and the order is kept.
     from tessera.afd.attention_worker import run
+    from tessera.afd.frames import FRONT_SENDER, FrameReader, FrameWriter, new_secret
+    from tessera.afd.messages import WorkerInput
+    from tessera.afd.progress import Progress
 
+    secret = new_secret()
+    writer = FrameWriter(secret, 0, FRONT_SENDER, 1 << 20)
     events: list[str] = []
     lanes = _ScriptedLanes(["end", "block", "end", "run", "end", "end"], events)
     ctx = zmq.Context()
@@ -276,11 +295,10 @@ def test_attention_worker_reports_a_step_once_its_lane_has_moved_on():
     feed.connect("inproc://inputs")
 
     class _Front:
-        def send(self, data: bytes) -> None:
-            report = msgspec.msgpack.decode(data, type=StepReport)
+        def send(self, report: StepReport) -> None:
             events.append(f"report {[d.token_id for d in report.deltas]}")
             if not lanes.has_work():
-                feed.send(msgspec.msgpack.encode(Shutdown()))
+                feed.send(writer.seal(Shutdown()))
 
     try:
         cfg = msgspec.json.decode(
@@ -289,7 +307,8 @@ def test_attention_worker_reports_a_step_once_its_lane_has_moved_on():
                                  "front_address": "ipc://x", "input_address": None,
                                  "parent_pid": 0}),
             type=WorkerConfig)
-        assert run(cfg, lanes, inputs, _Front(), Tracer(False)) == 0
+        reader = FrameReader(secret, WorkerInput, 0, "attn0", from_front=True)
+        assert run(cfg, lanes, inputs, reader, _Front(), Tracer(False), Progress()) == 0
     finally:
         inputs.close(linger=0)
         feed.close(linger=0)
