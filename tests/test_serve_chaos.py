@@ -154,3 +154,46 @@ def test_exit_on_engine_failure_exits_nonzero(model_dir):
         assert "exit-on-engine-failure" in stderr and "Traceback" not in stderr
     finally:
         srv.stop()
+
+
+def _shm_entries() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith("tessera")} if shm.is_dir() else set()
+
+
+def _descendants(pid: int) -> list[int]:
+    found, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        for task in Path(f"/proc/{p}/task").glob("*") if Path(f"/proc/{p}").exists() else []:
+            kids = [int(c) for c in (task / "children").read_text().split()]
+            found += kids
+            stack += kids
+    return found
+
+
+def test_killed_core_of_a_disaggregated_server_leaves_nothing_behind(model_dir, tmp_path):
+    before = _shm_entries()
+    srv = ServerProcess(model_dir, "--attention-workers", "1", "--ffn-workers", "1",
+                        env={"TMPDIR": str(tmp_path)})  # fmt: skip
+    try:
+        srv.wait_ready(timeout_s=300)
+        old = srv.current_core_pid()
+        assert old is not None
+        workers = [p for p in _descendants(old) if p != old]
+        assert len(workers) >= 2  # one attention and one FFN worker (and what they spawned)
+        pool_shm = _shm_entries() - before
+        assert pool_shm  # local CPU workers exchange hidden states in shared memory
+        stream = _Stream(srv)
+        assert stream.first.wait(120)
+        os.kill(old, signal.SIGKILL)
+        stream.join(60)
+        _assert_ended_with_error(stream)
+        # The orphaned workers notice their front is gone, clean up and exit.
+        _wait_for(lambda: not any(pid_alive(p) for p in workers), 60, "the old workers to exit")
+        _wait_for(lambda: not (pool_shm & _shm_entries()), 30, "the old pool's shared memory")
+        _assert_serves_again(srv, old)
+    finally:
+        srv.stop()
+    _wait_for(lambda: _shm_entries() <= before, 60, "the last pool's shared memory")
+    assert _socket_files(tmp_path) == []
