@@ -172,10 +172,27 @@ def test_hostile_request(server, name, path, body, status, fragment):
 
 
 def _raw_request(port: int, head: bytes, body: bytes = b"", timeout_s: float = 30.0) -> bytes:
-    """Send ``head`` (and part of a body) on a plain socket; return the response's first bytes."""
+    """Send ``head`` (and part of a body) on a plain socket; return the whole response (head
+    and body, which may come in separate segments)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as s:
         s.sendall(head + body)
-        return s.recv(65536)
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            chunk = s.recv(65536)
+            if not chunk:
+                return reply
+            reply += chunk
+        header, _, rest = reply.partition(b"\r\n\r\n")
+        length = 0
+        for line in header.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(rest) < length:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            rest += chunk
+        return header + b"\r\n\r\n" + rest
 
 
 def test_a_32_mb_body_gets_413_at_once(server):
