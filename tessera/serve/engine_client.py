@@ -199,11 +199,10 @@ class EngineClient:
     def _revive_tasks(self) -> None:
         """Start the reader and the watchdog, or restart whichever of them ended."""
         loops = (self._read_loop, self._watchdog)
-        if not self._tasks:
-            self._tasks = [self._supervised(loop()) for loop in loops]
+        old: list[asyncio.Task[None] | None] = [*self._tasks] or [None] * len(loops)
         self._tasks = [
-            self._supervised(loop()) if task.done() else task
-            for task, loop in zip(self._tasks, loops, strict=True)
+            task if task is not None and not task.done() else self._supervised(loop())
+            for task, loop in zip(old, loops, strict=True)
         ]
 
     async def _stop_tasks(self) -> None:

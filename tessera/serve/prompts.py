@@ -119,6 +119,15 @@ def _message_text(content: str | list[dict[str, Any]] | None) -> str:
     return "".join(parts)
 
 
+def server_template(tokenizer: Any) -> str | None:
+    """The chat template the server renders: the tokenizer's, or the one named "default" of a
+    tokenizer that ships several (which ``apply_chat_template`` picks too)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 def _apply_chat_template_params(tokenizer: Any) -> frozenset[str]:
     params = inspect.signature(tokenizer.apply_chat_template).parameters
     return frozenset(name for name, p in params.items() if p.kind is not p.VAR_KEYWORD)
@@ -154,8 +163,8 @@ def template_kwargs(kwargs: dict[str, Any] | None, tokenizer: Any) -> dict[str, 
     """
     if not kwargs:
         return {}
-    template = tokenizer.chat_template
-    if not isinstance(template, str):
+    template = server_template(tokenizer)
+    if template is None:
         return {}
     names = _template_variables(template)
     reserved = (
@@ -184,7 +193,7 @@ async def chat_prompt(
 ) -> list[int]:
     """Token ids of the chat rendered with the tokenizer's chat template."""
     tok = _require_tokenizer(tokenizer)
-    if not isinstance(getattr(tok, "chat_template", None), str):
+    if server_template(tok) is None:
         raise APIError(
             400,
             "this model has no chat template (tokenizer_config.json has no chat_template); "
