@@ -8,8 +8,8 @@ bodies (out-of-range numbers, NaN, broken or deeply nested JSON). The table repo
 server answered, by kind; anything a server should never do is counted apart: a 5xx, an
 error event inside a stream, a broken connection on a well-formed request, or a hang (no
 answer within ``--hang-s``). At the end, once idle, it reads the server's RSS (the whole
-process tree) against its RSS after warm-up, and the KV cache still in use (leaked blocks:
-must be 0).
+process tree) against its RSS after warm-up, the requests still running, and the KV cache
+still in use (leaked blocks: must be 0; llama-server publishes no KV metric).
 
     python benchmarks/soak.py [--minutes 20] [--clients 4] [--threads 2] [--skip-peer]
 """
@@ -200,12 +200,13 @@ def soak(name: str, command: list[str], args: argparse.Namespace, log: Any) -> d
             time.sleep(0.5)
         healthy = httpx.get(f"{base_url}/health", timeout=10).status_code == 200
         kv_in_use = _metric(base_url, KV_METRICS)
+        running = _metric(base_url, RUNNING_METRICS)
         rss_end = _tree_rss_bytes(proc.pid)
     finally:
         _stop(proc)
     return {"system": name, "counts": dict(tally.counts), "examples": tally.examples,
             "rss_start_mib": rss_start / 2**20, "rss_end_mib": rss_end / 2**20,
-            "kv_in_use": kv_in_use, "healthy": healthy}  # fmt: skip
+            "kv_in_use": kv_in_use, "running": running, "healthy": healthy}  # fmt: skip
 
 
 BAD_KINDS = ("HANG", "broken connection", "error event", "stream without [DONE]")
@@ -233,8 +234,10 @@ def format_table(rows: list[dict[str, Any]], minutes: float, clients: int) -> st
                  + "".join(f"{_num_bad(r['counts']):>16}" for r in rows))  # fmt: skip
     lines.append(f"{'RSS after warm-up / end (MiB)':<{width}}" + "".join(
         f"{r['rss_start_mib']:>9.0f} /{r['rss_end_mib']:>5.0f}" for r in rows))
-    kv = ["n/a" if r["kv_in_use"] is None else f"{r['kv_in_use']:.4f}" for r in rows]
-    lines.append(f"{'KV in use when idle':<{width}}" + "".join(f"{v:>16}" for v in kv))
+    for label, key, fmt in (("requests running when idle", "running", ".0f"),
+                            ("KV in use when idle", "kv_in_use", ".4f")):  # fmt: skip
+        values = ["n/a" if r[key] is None else format(r[key], fmt) for r in rows]
+        lines.append(f"{label:<{width}}" + "".join(f"{v:>16}" for v in values))
     lines.append(f"{'healthy at the end':<{width}}"
                  + "".join(f"{str(r['healthy']):>16}" for r in rows))  # fmt: skip
     return "\n".join(lines)
