@@ -136,12 +136,22 @@ def test_api_key_from_file_or_environment_and_metrics_behind_it(model_dir, tmp_p
         assert http.get(f"{srv.base_url}/health").status_code == 200
     finally:
         srv.stop()
-    srv = ServerProcess(model_dir, env={"TESSERA_API_KEY": "from-the-env"})
+    # No --served-model-name either: the model is served under its directory's name, shows no
+    # path, and still answers to the path it was started with.
+    srv = ServerProcess(model_dir, env={"TESSERA_API_KEY": "from-the-env"}, name=None)
     try:
         srv.wait_ready()
         assert http.get(f"{srv.base_url}/v1/models").status_code == 401
-        r = http.get(f"{srv.base_url}/v1/models", headers={"Authorization": "Bearer from-the-env"})
+        auth = {"Authorization": "Bearer from-the-env"}
+        r = http.get(f"{srv.base_url}/v1/models", headers=auth)
         assert r.status_code == 200
+        assert r.json()["data"][0]["id"] == model_dir.name and str(model_dir) not in r.text
+        for model in (model_dir.name, str(model_dir)):
+            body = {"model": model, "prompt": "hi", "max_tokens": 2}
+            assert http.post(f"{srv.base_url}/v1/completions", json=body,
+                             headers=auth).status_code == 200  # fmt: skip
+        r = http.post(f"{srv.base_url}/v1/completions", json=body | {"model": "x"}, headers=auth)
+        assert r.status_code == 404 and str(model_dir) not in r.text
         assert http.get(f"{srv.base_url}/metrics").status_code == 200  # open by default
     finally:
         srv.stop()

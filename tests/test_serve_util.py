@@ -65,14 +65,15 @@ class ServerProcess:
     """``tessera serve`` in a subprocess on a free port; ``stop()`` leaves nothing behind."""
 
     def __init__(
-        self, model: Path, *extra: str, name: str = "tiny", env: dict[str, str] | None = None
+        self, model: Path, *extra: str, name: str | None = "tiny",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.name = name
         cmd = [
             sys.executable, "-m", "tessera.cli", "serve", str(model),
-            "--port", str(self.port), "--served-model-name", name,
+            "--port", str(self.port), *(["--served-model-name", name] if name else []),
             "--dtype", "float32", "--device", "cpu", "--threads", "1",
             "--kv-cache-memory", str(16 << 20), *extra,
         ]  # fmt: skip

@@ -77,7 +77,7 @@ def build_app(state: ServerState) -> FastAPI:
 
     def check_model(model: str | None) -> None:
         name = config.served_model_name
-        if model is not None and model != name:
+        if model is not None and model != name and model not in config.model_aliases:
             raise APIError(
                 404,
                 f"the model {model!r} does not exist; this server serves {name!r}",

@@ -21,6 +21,9 @@ class ServeConfig:
 
     served_model_name: str
     """The model id clients send and ``/v1/models`` lists."""
+    model_aliases: tuple[str, ...] = ()
+    """Other ids requests may name this model by (the model path as given, when no name was
+    chosen); never shown."""
     max_num_seqs: int = 256
     """The engine's running limit (from the engine config); with ``max_waiting`` it bounds the
     sequences in flight."""

@@ -100,9 +100,12 @@ async def serve(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"{args.model!r} is not a model directory (no config.json)")
     engine_config = engine_config_from_args(args)
+    # Without a chosen name the model is served under its directory's name (the path is the
+    # operator's business) and still answers to the path as given.
     config = options_from_args(
         ServeConfig, args,
-        served_model_name=args.served_model_name or args.model,
+        served_model_name=args.served_model_name or model_dir.resolve().name,
+        model_aliases=() if args.served_model_name else (args.model,),
         api_key=resolve_api_key(args),
         max_num_seqs=args.max_num_seqs,
     )
