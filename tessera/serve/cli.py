@@ -23,7 +23,9 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     p.add_argument("model", help="Hugging Face model directory")
-    p.add_argument("--served-model-name", default=None, help="model id (default: the directory's name; requests may also name the path given)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id (default: the directory's name; requests may also name the "
+                   "path given)")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="read the API key from FILE (its first line)")
     add_options(p, ServeConfig)

@@ -57,18 +57,6 @@ def _too_long(what: str, num_chars: int, max_chars: int, param: str) -> APIError
     )
 
 
-def _check_text(text: str, max_chars: int, param: str, what: str = "prompt") -> None:
-    if len(text) > max_chars:
-        raise _too_long(what, len(text), max_chars, param)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise APIError(
-            400, f"the {what} is not valid Unicode: {e.reason} at position {e.start}",
-            param=param,
-        ) from e
-
-
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
     try:
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
@@ -97,7 +85,8 @@ async def completion_prompts(
     if texts:
         _require_tokenizer(tokenizer)
         for text in texts:
-            _check_text(text, max_chars, "prompt")
+            if len(text) > max_chars:
+                raise _too_long("prompt", len(text), max_chars, "prompt")
 
     def tokenize() -> list[list[int]]:
         return [
@@ -207,8 +196,6 @@ async def chat_prompt(
     num_chars = sum(len(m["content"]) + len(m["role"]) for m in messages)
     if num_chars > max_chars:
         raise _too_long("conversation", num_chars, max_chars, "messages")
-    for m in messages:
-        _check_text(m["content"], max_chars, "messages", "message")
     extra = template_kwargs(request.chat_template_kwargs, tok)
 
     def render_and_tokenize() -> list[int]:
@@ -225,7 +212,8 @@ async def chat_prompt(
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
         except Exception as e:
             raise APIError(400, "cannot apply the chat template", param="messages") from e
-        _check_text(text, max_chars, "messages", "rendered conversation")
+        if len(text) > max_chars:
+            raise _too_long("rendered conversation", len(text), max_chars, "messages")
         # The template already holds any special tokens (BOS); adding them again doubles them.
         return _encode(tok, text, add_special_tokens=False)
 
