@@ -56,7 +56,7 @@ from tessera.afd.progress import ProgressWatch
 from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
-from tessera.engine.llm_engine import check_prompt_ids
+from tessera.engine.sequence import check_prompt_ids
 from tessera.model.loader import read_config
 from tessera.model.moe_spec import moe_spec_from_config
 from tessera.model.spec import ModelConfigError, spec_from_config

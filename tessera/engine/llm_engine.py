@@ -27,7 +27,7 @@ from tessera.engine.detokenizer import (
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
-from tessera.engine.sequence import Sequence
+from tessera.engine.sequence import Sequence, check_prompt_ids
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput, TokenDelta
@@ -57,19 +57,6 @@ class Request:
     @property
     def finished(self) -> bool:
         return all(s.is_finished for s in self.seqs)
-
-
-def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
-    """Raise ValueError for an empty prompt, an unknown token or a prompt that leaves no room."""
-    if not ids:
-        raise ValueError("prompt is empty")
-    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
-        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
-    if len(ids) >= max_model_len:
-        raise ValueError(
-            f"prompt has {len(ids)} tokens; the maximum context length is {max_model_len} "
-            "(prompt plus at least one generated token)"
-        )
 
 
 class LLMEngine:

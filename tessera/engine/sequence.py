@@ -89,3 +89,16 @@ class Sequence:
             f"Sequence(id={self.seq_id}, req={self.request_id!r}, tokens={self.num_tokens}, "
             f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)}, {self.status.name})"
         )
+
+
+def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> None:
+    """Raise ValueError for an empty prompt, an unknown token or a prompt that leaves no room."""
+    if not ids:
+        raise ValueError("prompt is empty")
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be integers in [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"prompt has {len(ids)} tokens; the maximum context length is {max_model_len} "
+            "(prompt plus at least one generated token)"
+        )

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any, TypeVar
 
+from tessera.engine.sequence import check_prompt_ids
 from tessera.serve.errors import APIError
 from tessera.serve.openai_models import ChatCompletionRequest
 
@@ -222,16 +223,7 @@ async def chat_prompt(
 
 def check_prompt(ids: list[int], max_model_len: int, vocab_size: int) -> None:
     """The engine's own prompt checks, made before the request is sent (400, not 500)."""
-    if not ids:
-        raise APIError(400, "prompt is empty", param="prompt")
-    if any(isinstance(t, bool) or not 0 <= t < vocab_size for t in ids):
-        raise APIError(
-            400, f"prompt token ids must be integers in [0, {vocab_size})", param="prompt"
-        )
-    if len(ids) >= max_model_len:
-        raise APIError(
-            400,
-            f"prompt has {len(ids)} tokens; the maximum context length is {max_model_len} "
-            "(prompt plus at least one generated token)",
-            param="prompt",
-        )
+    try:
+        check_prompt_ids(ids, vocab_size, max_model_len)
+    except ValueError as e:
+        raise APIError(400, str(e), param="prompt") from None
