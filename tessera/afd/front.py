@@ -179,8 +179,11 @@ class AFDEngine:
         pending = set(self._ranks)
         limits: list[Ready] = []
         deadline = time.monotonic() + self.afd.startup_timeout_s
+        exited: str | None = None
         while pending:
-            if self._pull.poll(100):
+            # A worker that failed says why before it exits; once one has exited, the
+            # queue is read until quiet so its reason wins over the bare exit code.
+            if self._pull.poll(100 if exited is None else 1000):
                 msg = self._recv()
                 if msg is None or msg.worker not in self._ranks:
                     continue  # dropped, or an older generation's
@@ -192,13 +195,13 @@ class AFDEngine:
                     if msg.worker in self._pushes:
                         limits.append(msg)
                 continue
-            exited = pool.exited()
             if exited is not None or time.monotonic() > deadline:
                 pool.kill()
                 raise WorkerStartupError(
                     exited or f"workers {sorted(pending)} did not start within "
                     f"{self.afd.startup_timeout_s:g} s"
                 )
+            exited = pool.exited()
         now = time.monotonic()
         self._last_seen = dict.fromkeys(self._ranks, now)
         self._progress = ProgressWatch(list(self._ranks), self.afd.failure_detect_s, now)
