@@ -240,18 +240,12 @@ def make_random_model(arch: str, out_dir: str, **overrides: Any) -> str:
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from tessera.random_models import build_random_model
 
-    torch_dtype = getattr(torch, dtype)
-    config = AutoConfig.for_model(arch, **config_kwargs)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    model.generation_config.bos_token_id = BOS_ID
-    model.generation_config.eos_token_id = EOS_ID
-    model.generation_config.pad_token_id = EOS_ID
-    model.save_pretrained(str(out), safe_serialization=True)
-    del model
+    # The weights as tests build them; the tokenizer is this module's trained BPE.
+    build_random_model(arch, out, seed=seed, tokenizer=False, dtype=dtype,
+                       generation={"bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+                                   "pad_token_id": EOS_ID}, **config_kwargs)
 
     build_tokenizer(str(out), config_kwargs["vocab_size"], seed=seed)
     stamp_path.write_text(json.dumps(stamp, indent=2) + "\n")

@@ -57,7 +57,7 @@ def run(model_dir: str, prompts: list[list[int]], output_tokens: int, n_threads:
         "wall_s": wall_s,
         "requests_per_s": len(prompts) / wall_s,
         "output_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in outputs) / wall_s,
-        "hit_rate": stats["prefix_hit_tokens"] / max(1, stats["prefix_queried_tokens"]),
+        "hit_rate": stats.num_prefix_hit_tokens_total / max(1, stats.num_prefix_queried_tokens_total),
         "token_ids": [o.outputs[0].token_ids for o in outputs],
     }
 

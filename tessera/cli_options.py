@@ -16,11 +16,21 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def option(default: Any, help: str, flag: str | None = None, repr: bool = True) -> Any:
-    """A config field that is also a command-line option."""
+def option(default: Any, help: str, flag: str | None = None, repr: bool = True,
+           choices: tuple[str, ...] | None = None) -> Any:
+    """A config field that is also a command-line option. A boolean option whose default is
+    True needs a ``flag`` that turns it off (``--no-...``)."""
+    if default is True and flag is None:
+        raise TypeError("a boolean option that defaults to True needs a --no-... flag")
     return dataclasses.field(
-        default=default, repr=repr, metadata={"help": help, "flag": flag}
+        default=default, repr=repr,
+        metadata={"help": help, "flag": flag, "choices": choices},
     )
+
+
+def option_names(cls: type) -> list[str]:
+    """The names of ``cls``'s option fields."""
+    return [f.name for f in dataclasses.fields(cls) if "help" in f.metadata]
 
 
 def flag_of(cls: type, name: str) -> str:
@@ -41,22 +51,30 @@ def _scalar_type(hint: Any) -> type:
     return hint if isinstance(hint, type) else str
 
 
-def add_options(parser: argparse.ArgumentParser | Any, cls: type) -> None:
-    """Add a flag for every ``option`` field of ``cls`` to ``parser`` (or an argument group)."""
+def add_options(parser: argparse.ArgumentParser | Any, cls: type,
+                only_given: bool = False) -> None:
+    """Add a flag for every ``option`` field of ``cls`` to ``parser`` (or an argument group).
+    With ``only_given`` a flag left out sets nothing (``options_from_args`` then leaves the
+    field to the dataclass), so a caller can tell which options were given."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata:
             continue
         kind = _scalar_type(hints[f.name])
         flag = flag_of(cls, f.name)
+        default = argparse.SUPPRESS if only_given else f.default
         if kind is bool:
-            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+            action = "store_false" if f.default is True else "store_true"
+            parser.add_argument(flag, dest=f.name, action=action, default=default,
+                                help=f.metadata["help"])
         else:
-            shown = "" if f.default is None else f" (default {f.default})"
-            metavar = flag.lstrip("-").split("-")[-1].upper()
+            shown = ("" if f.default is None or "default" in f.metadata["help"]
+                     else f" (default {f.default})")
+            choices = f.metadata.get("choices")
+            metavar = None if choices else flag.lstrip("-").split("-")[-1].upper()
             parser.add_argument(
-                flag, dest=f.name, type=kind, default=f.default, metavar=metavar,
-                help=f.metadata["help"] + shown,
+                flag, dest=f.name, type=kind, default=default, metavar=metavar,
+                choices=choices, help=f.metadata["help"] + shown,
             )
 
 

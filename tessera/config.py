@@ -9,18 +9,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tessera.afd.config import AFDConfig
+from tessera.cli_options import option
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Limits of one scheduling step. Pure data: the scheduler imports no torch."""
 
-    max_num_seqs: int = 256
-    """Most sequences running at once (decoding or mid-prefill)."""
-    max_num_batched_tokens: int = 2048
-    """Token budget of one step, shared by decodes (1 token each) and prefill chunks."""
-    enable_chunked_prefill: bool = True
-    """Split long prompts over several steps; when off a prompt is prefilled in one step."""
+    max_num_seqs: int = option(256, "most sequences running at once (decoding or mid-prefill)")
+    max_num_batched_tokens: int = option(
+        2048, "token budget of one step, shared by decodes (1 token each) and prefill chunks")
+    enable_chunked_prefill: bool = option(
+        True, "do not split long prompts over several steps (each is prefilled in one step, "
+        "which caps the context length at --max-num-batched-tokens)",
+        flag="--no-chunked-prefill")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -41,26 +45,26 @@ class SchedulerConfig:
 class CacheConfig:
     """How the paged KV cache is sized and shared."""
 
-    block_size: int = 16
-    """Tokens per KV block."""
-    kv_cache_memory: int | None = None
-    """Bytes for the KV cache; None sizes it from ``kv_cache_memory_fraction``."""
-    kv_cache_memory_fraction: float | None = None
-    """Fraction of free device memory (after loading weights) for the KV cache when
-    ``kv_cache_memory`` is None; None means 0.25 on CPU and 0.8 on accelerators."""
-    enable_prefix_caching: bool = True
-    """Reuse KV blocks of identical prompt prefixes across requests."""
-    kv_cache_dtype: str = "auto"
-    """auto (the model's dtype), float32, bfloat16 or float16. A narrower cache than the model
-    holds twice the tokens and halves the bytes decode attention reads (llama.cpp's default is
-    an f16 cache); attention still computes in float32."""
+    block_size: int = option(16, "tokens per KV block")
+    kv_cache_memory: int | None = option(
+        None, "bytes for the KV cache (default: a fraction of free memory, see "
+        "--kv-cache-memory-fraction)")
+    kv_cache_memory_fraction: float | None = option(
+        None, "fraction of free device memory after loading weights for the KV cache when "
+        "--kv-cache-memory is not given (default: 0.25 on CPU, 0.8 on accelerators)")
+    enable_prefix_caching: bool = option(
+        True, "do not reuse KV blocks of identical prompt prefixes across requests",
+        flag="--no-prefix-caching")
+    # A narrower cache than the model holds twice the tokens and halves the bytes decode
+    # attention reads (llama.cpp's default is an f16 cache); attention computes in float32.
+    kv_cache_dtype: str = option("auto", "KV cache dtype (auto: the model's)", choices=DTYPES)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {self.block_size}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory must be positive bytes, got {self.kv_cache_memory}")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.kv_cache_dtype not in DTYPES:
             raise ValueError(
                 "kv_cache_dtype must be auto, float32, bfloat16 or float16, "
                 f"got {self.kv_cache_dtype!r}"
@@ -78,23 +82,20 @@ class EngineConfig:
 
     model: str
     """Path of a Hugging Face model directory (config.json + safetensors)."""
-    dtype: str = "auto"
-    """auto (the checkpoint's dtype), float32, bfloat16 or float16."""
-    device: str = "auto"
-    """cpu, cuda, or auto (cuda when available)."""
-    max_model_len: int | None = None
-    """Longest prompt plus output; None means the model's max_position_embeddings."""
-    seed: int = 0
-    """Seed for requests that do not bring their own."""
-    num_threads: int | None = None
-    """CPU threads for torch; None keeps torch's default."""
+    dtype: str = option("auto", "weight dtype (auto: the checkpoint's)", choices=DTYPES)
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when available)")
+    max_model_len: int | None = option(
+        None, "longest prompt plus output (default: the model's max_position_embeddings)")
+    seed: int = option(0, "seed for requests that do not bring their own")
+    num_threads: int | None = option(
+        None, "CPU threads for torch (default: torch's)", flag="--threads")
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     afd: AFDConfig | None = None
     """Attention/FFN disaggregation over worker processes; None runs in this process."""
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )

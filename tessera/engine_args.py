@@ -1,83 +1,83 @@
-"""Engine options shared by every command that builds an engine (generate, serve)."""
+"""Engine options, derived from the config dataclasses: keyword arguments (``LLM``) and
+command-line flags (``tessera generate``, ``tessera serve``).
+
+Every option is a field of ``EngineConfig``, ``SchedulerConfig``, ``CacheConfig`` or
+``AFDConfig``, with its default and help written there once (``tessera.cli_options``);
+option names are unique across the four, so a flat list of keywords says which config each
+belongs to.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 from tessera.afd.config import AFDConfig
+from tessera.cli_options import add_options, flag_of, option_names
 from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
 
-_DTYPES = ["auto", "float32", "bfloat16", "float16"]
+_NESTED = {"scheduler": SchedulerConfig, "cache": CacheConfig, "afd": AFDConfig}
+_ENGINE_FIELDS = [f.name for f in dataclasses.fields(EngineConfig)
+                  if f.name != "model" and f.name not in _NESTED]
+_OWNER: dict[str, type] = {}
+for _cls, _names in ((EngineConfig, _ENGINE_FIELDS),
+                     *((c, [f.name for f in dataclasses.fields(c)]) for c in _NESTED.values())):
+    for _name in _names:
+        assert _name not in _OWNER, f"option {_name} is defined twice"
+        _OWNER[_name] = _cls
+_AFD_SWITCHES = ("attention_workers", "ffn_workers")
+
+
+def engine_option_names() -> list[str]:
+    """Every keyword ``engine_config`` (and so ``LLM``) accepts."""
+    return list(_OWNER)
+
+
+def engine_config(model: str, afd: AFDConfig | None = None, **options: Any) -> EngineConfig:
+    """The engine config of ``model`` with ``options`` named like the config fields.
+
+    Attention/FFN disaggregation is on when ``afd`` is given or ``attention_workers`` or
+    ``ffn_workers`` is; its other options need one of them. TypeError for an unknown
+    option; ValueError for a bad value."""
+    unknown = sorted(set(options) - set(_OWNER))
+    if unknown:
+        raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
+    by_owner: dict[type, dict[str, Any]] = {cls: {} for cls in (EngineConfig, *_NESTED.values())}
+    for name, value in options.items():
+        by_owner[_OWNER[name]][name] = value
+    afd_options = by_owner[AFDConfig]
+    if afd_options:
+        if afd is not None:
+            raise ValueError("give AFD options either as afd=AFDConfig(...) or as keywords")
+        if not any(name in afd_options for name in _AFD_SWITCHES):
+            given = ", ".join(sorted(afd_options))
+            raise ValueError(f"{given} needs attention_workers and ffn_workers")
+        afd = AFDConfig(**afd_options)
+    return EngineConfig(
+        model=model,
+        scheduler=SchedulerConfig(**by_owner[SchedulerConfig]),
+        cache=CacheConfig(**by_owner[CacheConfig]),
+        afd=afd,
+        **by_owner[EngineConfig],
+    )
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """Add the engine's options to a command's parser."""
-    p.add_argument("--dtype", default="auto", choices=_DTYPES)
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
-    p.add_argument("--kv-cache-dtype", default="auto", choices=_DTYPES,
-                   help="KV cache dtype (auto: the model's)")
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--seed", type=int, default=0, help="seed for requests without their own")
-    afd = p.add_argument_group("attention/FFN disaggregation (both counts >= 1 to enable)")
-    afd.add_argument("--attention-workers", type=int, default=0,
-                     help="data-parallel attention worker processes")
-    afd.add_argument("--ffn-workers", type=int, default=0,
-                     help="FFN worker processes (tensor-parallel FFN shards)")
-    afd.add_argument("--micro-batches", type=int, default=2,
-                     help="micro-batches (lanes) per attention worker (default 2)")
-    afd.add_argument("--data-plane", choices=("auto", "torch", "shm"), default="auto",
-                     help="how workers exchange hidden states: shared memory (local CPU "
-                     "workers), torch.distributed, or auto (shm where it applies)")
-    afd.add_argument("--ffn-head-share", type=float, default=0.0, metavar="S",
-                     help="share (0 to 1) of the LM head's vocabulary computed on the FFN "
-                     "workers, to balance the two pools (default 0: all on attention workers)")
-    afd.add_argument("--trace", default=None, metavar="FILE",
-                     help="write a Chrome trace of worker compute and transfers to FILE")
-    afd.add_argument("--ray-address", default=None, metavar="ADDR",
-                     help="place the workers on a Ray cluster: auto (the cluster started on "
-                     "this host with 'ray start'), HOST:PORT, or local (a private Ray)")
+    for cls in (EngineConfig, SchedulerConfig, CacheConfig):
+        add_options(p, cls)
+    afd = p.add_argument_group(
+        "attention/FFN disaggregation (on when --attention-workers or --ffn-workers is given)")
+    add_options(afd, AFDConfig, only_given=True)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     """Build the frozen engine config from parsed options; bad values raise ValueError."""
-    return EngineConfig(
-        model=str(args.model),
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        seed=args.seed,
-        num_threads=args.threads,
-        scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens
-        ),
-        cache=CacheConfig(
-            kv_cache_memory=args.kv_cache_memory,
-            kv_cache_dtype=args.kv_cache_dtype,
-            enable_prefix_caching=not args.no_prefix_caching,
-        ),
-        afd=afd_config_from_args(args),
-    )
-
-
-def afd_config_from_args(args: argparse.Namespace) -> AFDConfig | None:
-    """None (single process) unless worker counts were given; bad values raise ValueError."""
-    if not args.attention_workers and not args.ffn_workers:
-        if args.trace is not None:
-            raise ValueError("--trace needs --attention-workers and --ffn-workers")
-        if args.ray_address is not None:
-            raise ValueError("--ray-address needs --attention-workers and --ffn-workers")
-        return None
-    return AFDConfig(
-        attention_workers=args.attention_workers,
-        ffn_workers=args.ffn_workers,
-        micro_batches=args.micro_batches,
-        data_plane=args.data_plane,
-        ffn_head_share=args.ffn_head_share,
-        trace_path=args.trace,
-        ray_address=args.ray_address,
-    )
+    options = {name: getattr(args, name) for cls in (EngineConfig, *_NESTED.values())
+               for name in option_names(cls) if hasattr(args, name)}
+    afd_given = [name for name in option_names(AFDConfig) if name in options]
+    if afd_given and not any(name in options for name in _AFD_SWITCHES):
+        flags = ", ".join(flag_of(AFDConfig, name) for name in afd_given)
+        raise ValueError(f"{flags} needs --attention-workers and --ffn-workers")
+    return engine_config(str(args.model), **options)

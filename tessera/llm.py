@@ -8,8 +8,10 @@ from typing import Any
 from tqdm import tqdm
 
 from tessera.afd.config import AFDConfig
-from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
-from tessera.engine.factory import create_engine
+from tessera.config import EngineConfig
+from tessera.engine.protocol import Engine
+from tessera.engine_args import engine_config
+from tessera.engine_factory import create_engine
 from tessera.outputs import RequestOutput
 from tessera.sampling_params import SamplingParams
 
@@ -21,65 +23,13 @@ class LLM:
     >>> out = llm.generate(["Hello"], SamplingParams(max_tokens=8))
     """
 
-    def __init__(
-        self,
-        model: str,
-        dtype: str = "auto",
-        device: str = "auto",
-        kv_cache_memory: int | None = None,
-        max_num_seqs: int = 256,
-        max_num_batched_tokens: int = 2048,
-        block_size: int = 16,
-        enable_prefix_caching: bool = True,
-        seed: int = 0,
-        enable_chunked_prefill: bool = True,
-        max_model_len: int | None = None,
-        num_threads: int | None = None,
-        kv_cache_memory_fraction: float | None = None,
-        kv_cache_dtype: str = "auto",
-        attention_workers: int = 0,
-        ffn_workers: int = 0,
-        micro_batches: int = 2,
-        trace_path: str | None = None,
-        ray_address: str | None = None,
-        afd: AFDConfig | None = None,
-    ) -> None:
-        """``attention_workers`` and ``ffn_workers`` (both at least 1) run the model
-        disaggregated over worker processes (see ``AFDConfig``; ``afd`` gives every option);
-        0 and 0 run it in this process. ``ray_address`` places the workers on a Ray cluster
-        (``AFDConfig.ray_address``)."""
-        if ray_address is not None and afd is None and not (attention_workers or ffn_workers):
-            raise ValueError("ray_address needs attention_workers and ffn_workers")
-        if afd is None and (attention_workers or ffn_workers):
-            afd = AFDConfig(
-                attention_workers=attention_workers,
-                ffn_workers=ffn_workers,
-                micro_batches=micro_batches,
-                trace_path=trace_path,
-                ray_address=ray_address,
-            )
-        config = EngineConfig(
-            model=model,
-            dtype=dtype,
-            device=device,
-            max_model_len=max_model_len,
-            seed=seed,
-            num_threads=num_threads,
-            scheduler=SchedulerConfig(
-                max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens,
-                enable_chunked_prefill=enable_chunked_prefill,
-            ),
-            cache=CacheConfig(
-                block_size=block_size,
-                kv_cache_memory=kv_cache_memory,
-                kv_cache_memory_fraction=kv_cache_memory_fraction,
-                enable_prefix_caching=enable_prefix_caching,
-                kv_cache_dtype=kv_cache_dtype,
-            ),
-            afd=afd,
-        )
-        self.engine = create_engine(config)
+    def __init__(self, model: str, afd: AFDConfig | None = None, **options: Any) -> None:
+        """``options`` are the engine's options by field name (``EngineConfig``,
+        ``SchedulerConfig``, ``CacheConfig`` and ``AFDConfig``: ``dtype``, ``device``,
+        ``kv_cache_memory``, ``max_num_seqs``, ...; ``tessera.engine_args`` lists them).
+        ``attention_workers`` and ``ffn_workers`` (or ``afd``) run the model disaggregated
+        over worker processes; without them it runs in this process."""
+        self.engine: Engine = create_engine(engine_config(model, afd, **options))
         self._next_id = 0
 
     @classmethod
@@ -92,9 +42,7 @@ class LLM:
 
     def close(self) -> None:
         """Stop worker processes (disaggregated mode); a no-op in single-process mode."""
-        shutdown = getattr(self.engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.engine.shutdown()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer

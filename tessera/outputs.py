@@ -1,9 +1,11 @@
-"""What the engine returns: one RequestOutput per prompt (shaped like vLLM's), and per step the
-new token of every completion that advanced (for streaming)."""
+"""What the engine returns: one RequestOutput per prompt (shaped like vLLM's), per step the new
+token of every completion that advanced (for streaming), and its stats."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import msgspec
 
 
 @dataclass
@@ -59,3 +61,21 @@ class StepOutput:
 
     finished: list[RequestOutput] = field(default_factory=list)
     deltas: list[TokenDelta] = field(default_factory=list)
+
+
+class EngineStats(msgspec.Struct, frozen=True):
+    """An engine's gauges and cumulative counters, under the names ``/metrics`` uses; the
+    same struct crosses every process boundary (engine core, attention workers)."""
+
+    num_running: int = 0
+    """Sequences running (decoding or mid-prefill)."""
+    num_waiting: int = 0
+    """Sequences queued for admission (new or preempted)."""
+    num_free_blocks: int = 0
+    kv_cache_usage: float = 0.0
+    """Fraction of KV blocks in use (0-1)."""
+    num_preemptions_total: int = 0
+    num_prompt_tokens_total: int = 0
+    num_generation_tokens_total: int = 0
+    num_prefix_queried_tokens_total: int = 0
+    num_prefix_hit_tokens_total: int = 0

@@ -7,7 +7,6 @@ downloading weights or tokenizers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,45 +29,41 @@ def write_byte_tokenizer(out: str | Path) -> None:
 
 
 def build_random_model(
-    config_class: str,
-    architecture: str,
+    model_type: str,
     out: str | Path,
     seed: int = 0,
     tokenizer: bool = True,
     randomize_norms: bool = False,
+    dtype: str = "float32",
+    generation: dict[str, Any] | None = None,
     **config: Any,
 ) -> Any:
-    """Build, save and return a random HF model (float32, eval mode).
+    """Build, save and return a random HF model (in ``dtype``, eval mode).
 
-    ``config_class`` names a transformers config class (e.g. ``LlamaConfig``) and ``config``
-    its fields. With ``randomize_norms`` the norm weights are drawn from U(0.5, 1.5) instead
-    of ones, so a wrongly loaded norm changes the output. The vocabulary must hold at least
-    the 258 byte-tokenizer ids when ``tokenizer`` is set.
+    ``model_type`` is a Hugging Face ``model_type`` (``llama``, ``qwen3_moe``, ...) and
+    ``config`` its config's fields. With ``randomize_norms`` the norm weights are drawn from
+    U(0.5, 1.5) instead of ones, so a wrongly loaded norm changes the output. ``tokenizer``
+    writes the byte-level tokenizer, whose 258 ids the vocabulary must hold; ``generation``
+    sets fields of the saved generation config.
     """
     import torch
     import transformers
 
     if tokenizer and config.get("vocab_size", 0) < EOS_ID + 1:
         raise ValueError(f"vocab_size must be at least {EOS_ID + 1} for the byte tokenizer")
-    cfg = getattr(transformers, config_class)(architectures=[architecture], **config)
+    cfg = transformers.AutoConfig.for_model(model_type, **config)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    model.eval()
     if randomize_norms:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.uniform_(0.5, 1.5)
+    for key, value in (generation or {}).items():
+        setattr(model.generation_config, key, value)
     out = Path(out)
     model.save_pretrained(str(out))
     if tokenizer:
         write_byte_tokenizer(out)
     return model
-
-
-def is_built(out: str | Path, **config: Any) -> bool:
-    """Whether ``out`` already holds a saved model whose config has these field values."""
-    path = Path(out) / "config.json"
-    if not path.is_file() or not any(Path(out).glob("*.safetensors")):
-        return False
-    saved = json.loads(path.read_text())
-    return all(saved.get(k) == v for k, v in config.items() if not isinstance(v, dict))

@@ -43,12 +43,11 @@ MLA_MOE = dict(
     routed_scaling_factor=1.5,
 )
 
-# name -> (transformers config class name, architecture, overrides)
-ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+# name -> (Hugging Face model_type, config overrides)
+ARCHS: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("llama", {}),
     "llama-tied-llama3rope": (
-        "LlamaConfig",
-        "LlamaForCausalLM",
+        "llama",
         dict(
             tie_word_embeddings=True,
             num_key_value_heads=4,
@@ -61,18 +60,16 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
             ),
         ),
     ),
-    "mistral-sliding": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=24)),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, num_key_value_heads=1)),
+    "mistral-sliding": ("mistral", dict(sliding_window=24)),
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", dict(head_dim=32, num_key_value_heads=1)),
     # MoE families: 4-8 experts, top-2, and mixes of dense and MoE layers.
     "mixtral": (
-        "MixtralConfig",
-        "MixtralForCausalLM",
+        "mixtral",
         dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64),
     ),
     "qwen2-moe": (
-        "Qwen2MoeConfig",
-        "Qwen2MoeForCausalLM",
+        "qwen2_moe",
         # Layers 0 and 2 MoE (shared expert with its gate), layer 1 dense.
         dict(
             num_hidden_layers=3,
@@ -84,8 +81,7 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
     "qwen3-moe": (
-        "Qwen3MoeConfig",
-        "Qwen3MoeForCausalLM",
+        "qwen3_moe",
         # decoder_sparse_step=2: layers 1 and 3 MoE, 0 and 2 dense.
         dict(
             num_hidden_layers=4,
@@ -98,10 +94,9 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
     # MLA with all layers dense (first_k_dense_replace >= num_hidden_layers).
-    "deepseek-v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(MLA, q_lora_rank=32)),
+    "deepseek-v3": ("deepseek_v3", dict(MLA, q_lora_rank=32)),
     "deepseek-v3-yarn": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
+        "deepseek_v3",
         dict(
             MLA,
             q_lora_rank=32,
@@ -118,17 +113,15 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
             ),
         ),
     ),
-    "deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", dict(MLA, q_lora_rank=None)),
+    "deepseek-v2-lite": ("deepseek_v2", dict(MLA, q_lora_rank=None)),
     # MLA with MoE layers: layer 0 dense, layers 1 and 2 routed experts plus a shared expert.
     "deepseek-v3-moe": (
-        "DeepseekV3Config",
-        "DeepseekV3ForCausalLM",
+        "deepseek_v3",
         dict(MLA, q_lora_rank=32, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
              n_group=4, topk_group=2),
     ),
     "deepseek-v2-moe": (
-        "DeepseekV2Config",
-        "DeepseekV2ForCausalLM",
+        "deepseek_v2",
         dict(MLA, q_lora_rank=None, num_hidden_layers=3, first_k_dense_replace=1, **MLA_MOE,
              topk_method="group_limited_greedy", n_group=4, topk_group=2),
     ),
@@ -137,10 +130,10 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 def build_model(name: str, out: Path, tokenizer: bool = True, seed: int = 0, **overrides: Any):
     """Build, save and return (directory, reference HF model in float32 eval mode)."""
-    cfg_cls, arch, arch_overrides = ARCHS[name]
+    model_type, arch_overrides = ARCHS[name]
     kwargs = {**SMALL, **arch_overrides, **overrides}
     model = build_random_model(
-        cfg_cls, arch, out, seed=seed, tokenizer=tokenizer, randomize_norms=True, **kwargs
+        model_type, out, seed=seed, tokenizer=tokenizer, randomize_norms=True, **kwargs
     )
     return out, model
 

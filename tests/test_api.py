@@ -163,8 +163,9 @@ def test_warm_up_leaves_no_trace(model_factory):
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
     engine = llm.engine
     engine.warm_up()
-    assert engine.num_prompt_tokens_total == 0 and engine.num_generation_tokens_total == 0
-    assert engine.stats()["prefix_queried_tokens"] == 0 and not engine.block_manager.cached
+    stats = engine.stats()
+    assert stats.num_prompt_tokens_total == 0 and stats.num_generation_tokens_total == 0
+    assert stats.num_prefix_queried_tokens_total == 0 and not engine.block_manager.cached
     assert engine.block_manager.num_free_blocks == engine.runtime.num_kv_blocks
     assert not engine.has_unfinished_requests()
 

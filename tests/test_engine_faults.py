@@ -14,10 +14,12 @@ import pytest
 import zmq
 
 from tessera import LLM, SamplingParams
-from tessera.engine.llm_engine import STEP_FAILED_MESSAGE, LLMEngine
+from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.requests import STEP_FAILED_MESSAGE
+from tessera.messages.common import AddRequest
+from tessera.messages.core import CoreConfig, RequestFailed
 from tessera.sampling_params import MAX_SEED, MIN_SEED
 from tessera.serve.engine_core import EngineCore
-from tessera.serve.protocol import AddRequest, CoreConfig, RequestFailed, SamplingOptions
 from tests.models import reference_gaps
 
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -109,7 +111,7 @@ def test_engine_core_fails_every_request_when_a_step_raises_past_the_engine(
     core = EngineCore(config, engine, ctx)
     try:
         failed: list[RequestFailed] = []
-        options = SamplingOptions.from_params(GREEDY)
+        options = GREEDY
         for request_id in ("a", "b"):
             core._handle(AddRequest(request_id, [5, 6, 7], options), failed)
         real_step = engine.step_with_deltas

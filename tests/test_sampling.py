@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 
@@ -98,19 +100,18 @@ def test_stop_token_ids_and_max_tokens(llama):
     assert out.token_ids == toks[: first + 1] and out.finish_reason == "stop"
 
 
-def test_eos_stops_unless_ignored(model_factory):
-    # A model whose EOS is the token greedy decoding picks first, so it stops at once.
+def test_eos_stops_unless_ignored(model_factory, tmp_path):
+    # A model whose EOS (from its generation config) is the token greedy decoding picks
+    # first, so it stops at once.
     path, hf = model_factory("llama")
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
     first = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3,
                                                       ignore_eos=True), use_tqdm=False)
     tok = first[0].outputs[0].token_ids[0]
-    llm.engine.runtime = type(llm.engine.runtime)(
-        num_kv_blocks=llm.engine.runtime.num_kv_blocks,
-        max_model_len=llm.engine.runtime.max_model_len,
-        eos_token_ids=frozenset({tok, EOS_ID}),
-        vocab_size=llm.engine.runtime.vocab_size,
-    )
+    shutil.copytree(path, tmp_path / "m")
+    (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": tok}))
+    llm = LLM(str(tmp_path / "m"), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    assert {tok, EOS_ID} <= llm.engine.runtime.eos_token_ids
     stopped = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3),
                            use_tqdm=False)[0].outputs[0]
     assert stopped.token_ids == [tok] and stopped.finish_reason == "stop"

@@ -17,11 +17,9 @@ from tessera.config import CacheConfig, EngineConfig
 from tessera.sampling_params import SamplingParams
 from tessera.serve.engine_client import EngineClient, Finished
 from tessera.serve.generation import ChoiceState
-from tessera.serve.protocol import SamplingOptions
 from tests.test_serve_util import build_server_model
 
-OPTIONS = SamplingOptions.from_params(SamplingParams(temperature=0, max_tokens=4000,
-                                                     ignore_eos=True))  # fmt: skip
+OPTIONS = SamplingParams(temperature=0, max_tokens=4000, ignore_eos=True)
 
 
 async def _next_event(queue: asyncio.Queue, timeout_s: float = 60.0):

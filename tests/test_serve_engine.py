@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
+import msgspec
+import pytest
 
 from tessera import LLM, SamplingParams
-from tessera.serve.protocol import SamplingOptions
+from tessera.messages.common import AddRequest
+from tessera.messages.core import CoreInput
 
 
 def test_step_deltas_add_up_to_outputs(model_factory):
@@ -40,16 +42,14 @@ def test_step_deltas_add_up_to_outputs(model_factory):
     assert set(finished) == {"a", "b"} and len(finished["b"].outputs) == 2
 
 
-def test_sampling_options_round_trip():
-    p = SamplingParams(temperature=0.5, top_k=3, min_p=0.1, seed=4, max_tokens=9, n=2,
+def test_sampling_params_cross_the_core_wire_whole():
+    # SamplingParams travels as itself: every field survives the msgpack round trip, and the
+    # derived stop set is rebuilt (validation runs again on the receiving side).
+    p = SamplingParams(temperature=0.5, top_k=3, min_p=0.1, seed=2**64 - 1, max_tokens=9, n=2,
                        stop=["x"], stop_token_ids=[1], logprobs=1, repetition_penalty=1.1)  # fmt: skip
-    back = SamplingOptions.from_params(p).to_params()
-    # Stop strings stay in the API process; everything else crosses unchanged.
-    assert back.stop is None
-    assert back == dataclasses.replace(p, stop=None)
-
-
-def test_sampling_options_carry_every_param_but_stop_strings():
-    # A new SamplingParams field must cross to the core (or be listed here on purpose).
-    params_fields = {f.name for f in dataclasses.fields(SamplingParams) if f.init}
-    assert set(SamplingOptions.__struct_fields__) == params_fields - {"stop"}
+    wire = msgspec.msgpack.encode(AddRequest("r", [1, 2], p))
+    back = msgspec.msgpack.decode(wire, type=CoreInput)
+    assert isinstance(back, AddRequest) and back.params == p and back.params.stop_set == {1}
+    bad = wire.replace(msgspec.msgpack.encode(0.5), msgspec.msgpack.encode(-0.5), 1)
+    with pytest.raises(msgspec.ValidationError, match="temperature"):
+        msgspec.msgpack.decode(bad, type=CoreInput)

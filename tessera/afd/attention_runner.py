@@ -28,12 +28,12 @@ from torch import nn
 
 from tessera.afd.remote_ffn import PendingFFN, PendingHead, RemoteFFN
 from tessera.afd.trace import Tracer
-from tessera.engine.model_runner import ModelRunner
+from tessera.engine.model_runner import ModelRunner, SampledTokens
+from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import SchedulerOutput
+from tessera.model.dense import DecoderModel
 from tessera.model.moe import MoEFFNUnit
 
-# Per scheduled sequence: its sampled token (None mid-prompt) and its logprobs entry.
-StepResult = tuple[list[int | None], list[dict[int, float] | None]]
 # What a suspended lane step waits for; the lane driver resumes first the lanes whose
 # transfers are in.
 Pending = PendingFFN | PendingHead
@@ -50,21 +50,22 @@ def ffn_input_norm(unit: nn.Module) -> nn.Module:
 class AttentionRunner(ModelRunner):
     """``ModelRunner`` whose FFN units run remotely, pipelined over micro-batches."""
 
-    remote: RemoteFFN
-    transfer_timeout_s: float
-    tracer: Tracer
-    local_head: nn.Module | None = None
-    """This worker's vocabulary rows of a split LM head; None: the model's whole head."""
-
-    def attach(self, remote: RemoteFFN, transfer_timeout_s: float, tracer: Tracer,
-               local_head: nn.Module | None = None) -> None:
-        """Connect the data plane (after the engine built this runner)."""
+    def __init__(self, model: DecoderModel, device: torch.device, block_size: int,
+                 num_blocks: int, sampler: Sampler, kv_dtype: torch.dtype | None, *,
+                 remote: RemoteFFN, tracer: Tracer, transfer_timeout_s: float,
+                 local_head: nn.Module | None = None) -> None:
+        """``remote`` reaches the FFN workers; ``local_head`` is this worker's vocabulary
+        rows of a split LM head (None: the model's whole head). ``transfer_timeout_s``
+        bounds one step's waits and may be changed between steps (warm-up meets FFN
+        workers still loading and gets the start-up deadline)."""
+        super().__init__(model, device, block_size, num_blocks, sampler, kv_dtype)
         self.remote = remote
-        self.transfer_timeout_s = transfer_timeout_s
         self.tracer = tracer
+        self.transfer_timeout_s = transfer_timeout_s
         self.local_head = local_head
 
-    def lane_step(self, out: SchedulerOutput, lane: int) -> Generator[Pending, None, StepResult]:
+    def lane_step(self, out: SchedulerOutput,
+                  lane: int) -> Generator[Pending, None, SampledTokens]:
         """One step of ``lane`` over ``out``, yielding what it sent after each FFN submit;
         returns the sampled token and logprobs entry per scheduled sequence (as ``execute``).
 
@@ -109,7 +110,7 @@ class AttentionRunner(ModelRunner):
         return self.sample(out, logits, inp.sample_seq_indices)
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def execute(self, out: SchedulerOutput) -> SampledTokens:
         """A whole step on its own (warm-up): one lane, nothing to interleave with."""
         step = self.lane_step(out, 0)
         while True:

@@ -39,25 +39,19 @@ from tessera.afd.frames import (
 from tessera.afd.head_slice import HeadSlice, RemovedHead
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.lanes import Lanes
-from tessera.afd.messages import (
-    AbortRequests,
-    AddRequest,
-    Ready,
-    Shutdown,
-    StartupFailed,
-    StepFailed,
-    StepReport,
-    WorkerConfig,
-    WorkerInput,
-)
 from tessera.afd.placement import expert_owners, head_split
 from tessera.afd.progress import BUSY, IDLE, Progress
 from tessera.afd.remote_ffn import RemoteFFN
 from tessera.afd.trace import Tracer
 from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.sampler import Sampler
+from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.messages.workers import StepFailed, StepReport, WorkerConfig, WorkerInput
+from tessera.model.dense import DecoderModel
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import moe_spec_of
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput
+from tessera.platform import get_platform
 
 _IDLE_POLL_MS = 100
 _ENCODER = msgspec.msgpack.Encoder()
@@ -180,38 +174,47 @@ def main(argv: list[str], secret: bytes | None = None) -> int:
         reader = FrameReader(secret, WorkerInput, cfg.generation, f"{cfg.name} input",
                              from_front=True)
         moe = moe_spec_of(cfg.engine.model)
+        runners: list[AttentionRunner] = []
+
+        def make_runner(model: DecoderModel, device: torch.device, block_size: int,
+                        num_blocks: int, sampler: Sampler,
+                        kv_dtype: torch.dtype | None) -> AttentionRunner:
+            """The engine's runner, joined to the data plane once the model is loaded."""
+            spec = model.spec
+            plane = open_plane(cfg, get_platform(cfg.engine.device).dist_backend,
+                               spec.hidden_size, model.embed.weight.dtype.itemsize,
+                               moe.top_k if moe else 0, spec.vocab_size)
+            owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
+            head = head_split(spec.vocab_size, cfg.afd.ffn_head_share, cfg.afd.ffn_workers)
+            remote = RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners,
+                               [end - start for start, end in head[1:]], progress)
+            split = head[0][1] < spec.vocab_size
+            own_head = local_head(model.lm_head, *head[0]) if split else None
+            if split:  # only this worker's slice is used: free the whole head
+                model.lm_head = RemovedHead(model.lm_head)
+            runner = AttentionRunner(model, device, block_size, num_blocks, sampler, kv_dtype,
+                                     remote=remote, tracer=tracer, local_head=own_head,
+                                     transfer_timeout_s=cfg.afd.startup_timeout_s)
+            runners.append(runner)
+            return runner
+
         # Routed experts live on the FFN workers only; the router stays here.
-        engine = LLMEngine(cfg.engine, make_runner=AttentionRunner,
+        engine = LLMEngine(cfg.engine, make_runner=make_runner,
                            expert_ids=[] if moe else None, keep_param=attention_side)
-        owners = expert_owners(moe.num_experts, cfg.afd.ffn_workers) if moe else None
-        model = engine.runner.model
-        plane = open_plane(cfg, engine.platform.dist_backend, model.spec.hidden_size,
-                           model.embed.weight.dtype.itemsize, moe.top_k if moe else 0,
-                           model.spec.vocab_size)
-        runner = engine.runner
-        assert isinstance(runner, AttentionRunner)
-        head = head_split(model.spec.vocab_size, cfg.afd.ffn_head_share, cfg.afd.ffn_workers)
-        remote = RemoteFFN(plane, cfg.afd.ffn_ranks(), tracer, owners,
-                           [end - start for start, end in head[1:]], progress)
-        # Warm-up may meet FFN workers still loading: it gets the start-up deadline.
-        split = head[0][1] < model.spec.vocab_size
-        runner.attach(remote, cfg.afd.startup_timeout_s, tracer,
-                      local_head(model.lm_head, *head[0]) if split else None)
-        if split:  # only this worker's slice is used: free the whole head
-            model.lm_head = RemovedHead(model.lm_head)
+        (runner,) = runners
         engine.warm_up()
         runner.transfer_timeout_s = cfg.afd.transfer_timeout_s
         tracer.take()  # warm-up spans are not part of the workload
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
-        front.send(StartupFailed(cfg.name, text))
+        front.send(StartupFailed(text, worker=cfg.name))
         front.close(linger=2000)
         return 1
     rt = engine.runtime
-    front.send(Ready(cfg.name, os.getpid(), rt.max_model_len, rt.num_kv_blocks))
+    front.send(Ready(os.getpid(), rt.max_model_len, rt.num_kv_blocks, worker=cfg.name))
     try:
-        return run(cfg, Lanes(engine, cfg.afd.micro_batches, progress), inputs, reader, front,
-                   tracer, progress)
+        return run(cfg, Lanes(engine, runner, cfg.afd.micro_batches, progress), inputs, reader,
+                   front, tracer, progress)
     finally:
         with contextlib.suppress(Exception):
             front.close(linger=1000)

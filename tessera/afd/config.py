@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tessera.cli_options import option
+
 DATA_PLANES = ("auto", "torch", "shm")
 
 
@@ -16,17 +18,21 @@ class AFDConfig:
     parallel shard of a dense FFN's intermediate dimension). Any ratio of the two works.
     """
 
-    attention_workers: int = 1
-    ffn_workers: int = 1
-    micro_batches: int = 2
-    """Micro-batches (lanes, each stepping on its own) per attention worker; with 2, one
-    lane's FFN work overlaps the other's attention, LM head and sampling. 1 runs in lockstep."""
-    data_plane: str = "auto"
+    attention_workers: int = option(1, "data-parallel attention worker processes")
+    ffn_workers: int = option(1, "FFN worker processes (tensor-parallel FFN shards)")
+    micro_batches: int = option(
+        2, "micro-batches (lanes, each stepping on its own) per attention worker; with 2 one "
+        "lane's FFN work overlaps the other's attention, LM head and sampling")
+    data_plane: str = option(
+        "auto", "how workers exchange hidden states: shared memory (local CPU workers), "
+        "torch.distributed, or auto (shm where it applies)", choices=DATA_PLANES)
     """How hidden states travel. ``"torch"``: torch.distributed point-to-point (gloo on CPU,
     the platform's backend elsewhere). ``"shm"``: shared memory, for CPU workers on one host
     (``tessera.afd.shm_plane``). ``"auto"``: shm for local CPU workers where the host supports
     it, else torch. Ray-placed workers always use torch."""
-    ffn_head_share: float = 0.0
+    ffn_head_share: float = option(
+        0.0, "share (0 to 1) of the LM head's vocabulary computed on the FFN workers, to "
+        "balance the two pools (0: all on the attention workers)")
     """Share of the LM head's vocabulary computed on the FFN workers (0 to 1). The head is a
     large stateless matmul after the last layer; with 0 it runs whole on each attention worker
     (the single-process layout). With a share s the attention worker keeps the first
@@ -46,9 +52,12 @@ class AFDConfig:
     master_port: int | None = None
     """Rendezvous port of the first data-plane group; None picks a free one. A restarted pool
     always picks a fresh free port."""
-    trace_path: str | None = None
-    """Write a Chrome trace-event JSON of per-layer compute and transfer spans here."""
-    ray_address: str | None = None
+    trace_path: str | None = option(
+        None, "write a Chrome trace of worker compute and transfers to this file",
+        flag="--trace")
+    ray_address: str | None = option(
+        None, "place the workers on a Ray cluster: auto (the cluster 'ray start' runs on this "
+        "host), HOST:PORT, or local (a private Ray)")
     """Place the workers on a Ray cluster instead of local processes: ``"auto"`` (the cluster
     ``ray start`` runs on this host), ``"HOST:PORT"`` (its GCS address) or ``"local"`` (a
     private single-node Ray started for this process). None: local processes."""

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from tessera.afd.messages import WorkerConfig
+    from tessera.messages.workers import WorkerConfig
 
 HEADER_TAG = 1
 PAYLOAD_TAG = 2

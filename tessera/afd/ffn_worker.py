@@ -48,10 +48,11 @@ from tessera.afd.frames import (
     worker_sender,
 )
 from tessera.afd.heartbeat import start_heartbeat
-from tessera.afd.messages import Heartbeat, Ready, StartupFailed, StepFailed, WorkerConfig
 from tessera.afd.placement import expert_ids_of, head_split
 from tessera.afd.progress import BUSY, IDLE, Progress
 from tessera.afd.trace import Tracer
+from tessera.messages.common import Ready, StartupFailed
+from tessera.messages.workers import Heartbeat, StepFailed, WorkerConfig
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model, model_spec, moe_spec_of
 from tessera.platform import get_platform
@@ -76,7 +77,7 @@ def head_side(tied: bool) -> Callable[[str], bool]:
 
 
 @dataclass
-class _Request:
+class _LayerRequest:
     """One FFN (or LM head) request, received."""
 
     src: int
@@ -90,7 +91,7 @@ class _Request:
 
 def _receive(plane: Plane, src: int, fields: list[int], hidden_size: int,
              dtype: torch.dtype, device: torch.device, timeout_s: float,
-             tracer: Tracer) -> _Request:
+             tracer: Tracer) -> _LayerRequest:
     """The payload of the request whose header ``fields`` (checked) came from ``src``."""
     recv_start = tracer.now_us()
     _, layer_id, micro_batch, num_tokens, top_k = fields
@@ -103,7 +104,7 @@ def _receive(plane: Plane, src: int, fields: list[int], hidden_size: int,
         topk_weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
         plane.recv(topk_ids, src, IDS_TAG, deadline_s)
         plane.recv(topk_weights, src, WEIGHTS_TAG, deadline_s)
-    return _Request(src, layer_id, micro_batch, normed, topk_ids, topk_weights, recv_start)
+    return _LayerRequest(src, layer_id, micro_batch, normed, topk_ids, topk_weights, recv_start)
 
 
 def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_size: int,
@@ -131,7 +132,7 @@ def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_s
     header = torch.empty(HEADER_LEN, dtype=torch.int64)
     in_flight: deque[tuple[torch.Tensor, Work]] = deque()  # results' sends, oldest first
 
-    def take(src: int) -> _Request | None:
+    def take(src: int) -> _LayerRequest | None:
         """The request whose header just came from ``src``, or None if it is dropped."""
         fields = header.tolist()
         if src in bad_senders:
@@ -156,7 +157,7 @@ def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_s
         progress.state = IDLE
         src: int | None = plane.recv_any(header, HEADER_TAG)
         progress.state = BUSY
-        queued: list[_Request] = []
+        queued: list[_LayerRequest] = []
         while src is not None:
             if (req := take(src)) is not None:
                 queued.append(req)
@@ -171,16 +172,16 @@ def serve(plane: Plane, shards: list[torch.nn.Module], num_layers: int, hidden_s
             retire_sends(in_flight, timeout_s)
 
 
-def _by_layer(requests: list[_Request]) -> list[list[_Request]]:
+def _by_layer(requests: list[_LayerRequest]) -> list[list[_LayerRequest]]:
     """``requests`` grouped by layer, groups in the order of their first request."""
-    groups: dict[int, list[_Request]] = {}
+    groups: dict[int, list[_LayerRequest]] = {}
     for req in requests:
         groups.setdefault(req.layer_id, []).append(req)
     return list(groups.values())
 
 
-def _compute(shards: list[torch.nn.Module], num_layers: int, batch: list[_Request],
-             tracer: Tracer) -> list[tuple[torch.Tensor, _Request]]:
+def _compute(shards: list[torch.nn.Module], num_layers: int, batch: list[_LayerRequest],
+             tracer: Tracer) -> list[tuple[torch.Tensor, _LayerRequest]]:
     """Compute one layer's requests as one batch; each request's partial [T_i, D] (or slice
     of logits [S_i, V_f])."""
     layer_id = batch[0].layer_id
@@ -275,10 +276,10 @@ def main(argv: list[str], secret: bytes | None = None) -> int:
                            moe.top_k if moe else 0, spec.vocab_size)
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
-        front.send(StartupFailed(cfg.name, text))
+        front.send(StartupFailed(text, worker=cfg.name))
         front.close(linger=2000)
         return 1
-    front.send(Ready(cfg.name, os.getpid()))
+    front.send(Ready(os.getpid(), worker=cfg.name))
 
     def report_bad_request(why: str) -> None:
         front.send(StepFailed(cfg.name, why))

@@ -33,7 +33,7 @@ from typing import IO, Any
 import msgspec
 import zmq
 
-from tessera.afd.messages import Heartbeat, StepReport
+from tessera.messages.workers import Heartbeat, StepReport
 
 logger = logging.getLogger(__name__)
 

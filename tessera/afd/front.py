@@ -1,7 +1,6 @@
-"""The front: an engine with ``LLMEngine``'s interface over a pool of disaggregated workers.
+"""The front: an engine (``tessera.engine.protocol.Engine``) over a pool of disaggregated workers.
 
-``LLM`` and the serve engine core drive it exactly like ``LLMEngine`` (add_request,
-abort_request, step / step_with_deltas, has_unfinished_requests, stats, runtime). It holds no
+``LLM`` and the serve engine core drive it exactly like ``LLMEngine``. It holds no
 model: it validates and tokenizes prompts, sends each new request to the attention worker with
 the fewest unfinished requests (then the most free KV blocks), and merges the workers' step
 reports. Attention workers step independently; ``step`` returns whatever they reported since
@@ -28,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
 import zmq
 
 from tessera.afd.frames import (
@@ -40,27 +40,17 @@ from tessera.afd.frames import (
     new_secret,
 )
 from tessera.afd.launcher import Pool, PoolLink, WorkerStartupError, bind_front, start_pool
-from tessera.afd.messages import (
-    AbortRequests,
-    AddRequest,
-    FrontInput,
-    Heartbeat,
-    Ready,
-    Shutdown,
-    StartupFailed,
-    StepFailed,
-    StepReport,
-    WorkerStats,
-)
 from tessera.afd.progress import ProgressWatch
 from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
 from tessera.engine.sequence import check_prompt_ids
+from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.messages.workers import FrontInput, Heartbeat, StepFailed, StepReport
 from tessera.model.loader import read_config
 from tessera.model.moe_spec import moe_spec_from_config
 from tessera.model.spec import ModelConfigError, spec_from_config
-from tessera.outputs import CompletionOutput, RequestOutput, StepOutput
+from tessera.outputs import CompletionOutput, EngineStats, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
 
 # How long a seen worker exit waits for a report that explains it (see ``_health``).
@@ -68,7 +58,9 @@ _LATE_REPORT_S = 0.5
 
 
 @dataclass
-class _Request:
+class _Placed:
+    """A request as the front tracks it: the worker it went to, and its tokens so far."""
+
     worker: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -99,7 +91,7 @@ class AFDEngine:
                 f"({self.spec.intermediate_size})"
             )
         self.tokenizer = load_tokenizer(config.model)
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, _Placed] = {}
         self.num_recoveries = 0
         self.last_failure: str | None = None
         self._ipc_dir = tempfile.mkdtemp(prefix="tessera-afd-")
@@ -117,7 +109,7 @@ class AFDEngine:
         self._pending = StepOutput()  # taken in outside a step, returned by the next one
         self._pending_failure: str | None = None
         self._starting = self._broken = False
-        self._totals = WorkerStats()  # counters of earlier pool generations
+        self._totals = EngineStats()  # counters of earlier pool generations
         try:
             self._link = PoolLink(bind_front(self._pull, self.afd, self._ipc_dir),
                                   self._ipc_dir, self._secret, self._frame_limit_bytes)
@@ -154,7 +146,7 @@ class AFDEngine:
             self._pushes[cfg.name] = SealedPush(sock, FrameWriter(
                 self._secret, self._generation, FRONT_SENDER, self._frame_limit_bytes))
         self._ranks = {cfg.name: cfg.rank for cfg in pool.configs}
-        self._stats = {name: WorkerStats() for name in self._pushes}
+        self._stats = {name: EngineStats() for name in self._pushes}
         self._load = dict.fromkeys(self._pushes, 0)
         self._starting = True
 
@@ -180,10 +172,18 @@ class AFDEngine:
         limits: list[Ready] = []
         deadline = time.monotonic() + self.afd.startup_timeout_s
         exited: str | None = None
+        exited_s = 0.0
         while pending:
-            # A worker that failed says why before it exits; once one has exited, the
-            # queue is read until quiet so its reason wins over the bare exit code.
-            if self._pull.poll(100 if exited is None else 1000):
+            # A worker that failed says why before it exits: once one has exited, what
+            # arrives within _LATE_REPORT_S is still read, so its reason wins over its code.
+            now = time.monotonic()
+            if (exited is not None and now > exited_s + _LATE_REPORT_S) or now > deadline:
+                pool.kill()
+                raise WorkerStartupError(
+                    exited or f"workers {sorted(pending)} did not start within "
+                    f"{self.afd.startup_timeout_s:g} s"
+                )
+            if self._pull.poll(100):
                 msg = self._recv()
                 if msg is None or msg.worker not in self._ranks:
                     continue  # dropped, or an older generation's
@@ -194,14 +194,8 @@ class AFDEngine:
                     pending.discard(msg.worker)
                     if msg.worker in self._pushes:
                         limits.append(msg)
-                continue
-            if exited is not None or time.monotonic() > deadline:
-                pool.kill()
-                raise WorkerStartupError(
-                    exited or f"workers {sorted(pending)} did not start within "
-                    f"{self.afd.startup_timeout_s:g} s"
-                )
-            exited = pool.exited()
+            elif exited is None:
+                exited, exited_s = pool.exited(), now
         now = time.monotonic()
         self._last_seen = dict.fromkeys(self._ranks, now)
         self._progress = ProgressWatch(list(self._ranks), self.afd.failure_detect_s, now)
@@ -257,7 +251,7 @@ class AFDEngine:
         assert self._pool is not None
         self._pool.kill()
         self._totals = self._sum_stats()
-        self._stats = {name: WorkerStats() for name in self._stats}
+        self._stats = {name: EngineStats() for name in self._stats}
         message = f"worker pool failed: {reason}"
         for request_id, req in self.requests.items():
             result.finished.append(self._error_output(request_id, req, message))
@@ -282,7 +276,7 @@ class AFDEngine:
             self._recover(failure, self._pending)
             self._await_pool()
 
-    def _error_output(self, request_id: str, req: _Request, message: str) -> RequestOutput:
+    def _error_output(self, request_id: str, req: _Placed, message: str) -> RequestOutput:
         outputs = []
         for index in range(req.params.n):
             ids = req.output_ids.get(index, [])
@@ -298,12 +292,12 @@ class AFDEngine:
             )
         return list(self.tokenizer.encode(prompt))
 
-    def add_request(self, request_id: str, prompt: str | list[int],
-                    params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    prompt_text: str | None = None) -> None:
         """Queue a request on the least loaded attention worker; ValueError for bad input."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
+        text = prompt if isinstance(prompt, str) else prompt_text
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._await_pool()
         if not self.requests:
@@ -311,13 +305,13 @@ class AFDEngine:
         check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
         worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
         try:
-            self._pushes[worker].send(AddRequest(request_id, text, ids, params))
+            self._pushes[worker].send(AddRequest(request_id, ids, params, text))
         except FrameTooLarge as e:
             raise ValueError(f"request too large for the worker pool: {e}") from e
         if self._load[worker] == 0:
             self._progress.progressed(worker, time.monotonic())  # its clock starts now
         self._load[worker] += 1
-        self.requests[request_id] = _Request(worker, text, ids, params)
+        self.requests[request_id] = _Placed(worker, text, ids, params)
 
     def abort_request(self, request_id: str) -> bool:
         req = self.requests.pop(request_id, None)
@@ -396,46 +390,34 @@ class AFDEngine:
         return None
 
     # ----------------------------------------------------------------- stats, trace
-    def _sum_stats(self) -> WorkerStats:
+    def _sum_stats(self) -> EngineStats:
+        """Counters summed over this generation's workers and the generations before."""
         base = self._totals
-        fields = ("num_prompt_tokens_total", "num_generation_tokens_total",
-                  "num_prefix_queried_tokens_total", "num_prefix_hit_tokens_total",
-                  "num_preemptions")
-        sums = {f: getattr(base, f) + sum(getattr(s, f) for s in self._stats.values())
-                for f in fields}
-        return WorkerStats(**sums)
+        counters = ("num_prompt_tokens_total", "num_generation_tokens_total",
+                    "num_prefix_queried_tokens_total", "num_prefix_hit_tokens_total",
+                    "num_preemptions_total")
+        return EngineStats(**{
+            name: getattr(base, name) + sum(getattr(s, name) for s in self._stats.values())
+            for name in counters
+        })
 
-    @property
-    def num_prompt_tokens_total(self) -> int:
-        return self._sum_stats().num_prompt_tokens_total
-
-    @property
-    def num_generation_tokens_total(self) -> int:
-        return self._sum_stats().num_generation_tokens_total
-
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         """Totals over the workers as of their latest reports (taken in without waiting);
         an abort shows once its worker has handled it."""
         self._take_in()
         per = list(self._stats.values())
-        totals = self._sum_stats()
-        return {
-            "num_running": sum(s.num_running for s in per),
-            "num_waiting": sum(s.num_waiting for s in per),
-            "kv_cache_usage": sum(s.kv_cache_usage for s in per) / max(len(per), 1),
-            "num_preemptions": totals.num_preemptions,
-            "prefix_queried_tokens": totals.num_prefix_queried_tokens_total,
-            "prefix_hit_tokens": totals.num_prefix_hit_tokens_total,
-        }
+        return msgspec.structs.replace(
+            self._sum_stats(),
+            num_running=sum(s.num_running for s in per),
+            num_waiting=sum(s.num_waiting for s in per),
+            num_free_blocks=sum(s.num_free_blocks for s in per),
+            kv_cache_usage=sum(s.kv_cache_usage for s in per) / max(len(per), 1),
+        )
 
     def _add_spans(self, worker: str, spans: list[Span]) -> None:
         if spans:
             name = worker.split(".")[0]
             self._trace_events += chrome_events(name, self._ranks[worker], spans)
-
-    def trace_events(self) -> list[dict]:
-        """Chrome trace events received so far (empty unless ``trace_path`` is set)."""
-        return list(self._trace_events)
 
     # ----------------------------------------------------------------- shutdown
     def shutdown(self) -> None:

@@ -20,9 +20,9 @@ import time
 import zmq
 
 from tessera.afd.frames import BEAT_CHANNEL, FrameTooLarge, FrameWriter, worker_sender
-from tessera.afd.messages import Heartbeat, WorkerConfig
 from tessera.afd.progress import Progress
 from tessera.afd.trace import Tracer
+from tessera.messages.workers import Heartbeat, WorkerConfig
 
 
 def remove_pool_files(cfg: WorkerConfig) -> None:

@@ -17,8 +17,8 @@ Invariants:
   schedules, preempts and finishes its own sequences, and only between its own steps.
 - An abort of a request in a lane with a step in flight waits for that step to end: the step
   is still writing KV into the request's blocks, which another lane could otherwise allocate.
-- Pure bookkeeping over the engine's scheduler and postprocessing: a lane's step gives the same
-  tokens as ``LLMEngine.step`` on the same batch.
+- Lanes compose the engine's parts (its request table, KV pool and runner) with schedulers of
+  their own; a lane's step gives the same tokens as ``LLMEngine.step`` on the same batch.
 """
 
 from __future__ import annotations
@@ -26,20 +26,23 @@ from __future__ import annotations
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
-from tessera.afd.attention_runner import AttentionRunner, Pending, StepResult
-from tessera.afd.messages import WorkerStats
+from tessera.afd.attention_runner import AttentionRunner, Pending
+from tessera.afd.lane_policy import pick_lane
 from tessera.afd.progress import Progress
 from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.model_runner import SampledTokens
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
-from tessera.outputs import StepOutput
+from tessera.outputs import EngineStats, StepOutput
 from tessera.sampling_params import SamplingParams
 
 
 @dataclass
-class _Lane:
+class Lane:
+    """One micro-batch: its own scheduler over the worker's KV pool, and its step in flight."""
+
     index: int
     scheduler: Scheduler
-    step: Generator[Pending, None, StepResult] | None = None
+    step: Generator[Pending, None, SampledTokens] | None = None
     """The step in flight, if any."""
     pending: Pending | None = None
     """What the step in flight waits for."""
@@ -57,17 +60,16 @@ class _Lane:
 class Lanes:
     """Drive ``num_lanes`` lanes over one attention worker's engine."""
 
-    def __init__(self, engine: LLMEngine, num_lanes: int,
+    def __init__(self, engine: LLMEngine, runner: AttentionRunner, num_lanes: int,
                  progress: Progress | None = None) -> None:
-        """``progress`` counts each resumed lane (a layer, or a step's end) for the
-        heartbeat's stall detection."""
-        runner = engine.runner
-        assert isinstance(runner, AttentionRunner)
-        self.engine = engine
+        """Lanes over ``engine``'s request table and KV pool, stepping with ``runner`` (the
+        engine's own, built for it). ``progress`` counts each resumed lane (a layer, or a
+        step's end) for the heartbeat's stall detection."""
+        self.requests = engine.requests
+        self.block_manager = engine.block_manager
         self.runner = runner
         per_lane = engine.config.scheduler.per_lane(num_lanes)
-        self.lanes = [_Lane(m, Scheduler(per_lane, engine.block_manager))
-                      for m in range(num_lanes)]
+        self.lanes = [Lane(m, Scheduler(per_lane, self.block_manager)) for m in range(num_lanes)]
         self.lane_of: dict[str, int] = {}
         """Lane of every unfinished request."""
         self._num_sent = 0
@@ -77,9 +79,8 @@ class Lanes:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams) -> None:
         """Queue a request on the lane with the fewest unfinished sequences."""
-        lane = min(self.lanes, key=lambda ln: (ln.num_unfinished, ln.index))
-        self.engine.add_request(request_id, prompt_token_ids, params, scheduler=lane.scheduler)
-        self.engine.requests[request_id].prompt = prompt
+        lane = self.lanes[pick_lane([ln.num_unfinished for ln in self.lanes])]
+        self.requests.add(request_id, prompt_token_ids, params, lane.scheduler, prompt)
         self.lane_of[request_id] = lane.index
 
     def abort_request(self, request_id: str) -> None:
@@ -91,7 +92,7 @@ class Lanes:
         if lane.step is not None:
             lane.deferred_aborts.append(request_id)
             return
-        self.engine.abort_request(request_id, lane.scheduler)
+        self.requests.abort(request_id, lane.scheduler)
         del self.lane_of[request_id]
 
     def has_work(self) -> bool:
@@ -127,7 +128,7 @@ class Lanes:
                 self._resume(min(waiting, key=lambda ln: ln.pending_order), ended)
         return ended
 
-    def _resume(self, lane: _Lane, ended: list[StepOutput]) -> None:
+    def _resume(self, lane: Lane, ended: list[StepOutput]) -> None:
         assert lane.step is not None
         try:
             lane.pending = next(lane.step)
@@ -138,12 +139,12 @@ class Lanes:
             ended.append(self._end_step(lane, done.value))
         self.progress.tick()
 
-    def _end_step(self, lane: _Lane, result: StepResult) -> StepOutput:
+    def _end_step(self, lane: Lane, result: SampledTokens) -> StepOutput:
         out = lane.out
         assert out is not None
         tokens, logprobs = result
         lane.scheduler.update(out, tokens)
-        step = self.engine.postprocess(out, tokens, logprobs, lane.scheduler)
+        step = self.requests.postprocess(out, tokens, logprobs, lane.scheduler)
         tracer = self.runner.tracer
         tracer.add("step", "step", lane.start_us, tracer.now_us(),
                    {"tokens": out.num_batched_tokens, "seqs": len(out.seqs),
@@ -157,16 +158,16 @@ class Lanes:
         return step
 
     # ----------------------------------------------------------------- stats
-    def stats(self) -> WorkerStats:
-        engine, schedulers = self.engine, [ln.scheduler for ln in self.lanes]
-        return WorkerStats(
+    def stats(self) -> EngineStats:
+        schedulers, bm = [ln.scheduler for ln in self.lanes], self.block_manager
+        return EngineStats(
             num_running=sum(len(s.running) for s in schedulers),
             num_waiting=sum(len(s.waiting) for s in schedulers),
-            num_free_blocks=engine.block_manager.num_free_blocks,
-            kv_cache_usage=engine.block_manager.usage,
-            num_preemptions=sum(s.num_preemptions for s in schedulers),
-            num_prompt_tokens_total=engine.num_prompt_tokens_total,
-            num_generation_tokens_total=engine.num_generation_tokens_total,
+            num_free_blocks=bm.num_free_blocks,
+            kv_cache_usage=bm.usage,
+            num_preemptions_total=sum(s.num_preemptions for s in schedulers),
+            num_prompt_tokens_total=self.requests.num_prompt_tokens_total,
+            num_generation_tokens_total=self.requests.num_generation_tokens_total,
             num_prefix_queried_tokens_total=sum(s.num_prefix_queried_tokens for s in schedulers),
             num_prefix_hit_tokens_total=sum(s.num_prefix_hit_tokens for s in schedulers),
         )

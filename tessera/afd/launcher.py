@@ -32,9 +32,9 @@ import msgspec
 import zmq
 
 from tessera.afd.config import AFDConfig
-from tessera.afd.messages import WorkerConfig
 from tessera.afd.shm_plane import SHM_DIR, shm_supported
 from tessera.config import EngineConfig
+from tessera.messages.workers import WorkerConfig
 from tessera.platform import get_platform
 
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()

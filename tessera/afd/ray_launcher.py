@@ -32,8 +32,8 @@ import msgspec
 
 from tessera.afd.config import AFDConfig
 from tessera.afd.launcher import PoolLink, WorkerStartupError, track, untrack
-from tessera.afd.messages import WorkerConfig
 from tessera.config import EngineConfig
+from tessera.messages.workers import WorkerConfig
 
 _HEALTH_CHECK_S = 0.1  # ray.wait per engine step would cost more than a step of a tiny model
 _RELEASE_TIMEOUT_S = 30.0

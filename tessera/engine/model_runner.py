@@ -20,6 +20,10 @@ from tessera.model.attention import AttentionMetadata, PrefillChunk
 from tessera.model.context import StepContext
 from tessera.model.dense import DecoderModel
 
+SampledTokens = tuple[list[int | None], list[dict[int, float] | None]]
+"""Per scheduled sequence of a step: its sampled token (None for a prefill chunk that does
+not end its prompt) and its logprobs entry (None unless requested)."""
+
 
 @dataclass
 class StepInputs:
@@ -154,25 +158,16 @@ class ModelRunner:
                 hidden = unit(hidden, inputs.ctx)
         return self.model.compute_logits(hidden[inputs.sample_rows])
 
-    def compute_logits(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[int]]:
-        """Logits [S, V] of the rows to sample and, per row, its index into ``out.seqs``.
-
-        The hook for runners that place units elsewhere (attention/FFN disaggregation)."""
-        inputs = self.prepare(out)
-        return self.forward(inputs), inputs.sample_seq_indices
-
     @torch.inference_mode()
-    def execute(
-        self, out: SchedulerOutput
-    ) -> tuple[list[int | None], list[dict[int, float] | None]]:
+    def execute(self, out: SchedulerOutput) -> SampledTokens:
         """Run the step; returns the sampled token (None for a prefill chunk that does not
         end its prompt) and its logprobs entry, per scheduled sequence."""
-        logits, sample_seq_indices = self.compute_logits(out)
-        return self.sample(out, logits, sample_seq_indices)
+        inputs = self.prepare(out)
+        return self.sample(out, self.forward(inputs), inputs.sample_seq_indices)
 
     def sample(
         self, out: SchedulerOutput, logits: torch.Tensor, sample_seq_indices: list[int]
-    ) -> tuple[list[int | None], list[dict[int, float] | None]]:
+    ) -> SampledTokens:
         """Sample the rows of ``logits`` [S, V]; per scheduled sequence, its token (None for
         a prefill chunk that does not end its prompt) and logprobs entry."""
         seqs = [out.seqs[i] for i in sample_seq_indices]

@@ -37,10 +37,6 @@ class Platform:
         if self.name == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def supports_dtype(self, dtype: torch.dtype) -> bool:
-        if self.name == "cuda" and dtype == torch.bfloat16:
-            return bool(torch.cuda.is_bf16_supported())
-        return True
 
 
 def _available_host_memory_bytes() -> int:

@@ -21,12 +21,12 @@ class ServeConfig:
 
     served_model_name: str
     """The model id clients send and ``/v1/models`` lists."""
+    max_num_seqs: int
+    """The engine's running limit (``SchedulerConfig.max_num_seqs``); with ``max_waiting`` it
+    bounds the sequences in flight."""
     model_aliases: tuple[str, ...] = ()
     """Other ids requests may name this model by (the model path as given, when no name was
     chosen); never shown."""
-    max_num_seqs: int = 256
-    """The engine's running limit (from the engine config); with ``max_waiting`` it bounds the
-    sequences in flight."""
     host: str = option("127.0.0.1", "interface to listen on")
     port: int = option(8000, "port to listen on")
     api_key: str | None = option(

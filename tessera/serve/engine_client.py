@@ -31,19 +31,10 @@ import zmq
 import zmq.asyncio
 
 from tessera.config import EngineConfig
-from tessera.serve.protocol import (
-    AbortRequests,
-    AddRequest,
-    CoreConfig,
-    CoreOutput,
-    Delta,
-    EngineStats,
-    Ready,
-    SamplingOptions,
-    Shutdown,
-    StartupFailed,
-    StepResult,
-)
+from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.messages.core import CoreConfig, CoreOutput, CoreStep, Delta
+from tessera.outputs import EngineStats
+from tessera.sampling_params import SamplingParams
 
 logger = logging.getLogger("tessera.serve")
 
@@ -231,7 +222,7 @@ class EngineClient:
         return len(self._queues)
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
     ) -> asyncio.Queue[Event]:
         """Send a request to the core; its events arrive on the returned queue."""
         if not self.alive:
@@ -241,7 +232,7 @@ class EngineClient:
             self._last_progress_s = time.monotonic()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         self._queues[request_id] = queue
-        self._send(AddRequest(request_id, prompt_token_ids, options))
+        self._send(AddRequest(request_id, prompt_token_ids, params))
         return queue
 
     def _send(self, msg: AddRequest | AbortRequests | Shutdown) -> None:
@@ -344,7 +335,7 @@ class EngineClient:
         elif self.process is not None and msg.pid == self.process.pid:
             handshake.set_result(msg)
 
-    def _on_step(self, msg: StepResult) -> None:
+    def _on_step(self, msg: CoreStep) -> None:
         self._last_progress_s = time.monotonic()
         by_request: dict[str, list[Delta]] = {}
         for delta in msg.deltas:

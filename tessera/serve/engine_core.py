@@ -2,7 +2,7 @@
 
 Run as ``python -m tessera.serve.engine_core CONFIG_JSON`` by the API process. It pulls
 ``CoreInput`` messages, steps the engine while anything is unfinished and pushes one
-``StepResult`` (new tokens plus stats) per step. Between steps it only drains its input socket
+``CoreStep`` (new tokens plus stats) per step. Between steps it only drains its input socket
 without blocking, so HTTP work in the API process never delays a step and a step never waits
 on HTTP. It exits on ``Shutdown``, or when its parent process is gone (no orphans).
 
@@ -24,40 +24,16 @@ import time
 import msgspec
 import zmq
 
-from tessera.engine.factory import Engine, create_engine
-from tessera.engine.llm_engine import STEP_FAILED_MESSAGE
-from tessera.serve.protocol import (
-    AbortRequests,
-    AddRequest,
-    CoreConfig,
-    CoreInput,
-    Delta,
-    EngineStats,
-    Ready,
-    RequestFailed,
-    Shutdown,
-    StartupFailed,
-    StepResult,
-)
+from tessera.engine.protocol import Engine
+from tessera.engine.requests import STEP_FAILED_MESSAGE
+from tessera.engine_factory import create_engine
+from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.messages.core import CoreConfig, CoreInput, CoreStep, Delta, RequestFailed
 
 _IDLE_POLL_MS = 200
 """How long an idle core blocks on its input before checking that its parent still lives."""
 
 logger = logging.getLogger("tessera.engine_core")
-
-
-def engine_stats(engine: Engine) -> EngineStats:
-    s = engine.stats()
-    return EngineStats(
-        num_running=s["num_running"],
-        num_waiting=s["num_waiting"],
-        kv_cache_usage=s["kv_cache_usage"],
-        num_preemptions=s["num_preemptions"],
-        num_prompt_tokens_total=engine.num_prompt_tokens_total,
-        num_generation_tokens_total=engine.num_generation_tokens_total,
-        num_prefix_queried_tokens_total=s["prefix_queried_tokens"],
-        num_prefix_hit_tokens_total=s["prefix_hit_tokens"],
-    )
 
 
 class EngineCore:
@@ -88,9 +64,7 @@ class EngineCore:
         """Apply one input; False when the core must stop."""
         if isinstance(msg, AddRequest):
             try:
-                self.engine.add_request(
-                    msg.request_id, msg.prompt_token_ids, msg.options.to_params()
-                )
+                self.engine.add_request(msg.request_id, msg.prompt_token_ids, msg.params)
             except ValueError as e:
                 failed.append(RequestFailed(msg.request_id, str(e)))
             except Exception:
@@ -164,7 +138,7 @@ class EngineCore:
             elif not num_inputs:
                 continue
             # Also sent after inputs alone, so an abort shows in the stats at once.
-            self.send(StepResult(deltas, failed, engine_stats(engine), pid))
+            self.send(CoreStep(deltas, failed, engine.stats(), pid))
 
 
 def main(argv: list[str]) -> int:
@@ -190,15 +164,13 @@ def main(argv: list[str]) -> int:
             return 1
         core = EngineCore(config, engine, ctx)
         rt = engine.runtime
-        core.send(
-            Ready(rt.max_model_len, rt.vocab_size, rt.num_kv_blocks, os.getpid(), warm_up_s)
-        )
+        core.send(Ready(os.getpid(), rt.max_model_len, rt.num_kv_blocks, rt.vocab_size,
+                        warm_up_s))
         core.run()
         return 0
     finally:
-        shutdown = getattr(engine, "shutdown", None)
-        if shutdown is not None:
-            shutdown()  # stop disaggregated workers
+        if engine is not None:
+            engine.shutdown()  # stop disaggregated workers
         ctx.destroy(linger=0)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tessera.engine.detokenizer import IncrementalDetokenizer, find_stop
@@ -18,7 +18,6 @@ from tessera.sampling_params import SamplingParams
 from tessera.serve.engine_client import EngineClient, EngineDeadError, Finished
 from tessera.serve.errors import APIError
 from tessera.serve.metrics import ServerMetrics
-from tessera.serve.protocol import SamplingOptions
 
 
 @dataclass
@@ -110,9 +109,8 @@ async def generate(
     stop = list(params.stop or [])
     choices = [ChoiceState(i, tokenizer, prompt_token_ids[-6:], stop) for i in range(params.n)]
     try:
-        queue = client.add_request(
-            request_id, prompt_token_ids, SamplingOptions.from_params(params)
-        )
+        # Stop strings are checked here, on the text: the core never sees them.
+        queue = client.add_request(request_id, prompt_token_ids, replace(params, stop=None))
     except EngineDeadError as e:
         raise APIError(503, str(e), headers={"Retry-After": "5"}) from None
     num_core_finished = 0

@@ -10,7 +10,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tessera.serve.protocol import EngineStats
+from tessera.outputs import EngineStats
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -72,7 +72,7 @@ class ServerMetrics:
                 self.prefix_hits,
                 stats.num_prefix_hit_tokens_total - last.num_prefix_hit_tokens_total,
             ),
-            (self.preemptions, stats.num_preemptions - last.num_preemptions),
+            (self.preemptions, stats.num_preemptions_total - last.num_preemptions_total),
         )
         for metric, inc in pairs:
             if inc > 0:

@@ -9,7 +9,7 @@ from typing import Any
 
 import msgspec
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 
 from tessera.sampling_params import SamplingParams
 from tessera.serve.errors import APIError, error_body, internal_error_message
@@ -117,10 +117,6 @@ def stream_response(chunks: AsyncIterator[bytes]) -> StreamingResponse:
         yield sse("[DONE]")
 
     return StreamingResponse(body(), media_type="text/event-stream")
-
-
-def json_response(payload: dict[str, Any]) -> JSONResponse:
-    return JSONResponse(payload)
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:

@@ -107,7 +107,7 @@ async def serve(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or model_dir.resolve().name,
         model_aliases=() if args.served_model_name else (args.model,),
         api_key=resolve_api_key(args),
-        max_num_seqs=args.max_num_seqs,
+        max_num_seqs=engine_config.scheduler.max_num_seqs,
     )
     sock = _bind(config.host, config.port)
     client = EngineClient(

@@ -117,7 +117,7 @@ def test_killed_workers_leave_nothing_behind(model_factory):
             assert not any(f.exists() for f in files), files
             again = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
             assert again[0].outputs[0].token_ids == reference[0].outputs[0].token_ids
-            assert engine.stats()["kv_cache_usage"] == 0.0
+            assert engine.stats().kv_cache_usage == 0.0
         assert engine.num_recoveries == 2
     finally:
         llm.close()

@@ -84,9 +84,9 @@ def test_greedy_tokens_match_single_process(
         assert results == reference
         # Stats follow the workers' reports: the abort shows once its worker handled it.
         deadline = time.monotonic() + 10
-        while llm.engine.stats()["num_running"] and time.monotonic() < deadline:
+        while llm.engine.stats().num_running and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert llm.engine.stats()["num_running"] == 0
+        assert llm.engine.stats().num_running == 0
     finally:
         llm.close()
     assert worker_pids() == []

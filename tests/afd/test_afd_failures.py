@@ -66,7 +66,7 @@ def test_dead_then_stalled_ffn_worker(model_factory):
         again = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
         assert again[0].outputs[0].finish_reason == "length"
         assert again[0].outputs[0].token_ids == reference[0].outputs[0].token_ids
-        assert engine.stats()["kv_cache_usage"] == 0.0  # blocks of the failed requests are gone
+        assert engine.stats().kv_cache_usage == 0.0  # blocks of the failed requests are gone
     finally:
         llm.close()
     assert worker_pids() == []

@@ -14,7 +14,8 @@ import zmq
 from tessera import LLM, SamplingParams
 from tessera.afd.config import AFDConfig
 from tessera.afd.frames import FRONT_SENDER, PREFIX_BYTES, FrameWriter, new_secret
-from tessera.afd.messages import AbortRequests, Shutdown, StepFailed
+from tessera.messages.common import AbortRequests, Shutdown
+from tessera.messages.workers import StepFailed
 from tests.afd.conftest import worker_pids
 
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)

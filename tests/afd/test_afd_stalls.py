@@ -55,7 +55,7 @@ def test_a_stalled_main_loop_is_detected_and_the_pool_recovers(model_factory, mo
         assert engine.num_recoveries == 1
         again = llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
         assert again[0].outputs[0].token_ids == reference[0].outputs[0].token_ids
-        assert engine.stats()["kv_cache_usage"] == 0.0
+        assert engine.stats().kv_cache_usage == 0.0
     finally:
         llm.close()
     assert worker_pids() == []

@@ -12,12 +12,13 @@ from tessera.afd.config import AFDConfig
 from tessera.afd.dataplane import brief
 from tessera.afd.ffn_shard import DenseFFNShard
 from tessera.afd.head_slice import HeadSlice, RemovedHead
-from tessera.afd.messages import Shutdown, StepReport, WorkerConfig, WorkerStats
 from tessera.afd.placement import expert_ids_of, expert_owners, head_split, shard_range
 from tessera.afd.trace import Tracer, hidden_transfer_fraction
+from tessera.messages.common import Shutdown
+from tessera.messages.workers import StepReport, WorkerConfig
 from tessera.model.dense import DenseFFNUnit
 from tessera.model.loader import load_model
-from tessera.outputs import StepOutput, TokenDelta
+from tessera.outputs import EngineStats, StepOutput, TokenDelta
 
 
 def test_placement_covers_everything_once():
@@ -272,8 +273,8 @@ class _ScriptedLanes:
         return [StepOutput(deltas=[TokenDelta("r", self.num_ended - 1, self.num_ended, None,
                                               None)])]
 
-    def stats(self) -> WorkerStats:
-        return WorkerStats()
+    def stats(self) -> EngineStats:
+        return EngineStats()
 
 
 def test_attention_worker_reports_a_step_once_its_lane_has_moved_on():
@@ -282,8 +283,8 @@ def test_attention_worker_reports_a_step_once_its_lane_has_moved_on():
     # and its lane's next FFN request; none is lost, and the order is kept.
     from tessera.afd.attention_worker import run
     from tessera.afd.frames import FRONT_SENDER, FrameReader, FrameWriter, new_secret
-    from tessera.afd.messages import WorkerInput
     from tessera.afd.progress import Progress
+    from tessera.messages.workers import WorkerInput
 
     secret = new_secret()
     writer = FrameWriter(secret, 0, FRONT_SENDER, 1 << 20)

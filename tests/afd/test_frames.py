@@ -23,17 +23,10 @@ from tessera.afd.frames import (
     split_message,
     worker_sender,
 )
-from tessera.afd.messages import (
-    FrontInput,
-    Heartbeat,
-    Shutdown,
-    StepFailed,
-    StepReport,
-    WorkerInput,
-    WorkerStats,
-)
 from tessera.afd.trace import Span
-from tessera.outputs import CompletionOutput, RequestOutput, TokenDelta
+from tessera.messages.common import Shutdown
+from tessera.messages.workers import FrontInput, Heartbeat, StepFailed, StepReport, WorkerInput
+from tessera.outputs import CompletionOutput, EngineStats, RequestOutput, TokenDelta
 
 LIMIT = 1 << 16
 
@@ -109,7 +102,7 @@ def _report(num_deltas: int, num_finished: int, num_spans: int, text: str = "") 
     finished = [RequestOutput(f"f{i}", None, [1], [CompletionOutput(0, text, [i], "length")],
                               True) for i in range(num_finished)]
     spans = [Span("x", "attn", i, i + 1, {}) for i in range(num_spans)]
-    return StepReport("attn0.g0", deltas, finished, WorkerStats(num_running=7), spans)
+    return StepReport("attn0.g0", deltas, finished, EngineStats(num_running=7), spans)
 
 
 def test_a_large_report_is_split_in_order_and_a_lone_huge_output_ends_with_an_error():

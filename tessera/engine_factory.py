@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
-
 from tessera.config import EngineConfig
 from tessera.engine.llm_engine import LLMEngine
-
-if TYPE_CHECKING:
-    from tessera.afd.front import AFDEngine
-
-Engine = Union[LLMEngine, "AFDEngine"]
+from tessera.engine.protocol import Engine
 
 
 def create_engine(config: EngineConfig) -> Engine:

@@ -1,9 +1,9 @@
-"""Control messages between the front and its workers (ZeroMQ, msgpack-encoded msgspec structs).
+"""An ``AFDEngine`` front and its attention and FFN workers (``tessera.afd``).
 
-Only control travels here: requests, per-step token deltas, finished outputs, stats,
-heartbeats and trace spans. Hidden states travel on the data plane (``dataplane.py``).
-Every worker pushes to the front's one PULL socket; the front pushes to each attention
-worker's own PULL socket. Each direction is one tagged union so a decoder knows every type.
+Requests, per-step token deltas, finished outputs, stats, heartbeats and trace spans travel
+here, sealed (``tessera.afd.frames``); hidden states travel on the data plane
+(``tessera.afd.dataplane``). Every worker pushes to the front's one PULL socket; the front
+pushes to each attention worker's own PULL socket.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import msgspec
 from tessera.afd.config import AFDConfig
 from tessera.afd.trace import Span
 from tessera.config import EngineConfig
-from tessera.outputs import RequestOutput, TokenDelta
-from tessera.sampling_params import SamplingParams
+from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.outputs import EngineStats, RequestOutput, TokenDelta
 
 
 class WorkerConfig(msgspec.Struct, frozen=True):
@@ -43,48 +43,8 @@ class WorkerConfig(msgspec.Struct, frozen=True):
         return f"{self.afd.worker_name(self.rank)}.g{self.generation}"
 
 
-# ------------------------------------------------------------------ front -> attention worker
-class AddRequest(msgspec.Struct, frozen=True, tag=True):
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-
-
-class AbortRequests(msgspec.Struct, frozen=True, tag=True):
-    request_ids: list[str]
-
-
-class Shutdown(msgspec.Struct, frozen=True, tag=True):
-    """Exit now."""
-
-
 WorkerInput = AddRequest | AbortRequests | Shutdown
-
-
-# ------------------------------------------------------------------ any worker -> front
-class WorkerStats(msgspec.Struct, frozen=True):
-    num_running: int = 0
-    num_waiting: int = 0
-    num_free_blocks: int = 0
-    kv_cache_usage: float = 0.0
-    num_preemptions: int = 0
-    num_prompt_tokens_total: int = 0
-    num_generation_tokens_total: int = 0
-    num_prefix_queried_tokens_total: int = 0
-    num_prefix_hit_tokens_total: int = 0
-
-
-class Ready(msgspec.Struct, frozen=True, tag=True):
-    worker: str
-    pid: int
-    max_model_len: int = 0
-    num_kv_blocks: int = 0
-
-
-class StartupFailed(msgspec.Struct, frozen=True, tag=True):
-    worker: str
-    message: str
+"""Front -> attention worker."""
 
 
 class StepReport(msgspec.Struct, frozen=True, tag=True):
@@ -93,7 +53,7 @@ class StepReport(msgspec.Struct, frozen=True, tag=True):
     worker: str
     deltas: list[TokenDelta]
     finished: list[RequestOutput]
-    stats: WorkerStats
+    stats: EngineStats
     spans: list[Span] = []
 
 
@@ -119,3 +79,4 @@ class Heartbeat(msgspec.Struct, frozen=True, tag=True):
 
 
 FrontInput = Ready | StartupFailed | StepReport | StepFailed | Heartbeat
+"""Any worker -> front."""

@@ -1,0 +1,61 @@
+"""The API process and its engine-core process (``tessera.serve``).
+
+The API process tokenizes, detokenizes and checks stop strings, so the core never sees text:
+``AddRequest.params`` arrives with ``stop`` cleared.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from tessera.config import EngineConfig
+from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.outputs import EngineStats
+
+CoreInput = AddRequest | AbortRequests | Shutdown
+"""API process -> core."""
+
+
+class Delta(msgspec.Struct, frozen=True, array_like=True):
+    """One new token of completion ``index`` of a request (see ``tessera.outputs.TokenDelta``)."""
+
+    request_id: str
+    index: int
+    token_id: int
+    logprobs: dict[int, float] | None
+    finish_reason: str | None
+
+
+class RequestFailed(msgspec.Struct, frozen=True, array_like=True):
+    """The core refused a request (e.g. a ValueError from ``add_request``: 400) or lost it
+    (a failed worker in disaggregated serving: 500)."""
+
+    request_id: str
+    message: str
+    status_code: int = 400
+
+
+class CoreStep(msgspec.Struct, frozen=True, tag=True):
+    """What one pass of the core loop produced (sent after a step or after handling inputs).
+
+    It is also the core's heartbeat: a core that sends none while requests are pending is
+    stalled. ``pid`` tells a restarted core's results from a dead one's still in the socket.
+    """
+
+    deltas: list[Delta]
+    failed: list[RequestFailed]
+    stats: EngineStats
+    pid: int = 0
+
+
+CoreOutput = Ready | StartupFailed | CoreStep
+"""Core -> API process."""
+
+
+class CoreConfig(msgspec.Struct, frozen=True):
+    """How the engine-core process is started (passed as JSON on its command line)."""
+
+    engine: EngineConfig
+    input_address: str
+    output_address: str
+    parent_pid: int
