@@ -25,6 +25,7 @@ demo-model: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check tessera tests benchmarks
 	$(BIN)/mypy tessera
+	$(BIN)/lint-imports
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest tests

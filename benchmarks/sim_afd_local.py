@@ -42,7 +42,7 @@ TOLERANCE = 0.10
 def open_split(model_dir: str, num_micro_batches: int, head_share: float) -> Any:
     """The split (A=1, F=1, one thread each) as an offline ``LLM``."""
     from tessera import LLM
-    from tessera.afd.config import AFDConfig
+    from tessera.config import AFDConfig
 
     afd = AFDConfig(attention_workers=1, ffn_workers=1, micro_batches=num_micro_batches,
                     ffn_head_share=head_share)

@@ -100,8 +100,8 @@ def disaggregated(model_dir: str, prompts: list[list[int]], max_tokens: int,
                   num_micro_batches: int, data_plane: str, head_share: float,
                   num_attention: int = 1) -> dict:
     from tessera import LLM
-    from tessera.afd.config import AFDConfig
     from tessera.afd.trace import hidden_transfer_fraction
+    from tessera.config import AFDConfig
 
     trace = Path(tempfile.mkdtemp()) / f"afd-m{num_micro_batches}.json"
     afd = AFDConfig(attention_workers=num_attention, ffn_workers=1,

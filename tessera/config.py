@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from tessera.afd.config import AFDConfig
 from tessera.cli_options import option
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DATA_PLANES = ("auto", "torch", "shm")
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,111 @@ class CacheConfig:
             raise ValueError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
             )
+
+
+@dataclass(frozen=True)
+class AFDConfig:
+    """How many workers of each kind, how batches are pipelined and how failures are found.
+
+    ``attention_workers`` data-parallel engines each own a scheduler, a KV cache and the
+    attention side of the model; ``ffn_workers`` hold the FFN side of every layer (a tensor-
+    parallel shard of a dense FFN's intermediate dimension). Any ratio of the two works.
+    """
+
+    attention_workers: int = option(1, "data-parallel attention worker processes")
+    ffn_workers: int = option(1, "FFN worker processes (tensor-parallel FFN shards)")
+    micro_batches: int = option(
+        2, "micro-batches (lanes, each stepping on its own) per attention worker; with 2 one "
+        "lane's FFN work overlaps the other's attention, LM head and sampling")
+    data_plane: str = option(
+        "auto", "how workers exchange hidden states: shared memory (local CPU workers), "
+        "torch.distributed, or auto (shm where it applies)", choices=DATA_PLANES)
+    """How hidden states travel. ``"torch"``: torch.distributed point-to-point (gloo on CPU,
+    the platform's backend elsewhere). ``"shm"``: shared memory, for CPU workers on one host
+    (``tessera.afd.shm_plane``). ``"auto"``: shm for local CPU workers where the host supports
+    it, else torch. Ray-placed workers always use torch."""
+    ffn_head_share: float = option(
+        0.0, "share (0 to 1) of the LM head's vocabulary computed on the FFN workers, to "
+        "balance the two pools (0: all on the attention workers)")
+    """Share of the LM head's vocabulary computed on the FFN workers (0 to 1). The head is a
+    large stateless matmul after the last layer; with 0 it runs whole on each attention worker
+    (the single-process layout). With a share s the attention worker keeps the first
+    ``1 - s`` of the vocabulary rows and the FFN workers split the rest, each answering with
+    its slice of the logits, so the two sides compute the head at the same time. Raise it where
+    the attention workers are the busier side (their trace shows little ``wait``; see
+    docs/transformerless.md); the tokens do not change."""
+    transfer_timeout_s: float = 30.0
+    """Deadline of every FFN transfer, counted from the start of the step that issued it."""
+    heartbeat_interval_s: float = 0.5
+    failure_detect_s: float = 3.0
+    """A worker silent for this long (no heartbeat) is declared dead, and so is one whose main
+    loop makes no progress for this long while it has work (see ``progress.py``): it must
+    exceed the longest single FFN layer or lane step."""
+    startup_timeout_s: float = 300.0
+    """Longest wait for all workers to load their weights and join the data plane."""
+    master_port: int | None = None
+    """Rendezvous port of the first data-plane group; None picks a free one. A restarted pool
+    always picks a fresh free port."""
+    trace_path: str | None = option(
+        None, "write a Chrome trace of worker compute and transfers to this file",
+        flag="--trace")
+    ray_address: str | None = option(
+        None, "place the workers on a Ray cluster: auto (the cluster 'ray start' runs on this "
+        "host), HOST:PORT, or local (a private Ray)")
+    """Place the workers on a Ray cluster instead of local processes: ``"auto"`` (the cluster
+    ``ray start`` runs on this host), ``"HOST:PORT"`` (its GCS address) or ``"local"`` (a
+    private single-node Ray started for this process). None: local processes."""
+    placement_timeout_s: float = 60.0
+    """Ray only: longest wait for the cluster to grant the workers' placement group."""
+
+    def __post_init__(self) -> None:
+        for name in ("attention_workers", "ffn_workers", "micro_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer of at least 1, got {value!r}")
+        if self.micro_batches > 16:
+            raise ValueError(f"micro_batches must be at most 16, got {self.micro_batches}")
+        if self.data_plane not in DATA_PLANES:
+            raise ValueError(
+                f"data_plane must be one of {', '.join(DATA_PLANES)}, got {self.data_plane!r}"
+            )
+        share = self.ffn_head_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share <= 1:
+            raise ValueError(f"ffn_head_share must be a number from 0 to 1, got {share!r}")
+        for name in ("transfer_timeout_s", "heartbeat_interval_s", "failure_detect_s",
+                     "startup_timeout_s", "placement_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.failure_detect_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"failure_detect_s ({self.failure_detect_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s})"
+            )
+
+        if self.ray_address is not None:
+            if self.data_plane == "shm":
+                raise ValueError("data_plane 'shm' needs local workers, not ray_address")
+            if not isinstance(self.ray_address, str) or not self.ray_address.strip():
+                raise ValueError(f"ray_address must be a non-empty string, got {self.ray_address!r}")
+            if self.ray_address.startswith("ray://"):
+                raise ValueError(
+                    f"ray_address {self.ray_address!r}: Ray Client (ray://) is not supported; "
+                    "run tessera on a node of the cluster with 'auto' or the GCS HOST:PORT"
+                )
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the data plane: attention workers first, then FFN workers."""
+        return self.attention_workers + self.ffn_workers
+
+    def ffn_ranks(self) -> list[int]:
+        return list(range(self.attention_workers, self.world_size))
+
+    def worker_name(self, rank: int) -> str:
+        """The name a data-plane rank goes by in messages and errors (``attn0``, ``ffn1``)."""
+        if rank < self.attention_workers:
+            return f"attn{rank}"
+        return f"ffn{rank - self.attention_workers}"
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,8 @@ import argparse
 import dataclasses
 from typing import Any
 
-from tessera.afd.config import AFDConfig
 from tessera.cli_options import add_options, flag_of, option_names
-from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
+from tessera.config import AFDConfig, CacheConfig, EngineConfig, SchedulerConfig
 
 _NESTED = {"scheduler": SchedulerConfig, "cache": CacheConfig, "afd": AFDConfig}
 _ENGINE_FIELDS = [f.name for f in dataclasses.fields(EngineConfig)

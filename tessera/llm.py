@@ -7,8 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from tessera.afd.config import AFDConfig
-from tessera.config import EngineConfig
+from tessera.config import AFDConfig, EngineConfig
 from tessera.engine.protocol import Engine
 from tessera.engine_args import engine_config
 from tessera.engine_factory import create_engine

@@ -26,7 +26,7 @@ import zmq
 from torch import nn
 
 from tessera.afd.attention_runner import AttentionRunner
-from tessera.afd.dataplane import TransferError, open_plane
+from tessera.afd.dataplane import TransferError
 from tessera.afd.frames import (
     MAIN_CHANNEL,
     FrameReader,
@@ -40,6 +40,7 @@ from tessera.afd.head_slice import HeadSlice, RemovedHead
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.lanes import Lanes
 from tessera.afd.placement import expert_owners, head_split
+from tessera.afd.planes import open_plane
 from tessera.afd.progress import BUSY, IDLE, Progress
 from tessera.afd.remote_ffn import RemoteFFN
 from tessera.afd.trace import Tracer

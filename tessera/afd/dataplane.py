@@ -2,7 +2,7 @@
 
 The backend comes from the platform (gloo on CPU; nccl/hccl where a device brings its own), so
 an accelerator plugs in without changes here. CPU workers on one host use the shared-memory
-plane instead (``shm_plane.py``, same calls); ``open_plane`` picks the one a worker is given. Every wait has a deadline; a transfer that fails
+plane instead (``shm_plane.py``, same calls); ``planes.open_plane`` picks the one a worker is given. Every wait has a deadline; a transfer that fails
 or misses it raises ``TransferError``, after which the group is unusable (a collective group
 does not survive a dead member) and the front rebuilds the whole pool on a fresh port.
 
@@ -21,13 +21,10 @@ import re
 import socket
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from tessera.messages.workers import WorkerConfig
 
 HEADER_TAG = 1
 PAYLOAD_TAG = 2
@@ -154,38 +151,6 @@ def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: 
     # The store owns the socket from here on (and closes it).
     return dist.TCPStore(master_addr, master_port, world_size, True, timeout,
                          wait_for_workers=False, master_listen_fd=listener.detach())
-
-
-def open_plane(cfg: WorkerConfig, backend: str, hidden_size: int, elem_bytes: int,
-               top_k: int, vocab_size: int) -> Plane:
-    """Join the data plane ``cfg`` names: shared memory in ``cfg.plane_dir`` if set, else
-    torch.distributed with ``backend``. Attention ranks exchange with every FFN rank."""
-    afd = cfg.afd
-    names = [afd.worker_name(r) for r in range(afd.world_size)]
-    if cfg.plane_dir is None:
-        return DataPlane(cfg.rank, afd.world_size, cfg.master_addr, cfg.master_port, backend,
-                         afd.startup_timeout_s, names, cfg.host_addr)
-    from tessera.afd.placement import head_split
-    from tessera.afd.shm_plane import PlaneLimits, ShmDataPlane
-
-    sched = cfg.engine.scheduler
-    max_tokens = sched.max_num_batched_tokens
-    head_cols = [end - start for start, end in head_split(vocab_size, afd.ffn_head_share,
-                                                          afd.ffn_workers)[1:]]
-    limits = PlaneLimits(
-        max_tokens=max_tokens,
-        hidden_size=hidden_size,
-        elem_bytes=elem_bytes,
-        top_k=top_k,
-        micro_batches=afd.micro_batches,
-        max_head_cols=max(head_cols),
-        # Every sampled row is one of the step's tokens.
-        max_sample_rows=min(sched.max_num_seqs, max_tokens),
-    )
-    attention = cfg.rank < afd.attention_workers
-    peers = afd.ffn_ranks() if attention else list(range(afd.attention_workers))
-    return ShmDataPlane(cfg.rank, afd.world_size, cfg.plane_dir, limits, peers,
-                        afd.startup_timeout_s, names)
 
 
 def brief(error: Exception) -> str:

@@ -34,7 +34,6 @@ from tessera.afd.dataplane import (
     Plane,
     TransferError,
     Work,
-    open_plane,
     wait,
 )
 from tessera.afd.ffn_requests import RequestLimits
@@ -49,6 +48,7 @@ from tessera.afd.frames import (
 )
 from tessera.afd.heartbeat import start_heartbeat
 from tessera.afd.placement import expert_ids_of, head_split
+from tessera.afd.planes import open_plane
 from tessera.afd.progress import BUSY, IDLE, Progress
 from tessera.afd.trace import Tracer
 from tessera.messages.common import Ready, StartupFailed

@@ -39,7 +39,8 @@ from tessera.afd.frames import (
     frame_limit_bytes,
     new_secret,
 )
-from tessera.afd.launcher import Pool, PoolLink, WorkerStartupError, bind_front, start_pool
+from tessera.afd.launcher import Pool, PoolLink, WorkerStartupError
+from tessera.afd.pools import bind_front, start_pool
 from tessera.afd.progress import ProgressWatch
 from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo

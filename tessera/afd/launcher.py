@@ -29,11 +29,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import msgspec
-import zmq
 
-from tessera.afd.config import AFDConfig
 from tessera.afd.shm_plane import SHM_DIR, shm_supported
-from tessera.config import EngineConfig
+from tessera.config import AFDConfig, EngineConfig
 from tessera.messages.workers import WorkerConfig
 from tessera.platform import get_platform
 
@@ -59,22 +57,6 @@ class Pool(Protocol):
         """End every worker of the pool; safe to call twice."""
 
 
-def bind_front(sock: zmq.Socket, afd: AFDConfig, ipc_dir: str) -> str:
-    """Bind the front's PULL socket where every worker can reach it; returns its address.
-    Local workers use an ipc socket; Ray workers, on any node, a TCP port on this node's IP
-    (this connects to the Ray cluster first: WorkerStartupError if that fails). Only that
-    interface: never all of them."""
-    if afd.ray_address is None:
-        address = f"ipc://{ipc_dir}/front"
-        sock.bind(address)
-        return address
-    from tessera.afd.ray_launcher import node_ip  # ray is an optional dependency
-
-    ip = node_ip(afd.ray_address)
-    port = sock.bind_to_random_port(f"tcp://{ip}")
-    return f"tcp://{ip}:{port}"
-
-
 @dataclass(frozen=True)
 class PoolLink:
     """How a pool's workers reach their front: the same for every generation."""
@@ -85,16 +67,6 @@ class PoolLink:
     secret: bytes = field(repr=False)
     """Seals every control frame (``frames.py``); never on a command line."""
     frame_limit_bytes: int
-
-
-def start_pool(engine: EngineConfig, afd: AFDConfig, generation: int, link: PoolLink) -> Pool:
-    """Start generation ``generation`` of the pool: Ray actors if ``afd.ray_address`` is set,
-    else local processes. Returns once every worker is started (not yet ready)."""
-    if afd.ray_address is None:
-        return WorkerPool(engine, afd, generation, link)
-    from tessera.afd.ray_launcher import RayWorkerPool
-
-    return RayWorkerPool(engine, afd, generation, link)
 
 
 def use_shm_plane(engine: EngineConfig, afd: AFDConfig) -> bool:

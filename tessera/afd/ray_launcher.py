@@ -5,7 +5,7 @@ on CUDA), packed onto as few nodes as the cluster allows. Each worker is an acto
 its bundle that runs the same worker main as a local process, with the same ``WorkerConfig``;
 only the addresses differ: the data-plane rendezvous is a free port on the node of rank 0,
 each attention worker's input is a free TCP port on its own node, and the front listens on
-its node's IP (see ``launcher.bind_front``), so every node reaches every address.
+its node's IP (see ``pools.bind_front``), so every node reaches every address.
 
 Failures are handled as for local processes: an actor whose ``run`` call has ended (its
 process exited or died) is a worker that exited; ``kill`` ends every actor and removes the
@@ -30,9 +30,8 @@ from typing import Any
 
 import msgspec
 
-from tessera.afd.config import AFDConfig
 from tessera.afd.launcher import PoolLink, WorkerStartupError, track, untrack
-from tessera.config import EngineConfig
+from tessera.config import AFDConfig, EngineConfig
 from tessera.messages.workers import WorkerConfig
 
 _HEALTH_CHECK_S = 0.1  # ray.wait per engine step would cost more than a step of a tiny model

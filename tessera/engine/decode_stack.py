@@ -96,8 +96,9 @@ class DenseDecodeStack:
     def __call__(self, hidden: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         """Run every layer on ``hidden`` [B, D]; returns the residual stream after the last."""
         meta = ctx.attn
-        return torch.ops.tessera_kernels.dense_decode_stack(
+        out: torch.Tensor = torch.ops.tessera_kernels.dense_decode_stack(
             hidden, self.params, self.eps, self.windows, ctx.positions, self.cos, self.sin,
             ctx.kv_caches, meta.slot_mapping, meta.decode_block_tables, meta.decode_seq_lens,
             self.num_heads, self.num_kv_heads, self.scale,
         )  # [B, D]
+        return out

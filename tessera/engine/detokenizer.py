@@ -42,8 +42,9 @@ class IncrementalDetokenizer:
     def step(self, token_ids: list[int]) -> str:
         """Append the text of tokens added since the last call; returns the new text."""
         decode = self.tokenizer.decode
-        prefix = decode(token_ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        full = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
+        prefix: str = decode(token_ids[self.prefix_offset : self.read_offset],
+                             skip_special_tokens=True)
+        full: str = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""  # an incomplete character: wait for more tokens
         delta = full[len(prefix) :]

@@ -13,6 +13,7 @@ import torch
 
 from tessera.engine.sequence import Sequence
 from tessera.model.kernels.argmax import row_argmax
+from tessera.sampling_params import SamplingParams
 
 
 @dataclass
@@ -127,7 +128,7 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
 
 
 def _gather_logprobs(
-    raw: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], params: list
+    raw: torch.Tensor, tokens: torch.Tensor, token_ids: list[int], params: list[SamplingParams]
 ) -> list[dict[int, float] | None]:
     num_top = max(p.logprobs or 0 for p in params)
     chosen = raw.gather(1, tokens.unsqueeze(1)).squeeze(1).tolist()

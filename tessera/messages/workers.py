@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import msgspec
 
-from tessera.afd.config import AFDConfig
 from tessera.afd.trace import Span
-from tessera.config import EngineConfig
+from tessera.config import AFDConfig, EngineConfig
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
 from tessera.outputs import EngineStats, RequestOutput, TokenDelta
 

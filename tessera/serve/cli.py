@@ -8,14 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import sys
-from pathlib import Path
 
 from tessera.cli_options import add_options
 from tessera.engine_args import add_engine_args
-
-API_KEY_ENV = "TESSERA_API_KEY"
 
 
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -31,26 +27,6 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     add_options(p, ServeConfig)
     add_engine_args(p)
     p.add_argument("--log-level", default="warning", help="uvicorn log level")
-
-
-def resolve_api_key(args: argparse.Namespace) -> str | None:
-    """The API key from ``--api-key``, ``--api-key-file`` or ``TESSERA_API_KEY`` (at most one
-    of the flags; the environment is the fallback). ValueError for an unreadable or empty file."""
-    if args.api_key is not None and args.api_key_file is not None:
-        raise ValueError("give --api-key or --api-key-file, not both")
-    if args.api_key_file is not None:
-        path = Path(args.api_key_file)
-        try:
-            lines = path.read_text().splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"cannot read --api-key-file {args.api_key_file!r}: {e}") from None
-        key = lines[0].strip() if lines else ""
-        if not key:
-            raise ValueError(f"--api-key-file {args.api_key_file!r} holds no key")
-        return key
-    if args.api_key is not None:
-        return str(args.api_key)
-    return os.environ.get(API_KEY_ENV) or None
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -24,8 +24,8 @@ import uvicorn
 from tessera.cli_options import options_from_args
 from tessera.engine.detokenizer import load_tokenizer
 from tessera.engine_args import engine_config_from_args
+from tessera.serve.api_key import resolve_api_key
 from tessera.serve.api_server import build_app
-from tessera.serve.cli import resolve_api_key
 from tessera.serve.config import ServeConfig
 from tessera.serve.engine_client import EngineClient, Finished
 from tessera.serve.metrics import ServerMetrics

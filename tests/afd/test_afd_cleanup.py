@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
+from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 from tests.test_serve_util import pid_alive
 
@@ -26,7 +26,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
 _FRONT = """
 import json, sys
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
+from tessera.config import AFDConfig
 afd = AFDConfig(attention_workers=1, ffn_workers=2, heartbeat_interval_s=0.2)
 llm = LLM(sys.argv[1], afd=afd, dtype="float32", device="cpu", kv_cache_memory=1 << 22,
           num_threads=1)

@@ -10,8 +10,8 @@ import time
 import pytest
 
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
 from tessera.afd.trace import hidden_transfer_fraction
+from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 
 COMMON = dict(

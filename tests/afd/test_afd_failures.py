@@ -12,8 +12,8 @@ import time
 import pytest
 
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
 from tessera.afd.front import WorkerStartupError
+from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)

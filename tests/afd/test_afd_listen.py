@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
+from tessera.config import AFDConfig
 
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

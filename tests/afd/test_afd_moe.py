@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
+from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 from tests.afd.test_afd_correctness import COMMON, _prompts
 

@@ -12,8 +12,8 @@ import time
 import pytest
 
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
 from tessera.afd.front import WorkerStartupError
+from tessera.config import AFDConfig
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402

@@ -12,8 +12,8 @@ import msgspec
 import zmq
 
 from tessera import LLM, SamplingParams
-from tessera.afd.config import AFDConfig
 from tessera.afd.frames import FRONT_SENDER, PREFIX_BYTES, FrameWriter, new_secret
+from tessera.config import AFDConfig
 from tessera.messages.common import AbortRequests, Shutdown
 from tessera.messages.workers import StepFailed
 from tests.afd.conftest import worker_pids

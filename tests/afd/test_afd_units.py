@@ -8,12 +8,12 @@ import pytest
 import torch
 import zmq
 
-from tessera.afd.config import AFDConfig
 from tessera.afd.dataplane import brief
 from tessera.afd.ffn_shard import DenseFFNShard
 from tessera.afd.head_slice import HeadSlice, RemovedHead
 from tessera.afd.placement import expert_ids_of, expert_owners, head_split, shard_range
 from tessera.afd.trace import Tracer, hidden_transfer_fraction
+from tessera.config import AFDConfig
 from tessera.messages.common import Shutdown
 from tessera.messages.workers import StepReport, WorkerConfig
 from tessera.model.dense import DenseFFNUnit
