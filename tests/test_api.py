@@ -187,3 +187,65 @@ def test_warm_up_runs_a_step_as_large_as_a_step_can_be(model_factory):
     engine.warm_up()
     largest = min(engine.config.scheduler.max_num_batched_tokens, engine.runtime.max_model_len - 1)
     assert largest > 2 and max(sizes) == largest
+
+
+def test_readme_lists_every_engine_option_with_its_default():
+    # The README's LLM option table is documentation of the config fields: it must name each
+    # option of EngineConfig/SchedulerConfig/CacheConfig and agree with its default.
+    import dataclasses
+    import re
+    from pathlib import Path
+
+    from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", readme, re.M))
+    for cls in (EngineConfig, SchedulerConfig, CacheConfig):
+        for f in dataclasses.fields(cls):
+            if "help" not in f.metadata:
+                continue
+            assert f.name in rows, f"README's LLM option table lacks {f.name}"
+            shown = rows[f.name].strip().strip("`")
+            if f.default is None:
+                assert shown in ("None", "model's", "torch's"), (f.name, shown)
+            else:
+                assert shown == repr(f.default).replace("'", '"') or shown == str(f.default), (
+                    f.name, shown, f.default)
+
+
+def test_unknown_llm_option_is_a_type_error(model_factory):
+    path, _ = model_factory("llama")
+    with pytest.raises(TypeError, match="max_num_seq"):
+        LLM(str(path), dtype="float32", device="cpu", max_num_seq=4)
+    with pytest.raises(ValueError, match="micro_batches needs attention_workers"):
+        LLM(str(path), dtype="float32", device="cpu", micro_batches=2)
+
+
+def test_every_engine_option_is_a_flag_and_a_keyword():
+    import argparse
+
+    from tessera.cli_options import flag_of, option_names
+    from tessera.config import AFDConfig, CacheConfig, EngineConfig, SchedulerConfig
+    from tessera.engine_args import add_engine_args, engine_config, engine_config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    add_engine_args(parser)
+    args = parser.parse_args(["m", "--max-num-seqs", "4", "--no-prefix-caching", "--threads",
+                              "3", "--no-chunked-prefill", "--kv-cache-dtype", "bfloat16",
+                              "--ffn-workers", "2", "--micro-batches", "3"])
+    config = engine_config_from_args(args)
+    assert config == engine_config(
+        "m", max_num_seqs=4, enable_prefix_caching=False, num_threads=3,
+        enable_chunked_prefill=False, kv_cache_dtype="bfloat16", ffn_workers=2,
+        micro_batches=3)
+    assert config.afd == AFDConfig(attention_workers=1, ffn_workers=2, micro_batches=3)
+    # Defaults come from the dataclasses alone.
+    plain = engine_config_from_args(parser.parse_args(["m"]))
+    assert plain == EngineConfig(model="m") and plain.afd is None
+    flags = {flag for action in parser._actions for flag in action.option_strings}
+    for cls in (EngineConfig, SchedulerConfig, CacheConfig, AFDConfig):
+        for name in option_names(cls):
+            assert flag_of(cls, name) in flags, name
+    with pytest.raises(ValueError, match="--micro-batches needs --attention-workers"):
+        engine_config_from_args(parser.parse_args(["m", "--micro-batches", "2"]))

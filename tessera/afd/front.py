@@ -435,7 +435,8 @@ class AFDEngine:
                 # from each (an earlier one may predate their last spans).
                 quiet = {name for name in self._ranks if name not in self._pushes}
                 since_s = time.time()
-                end = time.monotonic() + 2 * self.afd.heartbeat_interval_s + 0.5
+                # Generous: a loaded host delays beats, and a trace without a worker is wrong.
+                end = time.monotonic() + 10 * self.afd.heartbeat_interval_s + 2.0
                 while quiet and time.monotonic() < end:
                     if not self._pull.poll(50):
                         continue

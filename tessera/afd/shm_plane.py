@@ -2,8 +2,7 @@
 
 Why not gloo on one host: each gloo transfer hops through an I/O thread and a loopback socket
 on both sides. On a host whose cores are all busy computing (one per worker), those threads
-must preempt a compute thread to run, and a layer's FFN round trip measured 1.7 ms of which
-0.1 ms was copying. Here the compute threads copy the tensors themselves, through files
+must preempt a compute thread to run, so a round trip costs far more than its copying. Here the compute threads copy the tensors themselves, through files
 mapped in shared memory (a tmpfs such as ``/dev/shm``), and the receiver polls a counter.
 
 Layout: one file per ordered pair of ranks (``src-dst``), created by the receiver. It holds
@@ -14,8 +13,9 @@ larger than its slot is an error (slot capacities come from the engine's limits,
 ``PlaneLimits``). Publishing with plain stores relies on the CPU keeping stores in order
 (x86-64's model); ``shm_supported`` says where it is used.
 
-Waits poll: yielding the core for the first 50 ms (a layer's compute on the other side takes a
-few), then sleeps that back off to 2 ms, so an idle worker costs little. Every wait has a deadline, and a peer
+Waits poll: yielding the core for the first 50 ms (longer than a layer's compute on the other
+side), then sleeps that back off to 2 ms, so an idle worker costs little. Every wait has a
+deadline, and a peer
 whose process has exited fails the wait at once (as gloo reports a reset connection).
 """
 

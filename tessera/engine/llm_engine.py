@@ -151,9 +151,8 @@ class LLMEngine:
         """Run one tiny request through prefill and decode, then one prefill as large as a step
         can be, before serving, so one-time costs are not paid by the first users: loading the
         decode kernel, and growing the host heap (and a device's caching allocator) to the
-        activations of the largest step. On CPU the first 2048-token prefill of the ~100M Llama
-        took 2.5 s against 2.0-2.2 s later, its pages faulted in one at a time (27k faults).
-        Leaves no trace: counters, prefix cache and blocks are as before."""
+        activations of the largest step (whose pages would otherwise fault in one at a time
+        during a user's request). Leaves no trace: counters, prefix cache and blocks are as before."""
         if self.has_unfinished_requests():
             raise RuntimeError("warm_up must run before any request is added")
         s, r = self.scheduler, self.requests

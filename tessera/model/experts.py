@@ -20,14 +20,11 @@ from tessera.model.moe_spec import MoESpec
 
 MAX_PACKED_ROWS = 256
 """Expert calls with this many rows or more keep the plain weights. oneDNN builds a kernel for
-every new row count (0.5-1 ms the first time a count is seen, on the benchmark machine), and
-prefill gives an expert a different count nearly every call, so an unbounded packed path would
-keep paying that. Below the cap there are at most 256 row counts per matrix shape, each built
-once. The packed kernel wins at every count up to the cap (8 of Mixtral's experts, one thread,
-plain vs packed: 32 rows 14.6 / 10.0 ms, 64 rows 23.7 / 17.3, 128 rows 44.3 / 35.4, 256 rows
-82.0 / 70.7; Qwen3-MoE's smaller experts 5.6 / 4.4 at 64 and 18.3 / 15.9 at 256), which a
-decode step of a few hundred sequences reaches (64 rows per expert at 256 sequences, top-2 of
-8)."""
+every new row count (the first call with a count pays for it), and prefill gives an expert a
+different count nearly every call, so an unbounded packed path would keep paying that. Below
+the cap there are at most 256 row counts per matrix shape, each built once; the packed kernel
+wins at every count up to it, which a decode step of a few hundred sequences reaches (64 rows
+per expert at 256 sequences, top-2 of 8)."""
 
 
 class Experts(nn.Module):
@@ -74,9 +71,7 @@ class Experts(nn.Module):
         float32 only; a no-op elsewhere).
 
         Why: an expert sees a handful of rows per step, MKL's slowest regime against a
-        transposed weight. On the benchmark Mixtral's experts (512 -> 2x1024 -> 512) a pass
-        over one layer's 8 experts takes 6.5 ms with MKL and 3.6 ms packed at 8 rows each, 7.0
-        and 5.4 ms at 16 (one thread). Calls with fewer rows than ``min_packed_rows`` (batch-1
+        transposed weight (see ``tessera.model.kernels.linear``). Calls with fewer rows than ``min_packed_rows`` (batch-1
         decode; a small expert such as Qwen3-MoE's 512x256 below 16 rows) or with
         ``MAX_PACKED_ROWS`` or more keep the plain weights.
         """

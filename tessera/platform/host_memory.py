@@ -3,10 +3,8 @@
 Why: glibc's malloc serves blocks above its mmap threshold (128 KiB, raised dynamically up to
 32 MiB) with fresh ``mmap`` pages and returns them with ``munmap`` on free. A prefill step
 allocates and frees activations of tens of MiB per op (a 2048-token gate/up output of the
-~100M Llama is 32 MiB), so every step faults its pages in again, one 4 KiB page at a time.
-A 2048-token prefill step of the Qwen3-MoE benchmark model (``benchmarks/host_allocator.py``):
-72,772 minor faults and 586 ms (median) with glibc's defaults; with freed blocks kept in the
-heap, 0 faults and 501 ms.
+~100M Llama is 32 MiB), so every step faults its pages in again, one 4 KiB page at a time
+(``benchmarks/host_allocator.py`` counts the faults and the time they cost).
 The price is that the process keeps its peak heap instead of returning it to the system,
 which a long-running server does anyway.
 """

@@ -2,8 +2,7 @@
 
 Every ``*.cpp`` listed in ``_SOURCES`` is compiled into one extension that registers its ops
 under ``torch.ops.tessera_kernels``. Nothing is compiled on import: ``kernel_available`` builds on
-its first call. Building took 11-18 s on a 2-core machine shared with other work; later
-processes reuse the build cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``,
+its first call; later processes reuse the build cached in torch's extensions directory (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``) and load it in well under a second. When the build fails
 or ``TESSERA_DISABLE_KERNELS=1`` is set, ``kernel_available`` is False and every op's caller
 runs its pure-torch fallback.

@@ -8,26 +8,18 @@ matrices (``Experts.pack_weights``).
 Where the C++ kernels are built with AVX-512 and the output size is a multiple of 32, the weight
 is held in panels and multiplied by ``panel_linear.cpp`` (layout and reasons in
 ``panel_gemm.h``): it prefetches the next slice of weights while it computes the current one,
-and has no per-call set-up. On the benchmark AMD EPYC it beat MKL at every row count measured,
-and oneDNN from a 64x64 matrix at one row to the ~100M Llama's matrices at 32 rows (by 10-40%,
-``benchmarks/packed_linear.py``); the two are even at 64-128 rows, and oneDNN is 2-10% faster
-at 512-1024 (a prefill chunk, where the step is bound by arithmetic, not by the weights'
-streaming). Holding both layouts would cost the weights' size once more, so the panels take
-every call, from one row.
+and has no per-call set-up, so it wins where a step streams weights (few rows) and is even with
+oneDNN where it computes (a prefill chunk). Holding a third layout would cost the weights' size
+once more, so the panels take every call, from one row.
 
 Elsewhere the weight is held in oneDNN's packed layout (the same ``mkldnn`` ops torch's own
-compiler uses for CPU linears). One pass over the ~100M Llama's 49 weight matrices on the 2-core
-benchmark machine (ms, MKL vs oneDNN): 1 row 17.9 / 21.6, 4 rows 32.6 / 22.6, 8 rows 44.9 / 30.0,
-12 rows 59.0 / 30.5, 16 rows 41.9 / 31.4, 512 rows 294.8 / 294.1. Not every call goes packed
-there. A oneDNN call costs 10-15 us more than an MKL one, which small matrices (an expert's
-512x256) cannot win back at a few rows, and at one or two rows MKL's GEMV streams the weights
-faster than the packed kernel (table above). So a call takes the packed path from 4 rows for
-matrices of 2 MiB or more and from 16 rows for smaller ones (``min_packed_rows``), and the plain
-weight otherwise. Those figures are an Intel CPU's. MKL runs its tuned small-row code on Intel
-CPUs only: on an AMD EPYC (Zen 5, 2 threads) the same pass took 34.3 ms with MKL against 14.0
-packed at one row, 51.4 / 15.0 at two, and one layer's Mixtral-sized experts 3.07 / 1.41 ms at
-one row each. There, matrices of 2 MiB or more take the packed path from one row
-(``mkl_small_rows_tuned``).
+compiler uses for CPU linears). A oneDNN call has a fixed cost over an MKL one that small
+matrices cannot win back at a few rows, and at one or two rows MKL's GEMV streams the weights
+faster on Intel CPUs, where MKL runs its tuned small-row code. So a call takes the packed path
+from 4 rows for matrices of 2 MiB or more and from 16 rows for smaller ones
+(``min_packed_rows``), and the plain weight otherwise; on other CPUs matrices of 2 MiB or more
+take it from one row (``mkl_small_rows_tuned``). The figures behind these thresholds are in
+benchmarks/RESULTS.md ("Float32 linears").
 
 A packed linear holds both layouts, which costs the weights' size again in host memory; the KV
 pool is sized after packing, so that memory is accounted for. Anything that cannot be packed
