@@ -1,4 +1,4 @@
-"""Simulated vs measured for the attention/FFN split on this machine (``tessera.sim.afd_local``).
+"""Simulated vs measured for the attention/FFN split on this machine (``simlab.afd_local``).
 
 In one run: measure the raw rates with one thread and the data plane's one-way message time
 between two local processes; then run rounds (``--rounds``, each in a shuffled order) of the
@@ -94,34 +94,30 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from benchmarks.models import make_random_llama
+    from benchmarks.simlab.afd_local import AFDLocalScenario, simulate_afd_local
+    from benchmarks.simlab.gauge import GaugeLog, GaugeReading, gauge_report
+    from benchmarks.simlab.plane_latency import measure_plane_latency_s
+    from benchmarks.simlab.rounds import calibration_round, gauged_rounds
     from tessera.config import EngineConfig
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
-    from tessera.sim.afd_local import AFDLocalScenario, simulate_afd_local
-    from tessera.sim.calibrate import measure
-    from tessera.sim.engine_probe import (
-        calibration_round,
-        fastest_rounds,
-        fastest_runs,
-        gauged_rounds,
-        with_engine_facts,
-    )
+    from tessera.sim.calibrate import MachineGauge, measure
+    from tessera.sim.engine_probe import fastest_rounds, fastest_runs, with_engine_facts
     from tessera.sim.engine_sim import EngineSimResult
-    from tessera.sim.fit import fit_efficiency, profile_with, step_errors
-    from tessera.sim.gauge import GaugeLog, GaugeReading, MachineGauge, gauge_report, system_at
-    from tessera.sim.hardware import System, system_from_profile
-    from tessera.sim.model import spec_from_config
-    from tessera.sim.plane_latency import measure_plane_latency_s
+    from tessera.sim.fit import fit_system, profile_with, step_errors
+    from tessera.sim.hardware import System, system_at, system_from_profile
+    from tessera.sim.model import costs_from_config
 
     model_dir = args.model or make_random_llama(".bench/models/llama-100m")
-    model = spec_from_config(read_config(model_dir), name=model_dir)
+    model = costs_from_config(read_config(model_dir), name=model_dir)
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # each worker of the split has one thread
     profile = measure()
     kv_bytes = 4.0  # float32 cache
     rows_per_lane = max(1, args.num_requests // 2)
     latency_s = measure_plane_latency_s(model.hidden_size, rows_per_lane)
-    engine = LLMEngine(EngineConfig(model=model_dir, dtype="float32", num_threads=1))
+    engine = LLMEngine(EngineConfig(model=model_dir, dtype="float32", device="cpu",
+                                    num_threads=1))
     engine.warm_up()
     splits = {m: open_split(model_dir, m, args.ffn_head_share) for m in (1, 2)}
     rng = random.Random(0)
@@ -159,19 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     profile = with_engine_facts(profile, engine)
     ref_gauge: list[float] = profile["gauge"]  # type: ignore[assignment]
     # The result: the fit at the profile's fixed rates. Its peer from the same measurements:
-    # every calibration step costed at the gauge reading around its run (tessera.sim.gauge).
+    # every calibration step costed at the gauge reading around its run (simlab.gauge).
     plain = [replace(s, gauge=None) for s in samples]
-    eff = fit_efficiency(system_from_profile(profile), model, "fp32", plain)
-    gauged_eff = fit_efficiency(system_from_profile(profile), model, "fp32", samples)
-    gauged_system = system_from_profile(profile_with(profile, gauged_eff))
-    profile = profile_with(profile, eff)
+    fitted = fit_system(system_from_profile(profile), model, "fp32", plain)
+    gauged_fit = fit_system(system_from_profile(profile), model, "fp32", samples)
+    gauged_system = system_from_profile(profile_with(profile, gauged_fit))
+    profile = profile_with(profile, fitted)
     system = system_from_profile(profile)
+    eff, host = system.chip.efficiency, system.host
     fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", plain))
     print(f"{args.rounds} rounds in {time.perf_counter() - t0:.0f} s; fit (1 thread) on "
           f"{len(samples)} steps, median step error {fit_err[len(fit_err) // 2]:.1%}; matmul "
           f"{eff.matmul:.2f}, memory {eff.memory:.2f}, kv memory "
-          f"{eff.kv_memory or eff.memory:.2f} (fewer than {eff.kv_whole_batch} seqs "
-          f"{eff.kv_memory_split or eff.kv_memory or eff.memory:.2f}), step "
+          f"{eff.kv_memory or eff.memory:.2f} (fewer than {host.kv_whole_batch} seqs "
+          f"{host.kv_memory_split or eff.kv_memory or eff.memory:.2f}), step "
           f"{eff.step_overhead_ms:.2f} ms, per op "
           f"{eff.op_overhead_us:.1f} us; data plane {latency_s * 1e6:.0f} us one way "
           f"({rows_per_lane} x {model.hidden_size} float32); gauge at the profile's rates "

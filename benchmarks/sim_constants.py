@@ -2,8 +2,8 @@
 
 Prints the catalog's current constants (the row to beat) and the best grid points by their worst
 error over the fitted anchors, with every anchor's error. Anchors that average a day of varying
-load are shown but not fitted on (see ``tessera.sim.anchor_fit``); the last line gives the best
-worst-error reachable if they were.
+load are shown but not fitted on (see ``simlab/anchor_fit.py``); the last line gives the
+best worst-error reachable if they were.
 
     python benchmarks/sim_constants.py --family hopper --jobs 2
 """
@@ -16,8 +16,13 @@ import json
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-from tessera.sim.anchor_fit import (
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.simlab.anchor_fit import (  # noqa: E402
     SEARCHED,
     GridPoint,
     catalog_values,
@@ -25,7 +30,7 @@ from tessera.sim.anchor_fit import (
     family_anchors,
     fitted_ids,
 )
-from tessera.sim.errors import SimError
+from tessera.sim.errors import SimError  # noqa: E402
 
 DEFAULT_GRID = {
     "matmul": (0.25, 0.3, 0.35, 0.4),

@@ -2,26 +2,22 @@
 
 In one run: measure the raw rates, then run rounds of the calibration workloads of
 ``tessera.sim.engine_probe`` and of validation workloads the fit never sees; fit the cost
-model's efficiency constants to the calibration steps, and simulate the validation workloads
-with ``tessera.sim.engine_sim`` (the engine's own scheduler and block manager on a virtual
-clock). Prints measured and simulated output throughput and mean TPOT with the error; target:
-every error within 10%. Exit status 1 when one is not.
+model's constants to the calibration steps, and simulate the validation workloads with
+``tessera.sim.engine_sim`` (the engine's own scheduler and block manager on a virtual clock).
+Prints measured and simulated output throughput and mean TPOT with the error; target: every
+error within 10%. Exit status 1 when one is not.
 
-Other processes on a shared machine only ever slow a run down, in bursts (a stretch of decode
-steps at 1.6-1.8x their neighbours' time) and in drifts over minutes (weight streaming 20-30%
-slower for a while). So every workload, calibration and validation alike, runs once per round
+Other processes on a shared machine only ever slow a run down, in bursts and in drifts over
+minutes. So every workload, calibration and validation alike, runs once per round
 (``--rounds``; fresh random token ids of the same lengths, so the same schedule, and every run
 checked to have taken no prompt token from the prefix cache: ``engine_probe.fresh_run``) and
-its fastest whole run is kept; mixing the two kinds in each round, in a
-shuffled order, lets both come from the machine's quiet stretches. One engine runs it all. A
-~50 ms machine gauge (``tessera.sim.gauge``) is read before every run and every request group
-of a serial case; the report gives its median at the kept calibration and validation runs
-(on the benchmark machine weight streaming flips between about 36 and 59 GB/s every minute or
-so, and a batch-1 decode step between 15 and 11 ms with it) and, from the same measurements,
-the errors of a fit and simulation that cost every run at the reading around it
-(``tessera.sim.gauge.system_at``). That correction is reported, not used: on that machine it
-helped batch-1 decode and hurt steps whose time does not follow the memory state, and over
-five runs its worst errors were no better than the plain fit's (benchmarks/RESULTS.md).
+its fastest whole run is kept; mixing the two kinds in each round, in a shuffled order
+(``simlab.rounds``), lets both come from the machine's quiet stretches. One engine runs it
+all. A ~50 ms machine gauge (``simlab.gauge``) is read before every run and every request group
+of a serial case; the report gives its median at the kept calibration and validation runs and,
+from the same measurements, the errors of a fit and simulation that cost every run at the
+reading around it (``tessera.sim.hardware.system_at``). That correction is reported, not used
+(benchmarks/RESULTS.md has why).
 
     python benchmarks/sim_local.py [--model DIR] [--threads 2] [--num-requests 32] [--rounds 3]
 """
@@ -62,19 +58,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.models import make_random_llama
     from benchmarks.peers import make_workload
+    from benchmarks.simlab.gauge import GaugeLog, GaugeReading, gauge_report
+    from benchmarks.simlab.rounds import calibration_round, gauged_rounds
     from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import read_config
-    from tessera.sim.calibrate import measure
+    from tessera.sim.calibrate import MachineGauge, measure
     from tessera.sim.engine_probe import (
         CALIBRATION_RUNS,
         ProbeRun,
         StepSample,
-        calibration_round,
         fastest_rounds,
         fastest_runs,
         fresh_run,
-        gauged_rounds,
         record_steps,
         with_engine_facts,
     )
@@ -84,13 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         StepCost,
         simulate_engine,
     )
-    from tessera.sim.fit import fit_efficiency, profile_with, step_errors
-    from tessera.sim.gauge import GaugeLog, GaugeReading, MachineGauge, gauge_report, system_at
-    from tessera.sim.hardware import Efficiency, system_from_profile
-    from tessera.sim.model import spec_from_config
+    from tessera.sim.fit import fit_system, profile_with, step_errors
+    from tessera.sim.hardware import System, system_at, system_from_profile
+    from tessera.sim.model import costs_from_config
 
     model_dir = args.model or make_random_llama(".bench/models/llama-100m")
-    model = spec_from_config(read_config(model_dir), name=model_dir)
+    model = costs_from_config(read_config(model_dir), name=model_dir)
 
     t0 = time.perf_counter()
     profile = measure()
@@ -99,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     # weights, decoded batch 1 up to 20% apart on this machine at the same gauge reading (where
     # a fresh process's weights land in the host's memory differs, and no separate probe sees
     # it), so calibrating one and validating another compared two machines.
-    eng = LLMEngine(EngineConfig(model=model_dir, dtype="float32", num_threads=args.threads,
+    eng = LLMEngine(EngineConfig(model=model_dir, dtype="float32", device="cpu",
+                                 num_threads=args.threads,
                                  scheduler=SchedulerConfig(max_num_seqs=256),
                                  cache=CacheConfig(kv_cache_memory=4 << 30)))
     eng.warm_up()
@@ -172,11 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     raw = system_from_profile(profile)
 
     def evaluate(samples: list[StepSample], readings: Sequence[Sequence[GaugeReading | None]],
-                 ) -> tuple[Efficiency, float, list[dict[str, Any]], float]:
+                 ) -> tuple[System, float, list[dict[str, Any]], float]:
         """Fit on ``samples``, simulate every validation group at its reading: the fitted
-        constants, the median step error of the fit, a row per workload, the worst error."""
-        eff = fit_efficiency(raw, model, "fp32", samples)
-        system = system_from_profile(profile_with(profile, eff))
+        system, the median step error of the fit, a row per workload, the worst error."""
+        system = system_from_profile(profile_with(profile, fit_system(raw, model, "fp32",
+                                                                      samples)))
         fit_err = sorted(abs(e) for e in step_errors(system, model, "fp32", samples))
         rows = []
         worst = 0.0
@@ -211,25 +207,26 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(workload=name, measured_tok_s=m_tps, simulated_tok_s=s_tps,
                              tok_s_error=err_tps, measured_tpot_ms=m_tpot,
                              simulated_tpot_ms=s_tpot, tpot_error=err_tpot, steps=steps))
-        return eff, fit_err[len(fit_err) // 2], rows, worst
+        return system, fit_err[len(fit_err) // 2], rows, worst
 
     ref_gauge: list[float] = profile["gauge"]  # type: ignore[assignment]
     # The result: the fit and the simulations at the profile's fixed rates.
-    eff, median_err, rows, worst = evaluate(
+    fitted, median_err, rows, worst = evaluate(
         [replace(s, gauge=None) for s in fit_samples], [[None] * len(k) for k in kept_by_case])
+    eff, host = fitted.chip.efficiency, fitted.host
     # Its peer from the same measurements: every calibration step costed at the gauge reading
-    # around its run and each validation run simulated at its own (tessera.sim.gauge).
+    # around its run and each validation run simulated at its own (simlab.gauge).
     _, gauged_median_err, gauged_rows, gauged_worst = evaluate(fit_samples, kept_by_case)
     print(f"{args.rounds} rounds in {time.perf_counter() - t0:.0f} s; fit on "
           f"{len(fit_samples)} steps, median step error {median_err:.1%}; matmul "
           f"{eff.matmul:.2f}, memory {eff.memory:.2f}, kv memory "
-          f"{eff.kv_memory or eff.memory:.2f} (fewer than {eff.kv_whole_batch} seqs "
-          f"{eff.kv_memory_split or eff.kv_memory or eff.memory:.2f}), attention "
-          f"{eff.attention:.2f} (+{eff.attention_row_us:.2f} us per prefill row), overlap "
+          f"{eff.kv_memory or eff.memory:.2f} (fewer than {host.kv_whole_batch} seqs "
+          f"{host.kv_memory_split or eff.kv_memory or eff.memory:.2f}), attention "
+          f"{eff.attention:.2f} (+{host.attention_row_us:.2f} us per prefill row), overlap "
           f"{eff.overlap:.2f}, step {eff.step_overhead_ms:.2f} ms, "
           f"per op "
-          f"{eff.op_overhead_us:.1f} us, native decode rows {eff.native_decode_rows}, per seq "
-          f"{eff.seq_overhead_us:.0f} us; machine: {profile['tflops']['fp32'] * 1e3:.0f} fp32 "
+          f"{eff.op_overhead_us:.1f} us, native decode rows {host.native_decode_rows}, per seq "
+          f"{host.seq_overhead_us:.0f} us; machine: {profile['tflops']['fp32'] * 1e3:.0f} fp32 "
           f"GFLOPS, {profile['memory_gb_s']:.1f} GB/s weight streaming (gauge "
           f"{ref_gauge[0]:.0f} GFLOP/s, {ref_gauge[1]:.1f} GB/s), load average "
           f"{os.getloadavg()[0]:.1f}")
@@ -258,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             calibration_rounds=[[[dict(load=st.load.__dict__, seconds=st.seconds, gauge=st.gauge)
                                   for st in run] for run in rnd]
                                 for rnd in gauged_cal_rounds],
-            efficiency=eff.__dict__, profile=profile,
+            efficiency=eff.__dict__, host=host.__dict__, profile=profile,
             fit_samples=steps, machine_gauge=drift, gauge_readings=log.readings()), indent=2))
     return 0 if worst <= TOLERANCE else 1
 

@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from tessera.model.layers import RotaryEmbedding
-from tessera.model.mla import MLAAttentionUnit, MLASpec, mla_spec_from_config
+from tessera.model.mla import MLAAttentionUnit
+from tessera.model.mla_spec import MLASpec, mla_spec_from_config
 from tessera.model.moe_models import MoEDecoderModel
 from tessera.model.spec import ModelSpec
 from tessera.model.weights import SKIP, Target

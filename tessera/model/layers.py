@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tessera.model.kernels import apply_rotary_, rms_norm
-from tessera.model.spec import RopeSpec
+from tessera.model.spec import RopeSpec, yarn_mscale
 
 
 class RMSNorm(nn.Module):
@@ -48,11 +48,6 @@ def _inv_freq(head_dim: int, rope: RopeSpec) -> torch.Tensor:
     elif rope.rope_type == "yarn":
         inv_freq = _yarn_inv_freq(inv_freq, head_dim, rope)
     return inv_freq
-
-
-def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention temperature for a context extended ``scale`` times."""
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def _yarn_inv_freq(inv_freq: torch.Tensor, head_dim: int, rope: RopeSpec) -> torch.Tensor:

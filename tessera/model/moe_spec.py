@@ -98,6 +98,11 @@ def _deepseek_layers(cfg: dict[str, Any], num_layers: int, first_dense: int) -> 
     return tuple(i >= first and i % freq == 0 for i in range(num_layers))
 
 
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+"""The ``model_type`` values whose experts :func:`moe_spec_from_config` reads (one branch each);
+a config of any other type is read as having none."""
+
+
 def moe_spec_from_config(cfg: dict[str, Any]) -> MoESpec | None:
     """The ``MoESpec`` of a Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3 config;
     None for a config without routed experts. Raises ``ModelConfigError`` on bad fields."""

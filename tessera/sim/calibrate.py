@@ -2,28 +2,78 @@
 
 Two parts. Raw rates (matmul TFLOPS per precision, memory bandwidth, per-op launch cost) are
 measured with torch. With ``--model DIR`` the engine itself is then run on a fixed set of
-calibration workloads (:mod:`tessera.sim.engine_probe`), and the cost model's efficiency
-constants are fitted to its measured steps (:mod:`tessera.sim.fit`), so that the simulator
-predicts Tessera's own runs here (``benchmarks/sim_local.py`` checks it on other workloads).
+calibration workloads (:mod:`tessera.sim.engine_probe`), and the cost model's constants are
+fitted to its measured steps (:mod:`tessera.sim.fit`), so that the simulator predicts Tessera's
+own runs here.
 """
 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from .errors import OneLineArgumentParser, SimError
-from .gauge import MachineGauge, best_s, engine_linear
-from .hardware import default_profile_path
+from .hardware import BYTES_PER_ELEMENT, HostCosts, default_profile_path
+
+
+def best_s(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls of ``fn`` (others on the machine only slow it)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def engine_linear(x: Any, weight: Any) -> Callable[[], object]:
+    """x [n, K] times weight [N, K]^T as the engine's linears run it: through the packed path
+    (``kernels/linear.py``) where a float32 weight is packed, else a plain matmul. The measured
+    rates are what the fitted efficiencies are fractions of, so they are the engine's own."""
+    import torch
+
+    from tessera.model.kernels.linear import can_pack, pack_weight, packed_linear
+
+    if can_pack(weight):
+        packed = pack_weight(weight)
+        return lambda: packed_linear(x, weight, packed, 1)
+    return lambda: torch.mm(x, weight.t())
+
+
+class MachineGauge:
+    """Reads this machine's speed in ~50 ms: a 512-square engine linear (fp32 GFLOP/s) and a
+    one-row matmul over a 256 MiB weight (weight-streaming GB/s; far larger than a desktop or
+    small-server last-level cache, though not than the largest ones). The same operations as
+    :func:`measure`, smaller: the profile keeps the reading at which its rates hold
+    (``Chip.gauge``)."""
+
+    def __init__(self) -> None:
+        import torch
+
+        size = 512
+        self._mm = engine_linear(torch.randn(size, size), torch.randn(size, size))
+        self._flops = 2.0 * size**3
+        weight = torch.ones(2048, 32768, dtype=torch.float32)  # 256 MiB
+        self._stream = engine_linear(torch.ones(1, 32768), weight)
+        self._bytes = weight.numel() * 4
+
+    def read(self) -> tuple[float, float]:
+        """(fp32 GFLOP/s, weight-streaming GB/s), each the best of a few tries."""
+        return (self._flops / best_s(self._mm, 5) / 1e9,
+                self._bytes / best_s(self._stream, 3) / 1e9)
 
 
 def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
     """Measure matmul TFLOPS per dtype and memory GB/s on this machine (torch, CPU).
 
-    The profile also keeps the :class:`~tessera.sim.gauge.MachineGauge` reading of the moment
-    (``gauge``, the mean of one just before and one just after): the rates hold at that machine
-    speed, and :func:`tessera.sim.gauge.system_at` rates them at another."""
+    The profile also keeps the :class:`MachineGauge` reading of the moment (``gauge``, the mean
+    of one just before and one just after): the rates hold at that machine speed, and
+    :func:`tessera.sim.hardware.system_at` rates them at another. Its host costs are none until
+    an engine is fitted (:func:`calibrate_engine`)."""
     import torch
 
     gauge = MachineGauge()
@@ -38,8 +88,7 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
     # one-row matmul over a weight matrix far larger than the caches. On a CPU it reads faster
     # than a tensor copy moves bytes (no write-allocate traffic, prefetch runs ahead), so a
     # copy-based rate would push the fitted memory efficiency above 1. Server CPUs have last-
-    # level caches of hundreds of MiB (480 MiB on the benchmark machine), and a 128 MiB matrix
-    # streamed from there read 42 GB/s against 24 from memory, so the matrix is 1 GiB.
+    # level caches of hundreds of MiB, so the matrix is 1 GiB.
     weight = torch.ones(8192, 32768, dtype=torch.float32)  # 1 GiB
     row = torch.ones(1, 32768, dtype=torch.float32)
     secs = best_s(engine_linear(row, weight), 3 * repeats)  # ~40 ms each
@@ -67,6 +116,7 @@ def measure(size: int = 1024, repeats: int = 3) -> dict[str, object]:
         "efficiency": {"matmul": 1.0, "attention": 0.5, "memory": 1.0, "fabric": 1.0,
                        "op_overhead_us": launch_s * 1e6, "ops_per_layer": 14,
                        "step_overhead_ms": 1.0},
+        "host": asdict(HostCosts()),
         "source": "measured by tessera sim calibrate (torch on CPU); rates already effective",
     }
 
@@ -76,21 +126,23 @@ _PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 
 def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "float32",
                      num_threads: int | None = None) -> dict[str, Any]:
-    """Run Tessera on ``model_dir`` and return ``profile`` with fitted efficiency constants."""
+    """Run Tessera on ``model_dir`` (on the CPU, whose rates ``profile`` holds) and return
+    ``profile`` with its constants fitted to the engine's steps."""
     from tessera.config import EngineConfig
     from tessera.engine.llm_engine import LLMEngine
     from tessera.model.loader import ModelLoadError, read_config
 
     from .engine_probe import CALIBRATION_RUNS, calibration_samples, with_engine_facts
-    from .fit import fit_efficiency, profile_with, step_errors
+    from .fit import fit_system, profile_with, step_errors
     from .hardware import system_from_profile
-    from .model import spec_from_config
+    from .model import costs_from_config
 
     if dtype not in _PRECISION:
         raise SimError(f"--dtype must be one of {', '.join(_PRECISION)}")
     try:
-        model = spec_from_config(read_config(model_dir), name=model_dir)
-        engine = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, num_threads=num_threads))
+        model = costs_from_config(read_config(model_dir), name=model_dir)
+        engine = LLMEngine(EngineConfig(model=model_dir, dtype=dtype, device="cpu",
+                                        num_threads=num_threads))
     except (ModelLoadError, ValueError) as exc:
         raise SimError(f"cannot load {model_dir!r}: {exc}") from exc
     longest = max(prompt + output for _, prompt, output in CALIBRATION_RUNS)
@@ -100,15 +152,12 @@ def calibrate_engine(profile: dict[str, Any], model_dir: str, dtype: str = "floa
                        f"{longest - 2} split in chunks): calibrate on a model with a longer "
                        "max_position_embeddings")
     engine.warm_up()
-    cache = engine.runner.kv_caches[0]
-    assert cache is not None
-    kv_bytes = float(cache.element_size())
-    samples = calibration_samples(engine, model, kv_bytes)
     precision = _PRECISION[dtype]
+    kv_bytes = BYTES_PER_ELEMENT[precision]  # the KV cache takes the engine's dtype
+    samples = calibration_samples(engine, model, kv_bytes)
     profile = with_engine_facts(profile, engine)
-    system = system_from_profile(profile)
-    eff = fit_efficiency(system, model, precision, samples)
-    fitted = profile_with(profile, eff)
+    fitted = profile_with(profile, fit_system(system_from_profile(profile), model, precision,
+                                              samples))
     errors = sorted(abs(e) for e in step_errors(system_from_profile(fitted), model, precision,
                                                 samples))
     fitted["engine_fit"] = {

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import SimError
 from .hardware import BYTES_PER_ELEMENT, System
-from .model import ModelSpec
+from .model import ModelCosts
 from .moe import rank_imbalance, remote_fraction
 
 KV_BYTES_PER_ELEMENT = 2.0  # KV cache kept in bf16 in every scenario
@@ -62,8 +62,8 @@ class PoolLayout:
 class PoolCost:
     """Step-time calculator for one pool; construct once, call per step."""
 
-    def __init__(self, system: System, model: ModelSpec, layout: PoolLayout) -> None:
-        chip, eff = system.chip, system.chip.efficiency
+    def __init__(self, system: System, model: ModelCosts, layout: PoolLayout) -> None:
+        chip, eff, host = system.chip, system.chip.efficiency, system.host
         self.model, self.layout, self.system = model, layout, system
         self.weight_bytes = BYTES_PER_ELEMENT[layout.precision]
         self.act_bytes = 1.0 if layout.precision in ("fp8", "int8") else 2.0
@@ -72,11 +72,11 @@ class PoolCost:
         self.mem_rate = chip.memory_bytes_per_s * eff.memory
         kv_eff = eff.memory if eff.kv_memory is None else eff.kv_memory
         self.kv_mem_rate = chip.memory_bytes_per_s * kv_eff
-        split_eff = kv_eff if eff.kv_memory_split is None else eff.kv_memory_split
+        split_eff = kv_eff if host.kv_memory_split is None else host.kv_memory_split
         self.kv_split_rate = chip.memory_bytes_per_s * split_eff
-        self.kv_whole_batch = eff.kv_whole_batch
+        self.kv_whole_batch = host.kv_whole_batch
         self.op_overhead_s = eff.op_overhead_us * 1e-6
-        self.attention_row_s = eff.attention_row_us * 1e-6
+        self.attention_row_s = host.attention_row_us * 1e-6
         self.ops_per_layer = eff.ops_per_layer
         self.step_overhead_s = eff.step_overhead_ms * 1e-3
         self.fabric_eff = eff.fabric
@@ -152,7 +152,7 @@ class PoolCost:
                      kv_bytes: np.ndarray, seqs: np.ndarray,
                      prefill: PrefillAttention | None = None) -> np.ndarray:
         """One layer's attention unit per group; ``seqs``: sequences sampling a token in the
-        step (the decode batch), which sets the KV read rate (``Efficiency.kv_whole_batch``).
+        step (the decode batch), which sets the KV read rate (``HostCosts.kv_whole_batch``).
 
         With ``prefill`` the decodes' kernel and the chunks' kernels run one after the other:
         each is its own roofline (a memory-bound decode read does not hide under a chunk's
@@ -170,7 +170,7 @@ class PoolCost:
         return np.asarray(proj + core + self._tp_allreduce_s(tokens))
 
     def _decode_kv_rate(self, seqs: np.ndarray) -> np.ndarray:
-        """KV read rate of a decode batch of ``seqs`` (``Efficiency.kv_whole_batch``)."""
+        """KV read rate of a decode batch of ``seqs`` (``HostCosts.kv_whole_batch``)."""
         return np.where(seqs < self.kv_whole_batch, self.kv_split_rate, self.kv_mem_rate)
 
     def _core_s(self, core_flops: np.ndarray, kv_bytes: np.ndarray,
@@ -207,7 +207,7 @@ class PoolCost:
             stages = [attn_mb + expert_s + shared_s, comm_s]
         return max(sum(stages), mb * max(stages))
 
-    # ----- units on their own (a worker per unit kind, e.g. tessera.sim.afd_local) -----------
+    # ----- units on their own (a worker per unit kind, e.g. benchmarks/simlab/afd_local.py) --
     def attention_unit_s(self, tokens: float, core_flops: float, kv_bytes: float,
                          seqs: float) -> float:
         """One layer's attention unit (projections and attention over the KV cache) for
@@ -348,7 +348,7 @@ class PassLoad:
     """None: the step's attention is costed as one op (every accelerator scenario)."""
 
 
-def decode_load(model: ModelSpec, num_seqs: np.ndarray, context_tokens: np.ndarray,
+def decode_load(model: ModelCosts, num_seqs: np.ndarray, context_tokens: np.ndarray,
                 tokens_per_seq: int = 1) -> PassLoad:
     """Decode step: ``num_seqs`` sequences per group with ``context_tokens`` total context.
 
@@ -362,7 +362,7 @@ def decode_load(model: ModelSpec, num_seqs: np.ndarray, context_tokens: np.ndarr
                     kv_bytes=kvb * context_tokens, sampled=tokens)
 
 
-def prefill_load(model: ModelSpec, new_tokens: np.ndarray, attention_pairs: np.ndarray,
+def prefill_load(model: ModelCosts, new_tokens: np.ndarray, attention_pairs: np.ndarray,
                  num_seqs: np.ndarray) -> PassLoad:
     """Prefill step: ``new_tokens`` computed per group attending over ``attention_pairs``."""
     kvb = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT
@@ -370,7 +370,7 @@ def prefill_load(model: ModelSpec, new_tokens: np.ndarray, attention_pairs: np.n
                     kv_bytes=kvb * new_tokens, sampled=num_seqs)
 
 
-def prefill_core_flops(model: ModelSpec, num_new: float, num_cached: float) -> float:
+def prefill_core_flops(model: ModelCosts, num_new: float, num_cached: float) -> float:
     """Attention FLOPs per layer of a prefill of ``num_new`` tokens after ``num_cached`` cached ones.
 
     A prefix-cache hit saves the prefix's own forward pass, not the new tokens' attention over

@@ -8,7 +8,7 @@ from .costmodel import PoolLayout
 from .errors import SimError
 from .hardware import PRECISIONS, System
 from .inputs import MAX_BATCH_PER_DP, check_float, check_int
-from .model import ModelSpec
+from .model import ModelCosts
 
 MODES = ("colocated", "pd", "afd")
 DEFAULT_PREFILL_INSTANCE_DEVICES = 32
@@ -85,7 +85,7 @@ class Deployment:
         if not isinstance(self.load_balancer, bool):
             raise SimError(f"load_balancer must be True or False (got {self.load_balancer!r})")
 
-    def validate(self, system: System, model: ModelSpec) -> None:
+    def validate(self, system: System, model: ModelCosts) -> None:
         """Raise :class:`SimError` when the deployment cannot run on ``system``."""
         self.check_numbers()
         system.chip.matmul_flops_per_s(self.precision)
@@ -107,7 +107,7 @@ class Deployment:
             raise SimError(f"deployment needs {self.num_devices} devices but {system.name} has"
                            f" {system.num_devices}")
 
-    def decode_layout(self, model: ModelSpec) -> PoolLayout:
+    def decode_layout(self, model: ModelCosts) -> PoolLayout:
         """Layout of the decode (or colocated) pool."""
         afd = self.mode == "afd"
         ep = self.num_ffn_devices if afd else (self.num_dp * self.tp if model.is_moe else 1)
@@ -116,7 +116,7 @@ class Deployment:
                           load_balancer=self.load_balancer,
                           num_redundant_experts=self.num_redundant_experts)
 
-    def prefill_layout(self, model: ModelSpec) -> PoolLayout:
+    def prefill_layout(self, model: ModelCosts) -> PoolLayout:
         """Layout of one prefill instance (two micro-batches, DP attention, EP over it)."""
         inst = self.instance_devices()
         return PoolLayout(num_groups=inst // self.tp, tp=self.tp,

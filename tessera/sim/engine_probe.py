@@ -1,25 +1,27 @@
 """Measure Tessera's engine step by step: (step load, seconds) samples for calibration.
 
-The engine runs unmodified; only its scheduler's ``schedule`` is wrapped so each step's load is
-read before the model runs. The same samples feed :func:`tessera.sim.fit.fit_efficiency` and
-let a benchmark compare simulated and measured steps one by one.
+The engine runs unmodified: a step observer (``LLMEngine.add_step_observer``) reads each
+scheduled batch's load before the model runs it, and prefix-cache hits come from
+``engine.stats()``. The samples feed :func:`tessera.sim.fit.fit_system`.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from tessera.engine.scheduler import SchedulerOutput
 from tessera.sampling_params import SamplingParams
 
 from .engine_sim import StepLoad, step_load
 from .errors import SimError
-from .gauge import GaugeLog, GaugeReading
-from .model import ModelSpec
+from .model import ModelCosts
+
+if TYPE_CHECKING:
+    from tessera.engine.llm_engine import LLMEngine
 
 
 @dataclass(frozen=True)
@@ -28,9 +30,9 @@ class StepSample:
 
     load: StepLoad
     seconds: float
-    gauge: GaugeReading | None = None
-    """The machine gauge reading around the run this step belongs to (:mod:`tessera.sim.gauge`);
-    None: the machine at the profile's own reading."""
+    gauge: tuple[float, float] | None = None
+    """The machine speed reading around the run this step belongs to (``Chip.gauge``); None:
+    the machine at the profile's own reading."""
 
 
 @dataclass(frozen=True)
@@ -51,31 +53,25 @@ class ProbeRun:
         return self.num_output_tokens / self.wall_s
 
 
-def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
+def record_steps(engine: LLMEngine, model: ModelCosts, prompts: list[list[int]],
                  output_tokens: list[int], kv_bytes_per_element: float,
                  max_in_flight: int | None = None) -> ProbeRun:
     """Run ``prompts`` (greedy, ignoring EOS) through ``engine`` and time every step.
 
     All arrive at once, or with ``max_in_flight`` as a closed-loop client sends them: that many
     at first, then the next one as soon as a step finishes one (``EngineScenario.concurrency``
-    in the simulation). TTFT counts from each request's arrival.
-
-    ``engine`` is a :class:`tessera.engine.llm_engine.LLMEngine` with no requests in flight.
+    in the simulation). TTFT counts from each request's arrival. ``engine`` has no requests in
+    flight.
     """
     if len(prompts) != len(output_tokens):
         raise ValueError("one output length per prompt")
     if max_in_flight is not None and max_in_flight < 1:
         raise ValueError("max_in_flight must be at least 1")
-    scheduler = engine.scheduler
-    original = scheduler.schedule
-    loads: list[StepLoad | None] = []
+    scheduled: list[StepLoad] = []  # the load of the step running now, once it is scheduled
 
-    def schedule() -> SchedulerOutput:
-        out = original()
-        loads.append(None if out.is_empty else step_load(model, out, kv_bytes_per_element))
-        return out
+    def observe(out: SchedulerOutput) -> None:
+        scheduled.append(step_load(model, out, kv_bytes_per_element))
 
-    scheduler.schedule = schedule  # instance attribute: the class stays untouched
     samples: list[StepSample] = []
     first: dict[str, float] = {}
     finish: dict[str, float] = {}
@@ -93,18 +89,19 @@ def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
         arrived[rid] = now
         num_sent += 1
 
-    hits_before = scheduler.num_prefix_hit_tokens
+    hits_before = engine.stats().num_prefix_hit_tokens_total
+    engine.add_step_observer(observe)
     try:
         start = time.perf_counter()
         while num_sent < min(len(prompts), max_in_flight or len(prompts)):
             send(start)
         while engine.has_unfinished_requests():
+            scheduled.clear()
             t0 = time.perf_counter()
             step = engine.step_with_deltas()
             now = time.perf_counter()
-            load = loads[-1]
-            if load is not None:
-                samples.append(StepSample(load, now - t0))
+            if scheduled:  # an empty schedule runs nothing and is no step
+                samples.append(StepSample(scheduled[0], now - t0))
             for delta in step.deltas:
                 rid = delta.request_id
                 first.setdefault(rid, now)
@@ -115,11 +112,11 @@ def record_steps(engine: Any, model: ModelSpec, prompts: list[list[int]],
                         send(now)
         wall_s = time.perf_counter() - start
     finally:
-        del scheduler.schedule
+        engine.remove_step_observer(observe)
     ttft = [(first[r] - arrived[r]) * 1e3 for r in sorted(first)]
     tpot = [(finish[r] - first[r]) * 1e3 / (counts[r] - 1) for r in sorted(finish) if counts[r] > 1]
     return ProbeRun(samples, wall_s, sum(counts.values()), ttft, tpot,
-                    scheduler.num_prefix_hit_tokens - hits_before)
+                    engine.stats().num_prefix_hit_tokens_total - hits_before)
 
 
 def fresh_run(run: ProbeRun) -> ProbeRun:
@@ -129,7 +126,7 @@ def fresh_run(run: ProbeRun) -> ProbeRun:
     :class:`SimError`, so ``tessera sim calibrate`` reports it in one line."""
     if run.num_prefix_hit_tokens:
         raise SimError(f"a measured run took {run.num_prefix_hit_tokens} prompt tokens from "
-                           "the prefix cache: its prompts share a prefix with an earlier run's")
+                       "the prefix cache: its prompts share a prefix with an earlier run's")
     return run
 
 
@@ -145,13 +142,23 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
 # up to 1500 tokens (matmul rate, causal attention), a 3000-token prompt split in chunks that
 # attend over their cached context, and prefill chunks mixed with running decodes. KV-heavy
 # decodes come both below and at the batch from which the decode kernel reads whole sequences
-# (6 and 16 sequences of 512-600 tokens; ``Efficiency.kv_whole_batch``), so that both KV rates
+# (6 and 16 sequences of 512-600 tokens; ``HostCosts.kv_whole_batch``), so that both KV rates
 # are fitted on reads of the same size.
 CALIBRATION_RUNS: tuple[tuple[int, int, int], ...] = (
     (1, 32, 40), (1, 600, 48), (3, 200, 64), (4, 64, 40), (16, 64, 32), (32, 96, 24),
     (64, 32, 48), (2, 1024, 2), (8, 256, 2), (1, 1500, 2), (2, 3000, 2), (6, 600, 16),
     (16, 512, 16),
 )
+
+
+def calibration_run(engine: LLMEngine, model: ModelCosts, kv_bytes_per_element: float,
+                    index: int, seed: int) -> list[StepSample]:
+    """One run of calibration workload ``index`` (of ``CALIBRATION_RUNS``): its step samples.
+    Random prompts from ``seed + index``; a run that hit the prefix cache raises."""
+    num, prompt_len, out_len = CALIBRATION_RUNS[index]
+    prompts = random_prompts(num, prompt_len, engine.runtime.vocab_size, seed + index)
+    return fresh_run(record_steps(engine, model, prompts, [out_len] * num,
+                                  kv_bytes_per_element)).samples
 
 
 def fastest_runs(rounds: Sequence[Sequence[list[StepSample]]]) -> list[StepSample]:
@@ -161,8 +168,7 @@ def fastest_runs(rounds: Sequence[Sequence[list[StepSample]]]) -> list[StepSampl
     Other processes on the machine only ever slow a run down, so the fastest run is the
     closest to the engine's own cost. The whole run is kept, not each step's minimum over the
     runs: that minimum picks every step's luckiest timing and would fit constants faster than
-    any one run ever is, while the runs the simulator predicts (``benchmarks/sim_local.py``,
-    ``benchmarks/sim_afd_local.py``) are also the fastest of repeated whole runs.
+    any one run ever is.
     """
     samples: list[StepSample] = []
     for k, r in enumerate(fastest_rounds(rounds)):
@@ -176,88 +182,35 @@ def fastest_rounds(rounds: Sequence[Sequence[list[StepSample]]]) -> list[int]:
             for k in range(len(rounds[0]))]
 
 
-def native_decode_rows(engine: Any) -> int:
-    """Most sequences a decode-only step of ``engine`` runs as one native call (0: none; see
-    ``tessera.engine.decode_stack``). Read after a warm-up step, once the stack is built."""
-    stack = getattr(engine.runner, "decode_stack", None)
-    return 0 if stack is None else int(stack.max_rows)
+def calibration_samples(engine: LLMEngine, model: ModelCosts, kv_bytes_per_element: float,
+                        seed: int = 0, repeats: int = 2) -> list[StepSample]:
+    """Run the calibration workloads ``repeats`` times on ``engine`` (fresh prompts each
+    round: the same schedule, no prefix-cache hits) and return the steps of each workload's
+    fastest run (:func:`fastest_runs`)."""
+    return fastest_runs([
+        [calibration_run(engine, model, kv_bytes_per_element, k, seed + 1000 * r)
+         for k in range(len(CALIBRATION_RUNS))]
+        for r in range(max(repeats, 1))])
 
 
-def with_engine_facts(profile: dict[str, Any], engine: Any) -> dict[str, Any]:
-    """``profile`` with its efficiency block naming what ``engine``'s kernels do by batch size:
-    its native decode rows, and the decode batch from which its attention kernel reads whole
-    sequences (``Efficiency.kv_whole_batch``; 0 off the CPU kernel)."""
+def with_engine_facts(profile: dict[str, Any], engine: LLMEngine) -> dict[str, Any]:
+    """``profile`` with its ``host`` block naming what ``engine``'s CPU kernels do by batch
+    size: the decode steps that run all layers as one native call
+    (``HostCosts.native_decode_rows``; the engine's decode stack, built by a warm-up step) and
+    the decode batch from which the attention kernel reads whole sequences
+    (``HostCosts.kv_whole_batch``; 0 without the C++ kernels). The engine runs on the CPU."""
     import torch
 
     from tessera.model.kernels.build import kernel_available
     from tessera.model.kernels.paged_decode import whole_sequence_batch
 
-    on_kernel = engine.platform.device.type == "cpu" and kernel_available()
-    whole = whole_sequence_batch(torch.get_num_threads()) if on_kernel else 0
-    return {**profile, "efficiency": {**profile["efficiency"],
-                                      "native_decode_rows": native_decode_rows(engine),
-                                      "kv_whole_batch": whole}}
-
-
-def _calibration_run(engine: Any, model: ModelSpec, kv_bytes_per_element: float, index: int,
-                     seed: int) -> list[StepSample]:
-    """One run of calibration workload ``index`` (of ``CALIBRATION_RUNS``): its step samples.
-    Random prompts from ``seed + index``."""
-    num, prompt_len, out_len = CALIBRATION_RUNS[index]
-    prompts = random_prompts(num, prompt_len, int(engine.spec.vocab_size), seed + index)
-    return fresh_run(record_steps(engine, model, prompts, [out_len] * num,
-                                  kv_bytes_per_element)).samples
-
-
-def calibration_round(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
-                      seed: int = 0, interleave: Sequence[Callable[[], object]] = (),
-                      order_seed: int | None = None,
-                      before_each: Callable[[int], object] | None = None,
-                      ) -> list[list[StepSample]]:
-    """One run of every calibration workload on ``engine``: each run's step samples, in the
-    order of ``CALIBRATION_RUNS``. Random prompts from ``seed`` (use a new seed per round: the
-    same lengths, so the same schedule, but no prefix-cache hits).
-
-    ``interleave``: other work run among the workloads (a benchmark's measured runs, so that
-    calibration and measurement see the same machine). With ``order_seed`` everything runs in
-    an order shuffled from it, so that no run always follows the same one: on a shared machine
-    a heavy run can leave the next ones slower for a while.
-
-    ``before_each(task)`` runs just before each task: ``task`` < ``len(CALIBRATION_RUNS)`` is
-    that calibration workload, ``len(CALIBRATION_RUNS) + i`` is ``interleave[i]`` (a machine
-    gauge read next to every run, for one)."""
-    num_cal = len(CALIBRATION_RUNS)
-    tasks = list(range(num_cal + len(interleave)))
-    if order_seed is not None:
-        random.Random(order_seed).shuffle(tasks)
-    runs: dict[int, list[StepSample]] = {}
-    for task in tasks:
-        if before_each is not None:
-            before_each(task)
-        if task < num_cal:
-            runs[task] = _calibration_run(engine, model, kv_bytes_per_element, task, seed)
-        else:
-            interleave[task - num_cal]()
-    return [runs[k] for k in range(num_cal)]
-
-
-def gauged_rounds(rounds: Sequence[Sequence[list[StepSample]]],
-                  log: GaugeLog) -> list[list[list[StepSample]]]:
-    """``rounds`` of :func:`calibration_round` with every run's samples carrying the gauge
-    reading around that run, ``log.around((round, workload))``: the log was marked with
-    ``(round, task)`` before each task (``before_each``) and closed after the last round."""
-    return [[with_gauge(run, log.around((r, k))) for k, run in enumerate(rnd)]
-            for r, rnd in enumerate(rounds)]
-
-
-def with_gauge(samples: list[StepSample], reading: GaugeReading) -> list[StepSample]:
-    """``samples`` of one run, each carrying the gauge ``reading`` around that run."""
-    return [replace(s, gauge=reading) for s in samples]
-
-
-def calibration_samples(engine: Any, model: ModelSpec, kv_bytes_per_element: float,
-                        seed: int = 0, repeats: int = 2) -> list[StepSample]:
-    """Run the calibration workloads ``repeats`` times on ``engine`` and return the steps of
-    each workload's fastest run (``fastest_runs``)."""
-    return fastest_runs([calibration_round(engine, model, kv_bytes_per_element, seed + 1000 * r)
-                         for r in range(max(repeats, 1))])
+    if engine.config.device != "cpu":
+        raise SimError(f"the engine facts of a CPU profile need a CPU engine, not device "
+                       f"{engine.config.device!r}")
+    # The runner is one of LLMEngine's public parts; the engine contract (Engine) names no
+    # such kernel fact, and only an in-process CPU engine has one.
+    stack = engine.runner.decode_stack
+    whole = whole_sequence_batch(torch.get_num_threads()) if kernel_available() else 0
+    return {**profile, "host": {**profile.get("host", {}),
+                                "native_decode_rows": 0 if stack is None else int(stack.max_rows),
+                                "kv_whole_batch": whole}}

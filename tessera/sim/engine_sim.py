@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tessera.config import SchedulerConfig
+from tessera.config import CacheConfig, SchedulerConfig
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
 from tessera.engine.sequence import Sequence
@@ -25,7 +25,11 @@ from tessera.sampling_params import SamplingParams
 from .costmodel import PassLoad, PoolCost, PoolLayout, PrefillAttention, causal_pairs
 from .errors import SimError
 from .hardware import System
-from .model import ModelSpec
+from .model import ModelCosts
+
+_SCHEDULER = SchedulerConfig()
+_CACHE = CacheConfig()
+"""The engine's defaults, which a simulated engine's limits default to."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +73,7 @@ class StepLoad:
                         prefill=prefill)
 
 
-def step_load(model: ModelSpec, out: SchedulerOutput, kv_bytes_per_element: float) -> StepLoad:
+def step_load(model: ModelCosts, out: SchedulerOutput, kv_bytes_per_element: float) -> StepLoad:
     """Load of a scheduled step; call before the scheduler's ``update`` advances the sequences.
 
     A decode attends over its whole context; a prefill chunk attends causally over the cached
@@ -105,13 +109,13 @@ def step_load(model: ModelSpec, out: SchedulerOutput, kv_bytes_per_element: floa
 class StepCost:
     """Seconds per engine step: the pool roofline plus per-sequence host work."""
 
-    def __init__(self, system: System, model: ModelSpec, precision: str) -> None:
+    def __init__(self, system: System, model: ModelCosts, precision: str) -> None:
         layout = PoolLayout(num_groups=1, tp=1, num_ep=1, ffn_split=False, num_micro_batches=1,
                             precision=precision)
         self.pool = PoolCost(system, model, layout)
         self.num_layers = model.num_layers
-        self.native_rows = system.chip.efficiency.native_decode_rows
-        self.seq_overhead_s = system.chip.efficiency.seq_overhead_us * 1e-6
+        self.native_rows = system.host.native_decode_rows
+        self.seq_overhead_s = system.host.seq_overhead_us * 1e-6
 
     def seconds(self, load: StepLoad) -> float:
         """Predicted duration of a step with ``load``."""
@@ -130,17 +134,17 @@ class EngineScenario:
     """
 
     system: System
-    model: ModelSpec
+    model: ModelCosts
     precision: str
     prompt_tokens: tuple[int, ...]
     output_tokens: tuple[int, ...]
     num_blocks: int
     kv_bytes_per_element: float = 4.0
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
+    block_size: int = _CACHE.block_size
+    max_num_seqs: int = _SCHEDULER.max_num_seqs
+    max_num_batched_tokens: int = _SCHEDULER.max_num_batched_tokens
+    enable_chunked_prefill: bool = _SCHEDULER.enable_chunked_prefill
+    enable_prefix_caching: bool = _CACHE.enable_prefix_caching
     arrival_s: tuple[float, ...] | None = None
     concurrency: int | None = None
     """Closed loop: at most this many requests in flight, the next arriving when one ends."""

@@ -1,4 +1,4 @@
-"""Hardware dataclasses (chip, efficiency, fabric, system) built from the bundled catalog.
+"""Hardware dataclasses (chip, efficiency, host costs, fabric, system) from the catalog.
 
 A *device* is what the runtime addresses (one die of an Ascend 910C, one GPU); a *chip* is the
 package that per-chip throughput is normalised to. Rates stored here are per device.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,34 +31,40 @@ class Efficiency:
     op_overhead_us: float
     ops_per_layer: int
     step_overhead_ms: float
-    seq_overhead_us: float = 0.0
-    """Host time per scheduled sequence per step (input building, sampling bookkeeping)."""
     kv_memory: float | None = None
-    """Fraction of the memory rate at which attention reads the KV cache; None: ``memory``. Kept
-    apart for calibrated CPUs, where a decode-attention kernel reading scattered KV blocks on
-    every thread and a GEMV streaming weights reach different shares of the same bus."""
-    kv_memory_split: float | None = None
-    """Fraction of the memory rate at which attention reads the KV cache in steps of fewer than
-    ``kv_whole_batch`` decoding sequences; None: ``kv_memory``. Tessera's CPU decode kernel
-    splits a sequence's heads over threads there and reads short strided runs (23-27 GB/s
-    against 31-38 for whole sequences, 2 threads, benchmarks/RESULTS.md)."""
-    kv_whole_batch: int = 0
-    """Decoding sequences per step from which attention reads KV at ``kv_memory``, below it at
-    ``kv_memory_split`` (Tessera's CPU kernel: 8 per thread, written at calibration); 0
-    everywhere else."""
-    native_decode_rows: int = 0
-    """Decode-only steps of up to this many sequences run all layers as one native call
-    (Tessera's CPU decode path; read from the engine at calibration) and pay no per-op launch
-    cost; 0 everywhere else."""
-    attention_row_us: float = 0.0
-    """Host time per query row per layer of a prefill chunk's attention, on top of its FLOPs at
-    the attention rate: Tessera's CPU path runs each chunk through SDPA, whose FLOP rate rises
-    with the chunk's length (2 threads: about 40 GFLOP/s at 64 tokens, 70 at 512, 110 at 2048;
-    benchmarks/RESULTS.md), so short chunks cost more per FLOP. 0 everywhere else."""
+    """Fraction of the memory rate at which attention reads the KV cache; None: ``memory``. A
+    decode-attention kernel reading scattered KV blocks and a GEMV streaming weights can reach
+    different shares of the same bus (fitted apart on calibrated CPUs)."""
     overlap: float = 1.0
     """Share of an op's shorter leg (compute or memory) hidden under its longer one: 1 is the
     pure roofline max (accelerators stream weights while computing), 0 the plain sum (a CPU
     core waiting on memory does no arithmetic)."""
+
+
+@dataclass(frozen=True)
+class HostCosts:
+    """What Tessera's own host code and CPU kernels add to a step beyond the chip's roofline.
+
+    A calibrated CPU profile supplies them (``tessera sim calibrate``: its ``host`` block); the
+    defaults, nothing added, hold for every catalog system."""
+
+    seq_overhead_us: float = 0.0
+    """Host time per scheduled sequence per step (input building, sampling bookkeeping)."""
+    attention_row_us: float = 0.0
+    """Host time per query row per layer of a prefill chunk's attention, on top of its FLOPs at
+    the attention rate: each chunk goes through SDPA, whose FLOP rate rises with the chunk's
+    length, so short chunks cost more per FLOP than one rate gives."""
+    native_decode_rows: int = 0
+    """Decode-only steps of up to this many sequences run all layers as one native call
+    (``tessera.engine.decode_stack``, read from the engine at calibration) and pay no per-op
+    launch cost; 0: none do."""
+    kv_whole_batch: int = 0
+    """Decoding sequences per step from which the CPU decode kernel reads whole sequences (KV
+    at ``Efficiency.kv_memory``); below it the kernel splits each sequence's heads over threads
+    and reads short strided runs, at ``kv_memory_split``. 0: no such kernel."""
+    kv_memory_split: float | None = None
+    """Fraction of the memory rate at which attention reads the KV cache in decode steps of
+    fewer than ``kv_whole_batch`` sequences; None: ``Efficiency.kv_memory``."""
 
 
 @dataclass(frozen=True)
@@ -72,8 +78,10 @@ class Chip:
     memory_bytes_per_s: float
     efficiency: Efficiency
     gauge: tuple[float, float] | None = None
-    """The machine gauge reading (fp32 GFLOP/s, weight-streaming GB/s) at which these rates
-    hold: calibrated CPUs only, whose speed drifts (:mod:`tessera.sim.gauge`); None elsewhere."""
+    """The machine gauge reading (fp32 GFLOP/s, weight-streaming GB/s;
+    :class:`tessera.sim.calibrate.MachineGauge`) at which these rates hold: calibrated CPUs
+    only, whose speed drifts (:func:`system_at` rates them at another reading); None
+    elsewhere."""
 
     def matmul_flops_per_s(self, precision: str) -> float:
         """Peak dense matrix rate of one device at ``precision`` (raises if unsupported)."""
@@ -102,6 +110,8 @@ class System:
     scale_up: Fabric
     num_scale_up_chips: int
     scale_out: Fabric | None
+    host: HostCosts = HostCosts()
+    """Tessera's host costs on this system (calibrated CPUs; nothing elsewhere)."""
 
     @property
     def num_devices(self) -> int:
@@ -123,14 +133,29 @@ def _efficiency(raw: dict[str, Any]) -> Efficiency:
         op_overhead_us=float(raw["op_overhead_us"]),
         ops_per_layer=int(raw["ops_per_layer"]),
         step_overhead_ms=float(raw["step_overhead_ms"]),
-        seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
-        attention_row_us=float(raw.get("attention_row_us", 0.0)),
         overlap=float(raw.get("overlap", 1.0)),
         kv_memory=None if raw.get("kv_memory") is None else float(raw["kv_memory"]),
-        kv_memory_split=(None if raw.get("kv_memory_split") is None
-                         else float(raw["kv_memory_split"])),
-        kv_whole_batch=int(raw.get("kv_whole_batch", 0)),
+    )
+
+
+HOST_FIELDS = tuple(f.name for f in fields(HostCosts))
+
+
+def _host_costs(profile: dict[str, Any]) -> HostCosts:
+    """The profile's ``host`` block; a profile written before host costs had a block of their
+    own kept them in its ``efficiency`` block, where they are still read."""
+    legacy = {k: v for k, v in profile["efficiency"].items() if k in HOST_FIELDS}
+    raw = {**legacy, **(profile.get("host") or {})}
+    unknown = set(raw) - set(HOST_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown host costs {', '.join(sorted(unknown))}")
+    split = raw.get("kv_memory_split")
+    return HostCosts(
+        seq_overhead_us=float(raw.get("seq_overhead_us", 0.0)),
+        attention_row_us=float(raw.get("attention_row_us", 0.0)),
         native_decode_rows=int(raw.get("native_decode_rows", 0)),
+        kv_whole_batch=int(raw.get("kv_whole_batch", 0)),
+        kv_memory_split=None if split is None else float(split),
     )
 
 
@@ -189,7 +214,28 @@ def system_from_profile(raw: dict[str, Any]) -> System:
     )
     fabric = Fabric(name="none", bytes_per_s=1e12, latency_us=0.0)
     return System(name=LOCAL_CHIP, chip=chip, num_chips=1, scale_up=fabric,
-                  num_scale_up_chips=1, scale_out=None)
+                  num_scale_up_chips=1, scale_out=None, host=_host_costs(raw))
+
+
+def system_at(system: System, reading: tuple[float, float] | None) -> System:
+    """``system`` with its chip's rates at the machine speed ``reading`` gives (see
+    ``Chip.gauge``): its matrix rates scaled by the reading's GFLOP/s and its weight-streaming
+    rate by the reading's GB/s, each against the chip's own reading. KV read rates keep their
+    bytes per second: Tessera's CPU attention kernel reads KV at its own pace, well below a
+    weight stream. Unchanged where either reading is missing (every catalog chip)."""
+    ref = system.chip.gauge
+    if reading is None or ref is None:
+        return system
+    flops, stream = reading[0] / ref[0], reading[1] / ref[1]
+    eff, host = system.chip.efficiency, system.host
+    kv = eff.memory if eff.kv_memory is None else eff.kv_memory
+    split = kv if host.kv_memory_split is None else host.kv_memory_split
+    # KV rates are fractions of the memory rate: divide them by the stream's factor so that
+    # their bytes per second stay where they were.
+    chip = replace(system.chip, tflops={k: v * flops for k, v in system.chip.tflops.items()},
+                   memory_bytes_per_s=system.chip.memory_bytes_per_s * stream, gauge=reading,
+                   efficiency=replace(eff, kv_memory=kv / stream))
+    return replace(system, chip=chip, host=replace(host, kv_memory_split=split / stream))
 
 
 def local_system(profile_path: Path | None = None) -> System:

@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import numpy as np
 
+from tessera.config import CacheConfig
+
 from .costmodel import KV_BYTES_PER_ELEMENT, PoolCost
 from .engine_sim import EngineScenario, simulate_engine
 from .hardware import BYTES_PER_ELEMENT, System
-from .model import ModelSpec
+from .model import ModelCosts
 from .result import SimResult, mean_p50_p99
 from .workload import generate
 
-BLOCK_SIZE = 16
+BLOCK_SIZE = CacheConfig().block_size
 
 
-def simulate_local(scenario: object, system: System, model: ModelSpec) -> SimResult:
+def simulate_local(scenario: object, system: System, model: ModelCosts) -> SimResult:
     """Simulate a colocated, one-group ``scenario`` (a :class:`Scenario`) as one engine.
 
     The engine's ``max_num_seqs`` is ``--batch-per-dp``; ``--concurrency`` is a closed loop of

@@ -1,9 +1,12 @@
-"""Model shapes from an HF ``config.json`` and the FLOPs/bytes of each op per token.
+"""What a model's ops cost per token: parameter, FLOP and KV-cache counts per layer.
 
-Covered: GQA/MHA attention (Llama, Qwen, Mixtral), MLA with low-rank query and KV
-(DeepSeek-V2/V3, arXiv 2405.04434 and 2412.19437), dense SwiGLU FFN, MoE with top-k routed
-experts and shared experts, dense-first layers (``first_k_dense_replace``) and multi-token
-prediction layers (``num_nextn_predict_layers``). Counts are multiply-accumulates times two.
+The shape comes from the engine's own readers of an HF ``config.json`` (``tessera.model.spec``,
+``moe_spec`` and ``mla_spec``, all torch-free), so the simulator and the engine never disagree
+on a model; this module only counts. Covered: GQA/MHA attention, MLA with low-rank query and
+KV (DeepSeek-V2/V3, arXiv 2405.04434 and 2412.19437), dense SwiGLU FFN, MoE with top-k routed
+and shared experts on the layers the config makes MoE, and multi-token prediction layers
+(``num_nextn_predict_layers``, a field only the simulator reads: the engine runs no MTP).
+Counts are multiply-accumulates times two.
 """
 
 from __future__ import annotations
@@ -11,13 +14,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from tessera.model.mla_spec import MLASpec, mla_spec_from_config
+from tessera.model.moe_spec import MOE_MODEL_TYPES, MoESpec, moe_spec_from_config
+from tessera.model.spec import ModelSpec, spec_from_config
+
 from .catalog import load_model_config
 from .errors import SimError
 
+_EXPERT_COUNT_KEYS = ("n_routed_experts", "num_experts", "num_local_experts")
+
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """Per-layer parameter and FLOP counts derived once from a config."""
+class ModelCosts:
+    """Per-layer parameter and FLOP counts of one model, derived once from its config."""
 
     name: str
     num_layers: int
@@ -48,6 +57,13 @@ class ModelSpec:
     """FLOPs per layer that a prefill chunk spends per token of cached context it attends to,
     besides the attention itself: MLA's expanded (prefill) form re-projects each cached latent
     into per-head keys and values; GQA/MHA cache them as they are (0)."""
+    moe_layers: tuple[bool, ...] = ()
+    """Per layer: is its FFN a MoE (empty: none is). The pool cost model needs only the counts;
+    a schedule that walks the layers one by one (the AFD lab model) asks per layer."""
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """True when layer ``layer``'s FFN is a MoE."""
+        return bool(self.moe_layers) and self.moe_layers[layer]
 
     @property
     def is_moe(self) -> bool:
@@ -83,82 +99,79 @@ class ModelSpec:
                 + self.num_moe_layers * moe + self.vocab_size * self.hidden_size)
 
 
-def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        if key in cfg and cfg[key] is not None:
-            return cfg[key]
-    return default
+def _attention_counts(spec: ModelSpec, mla: MLASpec | None) -> tuple[int, int, int, int, int]:
+    """(projection params, decode FLOPs per cached position, prefill FLOPs per pair, cached
+    elements per token, MLA re-expansion FLOPs per cached token) of one attention layer."""
+    hidden, heads = spec.hidden_size, spec.num_heads
+    if mla is None:
+        hd = spec.head_dim
+        return (hidden * hd * (2 * heads + 2 * spec.num_kv_heads), 4 * heads * hd,
+                4 * heads * hd, 2 * spec.num_kv_heads * hd, 0)
+    rank, rope, nope, v_dim = (mla.kv_lora_rank, mla.qk_rope_head_dim, mla.qk_nope_head_dim,
+                               mla.v_head_dim)
+    qk = mla.qk_head_dim
+    q_lora = mla.q_lora_rank
+    q_params = hidden * q_lora + q_lora * heads * qk if q_lora else hidden * heads * qk
+    params = (q_params + hidden * (rank + rope) + rank * heads * (nope + v_dim)
+              + heads * v_dim * hidden)
+    return (params, 2 * heads * (rank + rope) + 2 * heads * rank,
+            2 * heads * qk + 2 * heads * v_dim, mla.cache_dim, 2 * rank * heads * (nope + v_dim))
 
 
-def spec_from_config(cfg: dict[str, Any], name: str = "model") -> ModelSpec:
-    """Derive a :class:`ModelSpec` from an HF config dict (raises :class:`SimError` if unusable)."""
+def _read(cfg: dict[str, Any]) -> tuple[ModelSpec, MoESpec | None, MLASpec | None, int]:
+    spec = spec_from_config(cfg)
+    moe = moe_spec_from_config(cfg)
+    mla = mla_spec_from_config(spec) if cfg.get("kv_lora_rank") is not None else None
+    return spec, moe, mla, int(cfg.get("num_nextn_predict_layers") or 0)
+
+
+def costs_from_config(cfg: dict[str, Any], name: str = "model") -> ModelCosts:
+    """The :class:`ModelCosts` of an HF config dict (raises :class:`SimError` if unusable)."""
     try:
-        hidden = int(cfg["hidden_size"])
-        num_layers = int(cfg["num_hidden_layers"])
-        num_heads = int(cfg["num_attention_heads"])
-        vocab = int(cfg["vocab_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SimError(f"model config {name!r} lacks a usable field: {exc}") from exc
-    num_kv_heads = int(_get(cfg, "num_key_value_heads", default=num_heads))
-    kv_lora = int(_get(cfg, "kv_lora_rank", default=0))
-    if kv_lora:
-        q_lora = int(_get(cfg, "q_lora_rank", default=0))
-        rope = int(cfg["qk_rope_head_dim"])
-        nope = int(cfg["qk_nope_head_dim"])
-        v_dim = int(cfg["v_head_dim"])
-        qk_dim = rope + nope
-        q_params = hidden * q_lora + q_lora * num_heads * qk_dim if q_lora else hidden * num_heads * qk_dim
-        attn_params = (q_params + hidden * (kv_lora + rope) + kv_lora * num_heads * (nope + v_dim)
-                       + num_heads * v_dim * hidden)
-        flops_kv_decode = 2 * num_heads * (kv_lora + rope) + 2 * num_heads * kv_lora
-        flops_pair_prefill = 2 * num_heads * qk_dim + 2 * num_heads * v_dim
-        kv_elements = kv_lora + rope
-        kv_up_flops = 2 * kv_lora * num_heads * (nope + v_dim)
-    else:
-        head_dim = int(_get(cfg, "head_dim", default=hidden // num_heads))
-        attn_params = hidden * head_dim * (2 * num_heads + 2 * num_kv_heads)
-        flops_kv_decode = 4 * num_heads * head_dim
-        flops_pair_prefill = 4 * num_heads * head_dim
-        kv_elements = 2 * num_kv_heads * head_dim
-        kv_up_flops = 0
-    intermediate = int(_get(cfg, "intermediate_size", default=4 * hidden))
-    num_experts = int(_get(cfg, "n_routed_experts", "num_experts", "num_local_experts", default=0))
-    top_k = int(_get(cfg, "num_experts_per_tok", default=0)) if num_experts else 0
-    moe_inter = int(_get(cfg, "moe_intermediate_size", default=intermediate))
-    n_shared = int(_get(cfg, "n_shared_experts", default=0))
-    shared_inter = int(_get(cfg, "shared_expert_intermediate_size", default=n_shared * moe_inter))
-    if num_experts:
-        first_dense = int(_get(cfg, "first_k_dense_replace", default=0))
-        mlp_only = list(_get(cfg, "mlp_only_layers", default=[]))
-        num_dense = min(num_layers, first_dense + len(mlp_only))
-    else:
-        num_dense = num_layers
-    return ModelSpec(
+        spec, moe, mla, num_mtp = _read(cfg)
+        has_experts = any(int(cfg.get(k) or 0) > 0 for k in _EXPERT_COUNT_KEYS)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:  # ModelConfigError too
+        raise SimError(f"model config {name!r} is not usable: {exc}") from exc
+    model_type = cfg.get("model_type", "")
+    if moe is None and has_experts and model_type not in MOE_MODEL_TYPES:
+        # Read as dense, every expert would cost like one dense FFN: fail instead.
+        raise SimError(f"model config {name!r} has routed experts, but model_type "
+                       f"{model_type!r} is not one whose experts Tessera reads "
+                       f"({', '.join(MOE_MODEL_TYPES)})")
+    hidden = spec.hidden_size
+    moe_layers = moe.moe_layers if moe is not None else ()
+    num_moe = sum(moe_layers)
+    num_dense = spec.num_layers - num_moe
+    if (num_dense or (num_mtp and moe is None)) and spec.intermediate_size <= 0:
+        raise SimError(f"model config {name!r} has dense FFN layers but no intermediate_size")
+    attn_params, kv_decode, pair_prefill, kv_elements, kv_up = _attention_counts(spec, mla)
+    num_experts = moe.num_experts if moe is not None else 0
+    return ModelCosts(
         name=name,
-        num_layers=num_layers,
+        num_layers=spec.num_layers,
         num_dense_layers=num_dense,
-        num_moe_layers=num_layers - num_dense,
-        num_mtp_layers=int(_get(cfg, "num_nextn_predict_layers", default=0)),
+        num_moe_layers=num_moe,
+        num_mtp_layers=num_mtp,
         hidden_size=hidden,
-        vocab_size=vocab,
-        is_mla=bool(kv_lora),
+        vocab_size=spec.vocab_size,
+        is_mla=mla is not None,
         attn_params=attn_params,
-        attn_flops_per_kv_decode=flops_kv_decode,
-        attn_flops_per_pair_prefill=flops_pair_prefill,
+        attn_flops_per_kv_decode=kv_decode,
+        attn_flops_per_pair_prefill=pair_prefill,
         kv_elements_per_token=kv_elements,
-        dense_ffn_params=3 * hidden * intermediate,
+        dense_ffn_params=3 * hidden * spec.intermediate_size,
         num_experts=num_experts,
-        num_experts_per_token=top_k,
-        expert_params=3 * hidden * moe_inter if num_experts else 0,
-        shared_expert_params=3 * hidden * shared_inter if num_experts else 0,
+        num_experts_per_token=moe.top_k if moe is not None else 0,
+        expert_params=3 * hidden * moe.moe_intermediate_size if moe is not None else 0,
+        shared_expert_params=3 * hidden * moe.shared_intermediate_size if moe is not None else 0,
         router_params=hidden * num_experts,
         mtp_extra_params=2 * hidden * hidden,
-        tied_embeddings=bool(_get(cfg, "tie_word_embeddings", default=False)),
-        kv_up_flops_per_context_token=kv_up_flops,
+        tied_embeddings=spec.tie_word_embeddings,
+        kv_up_flops_per_context_token=kv_up,
+        moe_layers=moe_layers,
     )
 
 
-def load_model(name_or_path: str) -> ModelSpec:
-    """Load a bundled model by name or an HF config by path."""
-    cfg = load_model_config(name_or_path)
-    return spec_from_config(cfg, name=name_or_path)
+def load_model(name_or_path: str) -> ModelCosts:
+    """The costs of a bundled model (by name) or of an HF config (by path)."""
+    return costs_from_config(load_model_config(name_or_path), name=name_or_path)

@@ -18,7 +18,7 @@ from .deployment import Deployment
 from .errors import SimError
 from .hardware import PRECISIONS, System, get_system
 from .inputs import check_float, check_int
-from .model import ModelSpec, load_model
+from .model import ModelCosts, load_model
 from .result import SimResult
 from .simulator import Scenario, simulate
 from .workload import Workload
@@ -41,7 +41,7 @@ class Candidate:
     chips: float
 
 
-def _steady(system: System, model: ModelSpec, dep: Deployment, inp: int, out: int) -> Candidate:
+def _steady(system: System, model: ModelCosts, dep: Deployment, inp: int, out: int) -> Candidate:
     dpc = system.chip.num_devices_per_chip
     dep.validate(system, model)
     dcost = PoolCost(system, model, dep.decode_layout(model))
@@ -97,7 +97,7 @@ def check_chips(system: System, num_chips: object) -> int:
     return check_int("--chips", num_chips, 1, system.num_chips)
 
 
-def _check_inputs(system: System, model: ModelSpec, precision: str, tpot_slo_ms: float,
+def _check_inputs(system: System, model: ModelCosts, precision: str, tpot_slo_ms: float,
                   ttft_slo_ms: float | None, input_tokens: int, output_tokens: int,
                   mtp: float | None, top: int, verify: int) -> None:
     # Every candidate would fail alike on these; checked once so the error names the input
@@ -118,7 +118,7 @@ def _check_inputs(system: System, model: ModelSpec, precision: str, tpot_slo_ms:
     check_int("verify", verify, 0)
 
 
-def candidates(system: System, model: ModelSpec, num_chips: int, precision: str,
+def candidates(system: System, model: ModelCosts, num_chips: int, precision: str,
                mtp: float | None) -> list[Deployment]:
     """Deployments to try on ``num_chips`` chips."""
     check_chips(system, num_chips)

@@ -21,7 +21,7 @@ from .events import Event, EventLoop
 from .hardware import LOCAL_CHIP, System, get_system
 from .inputs import check_int
 from .metrics import Recorder
-from .model import ModelSpec, load_model
+from .model import ModelCosts, load_model
 from .result import SimResult
 from .workload import Requests, Workload, generate
 
@@ -61,7 +61,7 @@ def _sum_loads(a: PassLoad, b: PassLoad) -> PassLoad:
 class _Run:
     """State of one simulation run (built by :func:`simulate`)."""
 
-    def __init__(self, scenario: Scenario, system: System, model: ModelSpec) -> None:
+    def __init__(self, scenario: Scenario, system: System, model: ModelCosts) -> None:
         dep = scenario.deployment
         self.dep, self.model, self.system = dep, model, system
         self.reqs: Requests = generate(scenario.workload, scenario.seed)

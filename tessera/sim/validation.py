@@ -67,7 +67,7 @@ change here):
   scale-ep, "Profile Results", next to the blog's 32,206 excluding cache hits; they note that
   "DeepSeek's profile reports a throughput roughly twice that of its production environment").
   The scenario is ``deepseek-h800-blog (prefill)``'s unit with 4K prompts, no cache hits and
-  perfect balance. The Hopper constants were fitted without it (``anchor_fit.fitted_ids``), so it
+  perfect balance. The Hopper constants were fitted without it (``simlab/anchor_fit.py``), so it
   is a held-out check of the capacity model on the system whose day average it cannot match.
 """
 

@@ -89,8 +89,8 @@ def test_cpu_local_runs_the_engine_scheduler(capsys: pytest.CaptureFixture[str],
     profile.write_text(json.dumps({
         "tflops": {"fp32": 0.1, "bf16": 1.0}, "memory_gb": 16, "memory_gb_s": 10,
         "efficiency": {"matmul": 0.5, "attention": 0.2, "memory": 0.8, "fabric": 1.0,
-                       "op_overhead_us": 2.0, "ops_per_layer": 14, "step_overhead_ms": 0.5,
-                       "seq_overhead_us": 20.0}}))
+                       "op_overhead_us": 2.0, "ops_per_layer": 14, "step_overhead_ms": 0.5},
+        "host": {"seq_overhead_us": 20.0}}))
     monkeypatch.setenv("TESSERA_SIM_PROFILE", str(profile))
     rc = sim_main(["--hardware", "cpu-local", "--model", "qwen2.5-0.5b", "--precision", "fp32",
                    "--batch-per-dp", "4", "--input-tokens", "64", "--output-tokens", "16",

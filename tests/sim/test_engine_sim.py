@@ -10,7 +10,7 @@ from tessera.engine.scheduler import Scheduler
 from tessera.engine.sequence import Sequence
 from tessera.sampling_params import SamplingParams
 from tessera.sim.costmodel import PREFILL_OPS_PER_CHUNK
-from tessera.sim.engine_probe import StepSample, fastest_runs
+from tessera.sim.engine_probe import StepSample, fastest_rounds, fastest_runs
 from tessera.sim.engine_sim import (
     EngineScenario,
     StepCost,
@@ -19,24 +19,33 @@ from tessera.sim.engine_sim import (
     step_load,
 )
 from tessera.sim.errors import SimError
-from tessera.sim.fit import fit_efficiency, step_errors
-from tessera.sim.hardware import system_from_profile
-from tessera.sim.model import spec_from_config
+from tessera.sim.fit import fit_system, step_errors
+from tessera.sim.hardware import HOST_FIELDS, system_from_profile
+from tessera.sim.model import costs_from_config
 
-CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+CFG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64,
+           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
            intermediate_size=128, vocab_size=300)
 PROFILE = {
     "tflops": {"fp32": 0.1, "bf16": 1.0},
     "memory_gb": 16.0,
     "memory_gb_s": 10.0,
     "efficiency": {"matmul": 0.5, "attention": 0.2, "memory": 0.8, "fabric": 1.0,
-                   "op_overhead_us": 2.0, "ops_per_layer": 14, "step_overhead_ms": 0.5,
-                   "seq_overhead_us": 20.0},
+                   "op_overhead_us": 2.0, "ops_per_layer": 14, "step_overhead_ms": 0.5},
+    "host": {"seq_overhead_us": 20.0},
 }
 
 
+def profile_with(**consts: object) -> dict:
+    """PROFILE with ``consts`` set, each in its block (chip efficiency or host costs)."""
+    eff = {k: v for k, v in consts.items() if k not in HOST_FIELDS}
+    host = {k: v for k, v in consts.items() if k in HOST_FIELDS}
+    return {**PROFILE, "efficiency": {**PROFILE["efficiency"], **eff},
+            "host": {**PROFILE["host"], **host}}
+
+
 def _scenario(**kw: object) -> EngineScenario:
-    base = dict(system=system_from_profile(PROFILE), model=spec_from_config(CFG),
+    base = dict(system=system_from_profile(PROFILE), model=costs_from_config(CFG),
                 precision="fp32", prompt_tokens=(40, 100, 7, 300), output_tokens=(5, 1, 20, 9),
                 num_blocks=64, max_num_batched_tokens=128)
     base.update(kw)
@@ -74,7 +83,7 @@ def test_bad_scenarios_raise() -> None:
 
 
 def test_step_load_counts_decode_and_prefill_work() -> None:
-    model = spec_from_config(CFG)
+    model = costs_from_config(CFG)
     bm = BlockManager(16, 4, enable_prefix_caching=False)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64), bm)
     a = Sequence("a", list(range(6)), SamplingParams(max_tokens=4))
@@ -100,7 +109,7 @@ def test_step_load_counts_decode_and_prefill_work() -> None:
 
 
 def test_prefill_chunk_after_context_pays_the_full_masked_rectangle() -> None:
-    model = spec_from_config(CFG)
+    model = costs_from_config(CFG)
     bm = BlockManager(32, 4, enable_prefix_caching=False)
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=16), bm)
     sched.add(Sequence("a", list(range(24)), SamplingParams(max_tokens=2)))
@@ -116,9 +125,8 @@ def test_prefill_chunk_after_context_pays_the_full_masked_rectangle() -> None:
 
 
 def test_fit_recovers_the_constants_that_made_the_samples() -> None:
-    model = spec_from_config(CFG)
-    truth = system_from_profile({**PROFILE, "efficiency": {
-        **PROFILE["efficiency"], "overlap": 0.5}})
+    model = costs_from_config(CFG)
+    truth = system_from_profile(profile_with(overlap=0.5))
     cost = StepCost(truth, model, "fp32")
     loads = [StepLoad(num_seqs=s, num_tokens=t, num_sampled=s, attention_flops=f, kv_bytes=k)
              for s, t, f, k in [(1, 1, 1e5, 1e5), (8, 8, 1e6, 1e6), (32, 32, 1e7, 5e6),
@@ -126,22 +134,22 @@ def test_fit_recovers_the_constants_that_made_the_samples() -> None:
                                 (1, 2048, 4e9, 2e6), (16, 16, 2e6, 4e7), (3, 300, 1e8, 1e6),
                                 (24, 24, 3e6, 2e7)]]
     samples = [StepSample(ld, cost.seconds(ld)) for ld in loads]
-    start = replace(truth, chip=replace(truth.chip, efficiency=replace(
-        truth.chip.efficiency, matmul=1.0, attention=1.0, memory=1.0, step_overhead_ms=5.0,
-        seq_overhead_us=1.0, overlap=1.0)))
+    start = replace(truth, host=replace(truth.host, seq_overhead_us=1.0),
+                    chip=replace(truth.chip, efficiency=replace(
+                        truth.chip.efficiency, matmul=1.0, attention=1.0, memory=1.0,
+                        step_overhead_ms=5.0, overlap=1.0)))
     assert max(abs(e) for e in step_errors(start, model, "fp32", samples)) > 0.3
-    eff = fit_efficiency(start, model, "fp32", samples)
-    fitted = replace(start, chip=replace(start.chip, efficiency=eff))
+    fitted = fit_system(start, model, "fp32", samples)
     assert max(abs(e) for e in step_errors(fitted, model, "fp32", samples)) < 0.05
+    assert fitted.host.seq_overhead_us > 5.0  # the host cost moved from 1 us towards 20
 
 
 def test_overlap_blends_roofline_max_and_sum() -> None:
-    model = spec_from_config(CFG)
+    model = costs_from_config(CFG)
     load = StepLoad(num_seqs=4, num_tokens=4, num_sampled=4, attention_flops=1e6, kv_bytes=1e6)
 
     def seconds(overlap: float) -> float:
-        eff = {**PROFILE["efficiency"], "overlap": overlap}
-        return StepCost(system_from_profile({**PROFILE, "efficiency": eff}), model,
+        return StepCost(system_from_profile(profile_with(overlap=overlap)), model,
                         "fp32").seconds(load)
 
     # Hiding less of each op's shorter leg can only lengthen the step, and does, linearly.
@@ -160,9 +168,8 @@ def test_closed_loop_keeps_concurrency_in_flight() -> None:
     assert closed.duration_s > offline.duration_s
 
 
-def _cost(**eff: object) -> StepCost:
-    profile = {**PROFILE, "efficiency": {**PROFILE["efficiency"], **eff}}
-    return StepCost(system_from_profile(profile), spec_from_config(CFG), "fp32")
+def _cost(**consts: object) -> StepCost:
+    return StepCost(system_from_profile(profile_with(**consts)), costs_from_config(CFG), "fp32")
 
 
 def test_a_steps_kv_bytes_are_read_once_over_all_layers() -> None:
@@ -193,25 +200,25 @@ def test_decode_batches_below_the_whole_sequence_batch_read_kv_at_the_split_rate
 
 
 def test_fit_recovers_a_split_kv_rate() -> None:
-    model = spec_from_config(CFG)
-    eff = {**PROFILE["efficiency"], "kv_memory": 0.6, "kv_memory_split": 0.3,  # type: ignore[dict-item]
-           "kv_whole_batch": 8}
-    truth = system_from_profile({**PROFILE, "efficiency": eff})
+    model = costs_from_config(CFG)
+    truth = system_from_profile(profile_with(kv_memory=0.6, kv_memory_split=0.3,
+                                             kv_whole_batch=8))
     cost = StepCost(truth, model, "fp32")
     loads = [StepLoad(num_seqs=s, num_tokens=s, num_sampled=s, attention_flops=1e5 * s,
                       kv_bytes=k) for s, k in [(1, 4e7), (2, 8e7), (4, 1e8), (8, 2e8),
                                                (16, 3e8), (32, 4e8), (64, 5e8), (6, 1e6),
                                                (24, 2e6), (3, 5e7)]]
     samples = [StepSample(ld, cost.seconds(ld)) for ld in loads]
-    start = replace(truth, chip=replace(truth.chip, efficiency=replace(
-        truth.chip.efficiency, kv_memory=None, kv_memory_split=None)))
-    fitted_eff = fit_efficiency(start, model, "fp32", samples)
-    assert fitted_eff.kv_memory == pytest.approx(0.6, rel=0.05)
-    assert fitted_eff.kv_memory_split == pytest.approx(0.3, rel=0.05)
+    start = replace(truth, host=replace(truth.host, kv_memory_split=None),
+                    chip=replace(truth.chip, efficiency=replace(truth.chip.efficiency,
+                                                                kv_memory=None)))
+    fitted = fit_system(start, model, "fp32", samples)
+    assert fitted.chip.efficiency.kv_memory == pytest.approx(0.6, rel=0.05)
+    assert fitted.host.kv_memory_split == pytest.approx(0.3, rel=0.05)
 
 
 def test_native_decode_steps_pay_no_per_op_launches() -> None:
-    model = spec_from_config(CFG)
+    model = costs_from_config(CFG)
     plain, native = _cost(), _cost(native_decode_rows=3)
     launches = model.num_layers * 14 * 2.0e-6  # ops_per_layer x op_overhead_us of PROFILE
     for seqs in (1, 3):
@@ -236,52 +243,15 @@ def test_calibration_keeps_each_workloads_fastest_whole_run() -> None:
     rounds = [[slow_then_fast, other_a], [fast_then_slow, other_b]]
     assert fastest_runs(rounds) == fast_then_slow + other_b
     assert fastest_runs(rounds[::-1]) == fast_then_slow + other_b
-    from tessera.sim.engine_probe import fastest_rounds
-
     assert fastest_rounds(rounds) == [1, 1]
     assert fastest_rounds([[fast_then_slow, other_a], [slow_then_fast, other_b]]) == [0, 1]
-
-
-def test_a_calibration_round_interleaves_other_work_in_a_shuffled_order(monkeypatch) -> None:
-    from tessera.sim import engine_probe
-
-    calls: list[object] = []
-
-    def fake_run(engine, model, kv_bytes, index, seed):  # type: ignore[no-untyped-def]
-        calls.append(index)
-        return [StepSample(StepLoad(1, 1, 1, 0.0, 0.0), float(index + seed))]
-
-    monkeypatch.setattr(engine_probe, "_calibration_run", fake_run)
-    num_cal = len(engine_probe.CALIBRATION_RUNS)
-    others = [lambda tag=tag: calls.append(tag) for tag in ("a", "b")]
-    runs = engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others,
-                                          order_seed=3)
-    # Every workload ran once and the runs come back in CALIBRATION_RUNS order, whatever order
-    # they ran in; the interleaved work ran once each, among them.
-    assert [run[0].seconds for run in runs] == [100.0 + k for k in range(num_cal)]
-    assert sorted(calls, key=str) == sorted([*range(num_cal), "a", "b"], key=str)
-    shuffled = list(calls)
-    assert shuffled != [*range(num_cal), "a", "b"]
-    calls.clear()
-    engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others, order_seed=3)
-    assert calls == shuffled  # the same seed, the same order
-    calls.clear()
-    engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others)
-    assert calls == [*range(num_cal), "a", "b"]  # no seed: the workloads, then the others
-    # before_each runs just before each task, told which: a gauge read next to every run.
-    calls.clear()
-    engine_probe.calibration_round(None, None, 4.0, seed=100, interleave=others, order_seed=3,
-                                   before_each=lambda task: calls.append(("gauge", task)))
-    ids = [num_cal + "ab".index(t) if isinstance(t, str) else t for t in shuffled]
-    assert calls == [x for task, tag in zip(ids, shuffled, strict=True)
-                     for x in (("gauge", task), tag)]
 
 
 def test_decode_and_prefill_attention_are_separate_kernels() -> None:
     """A step's decodes read KV in the paged kernel and its chunks compute in SDPA, one after
     the other: the decode read is not hidden under the chunk's FLOPs, even at overlap 1."""
     cost = _cost(overlap=1.0, kv_memory=0.5)
-    layers = spec_from_config(CFG).num_layers
+    layers = costs_from_config(CFG).num_layers
     # Two decodes and one 62-token chunk; attention work first left out, then added.
     base = StepLoad(num_seqs=3, num_tokens=64, num_sampled=3, attention_flops=0.0, kv_bytes=0.0,
                     num_prefill_chunks=1)
@@ -301,7 +271,7 @@ def test_decode_and_prefill_attention_are_separate_kernels() -> None:
 
 
 def test_prefill_rows_pay_the_attention_row_cost_and_chunks_their_ops() -> None:
-    layers = spec_from_config(CFG).num_layers
+    layers = costs_from_config(CFG).num_layers
     plain, rowed = _cost(), _cost(attention_row_us=3.0)
     load = StepLoad(num_seqs=5, num_tokens=100, num_sampled=5, attention_flops=1e6,
                     kv_bytes=1e5, num_prefill_chunks=2, prefill_attention_flops=1e6,

@@ -1,4 +1,6 @@
-"""Imbalance model and batching."""
+"""Imbalance model, batching, and where host costs come from."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,3 +25,27 @@ def test_slots_balance_and_conserve() -> None:
     finished, emitted = s.advance(np.full((2, 2), 2.0))
     assert sorted(finished.tolist()) == [0, 1, 2, 3] and emitted == 4
     assert s.total_active == 0 and s.reserved.sum() == 0
+
+
+def test_host_costs_come_from_a_calibrated_profile_only() -> None:
+    from tessera.sim.hardware import (
+        HostCosts,
+        get_system,
+        local_system,
+        system_from_profile,
+    )
+
+    assert get_system("dgx-h100").host == HostCosts()  # catalog chips: chip facts only
+    assert local_system(Path("/nonexistent/cpu-local.json")).host == HostCosts()  # the example
+    base = {"tflops": {"fp32": 0.1}, "memory_gb": 16, "memory_gb_s": 10,
+            "efficiency": {"matmul": 0.5, "attention": 0.2, "memory": 0.8, "fabric": 1.0,
+                           "op_overhead_us": 2.0, "ops_per_layer": 14, "step_overhead_ms": 0.5}}
+    host = {"seq_overhead_us": 20.0, "attention_row_us": 1.5, "native_decode_rows": 3,
+            "kv_whole_batch": 16, "kv_memory_split": 0.3}
+    split = system_from_profile({**base, "host": host})
+    assert split.host == HostCosts(20.0, 1.5, 3, 16, 0.3)
+    # A profile written before host costs had their own block kept them among the efficiencies.
+    legacy = system_from_profile({**base, "efficiency": {**base["efficiency"], **host}})
+    assert legacy == split
+    with pytest.raises(ValueError, match="unknown host costs"):
+        system_from_profile({**base, "host": {"warp_speed": 1.0}})

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from tessera.model.moe_spec import moe_spec_from_config
 from tessera.sim.costmodel import (
     PoolCost,
     PoolLayout,
@@ -10,12 +11,15 @@ from tessera.sim.costmodel import (
     decode_load,
     prefill_core_flops,
 )
+from tessera.sim.errors import SimError
 from tessera.sim.hardware import get_system
-from tessera.sim.model import load_model, spec_from_config
+from tessera.sim.model import costs_from_config, load_model
 
-DENSE = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "vocab_size": 100, "intermediate_size": 128}
-MLA = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 100,
+DENSE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "vocab_size": 100, "intermediate_size": 128}
+MLA = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+       "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "vocab_size": 100,
        "intermediate_size": 128, "moe_intermediate_size": 32, "n_routed_experts": 8,
        "num_experts_per_tok": 2, "n_shared_experts": 1, "first_k_dense_replace": 1,
        "q_lora_rank": 16, "kv_lora_rank": 8, "qk_rope_head_dim": 4, "qk_nope_head_dim": 8,
@@ -23,7 +27,7 @@ MLA = {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4, "voc
 
 
 def test_dense_gqa_counts() -> None:
-    m = spec_from_config(DENSE)
+    m = costs_from_config(DENSE)
     hd = 16
     assert m.attn_params == 64 * hd * 4 + 2 * 64 * hd * 2 + 4 * hd * 64
     assert m.kv_elements_per_token == 2 * 2 * hd
@@ -34,7 +38,7 @@ def test_dense_gqa_counts() -> None:
 
 
 def test_mla_moe_counts() -> None:
-    m = spec_from_config(MLA)
+    m = costs_from_config(MLA)
     q = 64 * 16 + 16 * 4 * 12
     kv = 64 * (8 + 4) + 8 * 4 * (8 + 8)
     assert m.attn_params == q + kv + 4 * 8 * 64
@@ -56,7 +60,7 @@ def test_bundled_models_match_published_sizes() -> None:
 
 
 def test_prefix_hit_still_pays_attention_over_the_prefix() -> None:
-    dense, mla = spec_from_config(DENSE), spec_from_config(MLA)
+    dense, mla = costs_from_config(DENSE), costs_from_config(MLA)
     assert dense.kv_up_flops_per_context_token == 0
     assert mla.kv_up_flops_per_context_token == 2 * 8 * 4 * (8 + 8)  # latent -> K_nope, V
     for m in (dense, mla):
@@ -74,7 +78,7 @@ def test_causal_pairs() -> None:
 
 
 def test_decode_step_is_memory_bound_roofline() -> None:
-    m = spec_from_config(DENSE)
+    m = costs_from_config(DENSE)
     sys = get_system("dgx-h100")
     cost = PoolCost(sys, m, PoolLayout(1, 1, 1, False, 1, "bf16"))
     eff = sys.chip.efficiency
@@ -96,3 +100,34 @@ def test_more_tokens_cost_more_and_balancer_helps() -> None:
     small, big = decode_load(m, n, n * 1000), decode_load(m, n * 2, n * 2000)
     assert bal.step_s(big) > bal.step_s(small)
     assert unbal.step_s(big) > bal.step_s(big)
+
+
+def test_moe_layers_are_where_the_engine_puts_them() -> None:
+    """One reader of the config: a Qwen3-MoE's sparse layers follow ``decoder_sparse_step`` and
+    ``mlp_only_layers`` exactly as the engine builds them (the simulator's own parser once
+    counted the listed dense layers and ignored the step)."""
+    cfg = {**DENSE, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+           "num_hidden_layers": 8, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "decoder_sparse_step": 2, "mlp_only_layers": [3]}
+    m = costs_from_config(cfg)
+    engine_moe = moe_spec_from_config(cfg)
+    assert engine_moe is not None
+    # Every second layer is sparse, except layer 3, listed dense.
+    assert m.moe_layers == engine_moe.moe_layers == (False, True, False, False,
+                                                     False, True, False, True)
+    assert (m.num_dense_layers, m.num_moe_layers) == (5, 3)
+    assert [m.is_moe_layer(i) for i in range(8)] == list(engine_moe.moe_layers)
+
+
+def test_configs_the_engine_cannot_read_are_one_line_errors() -> None:
+    with pytest.raises(SimError, match="architectures"):
+        costs_from_config({k: v for k, v in DENSE.items() if k != "architectures"})
+    with pytest.raises(SimError, match="hidden_size"):
+        costs_from_config({k: v for k, v in DENSE.items() if k != "hidden_size"})
+    with pytest.raises(SimError, match="positive integer"):
+        costs_from_config({**MLA, "kv_lora_rank": 0.5})
+    # Experts of a family the engine does not read would be costed as one dense FFN each.
+    with pytest.raises(SimError, match="routed experts"):
+        costs_from_config({**MLA, "model_type": "some_moe"})
+    with pytest.raises(SimError, match="intermediate_size"):
+        costs_from_config({k: v for k, v in DENSE.items() if k != "intermediate_size"})

@@ -27,15 +27,18 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tessera.config import SchedulerConfig
+from tessera.afd.lane_policy import pick_lane
+from tessera.config import CacheConfig, SchedulerConfig
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
+from tessera.sim.costmodel import PoolCost, PoolLayout
+from tessera.sim.engine_sim import EngineSimResult, StepLoad, end_step, make_sequences, step_load
+from tessera.sim.errors import SimError
+from tessera.sim.hardware import System
+from tessera.sim.model import ModelCosts
 
-from .costmodel import PoolCost, PoolLayout
-from .engine_sim import EngineSimResult, StepLoad, end_step, make_sequences, step_load
-from .errors import SimError
-from .hardware import System
-from .model import ModelSpec
+_SCHEDULER = SchedulerConfig()
+"""The engine's defaults, which the split's limits default to."""
 
 FFN_OPS_PER_LAYER = 3
 """Ops of an FFN unit on its worker (gate/up projection, activation and product, down
@@ -48,7 +51,7 @@ class AFDLocalScenario:
 
     system: System
     """Calibrated for one device per worker (on a CPU: one thread)."""
-    model: ModelSpec
+    model: ModelCosts
     precision: str
     prompt_tokens: tuple[int, ...]
     output_tokens: tuple[int, ...]
@@ -61,13 +64,15 @@ class AFDLocalScenario:
     kv_bytes_per_element: float = 4.0
     ffn_head_share: float = 0.0
     """Share of the LM head's vocabulary computed on the FFN worker."""
-    block_size: int = 16
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
+    block_size: int = CacheConfig().block_size
+    max_num_seqs: int = _SCHEDULER.max_num_seqs
+    max_num_batched_tokens: int = _SCHEDULER.max_num_batched_tokens
 
 
 @dataclass
-class _Lane:
+class SimLane:
+    """One lane of the attention worker: its own scheduler, and where its step stands."""
+
     scheduler: Scheduler
     out: SchedulerOutput | None = None
     load: StepLoad | None = None
@@ -79,7 +84,7 @@ class _Lane:
 class _UnitCosts:
     """Seconds of each piece of a lane step, from the pool cost model (one device each)."""
 
-    def __init__(self, system: System, model: ModelSpec, precision: str) -> None:
+    def __init__(self, system: System, model: ModelCosts, precision: str) -> None:
         layout = PoolLayout(num_groups=1, tp=1, num_ep=1, ffn_split=True, num_micro_batches=1,
                             precision=precision)
         self.pool = PoolCost(system, model, layout)
@@ -89,7 +94,7 @@ class _UnitCosts:
         self.attn_ops_s = max(eff.ops_per_layer - FFN_OPS_PER_LAYER, 0) * op_s
         self.ffn_ops_s = FFN_OPS_PER_LAYER * op_s
         self.step_s = eff.step_overhead_ms * 1e-3
-        self.seq_s = eff.seq_overhead_us * 1e-6
+        self.seq_s = system.host.seq_overhead_us * 1e-6
 
     def attention(self, load: StepLoad) -> float:
         """One layer's attention side (the unit, the FFN's input norm, the submit)."""
@@ -99,8 +104,9 @@ class _UnitCosts:
                 + self.attn_ops_s)
 
     def ffn(self, load: StepLoad, layer: int) -> float:
-        moe_layer = layer >= self.model.num_dense_layers  # dense layers first, as in the sim
-        return self.pool.ffn_unit_s(load.num_tokens, moe_layer) + self.ffn_ops_s
+        """Layer ``layer``'s FFN unit (its dense FFN or its experts) on the FFN worker."""
+        return (self.pool.ffn_unit_s(load.num_tokens, self.model.is_moe_layer(layer))
+                + self.ffn_ops_s)
 
     def head(self, load: StepLoad, share: float) -> float:
         """``share`` of the LM head's vocabulary rows over the step's sampled rows."""
@@ -124,11 +130,11 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
     per_lane = SchedulerConfig(max_num_seqs=sc.max_num_seqs,
                                max_num_batched_tokens=sc.max_num_batched_tokens,
                                ).per_lane(sc.num_micro_batches)
-    lanes = [_Lane(Scheduler(per_lane, bm)) for _ in range(sc.num_micro_batches)]
+    lanes = [SimLane(Scheduler(per_lane, bm)) for _ in range(sc.num_micro_batches)]
     for seq in make_sequences(sc.prompt_tokens, sc.output_tokens):
-        # A new request joins the lane with the fewest unfinished sequences (as lanes.py does).
-        lane = min(lanes, key=lambda ln: len(ln.scheduler.running) + len(ln.scheduler.waiting))
-        lane.scheduler.add(seq)
+        # A new request joins the lane the attention worker's lanes would pick for it.
+        unfinished = [len(ln.scheduler.running) + len(ln.scheduler.waiting) for ln in lanes]
+        lanes[pick_lane(unfinished)].scheduler.add(seq)
     first = [math.nan] * num
     finish = [math.nan] * num
     attn_s = ffn_s = 0.0  # when each worker is next free
@@ -145,7 +151,7 @@ def simulate_afd_local(sc: AFDLocalScenario, max_rounds: int = 10_000_000) -> En
         """A message's time from send to receipt: latency plus two copies of its bytes."""
         return sc.transfer_latency_s + 2.0 * num_bytes / copy_rate
 
-    def resume(lane: _Lane) -> None:
+    def resume(lane: SimLane) -> None:
         """Run ``lane`` until its next submit or the end of its step (on the attention worker),
         its FFN result being in."""
         nonlocal attn_s, ffn_s, num_steps, num_out, num_sent

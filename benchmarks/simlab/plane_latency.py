@@ -1,6 +1,6 @@
 """Measure the one-way time of a data-plane message between two local worker processes.
 
-What ``tessera.sim.afd_local`` charges per FFN request and per result: a request of ``rows``
+What ``benchmarks.simlab.afd_local`` charges per FFN request and per result: a request of ``rows``
 hidden states goes from this process to an echo process over the shared-memory plane
 (``tessera.afd.shm_plane``, the one local CPU workers use), which answers with the same tensor;
 half the median round trip is the one-way time. It covers what a real transfer costs beyond
@@ -14,8 +14,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-from .errors import SimError
+from tessera.sim.errors import SimError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _limits(hidden_size: int, rows: int):  # noqa: ANN202 (torch-side type, imported lazily)
@@ -52,9 +55,10 @@ def measure_plane_latency_s(hidden_size: int, rows: int, repeats: int = 300) -> 
     if not shm_supported():
         raise SimError("this host has no shared-memory data plane to measure")
     with tempfile.TemporaryDirectory(prefix="tessera-latency-", dir=SHM_DIR) as directory:
-        code = (f"from tessera.sim.plane_latency import echo; "
+        code = (f"from benchmarks.simlab.plane_latency import echo; "
                 f"echo({directory!r}, {hidden_size}, {rows}, {repeats})")
-        child = subprocess.Popen([sys.executable, "-c", code])
+        # From the repository root, where ``benchmarks`` imports as a package.
+        child = subprocess.Popen([sys.executable, "-c", code], cwd=REPO_ROOT)
         try:
             plane = ShmDataPlane(0, 2, directory, _limits(hidden_size, rows), [1], 60.0)
             header = torch.tensor([0, 0, 0, rows, 0])

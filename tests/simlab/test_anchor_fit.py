@@ -2,7 +2,7 @@
 
 import pytest
 
-from tessera.sim.anchor_fit import (
+from benchmarks.simlab.anchor_fit import (
     catalog_values,
     efficiency_override,
     evaluate,

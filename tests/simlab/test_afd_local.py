@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import pytest
 
-from tessera.sim.afd_local import AFDLocalScenario, _UnitCosts, simulate_afd_local
+from benchmarks.simlab import afd_local
+from benchmarks.simlab.afd_local import AFDLocalScenario, _UnitCosts, simulate_afd_local
+from tessera.afd.lane_policy import pick_lane
 from tessera.sim.engine_sim import StepLoad
 from tessera.sim.errors import SimError
 from tessera.sim.hardware import system_from_profile
-from tessera.sim.model import spec_from_config
+from tessera.sim.model import costs_from_config
 from tests.sim.test_engine_sim import CFG, PROFILE
 
 
 def _scenario(**kw: object) -> AFDLocalScenario:
-    base = dict(system=system_from_profile(PROFILE), model=spec_from_config(CFG),
+    base = dict(system=system_from_profile(PROFILE), model=costs_from_config(CFG),
                 precision="fp32", prompt_tokens=(1,), output_tokens=(6,), num_blocks=64,
                 num_micro_batches=1, transfer_latency_s=0.0)
     base.update(kw)
@@ -56,10 +58,11 @@ def test_two_lanes_overlap_within_the_busier_worker() -> None:
     # head and host work, or the FFN streams its weights whatever the rows, two lanes lose:
     # each pays those again.)
     cfg = {**CFG, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4}
-    eff = {**PROFILE["efficiency"], "step_overhead_ms": 0.01, "seq_overhead_us": 0.0}
-    fast_memory = {**PROFILE, "memory_gb_s": 1000.0, "efficiency": eff}
+    eff = {**PROFILE["efficiency"], "step_overhead_ms": 0.01}
+    fast_memory = {**PROFILE, "memory_gb_s": 1000.0, "efficiency": eff,
+                   "host": {"seq_overhead_us": 0.0}}
     sc = _scenario(system=system_from_profile(fast_memory),
-                   model=spec_from_config(cfg), prompt_tokens=(8,) * 16,
+                   model=costs_from_config(cfg), prompt_tokens=(8,) * 16,
                    output_tokens=(20,) * 16, transfer_latency_s=2e-5)
     one = simulate_afd_local(sc)
     two = simulate_afd_local(_scenario(**{**sc.__dict__, "num_micro_batches": 2}))
@@ -73,3 +76,35 @@ def test_two_lanes_overlap_within_the_busier_worker() -> None:
 def test_a_pool_too_small_for_a_request_is_an_error() -> None:
     with pytest.raises(SimError):
         simulate_afd_local(_scenario(prompt_tokens=(2000,), num_blocks=4))
+
+
+def test_new_requests_join_the_lane_the_workers_policy_picks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lanes are filled by ``tessera.afd.lane_policy.pick_lane``, the attention worker's own
+    rule, not a copy of it: one request per pick, each seeing every lane's unfinished count."""
+    seen: list[list[int]] = []
+
+    def spy(num_unfinished: list[int]) -> int:
+        seen.append(list(num_unfinished))
+        return pick_lane(num_unfinished)
+
+    monkeypatch.setattr(afd_local, "pick_lane", spy)
+    res = simulate_afd_local(_scenario(prompt_tokens=(4,) * 5, output_tokens=(2,) * 5,
+                                       num_micro_batches=2))
+    assert res.num_output_tokens == 10
+    assert seen == [[0, 0], [1, 0], [1, 1], [2, 1], [2, 2]]
+
+
+def test_moe_layers_run_the_experts_the_config_places() -> None:
+    """A Qwen3-MoE whose every second layer is sparse (``decoder_sparse_step``) and whose
+    first is dense (``mlp_only_layers``): the FFN worker runs experts on exactly those layers."""
+    cfg = {**CFG, "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+           "num_hidden_layers": 4, "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "decoder_sparse_step": 2, "mlp_only_layers": [1]}
+    sc = _scenario(model=costs_from_config(cfg))
+    costs = _UnitCosts(sc.system, sc.model, sc.precision)
+    load = StepLoad(num_seqs=1, num_tokens=1, num_sampled=1, attention_flops=1.0, kv_bytes=1.0)
+    dense, moe = costs.pool.ffn_unit_s(1, False), costs.pool.ffn_unit_s(1, True)
+    assert dense != moe
+    assert [costs.ffn(load, i) - costs.ffn_ops_s for i in range(4)] == pytest.approx(
+        [dense, dense, dense, moe])  # layer 1 is listed dense; layer 3 is the one sparse step

@@ -15,9 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from .catalog import load_hardware
-from .errors import SimError
-from .validation import Anchor, anchors, run_anchor
+from tessera.sim.catalog import load_hardware
+from tessera.sim.errors import SimError
+from tessera.sim.validation import Anchor, anchors, run_anchor
 
 SEARCHED = ("matmul", "attention", "fabric", "step_overhead_ms")
 """Constants the catalog's grid searches vary; ``memory`` is fixed at 0.8 of peak bandwidth and
