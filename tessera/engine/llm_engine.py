@@ -140,6 +140,13 @@ class LLMEngine:
         """Stop a request at once and free its KV blocks; False if it is unknown or done."""
         return self.requests.abort(request_id, self.scheduler)
 
+    @property
+    def native_decode_rows(self) -> int:
+        """Most sequences a decode-only step runs as one native call (0: none; see
+        ``tessera.engine.decode_stack``). Known once a step has built the stack."""
+        stack = self.runner.decode_stack
+        return 0 if stack is None else stack.max_rows
+
     def add_step_observer(self, observer: StepObserver) -> None:
         """Call ``observer`` with every non-empty batch, after scheduling, before running."""
         self._observers.append(observer)

@@ -209,8 +209,7 @@ def with_engine_facts(profile: dict[str, Any], engine: LLMEngine) -> dict[str, A
                        f"{engine.config.device!r}")
     # The runner is one of LLMEngine's public parts; the engine contract (Engine) names no
     # such kernel fact, and only an in-process CPU engine has one.
-    stack = engine.runner.decode_stack
     whole = whole_sequence_batch(torch.get_num_threads()) if kernel_available() else 0
     return {**profile, "host": {**profile.get("host", {}),
-                                "native_decode_rows": 0 if stack is None else int(stack.max_rows),
+                                "native_decode_rows": engine.native_decode_rows,
                                 "kv_whole_batch": whole}}
