@@ -291,3 +291,13 @@ def test_bad_moe_config_is_one_clear_error(bad, message, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(mixtral))
     with pytest.raises(ModelLoadError, match="num_experts_per_tok"):
         load_model(tmp_path, "float32", CPU)
+
+
+def test_kimi_k2_config_reads_as_deepseek_v3(model_factory):
+    # Kimi-K2 ships the DeepSeek-V3 architecture under model_type "kimi_k2": its experts
+    # must be read, not silently dropped (a dense reading would load no routed experts).
+    path, _ = model_factory("deepseek-v3-moe")
+    cfg = json.loads((path / "config.json").read_text())
+    v3 = moe_spec_from_config(cfg)
+    assert v3 is not None
+    assert moe_spec_from_config({**cfg, "model_type": "kimi_k2"}) == v3

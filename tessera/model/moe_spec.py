@@ -98,7 +98,9 @@ def _deepseek_layers(cfg: dict[str, Any], num_layers: int, first_dense: int) -> 
     return tuple(i >= first and i % freq == 0 for i in range(num_layers))
 
 
-MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3")
+MOE_MODEL_TYPES = (
+    "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "kimi_k2",
+)
 """The ``model_type`` values whose experts :func:`moe_spec_from_config` reads (one branch each);
 a config of any other type is read as having none."""
 
@@ -152,7 +154,7 @@ def moe_spec_from_config(cfg: dict[str, Any]) -> MoESpec | None:
             shared_intermediate_size=inter * num_shared,
             num_shared_experts=num_shared,
         )
-    elif model_type == "deepseek_v3":
+    elif model_type in ("deepseek_v3", "kimi_k2"):  # Kimi-K2 is the V3 architecture
         num_experts = _num_experts(cfg, "n_routed_experts", 256)
         num_shared = _num_shared(cfg, 1)
         inter = int(_get(cfg, "moe_intermediate_size", 0))
