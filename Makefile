@@ -1,11 +1,12 @@
 # The two set-up commands: `make demo` runs the main job, `make test` runs the whole suite.
-# Both create .venv and install what they need on first use.
+# Both create .venv and install what they need on first use. `make test-unit` is the quick tier
+# (no child processes, nothing slow); `make test-cuda` runs the device tests on CUDA.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench bench-deps demo-model clean
+.PHONY: demo test test-unit test-cuda lint bench bench-deps demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,7 +29,19 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 test: $(STAMP) lint
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=25
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not processes and not slow"
+
+# The tests that take the `device` fixture, on CUDA (needs a CUDA build of torch in .venv);
+# without CUDA it says so in one line and succeeds.
+test-cuda: $(STAMP)
+	@$(BIN)/python -c "import sys, torch; ok = torch.cuda.is_available(); \
+		ok or print('make test-cuda: skipped, torch.cuda is not available (torch', torch.__version__ + ')'); \
+		sys.exit(0 if ok else 3)"; \
+	rc=$$?; if [ $$rc -eq 0 ]; then $(BIN)/python -m pytest tests --device cuda --durations=25; \
+	elif [ $$rc -ne 3 ]; then exit $$rc; fi
 
 # Peers for the benchmarks: llama-cpp-python builds llama.cpp from source (~5 minutes on 2 cores);
 # its [server] extra brings the OpenAI-compatible server benchmarks/serving.py runs.

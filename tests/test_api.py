@@ -18,9 +18,9 @@ from tests.models import build_model, reference_gaps
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
-def test_text_and_token_prompts_agree(model_factory):
+def test_text_and_token_prompts_agree(device, model_factory):
     path, _ = model_factory("llama")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20)
     tok = llm.get_tokenizer()
     by_text = llm.generate(["abc def"], GREEDY, use_tqdm=False)[0]
     by_ids = llm.generate([tok.encode("abc def")], GREEDY, use_tqdm=False)[0]
@@ -31,9 +31,9 @@ def test_text_and_token_prompts_agree(model_factory):
     assert by_text.prompt == "abc def" and by_ids.prompt is None
 
 
-def test_model_without_tokenizer(tmp_path):
+def test_model_without_tokenizer(device, tmp_path):
     path, hf = build_model("llama", tmp_path / "m", tokenizer=False)
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20)
     out = llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)[0]
     assert max(reference_gaps(hf, [5, 6, 7], out.outputs[0].token_ids)) <= 1e-4
     assert out.outputs[0].text == ""
@@ -43,9 +43,9 @@ def test_model_without_tokenizer(tmp_path):
     assert not llm.engine.has_unfinished_requests()
 
 
-def test_bad_prompts_and_param_lists(model_factory):
+def test_bad_prompts_and_param_lists(device, model_factory):
     path, _ = model_factory("llama")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20,
               max_model_len=64)
     with pytest.raises(ValueError, match="empty"):
         llm.generate([[]], GREEDY, use_tqdm=False)
@@ -62,9 +62,9 @@ def test_bad_prompts_and_param_lists(model_factory):
     assert len(out.outputs[0].token_ids) == 4 and out.outputs[0].finish_reason == "length"
 
 
-def test_abort_mid_generation_frees_blocks(model_factory):
+def test_abort_mid_generation_frees_blocks(device, model_factory):
     path, hf = model_factory("llama")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20,
               max_num_batched_tokens=32)
     engine: LLMEngine = llm.engine
     long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
@@ -141,6 +141,7 @@ def _cli(*args):
                           text=True, timeout=300)
 
 
+@pytest.mark.processes
 def test_cli_generate(model_factory):
     path, _ = model_factory("llama")
     llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
@@ -150,6 +151,7 @@ def test_cli_generate(model_factory):
     assert r.stdout == want[0].outputs[0].text + "\n"
 
 
+@pytest.mark.processes
 def test_cli_errors_are_one_line(tmp_path, model_factory):
     r = _cli("generate", str(tmp_path / "missing"), "--prompt", "x")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not exist" in r.stderr

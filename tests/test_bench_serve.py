@@ -47,6 +47,7 @@ def test_summary_percentiles_and_goodput():
     assert s["goodput"] == 1.0 and s["errors"] == ["HTTP 500"]
 
 
+@pytest.mark.processes
 def test_bench_against_server(server, tmp_path, capsys):
     out = tmp_path / "result.json"
     rc = bench_serve_main([
@@ -87,6 +88,7 @@ def test_bench_against_server(server, tmp_path, capsys):
     assert server.metric("tessera:prefix_cache_hits_total") > 0
 
 
+@pytest.mark.processes
 def test_bench_reports_failures(server, capsys):
     rc = bench_serve_main(["--base-url", server.base_url, "--model", "wrong", "--num-prompts",
                            "2", "--random-input-len", "4", "--random-output-len", "2",

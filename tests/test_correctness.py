@@ -32,12 +32,12 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
 
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("chunked", [True, False])
-def test_mixed_batch_matches_reference(model_factory, arch, chunked):
+def test_mixed_batch_matches_reference(device, model_factory, arch, chunked):
     path, hf = model_factory(arch)
     llm = LLM(
         str(path),
         dtype="float32",
-        device="cpu",
+        device=device,
         kv_cache_memory=4 << 20,
         max_num_batched_tokens=48 if chunked else 256,
         enable_chunked_prefill=chunked,
@@ -51,9 +51,9 @@ def test_mixed_batch_matches_reference(model_factory, arch, chunked):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral-sliding", "qwen3-moe", "deepseek-v3"])
-def test_prefix_cache_hits_match_reference(model_factory, arch):
+def test_prefix_cache_hits_match_reference(device, model_factory, arch):
     path, hf = model_factory(arch)
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20,
               max_num_batched_tokens=64)
     shared = _prompts(2, [50])[0]
     first = [shared + t for t in _prompts(3, [5, 20])]
@@ -70,14 +70,14 @@ def test_prefix_cache_hits_match_reference(model_factory, arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral", "qwen2-moe", "deepseek-v2-lite"])
-def test_preemption_matches_reference(model_factory, arch):
+def test_preemption_matches_reference(device, model_factory, arch):
     path, hf = model_factory(arch)
     # 12 blocks of 16 tokens: far less than 6 sequences of ~70 tokens need at once.
     from tessera.engine.model_runner import ModelRunner
 
-    llm_probe = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=1 << 20)
+    llm_probe = LLM(str(path), dtype="float32", device=device, kv_cache_memory=1 << 20)
     per_block = ModelRunner.kv_bytes_per_block(llm_probe.engine.model, 16)
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=12 * per_block,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=12 * per_block,
               max_num_batched_tokens=64)
     prompts = _prompts(5, [40, 45, 50, 35, 60, 42])
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
@@ -88,9 +88,9 @@ def test_preemption_matches_reference(model_factory, arch):
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_runs_close_to_reference(model_factory, dtype):
+def test_half_precision_runs_close_to_reference(device, model_factory, dtype):
     path, hf = model_factory("llama")
-    llm = LLM(str(path), dtype=dtype, device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(path), dtype=dtype, device=device, kv_cache_memory=4 << 20)
     prompts = _prompts(6, [9, 30])
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert str(llm.engine.model.embed.weight.dtype) == f"torch.{dtype}"
@@ -102,14 +102,14 @@ def test_half_precision_runs_close_to_reference(model_factory, dtype):
 
 
 @pytest.mark.parametrize("kv_dtype", ["float16", "bfloat16"])
-def test_narrow_kv_cache_close_to_reference(model_factory, kv_dtype):
+def test_narrow_kv_cache_close_to_reference(device, model_factory, kv_dtype):
     path, hf = model_factory("llama")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20,
               kv_cache_dtype=kv_dtype, max_num_batched_tokens=32)
     cache = llm.engine.runner.kv_caches[0]
     assert cache is not None and str(cache.dtype) == f"torch.{kv_dtype}"
     # Half the bytes per block: twice the blocks of a float32 cache of the same size.
-    wide = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    wide = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20)
     assert llm.engine.runtime.num_kv_blocks == 2 * wide.engine.runtime.num_kv_blocks
     prompts = _prompts(7, [5, 40, 70])
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)

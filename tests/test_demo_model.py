@@ -57,6 +57,8 @@ def _answers(client: openai.OpenAI, questions: list[Example]) -> list[str]:
         return list(pool.map(ask, questions))
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_held_out_additions_at_least_95_percent(client):
     questions = held_out_additions(NUM_ADDITIONS)
     assert all(is_held_out(*map(int, q.question[8:-1].split("+"))) for q in questions)
@@ -85,6 +87,8 @@ def test_worked_sums_add_up_and_the_check_reads_the_final_sum():
     assert is_correct(copy("abc"), "abc") and not is_correct(reverse("abc"), "abc")
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_copy_and_reverse(client):
     rng = random.Random(99)
     questions = [task(word(rng)) for task in (copy, reverse) for _ in range(10)]
@@ -116,6 +120,8 @@ def test_chat_template_renders_the_training_format():
     assert tok.decode(ids, skip_special_tokens=True) == "What is 007+045?"
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_demo_runs_and_exits_cleanly():
     proc = subprocess.run(
         [sys.executable, "-m", "tessera.demo", "--num-burst", "8", "--threads", "1",

@@ -26,6 +26,8 @@ from tessera.demo_model import SERVED_NAME, model_dir
 from tessera.serve.openai_models import ChatCompletionRequest, CompletionRequest
 from tests.test_serve_util import ServerProcess, http
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
+
 NUM_EXAMPLES = 120
 
 EDGE_INTS = [0, 1, -1, 2**31, 2**63 - 1, 2**63, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 10**30]

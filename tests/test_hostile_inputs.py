@@ -18,6 +18,8 @@ import pytest
 from tessera.demo_model import SERVED_NAME, model_dir
 from tests.test_serve_util import ServerProcess, http
 
+pytestmark = pytest.mark.processes
+
 M = SERVED_NAME
 MAX_SEQS = 8 + 24  # --max-num-seqs 8 --max-waiting 24 below
 MSG = [{"role": "user", "content": "What is 1+2?"}]

@@ -61,6 +61,7 @@ def holder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path]]:
         proc.wait(timeout=CHILD_START_S)
 
 
+@pytest.mark.processes
 def test_baton_of_a_killed_builder_is_cleared(holder: tuple[subprocess.Popen[str], Path],
                                               caplog: pytest.LogCaptureFixture) -> None:
     proc, build_dir = holder
@@ -75,6 +76,7 @@ def test_baton_of_a_killed_builder_is_cleared(holder: tuple[subprocess.Popen[str
     assert f"pid {proc.pid}" in caplog.text
 
 
+@pytest.mark.processes
 def test_a_live_builder_is_waited_for_with_a_bound(
         holder: tuple[subprocess.Popen[str], Path]) -> None:
     proc, build_dir = holder
@@ -94,6 +96,7 @@ sys.stdin.read()
 """
 
 
+@pytest.mark.processes
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="open files are seen in /proc")
 def test_a_live_baton_outside_the_lock_is_kept(tmp_path: Path) -> None:
     build_dir = tmp_path / "ext" / "tessera_kernels_test"

@@ -206,6 +206,7 @@ def test_unsupported_dtype_uses_fallback() -> None:
     torch.testing.assert_close(got, ref, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.processes
 def test_import_does_not_build() -> None:
     """Importing the package must not pay the build; only the first call does."""
     import subprocess

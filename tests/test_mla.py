@@ -54,9 +54,9 @@ PARAMS = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs
 
 
 @pytest.mark.parametrize("arch", MLA_ARCHS)
-def test_mixed_chunked_batch_logprobs_match_reference(model_factory, arch):
+def test_mixed_chunked_batch_logprobs_match_reference(device, model_factory, arch):
     path, hf = model_factory(arch)
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20,
               max_num_batched_tokens=48, enable_prefix_caching=False)
     # Decodes and prefill chunks share steps; 70 and 130 span several 48-token chunks.
     prompts = _prompts(1, [1, 7, 16, 33, 70, 130])
@@ -65,9 +65,9 @@ def test_mixed_chunked_batch_logprobs_match_reference(model_factory, arch):
     assert llm.engine.block_manager.num_free_blocks == llm.engine.runtime.num_kv_blocks
 
 
-def test_prefix_cache_hits_logprobs_match_reference(model_factory):
+def test_prefix_cache_hits_logprobs_match_reference(device, model_factory):
     path, hf = model_factory("deepseek-v3-yarn")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20,
               max_num_batched_tokens=64)
     shared = _prompts(2, [50])[0]
     first = [shared + t for t in _prompts(3, [5])]
@@ -79,7 +79,7 @@ def test_prefix_cache_hits_logprobs_match_reference(model_factory):
     assert _max_logprob_error(hf, second, outputs) <= LOGPROB_TOL
 
 
-def test_kv_cache_holds_latent_and_rope_key_only(model_factory):
+def test_kv_cache_holds_latent_and_rope_key_only(device, model_factory):
     path, _ = model_factory("deepseek-v3-yarn")
     cfg = json.loads((path / "config.json").read_text())
     _, model = load_model(path, "float32", torch.device("cpu"))
@@ -89,7 +89,7 @@ def test_kv_cache_holds_latent_and_rope_key_only(model_factory):
         itemsize = 2 if kv_dtype is torch.float16 else 4
         per_block = ModelRunner.kv_bytes_per_block(model, 16, kv_dtype)
         assert per_block == 16 * values_per_token * layers * itemsize
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=1 << 20)
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=1 << 20)
     caches = llm.engine.runner.kv_caches
     assert len(caches) == layers
     assert all(c is not None and c.shape[1:] == (16, values_per_token) for c in caches)
@@ -218,9 +218,9 @@ def test_missing_mla_field_is_a_clear_error(model_factory, tmp_path):
 
 
 @pytest.mark.parametrize(("dtype", "kv_dtype"), [("float32", "float16"), ("bfloat16", "auto")])
-def test_narrow_cache_or_model_close_to_reference(model_factory, dtype, kv_dtype):
+def test_narrow_cache_or_model_close_to_reference(device, model_factory, dtype, kv_dtype):
     path, hf = model_factory("deepseek-v3")
-    llm = LLM(str(path), dtype=dtype, device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype=dtype, device=device, kv_cache_memory=4 << 20,
               kv_cache_dtype=kv_dtype, max_num_batched_tokens=32)
     cache = llm.engine.runner.kv_caches[0]
     want = dtype if kv_dtype == "auto" else kv_dtype

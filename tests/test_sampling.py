@@ -13,9 +13,9 @@ from tests.models import EOS_ID, reference_gaps
 
 
 @pytest.fixture(scope="module")
-def llama(model_factory):
+def llama(device, model_factory):
     path, hf = model_factory("llama")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20)
     return llm, hf
 
 
@@ -100,17 +100,17 @@ def test_stop_token_ids_and_max_tokens(llama):
     assert out.token_ids == toks[: first + 1] and out.finish_reason == "stop"
 
 
-def test_eos_stops_unless_ignored(model_factory, tmp_path):
+def test_eos_stops_unless_ignored(device, model_factory, tmp_path):
     # A model whose EOS (from its generation config) is the token greedy decoding picks
     # first, so it stops at once.
     path, hf = model_factory("llama")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20)
     first = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3,
                                                       ignore_eos=True), use_tqdm=False)
     tok = first[0].outputs[0].token_ids[0]
     shutil.copytree(path, tmp_path / "m")
     (tmp_path / "m" / "generation_config.json").write_text(json.dumps({"eos_token_id": tok}))
-    llm = LLM(str(tmp_path / "m"), dtype="float32", device="cpu", kv_cache_memory=4 << 20)
+    llm = LLM(str(tmp_path / "m"), dtype="float32", device=device, kv_cache_memory=4 << 20)
     assert {tok, EOS_ID} <= llm.engine.runtime.eos_token_ids
     stopped = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=3),
                            use_tqdm=False)[0].outputs[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -178,6 +179,7 @@ def test_no_leaks_under_any_mix(ops, num_blocks, budget, chunked, prefix):
     assert bm.num_free_blocks == num_blocks and not any(bm.ref_counts)
 
 
+@pytest.mark.processes
 def test_scheduler_imports_no_torch():
     import subprocess
 

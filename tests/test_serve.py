@@ -15,6 +15,8 @@ import pytest
 from tessera import LLM, SamplingParams
 from tests.test_serve_util import CHAT_TEMPLATE, ServerProcess, build_server_model, http
 
+pytestmark = pytest.mark.processes
+
 PROMPTS = ["Hello, my name is", "The capital of France is", "1 + 1 ="]
 
 

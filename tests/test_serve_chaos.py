@@ -21,6 +21,8 @@ import pytest
 
 from tests.test_serve_util import ServerProcess, build_server_model, http, pid_alive
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
+
 LONG = {"model": "tiny", "prompt": "abc", "max_tokens": 4000, "ignore_eos": True}
 
 

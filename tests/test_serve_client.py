@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import zmq
 
 from tessera.config import CacheConfig, EngineConfig
@@ -33,6 +34,8 @@ async def _until(cond, timeout_s: float) -> None:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_a_failed_reader_fails_requests_and_the_core_is_replaced(tmp_path):
     model = build_server_model(tmp_path / "m", chat_template=False)
     config = EngineConfig(str(model), dtype="float32", device="cpu", num_threads=1,

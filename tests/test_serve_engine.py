@@ -10,9 +10,9 @@ from tessera.messages.common import AddRequest
 from tessera.messages.core import CoreInput
 
 
-def test_step_deltas_add_up_to_outputs(model_factory):
+def test_step_deltas_add_up_to_outputs(device, model_factory):
     path, _ = model_factory("llama")
-    llm = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=4 << 20,
+    llm = LLM(str(path), dtype="float32", device=device, kv_cache_memory=4 << 20,
               max_num_batched_tokens=16)  # fmt: skip
     engine = llm.engine
     params = [

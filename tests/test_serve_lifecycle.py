@@ -24,6 +24,8 @@ from tests.test_serve_util import (
     pid_alive,
 )
 
+pytestmark = pytest.mark.processes
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -121,6 +123,7 @@ def test_sigterm_aborts_streams_and_exits_zero(model_dir):
         srv.stop()
 
 
+@pytest.mark.slow
 def test_api_key_from_file_or_environment_and_metrics_behind_it(model_dir, tmp_path):
     key_file = tmp_path / "key"
     key_file.write_text("from-a-file\n")

@@ -13,10 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tessera import LLM, SamplingParams
 from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 from tests.test_serve_util import pid_alive
+
+pytestmark = pytest.mark.processes
 
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
@@ -94,6 +98,7 @@ def _kill_mid_stream(engine, victim: str) -> tuple[float, list]:
     return time.monotonic() - start_s, finished
 
 
+@pytest.mark.slow
 def test_killed_workers_leave_nothing_behind(model_factory):
     path, _ = model_factory("llama")
     reference = LLM(str(path), **COMMON).generate([[1, 2, 3]], GREEDY, use_tqdm=False)

@@ -14,6 +14,8 @@ from tessera.afd.trace import hidden_transfer_fraction
 from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 
+pytestmark = pytest.mark.processes
+
 COMMON = dict(
     dtype="float32",
     device="cpu",

@@ -16,6 +16,8 @@ from tessera.afd.front import WorkerStartupError
 from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 
+pytestmark = pytest.mark.processes
+
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
 DETECT_S = 2.0
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
@@ -49,6 +51,7 @@ def _fail_and_recover(engine, victim: str, sig: int) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_dead_then_stalled_ffn_worker(model_factory):
     path, _ = model_factory("llama")
     afd = AFDConfig(attention_workers=1, ffn_workers=2, heartbeat_interval_s=0.2,

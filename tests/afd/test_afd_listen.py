@@ -6,8 +6,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from tessera import LLM, SamplingParams
 from tessera.config import AFDConfig
+
+pytestmark = pytest.mark.processes
 
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

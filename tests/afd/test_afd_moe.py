@@ -10,6 +10,8 @@ from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 from tests.afd.test_afd_correctness import COMMON, _prompts
 
+pytestmark = pytest.mark.processes
+
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 

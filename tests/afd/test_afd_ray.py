@@ -18,6 +18,8 @@ from tessera.config import AFDConfig
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
+pytestmark = [pytest.mark.processes, pytest.mark.ray]
+
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
 # A pool start on one-CPU Ray nodes of a busy two-core machine took 1.5-4 minutes (actor
 # processes, then model loads): each start has explicit deadlines (STARTUP_S, the placement
@@ -70,6 +72,7 @@ def test_bad_address_is_one_clear_error(model_factory):
         AFDConfig(ray_address="ray://head:10001")
 
 
+@pytest.mark.slow
 def test_multi_node_tokens_match_and_a_killed_worker_recovers(cluster, model_factory):
     path, _ = model_factory("llama")
     reference = LLM(str(path), **COMMON).generate(PROMPTS, GREEDY, use_tqdm=False)

@@ -9,6 +9,7 @@ import os
 import time
 
 import msgspec
+import pytest
 import zmq
 
 from tessera import LLM, SamplingParams
@@ -17,6 +18,8 @@ from tessera.config import AFDConfig
 from tessera.messages.common import AbortRequests, Shutdown
 from tessera.messages.workers import StepFailed
 from tests.afd.conftest import worker_pids
+
+pytestmark = pytest.mark.processes
 
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
@@ -41,6 +44,7 @@ def _tokens(llm: LLM) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
+@pytest.mark.slow
 def test_rogue_frames_are_dropped_and_the_pool_serves_on(model_factory, caplog):
     path, _ = model_factory("llama")
     afd = AFDConfig(attention_workers=1, ffn_workers=1, heartbeat_interval_s=0.2,

@@ -9,10 +9,15 @@ import signal
 import threading
 import time
 
+import pytest
+
 from tessera import LLM, SamplingParams
 from tests.test_serve_util import ServerProcess, build_server_model, child_pids, http, pid_alive
 
+pytestmark = pytest.mark.processes
 
+
+@pytest.mark.slow
 def test_serve_disaggregated(tmp_path):
     model = build_server_model(tmp_path / "m")
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)

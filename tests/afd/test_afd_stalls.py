@@ -13,6 +13,8 @@ from tessera.afd.progress import STALL_ENV
 from tessera.config import AFDConfig
 from tests.afd.conftest import worker_pids
 
+pytestmark = [pytest.mark.processes, pytest.mark.slow]
+
 COMMON = dict(dtype="float32", device="cpu", kv_cache_memory=1 << 22, num_threads=1)
 DETECT_S = 2.0
 GREEDY = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)

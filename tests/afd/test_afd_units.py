@@ -92,6 +92,7 @@ def test_trace_metric_and_error_brief():
     assert brief(error) == "Read error [127.0.0.1]:1: Connection reset by peer"
 
 
+@pytest.mark.processes
 def test_pool_failure_names_the_killed_worker_before_its_peers():
     """A peer that exits (code 1) because a killed worker is gone is a consequence; the
     failure line names the worker killed by a signal, whatever the order of the pool."""

@@ -70,6 +70,7 @@ def test_oversized_message_is_an_error(tmp_path):
         a0.isend(torch.zeros(9, 4), 1, PAYLOAD_TAG)  # 9 tokens > max_tokens 8
 
 
+@pytest.mark.processes
 def test_missed_deadline_and_dead_peer_fail_fast(tmp_path):
     a0, _ = _planes(tmp_path)
     out = torch.empty(2, 4)

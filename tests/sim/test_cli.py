@@ -102,6 +102,7 @@ def test_cpu_local_runs_the_engine_scheduler(capsys: pytest.CaptureFixture[str],
     assert data["tpot_ms_mean"] > 0 and data["decode_tokens_per_s_per_chip"] > 0
 
 
+@pytest.mark.slow
 def test_calibrate_on_a_model_too_short_for_its_workloads(
         tmp_path: object, capsys: pytest.CaptureFixture[str]) -> None:
     from tessera.demo_model import model_dir

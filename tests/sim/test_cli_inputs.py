@@ -129,6 +129,7 @@ def test_plot_into_read_only_directory(tmp_path: Path, capsys: pytest.CaptureFix
     assert "not writable" in err
 
 
+@pytest.mark.processes
 def test_entry_point_exits_2_without_traceback(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run(

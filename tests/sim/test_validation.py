@@ -43,6 +43,7 @@ def test_deepseek_per_node_rates_are_day_averages_over_nodes_in_service() -> Non
     assert averaged == ["deepseek-h800-blog (prefill)"]
 
 
+@pytest.mark.slow
 def test_decode_anchor_tpot_is_the_decode_pace() -> None:
     # The scenario keeps 50% more requests in flight than decode slots; requests waiting for a
     # slot must not stretch TPOT, which the published figure (15 ms) is a decode pace.
