@@ -54,8 +54,10 @@ from tessera.model.spec import ModelConfigError, spec_from_config
 from tessera.outputs import CompletionOutput, EngineStats, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
 
-# How long a seen worker exit waits for a report that explains it (see ``_health``).
+# How long a seen worker exit waits for a report that explains it (see ``_health``); a pool
+# that fails to start has no requests waiting on it, so it can wait longer for the reason.
 _LATE_REPORT_S = 0.5
+_LATE_STARTUP_REPORT_S = 5.0
 
 
 @dataclass
@@ -176,9 +178,9 @@ class AFDEngine:
         exited_s = 0.0
         while pending:
             # A worker that failed says why before it exits: once one has exited, what
-            # arrives within _LATE_REPORT_S is still read, so its reason wins over its code.
+            # arrives soon after is still read, so its reason wins over its code.
             now = time.monotonic()
-            if (exited is not None and now > exited_s + _LATE_REPORT_S) or now > deadline:
+            if (exited is not None and now > exited_s + _LATE_STARTUP_REPORT_S) or now > deadline:
                 pool.kill()
                 raise WorkerStartupError(
                     exited or f"workers {sorted(pending)} did not start within "
