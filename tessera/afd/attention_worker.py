@@ -167,9 +167,9 @@ def main(argv: list[str], secret: bytes | None = None) -> int:
                                          cfg.frame_limit_bytes))
     tracer = Tracer(cfg.afd.trace_path is not None)
     progress = Progress(cfg.name)
-    start_heartbeat(ctx, cfg, secret, progress)
+    stop_beating = start_heartbeat(ctx, cfg, secret, progress)
+    inputs = ctx.socket(zmq.PULL)
     try:
-        inputs = ctx.socket(zmq.PULL)
         inputs.setsockopt(zmq.MAXMSGSIZE, cfg.frame_limit_bytes)
         inputs.bind(cfg.input_address)
         reader = FrameReader(secret, WorkerInput, cfg.generation, f"{cfg.name} input",
@@ -209,7 +209,12 @@ def main(argv: list[str], secret: bytes | None = None) -> int:
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
         front.send(StartupFailed(text, worker=cfg.name))
+        stop_beating.set()
+        inputs.close(linger=0)
         front.close(linger=2000)
+        # Closing does not wait for the send; terminating the context does (within the
+        # linger), so the reason reaches the front before the process exits.
+        ctx.term()
         return 1
     rt = engine.runtime
     front.send(Ready(os.getpid(), rt.max_model_len, rt.num_kv_blocks, worker=cfg.name))

@@ -277,7 +277,9 @@ def main(argv: list[str], secret: bytes | None = None) -> int:
     except Exception as e:  # any startup failure becomes one line in the front
         text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
         front.send(StartupFailed(text, worker=cfg.name))
+        stop_beating.set()
         front.close(linger=2000)
+        ctx.term()  # delivers the reason (within the linger) before the process ends
         return 1
     front.send(Ready(os.getpid(), worker=cfg.name))
 

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SIM = Path(__file__).resolve().parents[2] / "tessera" / "sim"
 
 
@@ -55,6 +57,7 @@ def test_the_simulator_does_not_import_the_benchmarks_lab() -> None:
         assert not any(imp.split(".")[0] == "benchmarks" for imp in _imports(path)), path.name
 
 
+@pytest.mark.processes
 def test_importing_the_simulator_loads_no_torch() -> None:
     modules = sorted(f"tessera.sim.{p.stem}" for p in SIM.glob("*.py") if p.stem != "__main__")
     code = (f"import importlib, sys\nfor m in {modules!r}: importlib.import_module(m)\n"
