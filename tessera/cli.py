@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     _build_generate_parser(sub)
     _build_serve_parser(sub)
     sub.add_parser("bench", help="benchmarks: 'tessera bench serve --help'")
+    from tessera.kv.cli import add_kv_parser
+
+    add_kv_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
             from tessera.serve.cli import run_serve
 
             return run_serve(args)
+        if args.command == "kv":
+            from tessera.kv.cli import run_kv
+
+            return run_kv(args)
         if args.command == "bench":
             print("tessera: error: use 'tessera bench serve ...'", file=sys.stderr)
             return 2

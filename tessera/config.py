@@ -58,6 +58,18 @@ class CacheConfig:
     # A narrower cache than the model holds twice the tokens and halves the bytes decode
     # attention reads (llama.cpp's default is an f16 cache); attention computes in float32.
     kv_cache_dtype: str = option("auto", "KV cache dtype (auto: the model's)", choices=DTYPES)
+    kv_offload_memory: int | None = option(
+        None, "bytes of host memory for a KV tier below the device pool: blocks that fall out "
+        "of the pool, or of a preempted sequence, are copied back instead of recomputed")
+    kv_offload_dir: str | None = option(
+        None, "directory of an SSD KV tier: full blocks are written there and found again by "
+        "any engine with the same model and cache layout, also after a restart")
+    kv_offload_disk: int = option(64 << 30, "byte budget of the SSD KV tier")
+
+    @property
+    def offloads_kv(self) -> bool:
+        """Whether KV tiers below the device pool are configured."""
+        return self.kv_offload_memory is not None or self.kv_offload_dir is not None
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -69,6 +81,13 @@ class CacheConfig:
                 "kv_cache_dtype must be auto, float32, bfloat16 or float16, "
                 f"got {self.kv_cache_dtype!r}"
             )
+        for name in ("kv_offload_memory", "kv_offload_disk"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise ValueError(f"{name} must be positive bytes, got {value!r}")
+        if self.kv_offload_dir is not None and not str(self.kv_offload_dir).strip():
+            raise ValueError("kv_offload_dir must be a directory path, got an empty string")
         frac = self.kv_cache_memory_fraction
         if frac is not None and not 0.0 < frac <= 1.0:
             raise ValueError(

@@ -63,6 +63,40 @@ class StepOutput:
     deltas: list[TokenDelta] = field(default_factory=list)
 
 
+KV_TIER_LATENCY_BUCKETS_S = (
+    1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0,
+)  # fmt: skip
+"""Upper bounds of the per-block load and save latency buckets of a KV tier."""
+
+
+class KVTierStats(msgspec.Struct, frozen=True):
+    """One KV tier outside the device pool (``host`` or ``disk``): its contents, cumulative
+    counters and per-block latency histograms (counts per ``KV_TIER_LATENCY_BUCKETS_S``
+    bucket, the last above the last bound)."""
+
+    tier: str
+    num_blocks: int = 0
+    num_used_bytes: int = 0
+    num_capacity_bytes: int = 0
+    writable: bool = True
+    """False once the tier stopped taking writes (disk full or unwritable)."""
+    num_queried_tokens_total: int = 0
+    """Prompt tokens after the device hits looked up in this tier."""
+    num_hit_tokens_total: int = 0
+    """Tokens whose KV was loaded from this tier."""
+    num_read_bytes_total: int = 0
+    num_written_bytes_total: int = 0
+    num_evicted_blocks_total: int = 0
+    num_failed_loads_total: int = 0
+    """Blocks found but refused on load (corrupt, truncated, foreign), then recomputed."""
+    num_dropped_saves_total: int = 0
+    """Blocks not stored because the tier was behind or had stopped taking writes."""
+    load_seconds_counts: tuple[int, ...] = ()
+    load_seconds_sum: float = 0.0
+    save_seconds_counts: tuple[int, ...] = ()
+    save_seconds_sum: float = 0.0
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """An engine's gauges and cumulative counters, under the names ``/metrics`` uses; the
     same struct crosses every process boundary (engine core, attention workers)."""
@@ -79,3 +113,5 @@ class EngineStats(msgspec.Struct, frozen=True):
     num_generation_tokens_total: int = 0
     num_prefix_queried_tokens_total: int = 0
     num_prefix_hit_tokens_total: int = 0
+    kv_tiers: tuple[KVTierStats, ...] = ()
+    """The KV tiers outside the device pool, nearest first (empty without offloading)."""

@@ -211,7 +211,9 @@ def test_readme_lists_every_engine_option_with_its_default():
             if f.default is None:
                 assert shown in ("None", "model's", "torch's"), (f.name, shown)
             else:
-                assert shown == repr(f.default).replace("'", '"') or shown == str(f.default), (
+                gib = (f"{f.default >> 30} GiB" if isinstance(f.default, int)
+                       and f.default >= 1 << 30 and f.default % (1 << 30) == 0 else None)
+                assert shown in (repr(f.default).replace("'", '"'), str(f.default), gib), (
                     f.name, shown, f.default)
 
 

@@ -46,6 +46,7 @@ from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
 from tessera.engine.sequence import check_prompt_ids
+from tessera.kv.stats import sum_tier_stats
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
 from tessera.messages.workers import FrontInput, Heartbeat, StepFailed, StepReport
 from tessera.model.loader import read_config
@@ -415,6 +416,7 @@ class AFDEngine:
             num_waiting=sum(s.num_waiting for s in per),
             num_free_blocks=sum(s.num_free_blocks for s in per),
             kv_cache_usage=sum(s.kv_cache_usage for s in per) / max(len(per), 1),
+            kv_tiers=sum_tier_stats([s.kv_tiers for s in per]),
         )
 
     def _add_spans(self, worker: str, spans: list[Span]) -> None:

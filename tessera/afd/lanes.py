@@ -67,9 +67,11 @@ class Lanes:
         step's end) for the heartbeat's stall detection."""
         self.requests = engine.requests
         self.block_manager = engine.block_manager
+        self.kv_connector = engine.kv_connector
         self.runner = runner
         per_lane = engine.config.scheduler.per_lane(num_lanes)
-        self.lanes = [Lane(m, Scheduler(per_lane, self.block_manager)) for m in range(num_lanes)]
+        self.lanes = [Lane(m, Scheduler(per_lane, self.block_manager, self.kv_connector))
+                      for m in range(num_lanes)]
         self.lane_of: dict[str, int] = {}
         """Lane of every unfinished request."""
         self._num_sent = 0
@@ -111,7 +113,7 @@ class Lanes:
             if lane.step is None:
                 if not lane.num_unfinished:
                     continue
-                out = lane.scheduler.schedule()
+                out = self._schedule(lane)
                 if out.is_empty:
                     continue  # waiting for KV blocks another lane holds
                 lane.out, lane.start_us = out, self.runner.tracer.now_us()
@@ -127,6 +129,16 @@ class Lanes:
                     before_block()
                 self._resume(min(waiting, key=lambda ln: ln.pending_order), ended)
         return ended
+
+    def _schedule(self, lane: Lane) -> SchedulerOutput:
+        """The lane's next step, its KV loaded from the tiers (a sequence whose load fell
+        short leaves the step and recomputes, as in ``LLMEngine.step_with_deltas``)."""
+        out = lane.scheduler.schedule()
+        if out.loads and self.kv_connector is not None:
+            loaded = self.kv_connector.load(out.loads)
+            if loaded.failed(out.loads):
+                out = lane.scheduler.drop_failed_loads(out, loaded)
+        return out
 
     def _resume(self, lane: Lane, ended: list[StepOutput]) -> None:
         assert lane.step is not None
@@ -144,6 +156,8 @@ class Lanes:
         assert out is not None
         tokens, logprobs = result
         lane.scheduler.update(out, tokens)
+        if out.saves and self.kv_connector is not None:
+            self.kv_connector.save(out.saves)  # before postprocess frees finished blocks
         step = self.requests.postprocess(out, tokens, logprobs, lane.scheduler)
         tracer = self.runner.tracer
         tracer.add("step", "step", lane.start_us, tracer.now_us(),
@@ -170,4 +184,5 @@ class Lanes:
             num_generation_tokens_total=self.requests.num_generation_tokens_total,
             num_prefix_queried_tokens_total=sum(s.num_prefix_queried_tokens for s in schedulers),
             num_prefix_hit_tokens_total=sum(s.num_prefix_hit_tokens for s in schedulers),
+            kv_tiers=() if self.kv_connector is None else self.kv_connector.stats(),
         )

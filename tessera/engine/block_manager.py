@@ -5,9 +5,9 @@ The pool holds ``num_blocks`` blocks of ``block_size`` tokens. A block is either
 oldest. A free block may still hold cached KV: it keeps its prefix hash until it is popped
 for reuse, so a later request with the same prefix can take it back (a cache hit).
 
-Prefix hashes chain: the key of full block i is ``hash((key of block i-1, tokens of block i))``,
-so equal keys mean equal whole prefixes (up to a 64-bit hash collision, which we accept as
-vLLM does with its default hash).
+Prefix keys chain: the key of full block i is a digest of (key of block i-1, tokens of block
+i), so equal keys mean equal whole prefixes (``tessera.kv.keys``); the same keys name blocks in
+the tiers outside the pool.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from tessera.engine.sequence import Sequence
-
-_ROOT_HASH = 0x7E55E7A
+from tessera.kv.keys import ROOT_KEY, block_key
 
 
 class BlockManager:
@@ -48,15 +47,22 @@ class BlockManager:
     def num_blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_key(self, seq: Sequence, i: int) -> int:
+    def block_key(self, seq: Sequence, i: int) -> int:
         """Prefix key of full block ``i`` of ``seq``; computed once and kept on the sequence."""
         hashes = seq.block_hashes
         while len(hashes) <= i:
             j = len(hashes)
-            parent = hashes[j - 1] if j else _ROOT_HASH
+            parent = hashes[j - 1] if j else ROOT_KEY
             start = j * self.block_size
-            hashes.append(hash((parent, tuple(seq.token_ids[start : start + self.block_size]))))
+            hashes.append(block_key(parent, seq.token_ids[start : start + self.block_size]))
         return hashes[i]
+
+    def parent_key(self, seq: Sequence, i: int) -> int:
+        """The key of the block before block ``i`` (``ROOT_KEY`` for block 0)."""
+        return self.block_key(seq, i - 1) if i else ROOT_KEY
+
+    def block_tokens(self, seq: Sequence, i: int) -> list[int]:
+        return seq.token_ids[i * self.block_size : (i + 1) * self.block_size]
 
     def find_cached_blocks(self, seq: Sequence) -> list[int]:
         """Blocks holding a cached prefix of ``seq``'s tokens; does not change any state.
@@ -68,19 +74,22 @@ class BlockManager:
             return []
         hits: list[int] = []
         for i in range((seq.num_tokens - 1) // self.block_size):
-            block_id = self.cached.get(self._block_key(seq, i))
+            block_id = self.cached.get(self.block_key(seq, i))
             if block_id is None:
                 break
             hits.append(block_id)
         return hits
 
     def can_allocate(
-        self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None
+        self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None,
+        num_loaded_blocks: int = 0,
     ) -> bool:
-        """Whether ``num_new_tokens`` more tokens of ``seq`` fit, after taking ``cached``."""
+        """Whether ``num_new_tokens`` more tokens of ``seq`` fit, after taking ``cached`` and
+        ``num_loaded_blocks`` fresh blocks for KV loaded from outside the pool."""
         cached = cached or []
         num_needed = self.num_blocks_for(
-            seq.num_computed_tokens + len(cached) * self.block_size + num_new_tokens
+            seq.num_computed_tokens + (len(cached) + num_loaded_blocks) * self.block_size
+            + num_new_tokens
         )
         num_fresh = num_needed - len(seq.block_ids) - len(cached)
         # Cached blocks that are free now leave the free queue when taken.
@@ -89,21 +98,26 @@ class BlockManager:
 
     # ------------------------------------------------------------------ changes
     def allocate(
-        self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None
+        self, seq: Sequence, num_new_tokens: int, cached: list[int] | None = None,
+        num_loaded_blocks: int = 0,
     ) -> None:
-        """Give ``seq`` the cached prefix blocks and enough fresh blocks for the new tokens.
+        """Give ``seq`` the cached prefix blocks, ``num_loaded_blocks`` fresh blocks for KV
+        the caller loads from outside the pool, and enough fresh blocks for the new tokens.
 
-        Callers check ``can_allocate`` first. Cached blocks are only passed at admission,
-        while the sequence holds no blocks; they count as computed tokens.
+        Callers check ``can_allocate`` first. Cached and loaded blocks are only passed at
+        admission, while the sequence holds no blocks; they count as computed tokens (a load
+        that fails rolls the sequence back, ``roll_back``).
         """
-        if cached:
-            assert not seq.block_ids, "cached prefix blocks are taken only at admission"
-            for block_id in cached:
+        if cached or num_loaded_blocks:
+            assert not seq.block_ids, "prefix blocks are taken only at admission"
+            for block_id in cached or ():
                 if self.ref_counts[block_id] == 0:
                     del self.free_queue[block_id]
                 self.ref_counts[block_id] += 1
                 seq.block_ids.append(block_id)
-            seq.num_computed_tokens = len(cached) * self.block_size
+            for _ in range(num_loaded_blocks):
+                seq.block_ids.append(self._pop_free_block())
+            seq.num_computed_tokens = len(seq.block_ids) * self.block_size
         num_needed = self.num_blocks_for(seq.num_computed_tokens + num_new_tokens)
         for _ in range(num_needed - len(seq.block_ids)):
             seq.block_ids.append(self._pop_free_block())
@@ -128,12 +142,18 @@ class BlockManager:
             block_id = seq.block_ids[i]
             if self.block_keys[block_id] is not None:
                 continue
-            key = self._block_key(seq, i)
+            key = self.block_key(seq, i)
             # If another block already holds this prefix, keep that one: this block stays
             # private and is recycled first when freed.
             if key not in self.cached:
                 self.cached[key] = block_id
                 self.block_keys[block_id] = key
+
+    def roll_back(self, seq: Sequence, num_tokens: int) -> None:
+        """Mark only the first ``num_tokens`` of ``seq`` computed (after a failed load). The
+        blocks after them stay allocated, unpublished, and are overwritten by recompute."""
+        assert num_tokens <= seq.num_computed_tokens
+        seq.num_computed_tokens = num_tokens
 
     def free(self, seq: Sequence) -> None:
         """Return ``seq``'s blocks to the pool; cached content stays reusable until evicted."""

@@ -21,6 +21,9 @@ from tessera.engine.protocol import StepObserver
 from tessera.engine.requests import RequestTable
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler
+from tessera.kv.fingerprint import layout_fingerprint
+from tessera.kv.tiered import TieredKVConnector
+from tessera.model.dense import DecoderModel
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model
 from tessera.outputs import EngineStats, RequestOutput, StepOutput
@@ -93,11 +96,12 @@ class LLMEngine:
             vocab_size=self.spec.vocab_size,
         )
         self.block_manager = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.sampler = Sampler(self.platform.device, config.seed)
         self.runner = (make_runner or ModelRunner)(
             self.model, self.platform.device, cache.block_size, num_blocks, self.sampler, kv_dtype
         )
+        self.kv_connector = make_kv_connector(config, self.model, self.runner.kv_caches)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.kv_connector)
         self.requests = RequestTable(self.runtime, self.sampler, self.tokenizer)
         self._observers: list[StepObserver] = []
 
@@ -169,12 +173,17 @@ class LLMEngine:
         # max_model_len already fits in the KV pool.
         num_tokens = min(self.config.scheduler.max_num_batched_tokens,
                          self.runtime.max_model_len - 1)
-        for request_id, prompt, max_tokens in (("__warm_up__", [0, 0], 2),
-                                               ("__warm_up_largest_step__", [0] * num_tokens, 1)):
-            self.add_request(request_id, prompt, SamplingParams(
-                temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
-            while self.has_unfinished_requests():
-                self.step()
+        s.connector = None  # the warm-up's blocks stay out of the KV tiers
+        try:
+            for request_id, prompt, max_tokens in (
+                    ("__warm_up__", [0, 0], 2),
+                    ("__warm_up_largest_step__", [0] * num_tokens, 1)):
+                self.add_request(request_id, prompt, SamplingParams(
+                    temperature=0.0, max_tokens=max_tokens, ignore_eos=True))
+                while self.has_unfinished_requests():
+                    self.step()
+        finally:
+            s.connector = self.kv_connector
         (r.num_prompt_tokens_total, r.num_generation_tokens_total,
          s.num_prefix_queried_tokens, s.num_prefix_hit_tokens) = counters
         self.block_manager.reset_prefix_cache()
@@ -194,11 +203,20 @@ class LLMEngine:
             return StepOutput()
         for observer in self._observers:
             observer(out)
+        connector = self.kv_connector
+        if out.loads and connector is not None:
+            loaded = connector.load(out.loads)
+            if loaded.failed(out.loads):
+                out = self.scheduler.drop_failed_loads(out, loaded)
+                if out.is_empty:
+                    return StepOutput()
         try:
             tokens, logprobs = self.runner.execute(out)
         except Exception:
             return self.requests.fail(out, self.scheduler)
         self.scheduler.update(out, tokens)
+        if out.saves and connector is not None:
+            connector.save(out.saves)  # before postprocess frees finished sequences' blocks
         return self.requests.postprocess(out, tokens, logprobs, self.scheduler)
 
     # ----------------------------------------------------------------- stats
@@ -214,7 +232,28 @@ class LLMEngine:
             num_generation_tokens_total=self.requests.num_generation_tokens_total,
             num_prefix_queried_tokens_total=s.num_prefix_queried_tokens,
             num_prefix_hit_tokens_total=s.num_prefix_hit_tokens,
+            kv_tiers=() if self.kv_connector is None else self.kv_connector.stats(),
         )
 
     def shutdown(self) -> None:
-        """Nothing to release beyond memory (a no-op, for the engine contract)."""
+        """Finish the KV tiers' queued writes; safe to call twice."""
+        if self.kv_connector is not None:
+            self.kv_connector.close()
+
+
+def make_kv_connector(config: EngineConfig, model: DecoderModel,
+                      kv_caches: list[torch.Tensor | None]) -> TieredKVConnector | None:
+    """The connector to the KV tiers ``config.cache`` asks for, over ``kv_caches``."""
+    cache = config.cache
+    if not cache.offloads_kv:
+        return None
+    caches = [c for c in kv_caches if c is not None]
+    assert len(caches) == len(kv_caches), "KV tiers need every layer's cache in this process"
+    one, two = model.kv_cache_shape(1, cache.block_size), model.kv_cache_shape(2, cache.block_size)
+    block_axis = next(i for i, (a, b) in enumerate(zip(one, two, strict=True)) if a != b)
+    block_shape = tuple(n for i, n in enumerate(one) if i != block_axis)
+    fingerprint = layout_fingerprint(config.model, str(caches[0].dtype), block_shape,
+                                     len(caches))
+    return TieredKVConnector(
+        caches, block_axis, cache.block_size, fingerprint, host_bytes=cache.kv_offload_memory,
+        disk_dir=cache.kv_offload_dir, disk_bytes=cache.kv_offload_disk)

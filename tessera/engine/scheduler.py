@@ -5,6 +5,10 @@ served first, in arrival order; when the pool runs out of blocks the most recent
 running sequence is preempted (its blocks freed, its tokens kept) and later recomputed from
 its tokens, so no request is ever dropped. Waiting sequences are admitted, with their cached
 prefix blocks, while budget, sequence slots and blocks remain.
+
+With a KV connector, admission also takes the blocks after the device hits that the
+connector can load (``SchedulerOutput.loads``), and ``update`` hands every block that became
+full of computed KV to it (``SchedulerOutput.saves``).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass, field
 from tessera.config import SchedulerConfig
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.sequence import Sequence, SequenceStatus
+from tessera.kv.connector import BlockLoad, BlockSave, KVConnectorScheduler, LoadResult
 
 
 @dataclass
@@ -28,6 +33,11 @@ class SchedulerOutput:
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    loads: list[BlockLoad] = field(default_factory=list)
+    """KV to load before the step runs, for the sequences ``load_seqs`` (same order)."""
+    load_seqs: list[Sequence] = field(default_factory=list)
+    saves: list[BlockSave] = field(default_factory=list)
+    """Blocks that became full of computed KV in this step (filled by ``update``)."""
 
     @property
     def num_batched_tokens(self) -> int:
@@ -41,9 +51,11 @@ class SchedulerOutput:
 class Scheduler:
     """Decides, each step, which tokens of which sequences run."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 connector: KVConnectorScheduler | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.connector = connector
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -102,21 +114,24 @@ class Scheduler:
         ):
             seq = self.waiting[0]
             cached = bm.find_cached_blocks(seq)
-            num_cached_tokens = len(cached) * bm.block_size
+            num_loaded = self._num_loadable_blocks(seq, len(cached))
+            num_cached_tokens = (len(cached) + num_loaded) * bm.block_size
             num_new = seq.num_tokens - num_cached_tokens
             if num_new > budget:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
-            if not bm.can_allocate(seq, num_new, cached):
+            if not bm.can_allocate(seq, num_new, cached, num_loaded):
                 break
             self.waiting.popleft()
-            bm.allocate(seq, num_new, cached)
+            bm.allocate(seq, num_new, cached, num_loaded)
+            if self.connector is not None:
+                self._plan_loads(out, seq, len(cached), num_loaded)
             if seq.num_preemptions == 0:
                 # Count hits once per request, not again on recompute after preemption (even
                 # one preempted mid-prompt, before its first token).
                 self.num_prefix_queried_tokens += seq.num_tokens
-                self.num_prefix_hit_tokens += num_cached_tokens
+                self.num_prefix_hit_tokens += len(cached) * bm.block_size
                 seq.num_cached_tokens = num_cached_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -124,6 +139,64 @@ class Scheduler:
             out.num_new_tokens.append(num_new)
             budget -= num_new
         return out
+
+    # ----------------------------------------------------------------- KV connector
+    def _num_loadable_blocks(self, seq: Sequence, num_cached_blocks: int) -> int:
+        """Blocks after the device hits the connector can load (one token is always left
+        to compute, as for device hits)."""
+        if self.connector is None:
+            return 0
+        bm = self.block_manager
+        num_full = (seq.num_tokens - 1) // bm.block_size
+        keys = (bm.block_key(seq, i) for i in range(num_cached_blocks, num_full))
+        return self.connector.num_loadable_blocks(keys)
+
+    def _plan_loads(self, out: SchedulerOutput, seq: Sequence, first: int, num: int) -> None:
+        assert self.connector is not None
+        bm = self.block_manager
+        num_full = (seq.num_tokens - 1) // bm.block_size
+        self.connector.commit_lookup([bm.block_key(seq, i) for i in range(first, num_full)], num)
+        # Blocks stored before admission (device hits and loads) are not offered back.
+        seq.num_saved_blocks = first + num
+        if num:
+            out.loads.append(BlockLoad(
+                keys=seq.block_hashes[first : first + num],
+                block_ids=seq.block_ids[first : first + num],
+                token_ids=[bm.block_tokens(seq, i) for i in range(first, first + num)],
+                parent_key=bm.parent_key(seq, first),
+            ))
+            out.load_seqs.append(seq)
+
+    def drop_failed_loads(self, out: SchedulerOutput, result: LoadResult) -> SchedulerOutput:
+        """The step to run after ``result``: each sequence whose load fell short is rolled
+        back to its first block that did not load and leaves this step (it recomputes from
+        there in the next one, its blocks kept); the other sequences run as planned."""
+        bm = self.block_manager
+        dropped: set[int] = set()
+        for seq, load, num_ok in zip(out.load_seqs, out.loads, result.num_loaded_blocks,
+                                     strict=True):
+            if num_ok < len(load.keys):
+                first = seq.num_computed_tokens // bm.block_size - len(load.keys)
+                bm.roll_back(seq, (first + num_ok) * bm.block_size)
+                seq.num_saved_blocks = first + num_ok
+                seq.num_cached_tokens -= (len(load.keys) - num_ok) * bm.block_size
+                dropped.add(seq.seq_id)
+        kept = [i for i, seq in enumerate(out.seqs) if seq.seq_id not in dropped]
+        return SchedulerOutput(
+            seqs=[out.seqs[i] for i in kept],
+            num_new_tokens=[out.num_new_tokens[i] for i in kept],
+            preempted=out.preempted,
+        )
+
+    def _plan_saves(self, out: SchedulerOutput, seq: Sequence) -> None:
+        bm = self.block_manager
+        num_full = seq.num_computed_tokens // bm.block_size
+        for i in range(seq.num_saved_blocks, num_full):
+            out.saves.append(BlockSave(
+                key=bm.block_key(seq, i), block_id=seq.block_ids[i],
+                token_ids=bm.block_tokens(seq, i), parent_key=bm.parent_key(seq, i),
+            ))
+        seq.num_saved_blocks = max(seq.num_saved_blocks, num_full)
 
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and put it first in line; it recomputes from its tokens."""
@@ -148,5 +221,7 @@ class Scheduler:
                 continue  # aborted while the step ran
             seq.num_computed_tokens += num_new
             bm.register_computed(seq)
+            if self.connector is not None:
+                self._plan_saves(out, seq)
             if token_id is not None:
                 seq.token_ids.append(token_id)

@@ -33,6 +33,7 @@ class Sequence:
         "num_prompt_tokens",
         "num_computed_tokens",
         "num_cached_tokens",
+        "num_saved_blocks",
         "num_preemptions",
         "block_ids",
         "block_hashes",
@@ -59,6 +60,8 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
+        # Leading full blocks already handed to the KV connector (stored outside the pool).
+        self.num_saved_blocks = 0
         self.num_preemptions = 0
         self.block_ids: list[int] = []
         self.block_hashes: list[int] = []

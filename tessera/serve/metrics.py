@@ -11,6 +11,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tessera.outputs import EngineStats
+from tessera.serve.kv_tier_metrics import KVTierCollector
 
 _LATENCY_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
@@ -50,6 +51,8 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
         self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token.")
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, end to end.")
+        self.kv_tiers = KVTierCollector(model_name)
+        reg.register(self.kv_tiers)
         self._last = EngineStats()
 
     def update_engine(self, stats: EngineStats) -> None:
@@ -57,6 +60,7 @@ class ServerMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
+        self.kv_tiers.update(stats.kv_tiers)
         last = self._last
         pairs = (
             (self.prompt_tokens, stats.num_prompt_tokens_total - last.num_prompt_tokens_total),
