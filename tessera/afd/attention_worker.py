@@ -223,6 +223,8 @@ def main(argv: list[str], secret: bytes | None = None) -> int:
                    front, tracer, progress)
     finally:
         with contextlib.suppress(Exception):
+            engine.shutdown()  # lands the KV tiers' queued writes (bounded)
+        with contextlib.suppress(Exception):
             front.close(linger=1000)
 
 

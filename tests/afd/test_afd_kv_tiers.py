@@ -1,0 +1,56 @@
+"""KV tiers under Transformerless serving: attention workers load evicted prefixes from their
+host tier and the shared SSD directory, with the single-process engine's greedy tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tessera import LLM, SamplingParams
+from tessera.engine.model_runner import ModelRunner
+from tests.afd.conftest import worker_pids
+
+pytestmark = pytest.mark.processes
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(3)
+    system = [rng.randrange(256) for _ in range(40)]
+    prompts = []
+    for _ in range(3):
+        history = list(system)
+        for _ in range(2):
+            history += [rng.randrange(256) for _ in range(rng.randrange(10, 30))]
+            prompts.append(list(history))
+    return prompts
+
+
+def test_attention_workers_serve_prefixes_from_their_tiers(model_factory, tmp_path):
+    path, _ = model_factory("llama")
+    common = dict(dtype="float32", device="cpu", num_threads=1, block_size=16,
+                  max_num_batched_tokens=64)
+    reference = LLM(str(path), kv_cache_memory=1 << 22, **common)
+    prompts = _prompts()
+    expected = [o.outputs[0].token_ids
+                for o in reference.generate(prompts, PARAMS, use_tqdm=False)]
+    # 12 device blocks: far fewer than the conversations' distinct blocks, so prefixes come
+    # back from the tiers.
+    per_block = ModelRunner.kv_bytes_per_block(reference.engine.model, 16)
+    llm = LLM(str(path), kv_cache_memory=12 * per_block, attention_workers=1, ffn_workers=1,
+              micro_batches=2, kv_offload_memory=8 << 20, kv_offload_dir=str(tmp_path / "kv"),
+              **common)
+    try:
+        for _ in range(2):
+            outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outputs] == expected
+        tiers = {t.tier: t for t in llm.engine.stats().kv_tiers}
+        assert tiers["host"].num_hit_tokens_total > 0
+        assert tiers["disk"].num_written_bytes_total > 0
+        assert llm.engine.stats().kv_cache_usage == 0
+    finally:
+        llm.close()
+    assert not worker_pids()
+    assert list((tmp_path / "kv").glob("*/??/*.kvb"))
