@@ -269,6 +269,12 @@ def test_call_ids_follow_each_format():
     )
     ids = [c.id for c in get_tool_parser("kimi_k2")().parse(kimi).tool_calls]
     assert ids[:2] == ["functions.f:3", "functions.f:4"] and ids[2] not in ids[:2]
+    # A repeated id whose fresh replacements are taken too.
+    kimi = f"{KIMI_SECTION[0]}" + "".join(
+        f"{KIMI_BEGIN}functions.f:{i}{KIMI_ARGS}{{}}{KIMI_END}" for i in (2, 3, 4, 2)
+    )
+    ids = [c.id for c in get_tool_parser("kimi_k2")().parse(kimi).tool_calls]
+    assert ids == ["functions.f:2", "functions.f:3", "functions.f:4", "functions.f:5"]
 
 
 def test_openai_shapes():

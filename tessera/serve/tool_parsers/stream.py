@@ -199,10 +199,12 @@ class ToolCallStream:
     def _begin(self, name: str, call_id: str | None, start: int) -> None:
         assert self._open is None, "a grammar goes on after a broken call"
         index = self._num_started
-        if call_id is None or call_id in self._used_ids:
-            call_id = self._parser.new_call_id(name, index)
-            while call_id in self._used_ids:  # only a model-written id can collide
-                call_id = self._parser.new_call_id(name, index + len(self._used_ids))
+        # Only a model-written id collides with a fresh one: counting up past the ids in use
+        # ends the search even for a format whose fresh ids are not random.
+        attempt = index
+        while call_id is None or call_id in self._used_ids:
+            call_id = self._parser.new_call_id(name, attempt)
+            attempt += 1
         self._used_ids.add(call_id)
         self._num_started += 1
         self._open = _OpenCall(index, call_id, name, start, self._pending_ws)
