@@ -2,10 +2,11 @@
 
 Each conversation sends ``--turns`` prompts; every prompt re-sends the whole history (a shared
 system prompt, then per turn a user message and the reply the server streamed back, as token
-ids) plus a new user message, as a chat client does. ``--concurrency`` conversations run at once, each sending its
-next turn when the previous answer has streamed in. The device pool holds about
-``--device-share`` of the working set (the distinct tokens of all conversations), so most of
-a returning conversation's history has left it by its next turn. Compared, each a fresh
+ids) plus a new user message, as a chat client does. Turns go round the conversations (every conversation's first
+turn, then every second turn, ...), ``--concurrency`` at a time, so a conversation comes back
+after all the others. The device pool holds about ``--device-share`` of the working set (the
+distinct tokens of all conversations), and at least the running turns' longest contexts, so
+most of a returning conversation's history has left it by its next turn. Compared, each a fresh
 ``tessera serve`` on the same model and workload:
 
 - ``recompute``: no tiers (device prefix cache only);
@@ -21,7 +22,7 @@ recomputing it.
 
     python benchmarks/kv_tiers.py [--model llama|mla] [--conversations 8] [--turns 6]
         [--system-len 1024] [--user-len 256] [--output-len 64]
-        [--concurrency 4] [--device-share 0.2] [--skip-peer] [--json out.json]
+        [--concurrency 2] [--device-share 0.2] [--skip-peer] [--json out.json]
 """
 
 from __future__ import annotations
@@ -138,28 +139,31 @@ async def run_workload(base_url: str, peer: bool, conversations: list[list[list[
 
     ttfts: list[float] = []
     num_prompt_tokens = 0
-    queue: asyncio.Queue[list[list[int]]] = asyncio.Queue()
-    for c in conversations:
-        queue.put_nowait(c)
+    histories = [list(c[0]) for c in conversations]
+    slots = asyncio.Semaphore(args.concurrency)
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def turn(client: httpx.AsyncClient, i: int, t: int) -> None:
         nonlocal num_prompt_tokens
-        while not queue.empty():
-            system, *users = queue.get_nowait()
-            history = list(system)
-            for user in users:
-                history += user
-                ttft, reply = await _one_turn(client, url, body(history), peer)
-                ttfts.append(ttft)
-                num_prompt_tokens += len(history)
-                history += reply
+        async with slots:
+            history = histories[i]
+            history += conversations[i][1 + t]
+            ttft, reply = await _one_turn(client, url, body(history), peer)
+            ttfts.append(ttft)
+            num_prompt_tokens += len(history)
+            history += reply
+
+    async def all_turns(client: httpx.AsyncClient) -> None:
+        # Turn-major: every conversation's turn t before any turn t+1, so a conversation comes
+        # back after all the others have run, as users who read and type between turns do.
+        for t in range(args.turns):
+            await asyncio.gather(*(turn(client, i, t) for i in range(len(conversations))))
 
     start = time.perf_counter()
     # A fresh connection per turn: llama-server closes idle keep-alive connections, and a
     # turn sent on one it closed fails without ever reaching the server.
     limits = httpx.Limits(max_keepalive_connections=0)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(args.concurrency)))
+        await all_turns(client)
     return ttfts, time.perf_counter() - start, num_prompt_tokens
 
 
@@ -312,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system-len", type=int, default=1024)
     p.add_argument("--user-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=64, help="tokens of each reply")
-    p.add_argument("--concurrency", type=int, default=4)
+    p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--device-share", type=float, default=0.2)
     p.add_argument("--prefix-len", type=int, default=2048)
     p.add_argument("--threads", type=int, default=2)
@@ -337,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
                                                .kv_caches[0].dtype) // 16
     del probe
     num_ws = working_set_tokens(conversations, args)
+    # Never below the running turns' contexts: a smaller pool makes turns queue for device
+    # memory, whatever the tiers hold.
     device_bytes = max(int(args.device_share * num_ws * per_token),
-                       (max_len + args.output_len + 64) * per_token)
+                       args.concurrency * (max_len + args.output_len + 32) * per_token)
     host_bytes = 2 * num_ws * per_token
     print(f"{args.model}: {args.conversations} conversations x {args.turns} turns, prompts "
           f"{args.system_len}-{max_len} tokens, working set {num_ws} "
