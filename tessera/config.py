@@ -61,6 +61,10 @@ class CacheConfig:
     kv_offload_memory: int | None = option(
         None, "bytes of host memory for a KV tier below the device pool: blocks that fall out "
         "of the pool, or of a preempted sequence, are copied back instead of recomputed")
+    kv_host_store: str | None = option(
+        None, "ipc://PATH of a host KV store ('tessera kv store') whose shared memory is this "
+        "engine's host tier, shared with the other engines of the host (instead of "
+        "--kv-offload-memory)")
     kv_offload_dir: str | None = option(
         None, "directory of an SSD KV tier: full blocks are written there and found again by "
         "any engine with the same model and cache layout, also after a restart")
@@ -69,7 +73,8 @@ class CacheConfig:
     @property
     def offloads_kv(self) -> bool:
         """Whether KV tiers below the device pool are configured."""
-        return self.kv_offload_memory is not None or self.kv_offload_dir is not None
+        return (self.kv_offload_memory is not None or self.kv_offload_dir is not None
+                or self.kv_host_store is not None)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -86,6 +91,12 @@ class CacheConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value <= 0):
                 raise ValueError(f"{name} must be positive bytes, got {value!r}")
+        if self.kv_host_store is not None:
+            if not str(self.kv_host_store).startswith("ipc://") or len(self.kv_host_store) < 7:
+                raise ValueError(f"kv_host_store must be ipc://PATH, got {self.kv_host_store!r}")
+            if self.kv_offload_memory is not None:
+                raise ValueError("give kv_offload_memory (a host tier of this engine) or "
+                                 "kv_host_store (a shared one), not both")
         if self.kv_offload_dir is not None and not str(self.kv_offload_dir).strip():
             raise ValueError("kv_offload_dir must be a directory path, got an empty string")
         frac = self.kv_cache_memory_fraction

@@ -256,4 +256,5 @@ def make_kv_connector(config: EngineConfig, model: DecoderModel,
                                      len(caches))
     return TieredKVConnector(
         caches, block_axis, cache.block_size, fingerprint, host_bytes=cache.kv_offload_memory,
-        disk_dir=cache.kv_offload_dir, disk_bytes=cache.kv_offload_disk)
+        disk_dir=cache.kv_offload_dir, disk_bytes=cache.kv_offload_disk,
+        host_store=cache.kv_host_store)

@@ -24,6 +24,10 @@ def add_kv_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     ls.add_argument("dir", help="the --kv-offload-dir of a server")
     st = kv.add_parser("stats", help="check every block file's header and count bad ones")
     st.add_argument("dir")
+    store = kv.add_parser("store", help="run a host KV store: shared memory that the engines "
+                                        "given --kv-host-store use as their host tier")
+    store.add_argument("--address", required=True, help="ipc://PATH to listen on")
+    store.add_argument("--memory", type=int, required=True, help="bytes of shared memory")
     cl = kv.add_parser("clear", help="delete every block file (all layouts, or one)")
     cl.add_argument("dir")
     cl.add_argument("--layout", help="only this layout (a fingerprint 'ls' printed)")
@@ -41,6 +45,10 @@ def _block_files(layout: Path) -> list[Path]:
 
 
 def run_kv(args: argparse.Namespace) -> int:
+    if args.kv_command == "store":
+        from tessera.kv.store import main as store_main
+
+        return store_main(["--address", args.address, "--memory", str(args.memory)])
     root = Path(args.dir)
     layouts = _layouts(root)
     if args.kv_command == "clear":

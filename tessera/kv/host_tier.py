@@ -8,12 +8,27 @@ them, so a slot is never returned for a prefix it does not hold.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from tessera.kv.stats import TierCounters
 from tessera.outputs import KVTierStats
+
+
+class Block(NamedTuple):
+    """A full block as tiers name and check it."""
+
+    key: int
+    parent_key: int
+    token_ids: list[int]
+
+
+CopyFn = Callable[[int, torch.Tensor], object]
+"""Called with (index of the block in the batch, its host buffer [block_bytes] uint8)."""
 
 
 class HostTier:
@@ -61,6 +76,45 @@ class HostTier:
         self.slots.move_to_end(key)
         self.holds[slot] = (parent_key, list(token_ids))
         return self.arena[slot]
+
+    # The batch interface ``tiered.TieredKVConnector`` uses (shared with ``SharedHostTier``).
+    def num_leading(self, keys: list[int]) -> int:
+        """How many leading ``keys`` the tier holds."""
+        n = 0
+        for key in keys:
+            if key not in self.slots:
+                break
+            n += 1
+        return n
+
+    def load(self, blocks: list[Block], copy: CopyFn) -> int:
+        """``copy`` the leading blocks the tier holds out of it; how many it copied."""
+        n = 0
+        for j, b in enumerate(blocks):
+            start = time.perf_counter()
+            slot = self.get(b.key, b.parent_key, b.token_ids)
+            if slot is None:
+                break
+            copy(j, slot)
+            with self.counters.lock:
+                self.counters.load_s.observe(time.perf_counter() - start)
+            n += 1
+        return n
+
+    def store(self, blocks: list[Block], fill: CopyFn) -> None:
+        """Store the blocks the tier lacks, ``fill``-ing each one's slot."""
+        for j, b in enumerate(blocks):
+            if b.key in self.slots:
+                self.slots.move_to_end(b.key)
+                continue
+            start = time.perf_counter()
+            fill(j, self.put(b.key, b.parent_key, b.token_ids))
+            with self.counters.lock:
+                self.counters.num_written_bytes += self.block_bytes
+                self.counters.save_s.observe(time.perf_counter() - start)
+
+    def close(self) -> None:
+        """Nothing to release but memory."""
 
     def clear(self) -> None:
         self.slots.clear()
