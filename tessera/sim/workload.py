@@ -98,6 +98,23 @@ def _lengths(rng: np.random.Generator, mean: int, cv: float, n: int) -> np.ndarr
     return np.maximum(np.rint(draws), 1).astype(np.int64)
 
 
+def hit_tokens(workload: Workload, prompt_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tokens of each prompt not computed (device and tier hits), and of those the ones each
+    tier serves (one column per ``TIER_NAMES`` entry; None without tier hits)."""
+    cached = np.floor(prompt_tokens * workload.prefix_hit_fraction).astype(np.int64)
+    fractions = workload.tier_fractions()
+    if not any(fractions.values()):
+        return cached, None
+    # Cumulative shares floored once each, so that the tiers' tokens and the device's add up to
+    # the floor of the whole hit share and the device's share is what it was alone.
+    edges = [cached]
+    share = workload.prefix_hit_fraction
+    for tier in TIER_NAMES:
+        share += fractions[tier]
+        edges.append(np.floor(prompt_tokens * share).astype(np.int64))
+    return edges[-1], np.stack([b - a for a, b in pairwise(edges)], axis=1)
+
+
 def generate(workload: Workload, seed: int = 0) -> Requests:
     """Draw the request stream of ``workload`` (deterministic for a seed)."""
     workload.validate()
@@ -105,19 +122,7 @@ def generate(workload: Workload, seed: int = 0) -> Requests:
     n = workload.num_requests
     inp = _lengths(rng, workload.input_tokens, workload.length_cv, n)
     out = _lengths(rng, workload.output_tokens, workload.length_cv, n)
-    cached = np.floor(inp * workload.prefix_hit_fraction).astype(np.int64)
-    tiers = None
-    fractions = workload.tier_fractions()
-    if any(fractions.values()):
-        # Cumulative shares floored once each, so that the tiers' tokens and the device's add up
-        # to the floor of the whole hit share and the device's share is what it was alone.
-        edges = [cached]
-        share = workload.prefix_hit_fraction
-        for tier in TIER_NAMES:
-            share += fractions[tier]
-            edges.append(np.floor(inp * share).astype(np.int64))
-        tiers = np.stack([b - a for a, b in pairwise(edges)], axis=1)
-        cached = edges[-1]
+    cached, tiers = hit_tokens(workload, inp)
     if workload.kv_tokens is not None:
         start = np.maximum(workload.kv_tokens - out // 2, 1)
     else:
