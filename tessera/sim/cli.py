@@ -9,14 +9,36 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import asdict, replace
+from typing import Any
 
 from .deployment import Deployment
 from .errors import OneLineArgumentParser, SimError
 from .inputs import MAX_BATCH_PER_DP, MAX_REQUESTS, float_arg, int_arg
+from .result import SimResult
 from .simulator import Scenario, simulate
 from .workload import Workload
 
 _Parser = OneLineArgumentParser
+
+
+def _add_hit_flags(p: argparse.ArgumentParser) -> None:
+    """Prefix-cache and KV-tier hit shares and the tiers' sessions (``sim`` and ``plan``)."""
+    share = float_arg(0.0, 1.0, max_open=True)
+    p.add_argument("--prefix-hit", type=share, default=0.0, help="prompt share in prefix cache")
+    for tier, where in (("host", "host DRAM"), ("ssd", "node-local SSD"),
+                        ("remote", "a remote store across the fabric")):
+        p.add_argument(f"--{tier}-hit", type=share, default=0.0,
+                       help=f"prompt share loaded from the KV tier in {where}")
+    p.add_argument("--sessions", type=int_arg(1), default=None,
+                   help="sessions whose prefixes the KV tiers keep (default: requests in flight)")
+
+
+def _with_hits(workload: Workload, args: argparse.Namespace) -> Workload:
+    """``workload`` with the hit flags' shares and sessions."""
+    return replace(workload, prefix_hit_fraction=args.prefix_hit,
+                   host_hit_fraction=args.host_hit, ssd_hit_fraction=args.ssd_hit,
+                   remote_hit_fraction=args.remote_hit, num_sessions=args.sessions)
 
 
 def sim_parser() -> argparse.ArgumentParser:
@@ -51,8 +73,7 @@ def sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-tokens", type=count, help="mean KV length of a decoding sequence")
     p.add_argument("--length-cv", type=float_arg(0.0), default=0.0,
                    help="lognormal length spread (cv)")
-    p.add_argument("--prefix-hit", type=float_arg(0.0, 1.0, max_open=True), default=0.0,
-                   help="prompt share in prefix cache")
+    _add_hit_flags(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--request-rate", type=float_arg(0.0, min_open=True),
                    help="Poisson arrivals per second")
@@ -107,10 +128,10 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
                      prefill_instance_devices=args.prefill_instance_devices or 0,
                      mtp_acceptance=args.mtp_acceptance, load_balancer=not args.no_load_balancer,
                      num_redundant_experts=redundant)
-    wl = Workload(num_requests=num_requests, input_tokens=args.input_tokens,
-                  output_tokens=args.output_tokens, request_rate_per_s=args.request_rate,
-                  concurrency=args.concurrency, length_cv=args.length_cv,
-                  prefix_hit_fraction=args.prefix_hit, kv_tokens=args.kv_tokens)
+    wl = _with_hits(Workload(num_requests=num_requests, input_tokens=args.input_tokens,
+                             output_tokens=args.output_tokens,
+                             request_rate_per_s=args.request_rate, concurrency=args.concurrency,
+                             length_cv=args.length_cv, kv_tokens=args.kv_tokens), args)
     return Scenario(hardware=args.hardware, model=args.model, deployment=dep, workload=wl,
                     seed=args.seed)
 
@@ -165,6 +186,8 @@ def plan_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["bf16", "fp8", "int8"])
     p.add_argument("--mtp-acceptance", type=float_arg(0.0, 1.0))
     p.add_argument("--top", type=count, default=5, help="rows to print")
+    _add_hit_flags(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", help="write the throughput-latency frontier to this PNG")
     p.add_argument("--compare", type=_compare_spec, action="append", default=[],
                    metavar="HARDWARE:CHIPS",
@@ -190,19 +213,18 @@ def plan_cli(argv: list[str]) -> int:
             check_chips(get_system(name), chips)
         except SimError as exc:
             raise SimError(f"--compare {name}:{chips}: {exc}") from exc
+    hits = _with_hits(Workload(num_requests=1, input_tokens=a.input_tokens,
+                               output_tokens=a.output_tokens, concurrency=1), a)
     best, feasible = plan(a.hardware, a.model, a.chips, a.tpot_slo_ms, a.ttft_slo_ms,
-                          a.input_tokens, a.output_tokens, a.precision, a.mtp_acceptance, a.top)
-    print(f"{len(feasible)} feasible deployments; best under TPOT <= {a.tpot_slo_ms} ms"
-          + (f", TTFT <= {a.ttft_slo_ms} ms" if a.ttft_slo_ms else ""))
-    if not best:
-        print("none meets the SLO")
-    for cand, res in best:
-        line = (f"{describe(cand.deployment):<55} {cand.tokens_per_s_per_chip:8.0f} tok/s/chip"
-                f"  tpot {cand.tpot_ms:6.1f} ms  ttft {cand.ttft_ms:7.0f} ms")
-        if res is not None:
-            line += (f"  | simulated {res.tokens_per_s_per_chip:6.0f} tok/s/chip"
-                     f" tpot p99 {res.tpot_ms_p99:6.1f} ms ttft p99 {res.ttft_ms_p99:7.0f} ms")
-        print(line)
+                          a.input_tokens, a.output_tokens, a.precision, a.mtp_acceptance, a.top,
+                          hits=hits)
+    if a.json:
+        print(json.dumps({"num_feasible": len(feasible), "best": [
+            {"deployment": describe(cand.deployment), "estimate": asdict(cand) | {
+                "deployment": asdict(cand.deployment)},
+             "simulated": None if res is None else res.to_dict()} for cand, res in best]}))
+    else:
+        _print_plan(a, best, len(feasible))
     if a.plot is not None:
         from .plot import plot_frontier
 
@@ -215,6 +237,28 @@ def plan_cli(argv: list[str]) -> int:
                       a.tpot_slo_ms)
         print(f"plot written to {a.plot}")
     return 0
+
+
+def _print_plan(a: argparse.Namespace, best: list[tuple[Any, SimResult | None]],
+                num_feasible: int) -> None:
+    from .planner import describe
+
+    print(f"{num_feasible} feasible deployments; best under TPOT <= {a.tpot_slo_ms} ms"
+          + (f", TTFT <= {a.ttft_slo_ms} ms" if a.ttft_slo_ms else ""))
+    if not best:
+        print("none meets the SLO")
+    for cand, res in best:
+        line = (f"{describe(cand.deployment):<55} {cand.tokens_per_s_per_chip:8.0f} tok/s/chip"
+                f"  tpot {cand.tpot_ms:6.1f} ms  ttft {cand.ttft_ms:7.0f} ms")
+        if res is not None:
+            line += (f"  | simulated {res.tokens_per_s_per_chip:6.0f} tok/s/chip"
+                     f" tpot p99 {res.tpot_ms_p99:6.1f} ms ttft p99 {res.ttft_ms_p99:7.0f} ms")
+        print(line)
+        if res is not None and res.tier_nodes:
+            print(f"    kv tiers: {res.tier_sessions:.0f} sessions on {res.tier_nodes} nodes:"
+                  f" host DRAM {res.host_tier_bytes_per_node / 1e9:.1f} GB/node,"
+                  f" SSD {res.ssd_tier_bytes_per_node / 1e9:.1f} GB/node,"
+                  f" remote store {res.remote_tier_bytes / 1e9:.1f} GB")
 
 
 def plan_main(argv: list[str]) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .catalog import load_hardware
 from .errors import SimError
+from .tiers import KVTiers, kv_tiers_from_catalog
 
 PRECISIONS = ("fp32", "bf16", "fp8", "int8")
 BYTES_PER_ELEMENT = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int8": 1.0}
@@ -112,6 +113,13 @@ class System:
     scale_out: Fabric | None
     host: HostCosts = HostCosts()
     """Tessera's host costs on this system (calibrated CPUs; nothing elsewhere)."""
+    kv_tiers: KVTiers | None = None
+    """Load paths of the KV tiers below device memory; None: the catalog's default
+    (:func:`get_kv_tiers`)."""
+
+    def tiers(self) -> KVTiers:
+        """This system's KV tier load paths (the catalog's default where it has none)."""
+        return self.kv_tiers if self.kv_tiers is not None else get_kv_tiers(DEFAULT_KV_TIERS)
 
     @property
     def num_devices(self) -> int:
@@ -183,6 +191,14 @@ def get_chip(name: str) -> Chip:
         memory_bytes_per_s=float(raw["memory_tb_s"]) * 1e12,
         efficiency=_efficiency(hw["efficiency"][raw["efficiency"]]),
     )
+
+
+DEFAULT_KV_TIERS = "pcie-gen5-default"
+
+
+def get_kv_tiers(name: str) -> KVTiers:
+    """Build the catalog's ``kv_tiers`` entry ``name``."""
+    return kv_tiers_from_catalog(load_hardware()["kv_tiers"][name])
 
 
 def get_fabric(name: str) -> Fabric:
@@ -265,4 +281,5 @@ def get_system(name: str) -> System:
         scale_up=get_fabric(raw["scale_up"]),
         num_scale_up_chips=int(raw["scale_up_chips"]),
         scale_out=get_fabric(raw["scale_out"]) if raw["scale_out"] else None,
+        kv_tiers=get_kv_tiers(raw.get("kv_tiers", DEFAULT_KV_TIERS)),
     )

@@ -13,7 +13,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .costmodel import PassLoad, PoolCost, causal_pairs, decode_load, prefill_load
+from .costmodel import (
+    KV_BYTES_PER_ELEMENT,
+    PassLoad,
+    PoolCost,
+    causal_pairs,
+    decode_load,
+    prefill_load,
+)
 from .deployment import Deployment
 from .errors import SimError
 from .hardware import PRECISIONS, System, get_system
@@ -21,13 +28,23 @@ from .inputs import check_float, check_int
 from .model import ModelCosts, load_model
 from .result import SimResult
 from .simulator import Scenario, simulate
-from .workload import Workload
+from .tiers import tier_load_s
+from .workload import Workload, hit_tokens
 
 BATCHES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 AF_RATIOS = (1.0, 2.0, 3.0, 4.0)
 PREFILL_TOKENS_PER_DEVICE = (4096, 16384)
 COLOCATED_CHUNK_TOKENS = (256, 2048)
+
+
+@dataclass(frozen=True)
+class Hits:
+    """Per prompt of the mean length: tokens not computed (device and tier hits) and, of those,
+    the tokens each tier loads (None: no tier hits); see :func:`workload.hit_tokens`."""
+
+    cached: int
+    tiers: np.ndarray | None
 
 
 @dataclass(frozen=True)
@@ -41,8 +58,10 @@ class Candidate:
     chips: float
 
 
-def _steady(system: System, model: ModelCosts, dep: Deployment, inp: int, out: int) -> Candidate:
+def _steady(system: System, model: ModelCosts, dep: Deployment, inp: int, out: int,
+            hits: Hits = Hits(0, None)) -> Candidate:
     dpc = system.chip.num_devices_per_chip
+    cached, new = hits.cached, inp - hits.cached  # a prompt's computed tokens follow its hits
     dep.validate(system, model)
     dcost = PoolCost(system, model, dep.decode_layout(model))
     kv = inp + out / 2.0
@@ -60,36 +79,60 @@ def _steady(system: System, model: ModelCosts, dep: Deployment, inp: int, out: i
         # whole in one group, so the groups that prefill in a step carry a full chunk each and,
         # in lock step, set the pace for every group. When all groups together cannot prefill
         # a chunk each fast enough, prefill bounds the output rate.
-        chunk = float(min(dep.chunk_tokens_per_group, inp))
+        chunk = float(min(dep.chunk_tokens_per_group, new))
         decode_per_step = dep.num_dp * b * gain
-        prefill_bound = dep.num_dp * chunk / inp * out
+        prefill_bound = dep.num_dp * chunk / new * out
         out_per_step = min(decode_per_step, prefill_bound)
         prompts_per_step = out_per_step / out
-        busy = min(float(dep.num_dp), prompts_per_step * inp / chunk)
+        busy = min(float(dep.num_dp), prompts_per_step * new / chunk)
         n_busy = max(1, math.ceil(busy))
         pre_tok = np.zeros(dep.num_dp)
         pre_tok[:n_busy] = chunk * busy / n_busy
-        pre = prefill_load(model, pre_tok, pre_tok * (pre_tok + 1) / 2.0 + pre_tok * (inp - chunk) / 2.0,
-                           pre_tok / inp)
+        pre = prefill_load(model, pre_tok, pre_tok * (pre_tok + 1) / 2.0 + pre_tok * (new - chunk) / 2.0,
+                           pre_tok / new)
+        if cached:
+            pre = _with_cached(model, pre, pre_tok * cached, cached, pre_tok / new)
         step = dcost.step_s(PassLoad(load.tokens + pre.tokens, load.core_flops + pre.core_flops,
                                      load.kv_bytes + pre.kv_bytes, load.sampled + pre.sampled), mtp)
+        if hits.tiers is not None:  # a busy group loads the hits of the prompts it starts
+            step += tier_load_s(hits.tiers * (prompts_per_step / n_busy),
+                                dcost.kv_bytes_per_token(), system.tiers())
         tokens_s = out_per_step / step
-        ttft = step * max(1.0, inp / dep.chunk_tokens_per_group)
+        ttft = step * max(1.0, new / dep.chunk_tokens_per_group)
     else:
         step = dcost.step_s(load, mtp)
         decode_tokens_s = dep.num_dp * b * gain / step
         pcost = PoolCost(system, model, dep.prefill_layout(model))
         inst = dep.instance_devices()
-        n_seq = max(1, dep.prefill_tokens_per_device * inst // inp)
+        n_seq = max(1, dep.prefill_tokens_per_device * inst // new)
         g = pcost.layout.num_groups
-        pl = prefill_load(model, one.repeat(g) * n_seq * inp / g,
-                          one.repeat(g) * n_seq * causal_pairs(inp, 0.0) / g, one.repeat(g) * n_seq / g)
+        pl = prefill_load(model, one.repeat(g) * n_seq * new / g,
+                          one.repeat(g) * n_seq * causal_pairs(new, float(cached)) / g,
+                          one.repeat(g) * n_seq / g)
+        if cached:
+            pl = _with_cached(model, pl, 0.0, cached, pl.sampled)
         pre_s = pcost.step_s(pl)
+        if hits.tiers is not None:
+            pre_s += tier_load_s(hits.tiers * (n_seq / g), pcost.kv_bytes_per_token(),
+                                 system.tiers())
         prefill_req_s = n_seq / pre_s * (dep.num_prefill_devices // inst)
         tokens_s = min(decode_tokens_s, prefill_req_s * out)
         ttft = pre_s
     return Candidate(dep, tokens_s / (dep.num_devices / dpc), step / gain * 1e3, ttft * 1e3,
                      dep.num_devices / dpc)
+
+
+def _with_cached(model: ModelCosts, load: PassLoad, extra_pairs: np.ndarray | float,
+                 cached: int, num_prompts: np.ndarray) -> PassLoad:
+    """``load`` of ``num_prompts`` prompts after ``cached`` hit tokens each: their
+    ``extra_pairs`` (query, key) pairs over the cached prefix that ``load`` leaves out, the
+    cached KV read once per prompt and (MLA) its latents re-expanded, as
+    :func:`costmodel.prefill_core_flops` charges them."""
+    kvb = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT
+    flops = (model.attn_flops_per_pair_prefill * extra_pairs
+             + model.kv_up_flops_per_context_token * cached * num_prompts)
+    return replace(load, core_flops=load.core_flops + flops,
+                   kv_bytes=load.kv_bytes + kvb * cached * num_prompts)
 
 
 def check_chips(system: System, num_chips: object) -> int:
@@ -99,7 +142,7 @@ def check_chips(system: System, num_chips: object) -> int:
 
 def _check_inputs(system: System, model: ModelCosts, precision: str, tpot_slo_ms: float,
                   ttft_slo_ms: float | None, input_tokens: int, output_tokens: int,
-                  mtp: float | None, top: int, verify: int) -> None:
+                  mtp: float | None, top: int, verify: int, hits: Workload | None) -> None:
     # Every candidate would fail alike on these; checked once so the error names the input
     # instead of "no deployment fits" after the whole search.
     check_float("--tpot-slo-ms", tpot_slo_ms, 0.0, min_open=True)
@@ -116,6 +159,8 @@ def _check_inputs(system: System, model: ModelCosts, precision: str, tpot_slo_ms
             raise SimError(f"{model.name} has no MTP layers (num_nextn_predict_layers)")
     check_int("--top", top, 0)
     check_int("verify", verify, 0)
+    if hits is not None:
+        hits.validate()
 
 
 def candidates(system: System, model: ModelCosts, num_chips: int, precision: str,
@@ -162,21 +207,29 @@ def candidates(system: System, model: ModelCosts, num_chips: int, precision: str
 def plan(hardware: str, model_name: str, num_chips: int, tpot_slo_ms: float,
          ttft_slo_ms: float | None, input_tokens: int, output_tokens: int,
          precision: str | None = None, mtp: float | None = None, top: int = 5,
-         verify: int = 3) -> tuple[list[tuple[Candidate, SimResult | None]], list[Candidate]]:
+         verify: int = 3, hits: Workload | None = None,
+         ) -> tuple[list[tuple[Candidate, SimResult | None]], list[Candidate]]:
     """Search deployments; return (best verified, every feasible candidate).
 
-    Raises :class:`SimError` for unknown hardware or models and bad numbers before searching."""
+    ``hits`` carries the workload's prefix and tier hit fractions and ``num_sessions`` (its
+    other fields are ignored): candidates are scored with them, and the simulated results of
+    the verified ones size the tiers. Raises :class:`SimError` for unknown hardware or models
+    and bad numbers before searching."""
     system = get_system(hardware)
     model = load_model(model_name)
     check_chips(system, num_chips)
     if precision is None:
         precision = "int8" if "fp8" not in system.chip.tflops else "fp8"
     _check_inputs(system, model, precision, tpot_slo_ms, ttft_slo_ms, input_tokens,
-                  output_tokens, mtp, top, verify)
+                  output_tokens, mtp, top, verify, hits)
+    mean = Hits(0, None)
+    if hits is not None:
+        cached, tiers = hit_tokens(hits, np.array([input_tokens]))
+        mean = Hits(int(cached[0]), None if tiers is None else tiers[0])
     feasible: list[Candidate] = []
     for dep in candidates(system, model, num_chips, precision, mtp):
         try:
-            feasible.append(_steady(system, model, dep, input_tokens, output_tokens))
+            feasible.append(_steady(system, model, dep, input_tokens, output_tokens, mean))
         except SimError:
             continue
     if not feasible:
@@ -194,6 +247,12 @@ def plan(hardware: str, model_name: str, num_chips: int, tpot_slo_ms: float,
             num = int(min(max(2 * conc, 400, 4 * rate * lifetime_s), 60000))
             wl = Workload(num_requests=num, input_tokens=input_tokens,
                           output_tokens=output_tokens, request_rate_per_s=rate)
+            if hits is not None:
+                wl = replace(wl, prefix_hit_fraction=hits.prefix_hit_fraction,
+                             host_hit_fraction=hits.host_hit_fraction,
+                             ssd_hit_fraction=hits.ssd_hit_fraction,
+                             remote_hit_fraction=hits.remote_hit_fraction,
+                             num_sessions=hits.num_sessions)
             res = simulate(Scenario(hardware, model_name, cand.deployment, wl))
         best.append((cand, res))
     return best, feasible

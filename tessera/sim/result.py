@@ -18,6 +18,10 @@ class SimResult:
     percentile of completions (decode; ending at the last arrival if that is earlier, since the
     pool only drains afterwards) or of first tokens (prefill). Step time and batch means
     are over the decode steps of that window too. ``tokens_per_s_per_chip`` is output tokens over all chips.
+
+    The ``*tier*`` fields size the KV tiers for the workload's tier hits (all 0 without any;
+    :class:`tessera.sim.tiers.TierSizing`): the sessions whose prefixes they keep, the nodes
+    that load them, the host DRAM and SSD each such node keeps, and the remote store's total.
     """
 
     hardware: str
@@ -44,6 +48,11 @@ class SimResult:
     kv_capacity_tokens_per_dp: int
     makespan_s: float
     num_events: int
+    tier_sessions: float = 0.0
+    tier_nodes: int = 0
+    host_tier_bytes_per_node: float = 0.0
+    ssd_tier_bytes_per_node: float = 0.0
+    remote_tier_bytes: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for ``--json``)."""

@@ -9,7 +9,7 @@ batches are events; the KV cache then travels to the decode pool over the fabric
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,9 +20,11 @@ from .errors import SimError
 from .events import Event, EventLoop
 from .hardware import LOCAL_CHIP, System, get_system
 from .inputs import check_int
+from .kvsizing import size_tiers
 from .metrics import Recorder
 from .model import ModelCosts, load_model
 from .result import SimResult
+from .tiers import tier_load_s
 from .workload import Requests, Workload, generate
 
 
@@ -81,6 +83,8 @@ class _Run:
         if self.colocated:
             self.group_prefill: list[deque[list[int]]] = [deque() for _ in range(dep.num_dp)]
             self.num_prefilling = 0
+            self.pending_load_s: dict[int, float] = {}
+            """Per device, tier loads of admitted prompts whose first chunk has not run."""
         else:
             self.prefill_cost = PoolCost(system, model, dep.prefill_layout(model))
             self.prefill_cost.kv_capacity_tokens()
@@ -164,7 +168,12 @@ class _Run:
         load = PassLoad(tokens=share * float(new.sum()), core_flops=share * flops,
                         kv_bytes=share * kv_tokens * self.decode_cost.kv_bytes_per_token_layer,
                         sampled=share * len(batch))
-        return self.prefill_cost.step_s(load, load if self.dep.mtp_acceptance is not None else None)
+        step = self.prefill_cost.step_s(load, load if self.dep.mtp_acceptance is not None else None)
+        if r.tier_tokens is None:
+            return step
+        # Each group loads its share of the batch's tier hits before the step reads them.
+        return step + tier_load_s(r.tier_tokens[batch] / groups,
+                                  self.prefill_cost.kv_bytes_per_token(), self.system.tiers())
 
     def _on_prefill_done(self, now: float, payload: tuple[int, list[int], int]) -> list[Event]:
         i, batch, used = payload
@@ -220,6 +229,9 @@ class _Run:
             self.waiting.popleft()
             new = int(r.input_tokens[rid] - r.cached_tokens[rid])
             self.group_prefill[g].append([rid, new, int(r.cached_tokens[rid])])
+            if r.tier_tokens is not None:
+                self.pending_load_s[rid] = tier_load_s(
+                    r.tier_tokens[rid], self.decode_cost.kv_bytes_per_token(), self.system.tiers())
             self.num_prefilling += 1
 
     # ----- decode pool ------------------------------------------------------------------------------
@@ -234,22 +246,26 @@ class _Run:
         seqs, ctx = self.slots.group_loads()
         load = decode_load(self.model, seqs, ctx, self.q_per_seq)
         completed: list[int] = []
-        chunk_tokens = 0.0
+        chunk_tokens = load_s = 0.0
         if self.colocated and self.num_prefilling:
-            load, completed, chunk_tokens = self._prefill_chunks(load)
+            load, completed, chunk_tokens, load_s = self._prefill_chunks(load)
         mtp = decode_load(self.model, seqs, ctx, 1) if self.q_per_seq > 1 else None
         if not seqs.any() and not chunk_tokens:
             self.decode_busy = False
             return []
         dur = self.decode_cost.step_s(load, mtp)
+        if load_s:
+            dur += load_s  # the slowest group's tier loads, before the step's compute
         self.decode_busy = True
         self.rec.decode_step_started(dur, float(seqs.mean()))
         return [self.loop.make(now + dur, self._on_step_done, (completed, chunk_tokens))]
 
-    def _prefill_chunks(self, load: PassLoad) -> tuple[PassLoad, list[int], float]:
+    def _prefill_chunks(self, load: PassLoad) -> tuple[PassLoad, list[int], float, float]:
+        """Add each group's next prompt chunks to ``load``; also return the prompts finished,
+        the tokens computed and the tier loads the step waits for (its slowest group's)."""
         groups = self.dep.num_dp
         tokens, flops, sampled = np.zeros(groups), np.zeros(groups), np.zeros(groups)
-        kv_tokens = np.zeros(groups)
+        kv_tokens, loads = np.zeros(groups), np.zeros(groups)
         completed: list[int] = []
         for g in range(groups):
             queue = self.group_prefill[g]
@@ -257,6 +273,8 @@ class _Run:
             while queue and budget > 0:
                 item = queue[0]
                 take = min(budget, item[1])
+                # a prompt's tier hits load before the step of its first chunk
+                loads[g] += self.pending_load_s.pop(item[0], 0.0)
                 tokens[g] += take
                 flops[g] += prefill_core_flops(self.model, take, item[2])
                 kv_tokens[g] += take + item[2]
@@ -269,7 +287,7 @@ class _Run:
                     sampled[g] += 1
         kvb = self.decode_cost.kv_bytes_per_token_layer
         pre = PassLoad(tokens=tokens, core_flops=flops, kv_bytes=kv_tokens * kvb, sampled=sampled)
-        return _sum_loads(load, pre), completed, float(tokens.sum())
+        return _sum_loads(load, pre), completed, float(tokens.sum()), float(loads.max())
 
     def _on_step_done(self, now: float, payload: tuple[list[int], float]) -> list[Event]:
         completed, chunk_tokens = payload
@@ -307,7 +325,7 @@ class _Run:
         decode_chips = dep.num_decode_devices / per_chip
         prefill_chips = chips if self.colocated else dep.num_prefill_devices / per_chip
         summ = self.rec.summarize(self.reqs.output_tokens)
-        return SimResult(
+        result = SimResult(
             hardware=scenario.hardware, model=scenario.model, mode=dep.mode, chips=chips,
             devices=dep.num_devices, decode_chips=decode_chips, prefill_chips=prefill_chips,
             num_requests=self.num, num_finished=summ.num_finished,
@@ -321,6 +339,24 @@ class _Run:
             mean_decode_batch_per_dp=summ.mean_decode_batch_per_dp,
             kv_capacity_tokens_per_dp=self.kv_capacity, makespan_s=summ.makespan_s,
             num_events=self.loop.num_processed)
+        sizing = size_tiers(self.system, self.model, dep, scenario.workload,
+                            self._in_flight(scenario.workload.request_rate_per_s))
+        if sizing is None:
+            return result
+        return replace(result, tier_sessions=sizing.num_sessions, tier_nodes=sizing.num_nodes,
+                       host_tier_bytes_per_node=sizing.host_bytes_per_node,
+                       ssd_tier_bytes_per_node=sizing.ssd_bytes_per_node,
+                       remote_tier_bytes=sizing.remote_bytes)
+
+    def _in_flight(self, rate_per_s: float | None) -> float:
+        """Mean requests in flight: the closed loop's concurrency, or (Little's law) the
+        arrival rate times the mean time a finished request spent in the system."""
+        if rate_per_s is None:
+            return float(min(self.concurrency, self.num))
+        done = ~np.isnan(self.rec.finish)
+        if not done.any():
+            return 0.0
+        return rate_per_s * float(np.mean(self.rec.finish[done] - self.rec.arrival[done]))
 
 
 def simulate(scenario: Scenario, max_events: int | None = None) -> SimResult:
@@ -336,6 +372,10 @@ def simulate(scenario: Scenario, max_events: int | None = None) -> SimResult:
     scenario.workload.validate()
     dep = scenario.deployment
     if system.name == LOCAL_CHIP and dep.mode == "colocated" and dep.num_dp == 1 and dep.tp == 1:
+        if any(scenario.workload.tier_fractions().values()):
+            raise SimError("KV tier hits are not simulated on the engine scheduler's path"
+                           f" ({LOCAL_CHIP}, one colocated group): drop --host-hit, --ssd-hit"
+                           " and --remote-hit")
         from .local import simulate_local
 
         return simulate_local(scenario, system, model)

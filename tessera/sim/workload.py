@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
 from .errors import SimError
 from .inputs import MAX_REQUESTS, check_float, check_int
+from .tiers import TIER_NAMES
+
+TIER_FLAGS = {"host": "--host-hit", "ssd": "--ssd-hit", "remote": "--remote-hit"}
 
 
 @dataclass(frozen=True)
@@ -17,8 +21,12 @@ class Workload:
     Lengths are means; ``length_cv`` > 0 draws them from a lognormal with that coefficient of
     variation. Exactly one of ``request_rate_per_s`` (open loop, Poisson) and ``concurrency``
     (closed loop: a new request as soon as one finishes) is set. ``prefix_hit_fraction`` of each
-    prompt is already in the prefix cache and is not recomputed. ``kv_tokens``, when set, is the
-    mean KV length a decoding sequence sees (decode-only studies); by default it follows from the
+    prompt is already in the prefix cache and is not recomputed. ``host_hit_fraction``,
+    ``ssd_hit_fraction`` and ``remote_hit_fraction`` of it are not recomputed either but loaded
+    from that KV tier first (``tessera/sim/tiers.py``); all hit fractions together stay below 1.
+    ``num_sessions``, when set, is how many sessions keep their prefixes in the tiers (their
+    working set; by default the requests in flight). ``kv_tokens``, when set, is the mean KV
+    length a decoding sequence sees (decode-only studies); by default it follows from the
     prompt and output lengths.
     """
 
@@ -30,6 +38,15 @@ class Workload:
     length_cv: float = 0.0
     prefix_hit_fraction: float = 0.0
     kv_tokens: int | None = None
+    host_hit_fraction: float = 0.0
+    ssd_hit_fraction: float = 0.0
+    remote_hit_fraction: float = 0.0
+    num_sessions: int | None = None
+
+    def tier_fractions(self) -> dict[str, float]:
+        """Share of each prompt loaded from each tier, by tier name (``TIER_NAMES``)."""
+        return {"host": self.host_hit_fraction, "ssd": self.ssd_hit_fraction,
+                "remote": self.remote_hit_fraction}
 
     def validate(self) -> None:
         """Raise :class:`SimError` on impossible numbers."""
@@ -43,6 +60,15 @@ class Workload:
         if self.concurrency is not None:
             check_int("--concurrency", self.concurrency)
         check_float("--prefix-hit", self.prefix_hit_fraction, 0.0, 1.0, max_open=True)
+        fractions = self.tier_fractions()
+        for tier in TIER_NAMES:
+            check_float(TIER_FLAGS[tier], fractions[tier], 0.0, 1.0, max_open=True)
+        total = self.prefix_hit_fraction + sum(fractions.values())
+        if total >= 1.0:
+            raise SimError(f"--prefix-hit + {' + '.join(TIER_FLAGS.values())} must be below 1"
+                           f" (got {total:g}): some of each prompt is always computed")
+        if self.num_sessions is not None:
+            check_int("--sessions", self.num_sessions)
         check_float("--length-cv", self.length_cv, 0.0)
         if self.kv_tokens is not None:
             check_int("--kv-tokens", self.kv_tokens)
@@ -55,9 +81,13 @@ class Requests:
     input_tokens: np.ndarray
     output_tokens: np.ndarray
     cached_tokens: np.ndarray
+    """Prompt tokens not computed: device prefix hits plus tier hits."""
     decode_start_context: np.ndarray
     arrival_s: np.ndarray | None
     """Open-loop arrival times; ``None`` in closed loop (arrivals follow completions)."""
+    tier_tokens: np.ndarray | None = None
+    """Of ``cached_tokens``, those loaded from each tier: one column per ``TIER_NAMES`` entry;
+    ``None`` when no tier hits."""
 
 
 def _lengths(rng: np.random.Generator, mean: int, cv: float, n: int) -> np.ndarray:
@@ -68,6 +98,23 @@ def _lengths(rng: np.random.Generator, mean: int, cv: float, n: int) -> np.ndarr
     return np.maximum(np.rint(draws), 1).astype(np.int64)
 
 
+def hit_tokens(workload: Workload, prompt_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Tokens of each prompt not computed (device and tier hits), and of those the ones each
+    tier serves (one column per ``TIER_NAMES`` entry; None without tier hits)."""
+    cached = np.floor(prompt_tokens * workload.prefix_hit_fraction).astype(np.int64)
+    fractions = workload.tier_fractions()
+    if not any(fractions.values()):
+        return cached, None
+    # Cumulative shares floored once each, so that the tiers' tokens and the device's add up to
+    # the floor of the whole hit share and the device's share is what it was alone.
+    edges = [cached]
+    share = workload.prefix_hit_fraction
+    for tier in TIER_NAMES:
+        share += fractions[tier]
+        edges.append(np.floor(prompt_tokens * share).astype(np.int64))
+    return edges[-1], np.stack([b - a for a, b in pairwise(edges)], axis=1)
+
+
 def generate(workload: Workload, seed: int = 0) -> Requests:
     """Draw the request stream of ``workload`` (deterministic for a seed)."""
     workload.validate()
@@ -75,7 +122,7 @@ def generate(workload: Workload, seed: int = 0) -> Requests:
     n = workload.num_requests
     inp = _lengths(rng, workload.input_tokens, workload.length_cv, n)
     out = _lengths(rng, workload.output_tokens, workload.length_cv, n)
-    cached = np.floor(inp * workload.prefix_hit_fraction).astype(np.int64)
+    cached, tiers = hit_tokens(workload, inp)
     if workload.kv_tokens is not None:
         start = np.maximum(workload.kv_tokens - out // 2, 1)
     else:
@@ -84,4 +131,5 @@ def generate(workload: Workload, seed: int = 0) -> Requests:
     if workload.request_rate_per_s is not None:
         arrival = np.cumsum(rng.exponential(1.0 / workload.request_rate_per_s, n))
     return Requests(input_tokens=inp, output_tokens=out, cached_tokens=cached,
-                    decode_start_context=start.astype(np.int64), arrival_s=arrival)
+                    decode_start_context=start.astype(np.int64), arrival_s=arrival,
+                    tier_tokens=tiers)

@@ -43,6 +43,8 @@ SIM_CASES = [
     *[[flag, bad] for flag in ("--request-rate", "--length-cv", "--prefix-hit",
                                "--mtp-acceptance") for bad in ("nan", "inf", "-1")],
     ["--request-rate", "0"], ["--prefix-hit", "1"], ["--mtp-acceptance", "1.5"],
+    *[[flag, bad] for flag in ("--host-hit", "--ssd-hit", "--remote-hit") for bad in ("nan", "-1", "1")],
+    ["--prefix-hit", "0.5", "--ssd-hit", "0.5"], ["--sessions", "0"],
     ["--hardware", "no-such-system"], ["--model", "no-such-model"],
     ["--precision", "fp4"], ["--deployment", "afd"],
 ]
@@ -53,6 +55,8 @@ PLAN_CASES = [
     ["--tpot-slo-ms", "inf"], ["--ttft-slo-ms", "0"], ["--ttft-slo-ms", "nan"],
     ["--input-tokens", "0"], ["--output-tokens", "-1"], ["--top", "0"],
     ["--mtp-acceptance", "nan"], ["--mtp-acceptance", "2"],
+    ["--host-hit", "1"], ["--remote-hit", "inf"], ["--sessions", "-3"],
+    ["--host-hit", "0.6", "--ssd-hit", "0.2", "--remote-hit", "0.2"],
     ["--hardware", "no-such-system"], ["--model", "no-such-model"], ["--precision", "fp8"],
     ["--plot", "/no/such/dir/frontier.png"], ["--plot", "."], ["--plot", "frontier.nosuchtype"],
     ["--plot", "f.png", "--compare", "gb200-nvl72"], ["--plot", "f.png", "--compare", "x:4"],
