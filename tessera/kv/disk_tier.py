@@ -102,14 +102,17 @@ class DiskTier:
         directory since this one started is found (and indexed) too."""
         if key in self.files:
             return True
-        try:
-            size = block_path(self.dir, key).stat().st_size
-        except OSError:
-            return False
+        # Under the lock, so an eviction (which deletes under it) cannot slip between the
+        # stat and the indexing and leave a key whose file is gone.
         with self._lock:
-            if key not in self.files:
-                self.files[key] = size
-                self.used_bytes += size
+            if key in self.files:
+                return True
+            try:
+                size = block_path(self.dir, key).stat().st_size
+            except OSError:
+                return False
+            self.files[key] = size
+            self.used_bytes += size
         return True
 
     def stats(self) -> KVTierStats:
@@ -207,8 +210,11 @@ class DiskTier:
             tmp.unlink(missing_ok=True)
             raise
         with self._lock:
-            self.files[key] = size
-            self.used_bytes += size
+            # A lookup may have indexed the file between the rename and here (``__contains__``
+            # finds files other engines write): count it once.
+            if key not in self.files:
+                self.files[key] = size
+                self.used_bytes += size
         with self.counters.lock:
             self.counters.num_written_bytes += size
             self.counters.save_s.observe(time.perf_counter() - start)
