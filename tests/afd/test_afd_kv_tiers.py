@@ -3,29 +3,16 @@ host tier and the shared SSD directory, with the single-process engine's greedy 
 
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from tessera import LLM, SamplingParams
 from tessera.engine.model_runner import ModelRunner
 from tests.afd.conftest import worker_pids
+from tests.test_kv_tiers import _prompts
 
 pytestmark = pytest.mark.processes
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-
-
-def _prompts() -> list[list[int]]:
-    rng = random.Random(3)
-    system = [rng.randrange(256) for _ in range(40)]
-    prompts = []
-    for _ in range(3):
-        history = list(system)
-        for _ in range(2):
-            history += [rng.randrange(256) for _ in range(rng.randrange(10, 30))]
-            prompts.append(list(history))
-    return prompts
 
 
 def test_attention_workers_serve_prefixes_from_their_tiers(model_factory, tmp_path):
@@ -33,7 +20,7 @@ def test_attention_workers_serve_prefixes_from_their_tiers(model_factory, tmp_pa
     common = dict(dtype="float32", device="cpu", num_threads=1, block_size=16,
                   max_num_batched_tokens=64)
     reference = LLM(str(path), kv_cache_memory=1 << 22, **common)
-    prompts = _prompts()
+    prompts = _prompts(3)
     expected = [o.outputs[0].token_ids
                 for o in reference.generate(prompts, PARAMS, use_tqdm=False)]
     # 12 device blocks: far fewer than the conversations' distinct blocks, so prefixes come
