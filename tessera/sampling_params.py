@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tessera.structured.spec import StructuredOutputs
+
 _GREEDY_EPS = 1e-5
 
 MIN_SEED = -(2**63)
 MAX_SEED = 2**64 - 1
 """Seeds span what a 64-bit seed can be: torch's generators take [-2**63, 2**64) and read a
 negative seed as its two's complement, as the sampler's per-completion offset does."""
+MAX_LOGIT_BIAS_TOKENS = 1024
 MAX_INT = 2**63 - 1
 """Counts and token ids above this cannot cross the engine's msgpack wire (int64)."""
 
@@ -49,6 +52,10 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    """Added to these tokens' logits before sampling (OpenAI's: values in [-100, 100])."""
+    structured: StructuredOutputs | None = None
+    """A grammar every completion follows (JSON schema, regex, choice, Lark/GBNF)."""
     stop_set: frozenset[int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -99,6 +106,16 @@ class SamplingParams:
             raise bad("stop_token_ids", "must be non-negative integers below 2**63")
         if self.seed is not None and not MIN_SEED <= self.seed <= MAX_SEED:
             raise bad("seed", "must be in [-2**63, 2**64)")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+                raise bad("logit_bias", f"must map at most {MAX_LOGIT_BIAS_TOKENS} token ids to numbers")
+            for t, v in self.logit_bias.items():
+                if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= MAX_INT:
+                    raise ValueError(f"logit_bias keys must be token ids, got {t!r}")
+                if isinstance(v, bool) or not isinstance(v, int | float) or not -100 <= v <= 100:
+                    raise ValueError(f"logit_bias values must be numbers in [-100, 100], got {v!r}")
+        if self.structured is not None and not isinstance(self.structured, StructuredOutputs):
+            raise bad("structured", "must be a StructuredOutputs")
         object.__setattr__(self, "stop_set", frozenset(self.stop_token_ids or ()))
 
     @property

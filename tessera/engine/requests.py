@@ -72,7 +72,7 @@ class RequestTable:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = list(prompt_token_ids)
-        check_prompt_ids(ids, self.runtime.vocab_size, self.runtime.max_model_len)
+        self.check(ids, params)
         now = time.monotonic()
         seqs = [Sequence(request_id, ids, params, index=i, arrival_s=now) for i in range(params.n)]
         detoks: list[IncrementalDetokenizer | None] = [
@@ -85,6 +85,16 @@ class RequestTable:
         for seq in seqs:
             scheduler.add(seq)
         self.num_prompt_tokens_total += len(ids)
+
+    def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError if the prompt or params cannot run on this engine."""
+        check_prompt_ids(prompt_token_ids, self.runtime.vocab_size, self.runtime.max_model_len)
+        if params.logit_bias and max(params.logit_bias) >= self.runtime.vocab_size:
+            raise ValueError(
+                f"logit_bias token id {max(params.logit_bias)} is out of the vocabulary "
+                f"(size {self.runtime.vocab_size})")
+        if params.structured is not None and self.sampler.grammars is None:
+            raise ValueError("structured outputs need the model's tokenizer, which it lacks")
 
     def abort(self, request_id: str, scheduler: Scheduler) -> bool:
         """End a request at once and free its KV blocks; False if it is unknown or done."""

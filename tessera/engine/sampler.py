@@ -14,6 +14,7 @@ import torch
 from tessera.engine.sequence import Sequence
 from tessera.model.kernels.argmax import row_argmax
 from tessera.sampling_params import SamplingParams
+from tessera.structured.matchers import GrammarMatchers
 
 
 @dataclass
@@ -25,8 +26,12 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int) -> None:
+    def __init__(
+        self, device: torch.device, seed: int, grammars: GrammarMatchers | None = None
+    ) -> None:
+        """``grammars`` follows constrained sequences (None: the engine refuses them)."""
         self.device = device
+        self.grammars = grammars
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self._seq_generators: dict[int, torch.Generator] = {}
@@ -45,6 +50,8 @@ class Sampler:
 
     def release(self, seq: Sequence) -> None:
         self._seq_generators.pop(seq.seq_id, None)
+        if self.grammars is not None:
+            self.grammars.release(seq.seq_id)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [S, V] float32, one row per sequence in ``seqs``."""
@@ -53,11 +60,19 @@ class Sampler:
         params = [s.params for s in seqs]
         want_logprobs = any(p.logprobs is not None for p in params)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        if any(p.has_penalties for p in params):
+        constrained = self.grammars is not None and any(p.structured for p in params)
+        biased = any(p.logit_bias for p in params)
+        if constrained or biased or any(p.has_penalties for p in params):
+            # Logprobs above are the model's own; what follows changes what may be sampled.
             logits = logits.clone()
             for i, seq in enumerate(seqs):
                 if seq.params.has_penalties:
                     _apply_penalties(logits[i], seq)
+                if seq.params.logit_bias:
+                    _apply_logit_bias(logits[i], seq.params.logit_bias)
+            if constrained:
+                assert self.grammars is not None
+                self.grammars.mask_logits(logits, seqs)
 
         if all(p.greedy for p in params):
             token_t = row_argmax(logits)
@@ -65,6 +80,9 @@ class Sampler:
             token_t = self._sample_random(logits, seqs)
 
         token_ids: list[int] = token_t.tolist()  # the step's device sync
+        if constrained:
+            assert self.grammars is not None
+            self.grammars.accept(seqs, token_ids)
         logprobs: list[dict[int, float] | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             logprobs = _gather_logprobs(raw_logprobs, token_t, token_ids, params)
@@ -125,6 +143,12 @@ def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
         out = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=dev)
         counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].to(row.dtype)
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+
+
+def _apply_logit_bias(row: torch.Tensor, bias: dict[int, float]) -> None:
+    """In place on one row of logits [V]; ids past the row were refused at admission."""
+    ids = torch.tensor(list(bias), dtype=torch.int64, device=row.device)
+    row[ids] += torch.tensor(list(bias.values()), dtype=row.dtype, device=row.device)
 
 
 def _gather_logprobs(

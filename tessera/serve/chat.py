@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from tessera.serve.chat_output import ChoiceShaper
 from tessera.serve.errors import APIError
 from tessera.serve.limits import check_limits
 from tessera.serve.openai_models import ChatCompletionRequest
@@ -24,6 +25,8 @@ from tessera.serve.responses import (
     usage,
 )
 from tessera.serve.state import ServerState
+from tessera.serve.structured import check_constraint, requested_constraint
+from tessera.serve.tool_calls import plan_tools, template_messages
 
 
 async def create_chat_completion(
@@ -34,14 +37,27 @@ async def create_chat_completion(
     num_top = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens or body.max_tokens
     check_limits(body, state.config, state.vocab_size)
+    plan = plan_tools(body, state.tool_parser_name)
+    constraint, param = requested_constraint(body)
+    if plan.constraint is not None:
+        if constraint is not None:
+            raise APIError(400, f"tool_choice {body.tool_choice!r} cannot be combined with "
+                           f"{param}", param="tool_choice")
+        constraint, param = plan.constraint, "tools"
+    await check_constraint(constraint, param)
+    # JSON from the first token leaves no room for reasoning; other grammars may hold it.
+    reasoning = (state.reasoning_parser if constraint is None
+                 or constraint.kind not in ("json", "json_object") else None)
     try:
-        params = body.sampling_params(max_tokens, num_top if body.logprobs else None)
+        params = body.sampling_params(max_tokens, num_top if body.logprobs else None,
+                                      constraint)
     except ValueError as e:
         raise APIError(400, str(e)) from e
     n = params.n
     # Before rendering and tokenizing: a full server refuses at once.
     state.check_capacity(n)
-    prompt = await chat_prompt(body, state.tokenizer, state.max_prompt_chars)
+    prompt = await chat_prompt(body, state.tokenizer, state.max_prompt_chars, plan.tools,
+                               template_messages(body))
     check_prompt(prompt, state.max_model_len, state.vocab_size)
 
     request_id = new_id("chatcmpl")
@@ -61,17 +77,31 @@ async def create_chat_completion(
         extra = {"usage": None} if include_usage else {}
 
         async def chunks() -> AsyncIterator[bytes]:
+            shapers = [ChoiceShaper(plan, reasoning) for _ in range(n)]
             for index in range(n):
                 first = {"role": "assistant", "content": ""}
                 choice = {"index": index, "delta": first, "logprobs": None, "finish_reason": None}
                 yield sse(header | {"choices": [choice]} | extra)
             num_tokens = 0
             async for _, u in updates:
-                delta = {"content": u.text} if u.text or u.finish_reason is None else {}
-                choice = {"index": u.index, "delta": delta, "logprobs": None}
+                shaper = shapers[u.index]
+                deltas = shaper.feed(u.text) if u.text else []
+                if u.finish_reason is not None:
+                    deltas += shaper.finish()
+                # One chunk per delta; the last carries the tokens, logprobs and finish reason.
+                for delta in deltas[:-1]:
+                    part = {"index": u.index, "delta": delta, "logprobs": None,
+                            "finish_reason": None}
+                    yield sse(header | {"choices": [part]} | extra)
+                last = deltas[-1] if deltas else {}
+                if not last and u.finish_reason is None and not (
+                        body.logprobs or body.return_token_ids):
+                    num_tokens += len(u.token_ids)
+                    continue  # text held back (a stop string's or a parser's lookahead)
+                choice = {"index": u.index, "delta": last, "logprobs": None}
                 if body.logprobs and u.logprobs:
                     choice["logprobs"] = chat_logprobs(tok, u.token_ids, u.logprobs, num_top)
-                choice["finish_reason"] = u.finish_reason
+                choice["finish_reason"] = shaper.finish_reason(u.finish_reason)
                 if body.return_token_ids:
                     choice["token_ids"] = u.token_ids
                 num_tokens += len(u.token_ids)
@@ -93,13 +123,16 @@ async def create_chat_completion(
             reasons[u.index] = u.finish_reason
         choices = []
         for index in range(n):
+            shaper = ChoiceShaper(plan, reasoning)
+            shaper.feed("".join(texts[index]))
+            shaper.finish()
             choice: dict[str, Any] = {
                 "index": index,
-                "message": {"role": "assistant", "content": "".join(texts[index])},
+                "message": shaper.message(),
                 "logprobs": chat_logprobs(tok, ids[index], lps[index], num_top)
                 if body.logprobs
                 else None,
-                "finish_reason": reasons[index],
+                "finish_reason": shaper.finish_reason(reasons[index]),
             }
             if body.return_token_ids:
                 choice["token_ids"] = ids[index]

@@ -24,6 +24,7 @@ from tessera.serve.responses import (
     usage,
 )
 from tessera.serve.state import ServerState
+from tessera.serve.structured import check_constraint, requested_constraint
 
 
 async def create_completion(
@@ -36,8 +37,10 @@ async def create_completion(
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported (only best_of == n)", param="best_of")
     check_limits(body, state.config, state.vocab_size)
+    constraint, param = requested_constraint(body)
+    await check_constraint(constraint, param)
     try:
-        params = body.sampling_params(body.max_tokens, body.logprobs)
+        params = body.sampling_params(body.max_tokens, body.logprobs, constraint)
     except ValueError as e:
         raise APIError(400, str(e)) from e
     num_seqs = params.n * count_prompts(body.prompt)

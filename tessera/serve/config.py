@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass
 
 from tessera.cli_options import flag_of, option
+from tessera.serve.reasoning import get_reasoning_parser, reasoning_parser_names
+from tessera.serve.tool_parsers import get_tool_parser, tool_parser_names
 
 MIB = 1 << 20
 
@@ -70,6 +72,19 @@ class ServeConfig:
         "the server, instead of restarting the core in place",
     )
 
+    tool_call_parser: str | None = option(
+        None,
+        "format of the model's tool calls, parsed for tool_choice 'auto' ("
+        + ", ".join(tool_parser_names())
+        + "; qwen, qwen25, qwen3 and llama3 are aliases); default: detected from the chat "
+        "template",
+    )
+    reasoning_parser: str | None = option(
+        None,
+        "split the model's reasoning into reasoning_content ("
+        + ", ".join(reasoning_parser_names()) + ")",
+    )
+
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{flag_of(ServeConfig, name)} {why}, got {getattr(self, name)}")
@@ -90,6 +105,10 @@ class ServeConfig:
             raise bad("request_body_timeout_s", "must be a positive number of seconds")
         if not (math.isfinite(self.engine_stall_timeout_s) and self.engine_stall_timeout_s > 0):
             raise bad("engine_stall_timeout_s", "must be a positive number of seconds")
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # ValueError naming the choices
+        if self.reasoning_parser is not None:
+            get_reasoning_parser(self.reasoning_parser)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty")
 

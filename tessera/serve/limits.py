@@ -31,6 +31,10 @@ def check_limits(
         raise APIError(
             400, f"stop_token_ids must be token ids in [0, {vocab_size})", param="stop_token_ids"
         )
+    for key in body.logit_bias or {}:
+        if not key.isdigit() or not int(key) < vocab_size:
+            raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}), got "
+                           f"{key[:32]!r}", param="logit_bias")
     if isinstance(body, ChatCompletionRequest):
         _at_most("the number of messages is", len(body.messages), config.max_num_messages,
                  "messages")  # fmt: skip

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tessera.sampling_params import SamplingParams
+from tessera.structured.spec import StructuredOutputs
 
 
 class _Body(BaseModel):
@@ -21,6 +22,37 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+MAX_TOOLS = 128
+"""OpenAI's limit on the tools of one request."""
+_FUNCTION_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
+
+
+class JSONSchemaFormat(_Body):
+    """``response_format.json_schema``."""
+
+    model_config = ConfigDict(allow_inf_nan=False, populate_by_name=True)
+    name: str = Field(default="response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Body):
+    """vLLM's ``structured_outputs``: exactly one of these (see ``StructuredOutputs``)."""
+
+    model_config = ConfigDict(allow_inf_nan=False, populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(_Body):
@@ -45,10 +77,20 @@ class _SamplingFields(_Body):
     stop_token_ids: list[int] | None = None
     return_token_ids: bool = False
     """Add ``prompt_token_ids`` and per-choice ``token_ids`` to the response."""
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                        structured: StructuredOutputs | None = None) -> SamplingParams:
         """Validated params; raises ValueError with SamplingParams' message for a bad value."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        bias = None
+        if self.logit_bias:
+            try:
+                bias = {int(k): v for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("logit_bias keys must be token ids (integers as strings)") from None
         return SamplingParams(
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -64,6 +106,8 @@ class _SamplingFields(_Body):
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty,
+            logit_bias=bias,
+            structured=structured,
         )
 
 
@@ -82,6 +126,31 @@ class ChatMessage(_Body):
     role: str
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant message's calls, as OpenAI returned them."""
+    tool_call_id: str | None = None
+    """A ``tool`` message's answer to this call."""
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=_FUNCTION_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ChatTool(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"] = "function"
+    function: FunctionName
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -94,5 +163,14 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    tool_choice: Literal["none"] | None = None
+    tools: list[ChatTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tool_names(cls, tools: list[ChatTool] | None) -> list[ChatTool] | None:
+        names = [t.function.name for t in tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tool function names must be unique")
+        return tools

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -179,9 +180,12 @@ def template_kwargs(kwargs: dict[str, Any] | None, tokenizer: Any) -> dict[str, 
 
 
 async def chat_prompt(
-    request: ChatCompletionRequest, tokenizer: Any, max_chars: int
+    request: ChatCompletionRequest, tokenizer: Any, max_chars: int,
+    tools: list[dict[str, Any]] | None = None,
+    message_extras: list[dict[str, Any]] | None = None,
 ) -> list[int]:
-    """Token ids of the chat rendered with the tokenizer's chat template."""
+    """Token ids of the chat rendered with the tokenizer's chat template, with ``tools`` (the
+    template's ``tools`` variable) and per-message ``message_extras`` (tool calls and ids)."""
     tok = _require_tokenizer(tokenizer)
     if server_template(tok) is None:
         raise APIError(
@@ -190,14 +194,21 @@ async def chat_prompt(
             "use /v1/completions",
             param="messages",
         )
+    extras = message_extras or [{} for _ in request.messages]
     messages = [
-        {"role": m.role, "content": _message_text(m.content)} | ({"name": m.name} if m.name else {})
-        for m in request.messages
+        {"role": m.role, "content": _message_text(m.content)}
+        | ({"name": m.name} if m.name else {}) | extra
+        for m, extra in zip(request.messages, extras, strict=True)
     ]
     num_chars = sum(len(m["content"]) + len(m["role"]) for m in messages)
     if num_chars > max_chars:
         raise _too_long("conversation", num_chars, max_chars, "messages")
     extra = template_kwargs(request.chat_template_kwargs, tok)
+    if tools:
+        num_chars += len(json.dumps(tools))
+        if num_chars > max_chars:
+            raise _too_long("conversation", num_chars, max_chars, "tools")
+        extra["tools"] = tools
 
     def render_and_tokenize() -> list[int]:
         import jinja2

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from tessera.serve.config import ServeConfig
 from tessera.serve.engine_client import EngineClient
 from tessera.serve.errors import APIError
 from tessera.serve.metrics import ServerMetrics
+from tessera.serve.prompts import server_template
+from tessera.serve.reasoning import ReasoningParser, get_reasoning_parser
+from tessera.serve.tool_parsers import detect_tool_parser
 
 _PROMPT_CHARS_PER_TOKEN = 64
 """Default bound on a prompt's text per token of context: tokenizers' longest tokens are tens
@@ -30,6 +34,20 @@ class ServerState:
     created_s: int = field(default_factory=lambda: int(time.time()))
     num_seqs_in_flight: int = 0
     shutting_down: bool = False
+
+    @cached_property
+    def tool_parser_name(self) -> str | None:
+        """The tool-call format of ``tool_choice: auto``: the configured one, else the one the
+        chat template shows (None: auto is refused)."""
+        if self.config.tool_call_parser is not None:
+            return self.config.tool_call_parser
+        template = server_template(self.tokenizer) if self.tokenizer is not None else None
+        return detect_tool_parser(template) if template else None
+
+    @cached_property
+    def reasoning_parser(self) -> ReasoningParser | None:
+        name = self.config.reasoning_parser
+        return None if name is None else get_reasoning_parser(name)()
 
     @property
     def max_prompt_chars(self) -> int:
