@@ -12,15 +12,17 @@ if TYPE_CHECKING:
     from tessera.llm import LLM
     from tessera.outputs import CompletionOutput, RequestOutput
     from tessera.sampling_params import SamplingParams
+    from tessera.structured.spec import StructuredOutputs
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StructuredOutputs"]
 
 _EXPORTS = {
     "LLM": "tessera.llm",
     "CompletionOutput": "tessera.outputs",
     "RequestOutput": "tessera.outputs",
     "SamplingParams": "tessera.sampling_params",
+    "StructuredOutputs": "tessera.structured.spec",
 }
 
 

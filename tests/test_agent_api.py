@@ -331,3 +331,63 @@ def test_max_tokens_counts_reasoning(client):
     assert choice.finish_reason == "length"
     assert choice.message.content is None or choice.message.content == ""
     assert choice.message.model_extra["reasoning_content"]
+
+
+# ----------------------------------------------------------------- an agent framework
+def test_openai_agents_sdk_runs_a_two_tool_task(server):
+    """The OpenAI Agents SDK, unchanged, against the server: the first turn must call a tool
+    (``tool_choice="required"``: a grammar makes the random model comply), the SDK runs it
+    and sends the result back, and the next turn (``auto``, the SDK's reset) answers."""
+    import asyncio
+
+    from agents import (
+        Agent,
+        ModelSettings,
+        OpenAIChatCompletionsModel,
+        Runner,
+        function_tool,
+        set_tracing_disabled,
+    )
+    from openai import AsyncOpenAI
+
+    set_tracing_disabled(True)
+    calls: list[tuple[str, dict]] = []
+
+    @function_tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        calls.append(("add", {"a": a, "b": b}))
+        return a + b
+
+    @function_tool
+    def multiply(a: int, b: int) -> int:
+        """Multiply two integers."""
+        calls.append(("multiply", {"a": a, "b": b}))
+        return a * b
+
+    async def run(stream: bool) -> str:
+        client = AsyncOpenAI(base_url=f"{server.base_url}/v1", api_key="none", max_retries=0)
+        agent = Agent(
+            name="calculator", instructions="Use the tools.", tools=[add, multiply],
+            model=OpenAIChatCompletionsModel(model="tiny", openai_client=client),
+            # Sampled, not greedy: a random model's greedy choice may extend a number forever.
+            model_settings=ModelSettings(tool_choice="required", max_tokens=200,
+                                         temperature=1.0, extra_body={"seed": 7}),
+        )
+        if stream:
+            result = Runner.run_streamed(agent, "What is 2 + 3, times 4?", max_turns=4)
+            async for _ in result.stream_events():
+                pass
+        else:
+            result = await Runner.run(agent, "What is 2 + 3, times 4?", max_turns=4)
+        await client.close()
+        return str(result.final_output)
+
+    for stream in (False, True):
+        calls.clear()
+        final = asyncio.run(run(stream))
+        assert calls, "the agent must have run a tool"
+        for name, args in calls:
+            assert name in ("add", "multiply")
+            assert all(isinstance(v, int) for v in args.values())
+        assert isinstance(final, str)
