@@ -54,6 +54,7 @@ from tessera.model.moe_spec import moe_spec_from_config
 from tessera.model.spec import ModelConfigError, spec_from_config
 from tessera.outputs import CompletionOutput, EngineStats, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
+from tessera.structured.grammar import check_grammar
 
 # How long a seen worker exit waits for a report that explains it (see ``_health``); a pool
 # that fails to start has no requests waiting on it, so it can wait longer for the reason.
@@ -307,6 +308,11 @@ class AFDEngine:
         if not self.requests:
             self._check_idle_pool()
         check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
+        if params.structured is not None:
+            check_grammar(params.structured, None)  # GrammarError here, not in a worker's step
+        if params.logit_bias and max(params.logit_bias) >= self.spec.vocab_size:
+            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is out of the "
+                             f"vocabulary (size {self.spec.vocab_size})")
         worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
         try:
             self._pushes[worker].send(AddRequest(request_id, ids, params, text))

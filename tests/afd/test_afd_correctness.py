@@ -120,3 +120,35 @@ def test_greedy_tokens_match_single_process(
             and a["ts"] < b["ts"] < a["ts"] + a["dur"]
             for a in steps for b in steps
         )
+
+
+def test_structured_outputs_through_a_worker_pool(model_factory):
+    """Grammar masks apply where the pool samples (the attention workers): the same
+    constrained tokens as the single-process engine, and a bad grammar refused at the front."""
+    from tessera import StructuredOutputs
+    from tessera.structured.grammar import GrammarError
+
+    path, _ = model_factory("llama")
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
+                                                     "maximum": 999},
+                                               "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    params = [SamplingParams(temperature=0.0, max_tokens=40,
+                             structured=StructuredOutputs.json_schema(schema)),
+              SamplingParams(temperature=1.0, seed=3, max_tokens=10,
+                             structured=StructuredOutputs(choice=("yes", "no"))),
+              SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)]
+    prompts = [[1, 2, 3], [4, 5], [6]]
+    expected = LLM(str(path), **COMMON).generate(prompts, params, use_tqdm=False)
+    llm = LLM(str(path), afd=AFDConfig(attention_workers=1, ffn_workers=1), **COMMON)
+    try:
+        got = llm.generate(prompts, params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in got] == \
+            [o.outputs[0].token_ids for o in expected]
+        assert set(json.loads(got[0].outputs[0].text)) == {"n", "ok"}
+        assert got[1].outputs[0].text in ("yes", "no")
+        with pytest.raises(GrammarError):
+            llm.engine.add_request("bad", [1], SamplingParams(
+                structured=StructuredOutputs(regex="(")))
+    finally:
+        llm.close()
