@@ -198,3 +198,29 @@ def test_bad_grammar_and_logit_bias_are_refused_at_add(llm):
     with pytest.raises(ValueError, match="logit_bias"):
         SamplingParams(logit_bias={1: 101.0})
     assert not engine.has_unfinished_requests()
+
+
+def test_a_tokenizer_llguidance_cannot_read_whole_still_constrains_exactly():
+    """The demo model's character-level tokenizer (with a normalizer that pads numbers with
+    zeros) is described to llguidance piece by piece; its masks must match what is
+    generated, so every output follows the grammar."""
+    import re
+
+    from tessera.demo_model import model_dir
+
+    llm = LLM(str(model_dir()), dtype="float32", device="cpu", kv_cache_memory=16 << 20)
+    regex = r'\{"a": [0-9]{1,3}, "b": [0-9]{1,3}\}'
+    schema = {"type": "object", "properties": {"a": {"type": "integer", "maximum": 999},
+                                               "b": {"type": "integer", "maximum": 999}},
+              "required": ["a", "b"], "additionalProperties": False}
+    questions = ["What is 347+58?", "12+30", "999+1", "What is 5+17?"]
+    for structured in (StructuredOutputs(regex=regex), StructuredOutputs.json_schema(schema)):
+        outs = llm.generate(questions, SamplingParams(temperature=0, max_tokens=48,
+                                                      structured=structured), use_tqdm=False)
+        for out in outs:
+            text = out.outputs[0].text
+            assert out.outputs[0].finish_reason == "stop"
+            if structured.regex:
+                assert re.fullmatch(regex, text), text
+            else:
+                jsonschema.validate(json.loads(text), schema)
