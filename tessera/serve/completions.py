@@ -23,11 +23,11 @@ from tessera.serve.responses import (
     until_disconnect,
     usage,
 )
-from tessera.serve.state import ServerState
+from tessera.serve.state import ModelState
 
 
 async def create_completion(
-    body: CompletionRequest, request: Request, state: ServerState
+    body: CompletionRequest, request: Request, state: ModelState
 ) -> JSONResponse | StreamingResponse:
     if body.echo:
         raise APIError(400, "echo is not supported", param="echo")
@@ -49,7 +49,7 @@ async def create_completion(
 
     request_id = new_id("cmpl")
     created_s = int(time.time())
-    model = state.config.served_model_name
+    model = state.name
     num_prompt_tokens = sum(len(p) for p in prompts)
     tok = state.tokenizer
     updates = admitted(state, num_seqs, run_prompts(state, request_id, prompts, params))
