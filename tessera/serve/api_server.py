@@ -15,6 +15,12 @@ from tessera.serve.errors import APIError, error_body, error_response, internal_
 from tessera.serve.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from tessera.serve.openai_models import ChatCompletionRequest, CompletionRequest
 from tessera.serve.state import ServerState
+from tessera.serve.tokenization import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    tokenize,
+)
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -105,5 +111,15 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         body = await parse_body(request, ChatCompletionRequest)
         return await create_chat_completion(body, request, state.model(body.model))
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, TokenizeRequest)
+        return await tokenize(body, state.model(body.model))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, DetokenizeRequest)
+        return await detokenize(body, state.model(body.model))
 
     return app
