@@ -8,11 +8,15 @@ are ignored, as OpenAI's API does.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from tessera.sampling_params import SamplingParams
+
+_Metadata = dict[
+    Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]
+]
 
 
 class _Body(BaseModel):
@@ -37,6 +41,8 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: _Metadata | None = Field(default=None, max_length=16)
+    """Accepted and ignored, like ``user``; bounded as OpenAI bounds it (16 pairs)."""
     # vLLM extensions
     top_k: int = -1
     min_p: float = 0.0
