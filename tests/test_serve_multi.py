@@ -10,8 +10,11 @@ fails on one of several models.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import openai
@@ -20,7 +23,15 @@ import pytest
 from tessera import LLM, SamplingParams
 from tessera.demo_model import SERVED_NAME as DEMO
 from tessera.demo_model import model_dir as demo_dir
-from tests.test_serve_util import SERVER_ENV, ServerProcess, build_server_model, free_port, http
+from tests.test_serve_util import (
+    SERVER_ENV,
+    ServerProcess,
+    build_server_model,
+    child_pids,
+    free_port,
+    http,
+    pid_alive,
+)
 
 pytestmark = pytest.mark.processes
 
@@ -241,3 +252,39 @@ def test_a_model_that_fails_to_load_fails_the_start_naming_it(tmp_path):
     r = subprocess.run(cmd, env=SERVER_ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "model 'a'" in r.stderr and "'max_num_seq'" in r.stderr
+
+
+def _core_of(server: ServerProcess, path: Path) -> int:
+    """The engine core serving the model at ``path`` (its config names the directory)."""
+    for pid in child_pids(server.proc.pid):
+        if str(path) in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+            return pid
+    raise AssertionError(f"no core serves {path}")
+
+
+def _until(cond, timeout_s: float) -> None:
+    deadline_s = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline_s, "timed out"
+        time.sleep(0.1)
+
+
+def test_a_dead_core_makes_health_fail_while_the_other_model_serves(client, server):
+    os.kill(_core_of(server, demo_dir()), signal.SIGKILL)
+
+    def unhealthy() -> bool:
+        r = http.get(f"{server.base_url}/health")
+        return r.status_code == 503 and DEMO in r.json()["error"]["message"]
+
+    _until(unhealthy, 30)
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices
+    # The core is replaced and the server is whole again.
+    _until(lambda: http.get(f"{server.base_url}/health").status_code == 200, 180)
+    assert client.completions.create(model=DEMO, prompt="x", max_tokens=2).model == DEMO
+
+
+def test_sigterm_stops_every_core_and_exits_zero(server, tiny_dir):
+    cores = [_core_of(server, tiny_dir), _core_of(server, demo_dir())]
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(60) == 0
+    _until(lambda: not any(pid_alive(pid) for pid in cores), 15)

@@ -50,7 +50,8 @@ class ServeConfig:
     )
     metrics_require_key: bool = option(False, "put /metrics behind the API key too")
     max_waiting: int = option(
-        1024, "sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After"
+        1024, "sequences that may wait beyond --max-num-seqs (per model); more get 503 with "
+        "Retry-After"
     )
     shutdown_grace_s: float = option(
         30.0,
