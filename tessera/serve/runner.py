@@ -132,6 +132,7 @@ async def _shutdown(clients: list[EngineClient]) -> None:
 
 
 async def serve(args: argparse.Namespace) -> int:
+    """Serve the models ``args`` name until a signal (or a fatal core failure); the exit code."""
     models = served_models_from_args(args)
     config = options_from_args(
         ServeConfig, args, models=models, api_key=resolve_api_key(args)
