@@ -51,6 +51,11 @@ def _scalar_type(hint: Any) -> type:
     return hint if isinstance(hint, type) else str
 
 
+def option_type(cls: type, name: str) -> type:
+    """The type of option ``name`` of ``cls``: ``int`` for ``int`` and ``int | None``."""
+    return _scalar_type(typing.get_type_hints(cls)[name])
+
+
 def add_options(parser: argparse.ArgumentParser | Any, cls: type,
                 only_given: bool = False) -> None:
     """Add a flag for every ``option`` field of ``cls`` to ``parser`` (or an argument group).

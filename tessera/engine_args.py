@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from typing import Any
 
-from tessera.cli_options import add_options, flag_of, option_names
+from tessera.cli_options import add_options, flag_of, option_names, option_type
 from tessera.config import AFDConfig, CacheConfig, EngineConfig, SchedulerConfig
 
 _NESTED = {"scheduler": SchedulerConfig, "cache": CacheConfig, "afd": AFDConfig}
@@ -31,6 +31,22 @@ _AFD_SWITCHES = ("attention_workers", "ffn_workers")
 def engine_option_names() -> list[str]:
     """Every keyword ``engine_config`` (and so ``LLM``) accepts."""
     return list(_OWNER)
+
+
+def check_engine_option(name: str, value: Any) -> None:
+    """TypeError naming ``name`` unless it is an engine option and ``value`` has its type (an
+    integer is also a float; a boolean is not a number). Ranges are the configs' to check."""
+    if name not in _OWNER:
+        raise TypeError(f"unknown engine option {name!r}")
+    kind = option_type(_OWNER[name], name)
+    if kind is bool or isinstance(value, bool):
+        ok = kind is bool and isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise TypeError(f"engine option {name!r} must be of type {kind.__name__}, got {value!r}")
 
 
 def engine_config(model: str, afd: AFDConfig | None = None, **options: Any) -> EngineConfig:
@@ -71,12 +87,18 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     add_options(afd, AFDConfig, only_given=True)
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    """Build the frozen engine config from parsed options; bad values raise ValueError."""
+def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options of parsed flags, as ``engine_config`` keywords (AFD's only where
+    given); a bad combination raises ValueError naming the flags."""
     options = {name: getattr(args, name) for cls in (EngineConfig, *_NESTED.values())
                for name in option_names(cls) if hasattr(args, name)}
     afd_given = [name for name in option_names(AFDConfig) if name in options]
     if afd_given and not any(name in options for name in _AFD_SWITCHES):
         flags = ", ".join(flag_of(AFDConfig, name) for name in afd_given)
         raise ValueError(f"{flags} needs --attention-workers and --ffn-workers")
-    return engine_config(str(args.model), **options)
+    return options
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Build the frozen engine config from parsed options; bad values raise ValueError."""
+    return engine_config(str(args.model), **engine_options_from_args(args))

@@ -74,6 +74,11 @@ def test_api_key_queue_limit_and_no_chat_template(model_dir):
         assert r.status_code == 401 and r.json()["error"]["code"] == 401
         assert http.get(f"{srv.base_url}/v1/models").status_code == 401
         assert http.post(url, json=body, headers=good).status_code == 200
+        # The tokenizer endpoints are behind the key too.
+        for path, tok_body in (("tokenize", {"prompt": "hi"}), ("detokenize", {"tokens": [5]})):
+            assert http.post(f"{srv.base_url}/{path}", json=tok_body).status_code == 401
+            r = http.post(f"{srv.base_url}/{path}", json=tok_body, headers=good)
+            assert r.status_code == 200, r.text
         # Health and metrics stay open.
         assert http.get(f"{srv.base_url}/health").status_code == 200
         # No chat template: a clear 400.

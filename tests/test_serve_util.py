@@ -62,18 +62,20 @@ def pid_alive(pid: int) -> bool:
 
 
 class ServerProcess:
-    """``tessera serve`` in a subprocess on a free port; ``stop()`` leaves nothing behind."""
+    """``tessera serve`` in a subprocess on a free port; ``stop()`` leaves nothing behind.
+
+    ``model`` None: the models come from ``extra`` (``--model``, ``--config``)."""
 
     def __init__(
-        self, model: Path, *extra: str, name: str | None = "tiny",
+        self, model: Path | None, *extra: str, name: str | None = "tiny",
         env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.name = name
+        first = [str(model), *(["--served-model-name", name] if name else [])] if model else []
         cmd = [
-            sys.executable, "-m", "tessera.cli", "serve", str(model),
-            "--port", str(self.port), *(["--served-model-name", name] if name else []),
+            sys.executable, "-m", "tessera.cli", "serve", *first, "--port", str(self.port),
             "--dtype", "float32", "--device", "cpu", "--threads", "1",
             "--kv-cache-memory", str(16 << 20), *extra,
         ]  # fmt: skip
@@ -82,6 +84,8 @@ class ServerProcess:
             text=True,
         )
         self.core_pid: int | None = None
+        self.core_pids: list[int] = []
+        """Every engine core at start (one per served model)."""
 
     def wait_ready(self, timeout_s: float = 90.0) -> ServerProcess:
         deadline_s = time.monotonic() + timeout_s
@@ -92,6 +96,7 @@ class ServerProcess:
                 if httpx.get(f"{self.base_url}/health", timeout=1).status_code == 200:
                     kids = child_pids(self.proc.pid)
                     self.core_pid = kids[0] if kids else None
+                    self.core_pids = kids
                     return self
             except httpx.TransportError:
                 pass
@@ -112,7 +117,8 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL for anything (server or core) still running."""
-        cores = {self.core_pid, self.current_core_pid() if self.proc.poll() is None else None}
+        cores = {self.core_pid, *self.core_pids,
+                 *(child_pids(self.proc.pid) if self.proc.poll() is None else [])}
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

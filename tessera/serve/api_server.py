@@ -15,6 +15,12 @@ from tessera.serve.errors import APIError, error_body, error_response, internal_
 from tessera.serve.middleware import APIKeyMiddleware, BodyLimitMiddleware
 from tessera.serve.openai_models import ChatCompletionRequest, CompletionRequest
 from tessera.serve.state import ServerState
+from tessera.serve.tokenization import (
+    DetokenizeRequest,
+    TokenizeRequest,
+    detokenize,
+    tokenize,
+)
 
 BodyT = TypeVar("BodyT", bound=BaseModel)
 
@@ -48,7 +54,7 @@ async def parse_body(request: Request, model: type[BodyT]) -> BodyT:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    """The app over an already started engine client."""
+    """The app over already started engine clients, one per served model."""
     config = state.config
     app = FastAPI(title="Tessera", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.tessera = state
@@ -75,19 +81,12 @@ def build_app(state: ServerState) -> FastAPI:
     async def on_unexpected(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(500, internal_error_message(exc)), status_code=500)
 
-    def check_model(model: str | None) -> None:
-        name = config.served_model_name
-        if model is not None and model != name and model not in config.model_aliases:
-            raise APIError(
-                404,
-                f"the model {model!r} does not exist; this server serves {name!r}",
-                param="model",
-            )
-
     @app.get("/health")
     async def health() -> JSONResponse:
-        if not state.client.alive:
-            return JSONResponse(error_body(503, "the engine core is not running"), 503)
+        dead = [m.name for m in state.models if not m.client.alive]
+        if dead:
+            names = ", ".join(repr(n) for n in dead)
+            return JSONResponse(error_body(503, f"the engine core of {names} is not running"), 503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -96,27 +95,31 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        # The served name only: the model's directory is the operator's business.
-        card = {
-            "id": config.served_model_name,
-            "object": "model",
-            "created": state.created_s,
-            "owned_by": "tessera",
-            "root": config.served_model_name,
-            "max_model_len": state.max_model_len,
-        }
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [m.card() for m in state.models]}
+
+    # ``:path``: model ids may hold slashes ("org/name").
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        return state.model(model_id).card()
 
     @app.post("/v1/completions", response_model=None)
     async def completions(request: Request) -> JSONResponse | StreamingResponse:
         body = await parse_body(request, CompletionRequest)
-        check_model(body.model)
-        return await create_completion(body, request, state)
+        return await create_completion(body, request, state.model(body.model))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
         body = await parse_body(request, ChatCompletionRequest)
-        check_model(body.model)
-        return await create_chat_completion(body, request, state)
+        return await create_chat_completion(body, request, state.model(body.model))
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, TokenizeRequest)
+        return await tokenize(body, state.model(body.model))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> dict[str, Any]:
+        body = await parse_body(request, DetokenizeRequest)
+        return await detokenize(body, state.model(body.model))
 
     return app

@@ -24,13 +24,13 @@ from tessera.serve.responses import (
     until_disconnect,
     usage,
 )
-from tessera.serve.state import ServerState
+from tessera.serve.state import ModelState
 from tessera.serve.structured import check_constraint, requested_constraint
 from tessera.serve.tool_calls import plan_tools, template_messages
 
 
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, state: ServerState
+    body: ChatCompletionRequest, request: Request, state: ModelState
 ) -> JSONResponse | StreamingResponse:
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
@@ -62,7 +62,7 @@ async def create_chat_completion(
 
     request_id = new_id("chatcmpl")
     created_s = int(time.time())
-    model = state.config.served_model_name
+    model = state.name
     tok = state.tokenizer
     updates = admitted(state, n, run_prompts(state, request_id, [prompt], params))
     header = {

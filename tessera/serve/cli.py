@@ -17,11 +17,20 @@ from tessera.engine_args import add_engine_args
 def add_serve_parser(sub: argparse._SubParsersAction) -> None:
     from tessera.serve.config import ServeConfig
 
-    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
-    p.add_argument("model", help="Hugging Face model directory")
+    p = sub.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API")
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face model directory (more models: --model, --config)")
     p.add_argument("--served-model-name", default=None,
-                   help="model id (default: the directory's name; requests may also name the "
-                   "path given)")
+                   help="model id of the directory given as the first argument (default: the "
+                   "directory's name; requests may also name the path given)")
+    p.add_argument("--model", dest="models", action="append", default=None,
+                   metavar="NAME=PATH",
+                   help="also serve the model directory PATH as NAME, with an engine core of "
+                   "its own (repeat for more models)")
+    p.add_argument("--config", dest="config_file", default=None, metavar="FILE",
+                   help="TOML file with a [models.NAME] table per model: path (the model "
+                   "directory, relative to FILE) and engine options by their config field "
+                   "names (max_num_seqs = 64), over the command line's")
     p.add_argument("--api-key-file", default=None, metavar="FILE",
                    help="read the API key from FILE (its first line)")
     add_options(p, ServeConfig)

@@ -23,15 +23,18 @@ from tessera.serve.responses import (
     until_disconnect,
     usage,
 )
-from tessera.serve.state import ServerState
+from tessera.serve.state import ModelState
 from tessera.serve.structured import check_constraint, requested_constraint
 
 
 async def create_completion(
-    body: CompletionRequest, request: Request, state: ServerState
+    body: CompletionRequest, request: Request, state: ModelState
 ) -> JSONResponse | StreamingResponse:
-    if body.echo:
-        raise APIError(400, "echo is not supported", param="echo")
+    if body.echo and body.logprobs is not None:
+        raise APIError(
+            400, "echo with logprobs is not supported yet (it needs the prompt's logprobs); "
+            "echo without logprobs is", param="echo",
+        )
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -49,10 +52,11 @@ async def create_completion(
     prompts = await completion_prompts(body.prompt, state.tokenizer, state.max_prompt_chars)
     for ids in prompts:
         check_prompt(ids, state.max_model_len, state.vocab_size)
+    echoes = _echo_texts(body.prompt, prompts, state.tokenizer) if body.echo else [""] * len(prompts)
 
     request_id = new_id("cmpl")
     created_s = int(time.time())
-    model = state.config.served_model_name
+    model = state.name
     num_prompt_tokens = sum(len(p) for p in prompts)
     tok = state.tokenizer
     updates = admitted(state, num_seqs, run_prompts(state, request_id, prompts, params))
@@ -64,9 +68,15 @@ async def create_completion(
         async def chunks() -> AsyncIterator[bytes]:
             num_tokens = 0
             offsets = [0] * num_seqs
+            # Each choice's first chunk starts with its echoed prompt.
+            unechoed = set(range(num_seqs)) if body.echo else set()
             async for i, u in updates:
                 index = i * params.n + u.index
-                choice: dict[str, Any] = {"index": index, "text": u.text, "logprobs": None}
+                text = u.text
+                if index in unechoed:
+                    unechoed.discard(index)
+                    text = echoes[i] + text
+                choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None}
                 if body.logprobs is not None and u.logprobs:
                     choice["logprobs"] = completion_logprobs(
                         tok, u.token_ids, u.logprobs, body.logprobs, offsets[index]
@@ -98,7 +108,7 @@ async def create_completion(
         for index in range(num_seqs):
             choice: dict[str, Any] = {
                 "index": index,
-                "text": "".join(texts.get(index, [])),
+                "text": echoes[index // params.n] + "".join(texts.get(index, [])),
                 "logprobs": None,
                 "finish_reason": reasons.get(index),
             }
@@ -114,3 +124,21 @@ async def create_completion(
         return header | {"choices": choices, "usage": usage(num_prompt_tokens, num_tokens)}
 
     return JSONResponse(await until_disconnect(request, collect))
+
+
+def _echo_texts(
+    prompt: str | list[str] | list[int] | list[list[int]], prompts: list[list[int]],
+    tokenizer: Any,
+) -> list[str]:
+    """The text each prompt is echoed as: a text prompt as sent, token ids decoded."""
+    one = isinstance(prompt, str) or all(isinstance(p, int) for p in prompt)
+    items = [prompt] if one else list(prompt)
+    texts = []
+    for item, ids in zip(items, prompts, strict=True):
+        if isinstance(item, str):
+            texts.append(item)
+        elif tokenizer is None:
+            raise APIError(400, "echo of token ids needs the model's tokenizer", param="echo")
+        else:
+            texts.append(str(tokenizer.decode(ids)))
+    return texts

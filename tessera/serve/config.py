@@ -1,4 +1,5 @@
-"""The HTTP side's options of ``tessera serve`` (the engine's are in ``EngineConfig``).
+"""The HTTP side's options of ``tessera serve`` and the models it serves (each model's engine
+options are in its ``EngineConfig``).
 
 Each field made with ``option`` is also a command-line flag (``tessera.cli_options``), so its
 default and help are written here once. Limits bound what one request may cost the server
@@ -11,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from tessera.cli_options import flag_of, option
+from tessera.config import EngineConfig
 from tessera.serve.reasoning import get_reasoning_parser, reasoning_parser_names
 from tessera.serve.tool_parsers import get_tool_parser, tool_parser_names
 
@@ -18,17 +20,37 @@ MIB = 1 << 20
 
 
 @dataclass(frozen=True)
+class ServedModel:
+    """One model of the server: the id clients send, and the engine (a core process) behind
+    it."""
+
+    name: str
+    """The model id clients send and ``/v1/models`` lists."""
+    engine: EngineConfig
+    aliases: tuple[str, ...] = ()
+    """Other ids requests may name this model by (the model path as given, when no name was
+    chosen); never shown."""
+    tool_call_parser: str | None = None
+    """This model's tool-call format (None: the server's ``--tool-call-parser``, else the one
+    its chat template shows)."""
+    reasoning_parser: str | None = None
+    """This model's reasoning format (None: the server's ``--reasoning-parser``)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or self.name != self.name.strip():
+            raise ValueError(f"a model name must be non-empty without outer spaces: {self.name!r}")
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # ValueError naming the choices
+        if self.reasoning_parser is not None:
+            get_reasoning_parser(self.reasoning_parser)
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Options of the API process; built once from the command line (or by tests)."""
 
-    served_model_name: str
-    """The model id clients send and ``/v1/models`` lists."""
-    max_num_seqs: int
-    """The engine's running limit (``SchedulerConfig.max_num_seqs``); with ``max_waiting`` it
-    bounds the sequences in flight."""
-    model_aliases: tuple[str, ...] = ()
-    """Other ids requests may name this model by (the model path as given, when no name was
-    chosen); never shown."""
+    models: tuple[ServedModel, ...]
+    """The models served, in the order ``/v1/models`` lists them (and their cores start)."""
     host: str = option("127.0.0.1", "interface to listen on")
     port: int = option(8000, "port to listen on")
     api_key: str | None = option(
@@ -39,7 +61,8 @@ class ServeConfig:
     )
     metrics_require_key: bool = option(False, "put /metrics behind the API key too")
     max_waiting: int = option(
-        1024, "sequences that may wait beyond --max-num-seqs; more get 503 with Retry-After"
+        1024, "sequences that may wait beyond --max-num-seqs (per model); more get 503 with "
+        "Retry-After"
     )
     shutdown_grace_s: float = option(
         30.0,
@@ -77,12 +100,12 @@ class ServeConfig:
         "format of the model's tool calls, parsed for tool_choice 'auto' ("
         + ", ".join(tool_parser_names())
         + "; qwen, qwen25, qwen3 and llama3 are aliases); default: detected from the chat "
-        "template",
+        "template; a model's table in --config may set its own",
     )
     reasoning_parser: str | None = option(
         None,
         "split the model's reasoning into reasoning_content ("
-        + ", ".join(reasoning_parser_names()) + ")",
+        + ", ".join(reasoning_parser_names()) + "); a model's table in --config may set its own",
     )
 
     def __post_init__(self) -> None:
@@ -111,8 +134,16 @@ class ServeConfig:
             get_reasoning_parser(self.reasoning_parser)
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key is empty")
+        if not self.models:
+            raise ValueError("no model to serve: give a model directory, --model or --config")
+        ids: set[str] = set()
+        for model in self.models:
+            for model_id in (model.name, *model.aliases):
+                if model_id in ids:
+                    raise ValueError(f"the model id {model_id!r} is given to two models")
+                ids.add(model_id)
 
-    @property
-    def max_seqs_in_flight(self) -> int:
-        """Sequences the server admits at once; a request needing more can never run."""
-        return self.max_num_seqs + self.max_waiting
+    def max_seqs_in_flight(self, model: ServedModel) -> int:
+        """Sequences the server admits at once for ``model``; a request needing more can never
+        run: the engine's running limit plus the waiting ones."""
+        return model.engine.scheduler.max_num_seqs + self.max_waiting

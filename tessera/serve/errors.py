@@ -31,28 +31,34 @@ class APIError(Exception):
         message: str,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.param = param
         self.headers = headers
+        self.code = code
+        """OpenAI's machine-readable code where it has one (``model_not_found``); else the
+        status code."""
 
 
-def error_body(status_code: int, message: str, param: str | None = None) -> dict[str, Any]:
+def error_body(
+    status_code: int, message: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {
         "error": {
             "message": message,
             "type": _TYPES.get(status_code, "APIError"),
             "param": param,
-            "code": status_code,
+            "code": status_code if code is None else code,
         }
     }
 
 
 def error_response(err: APIError) -> JSONResponse:
     return JSONResponse(
-        error_body(err.status_code, err.message, err.param),
+        error_body(err.status_code, err.message, err.param, err.code),
         status_code=err.status_code,
         headers=err.headers,
     )

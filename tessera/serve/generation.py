@@ -17,7 +17,7 @@ from tessera.engine.detokenizer import IncrementalDetokenizer, find_stop
 from tessera.sampling_params import SamplingParams
 from tessera.serve.engine_client import EngineClient, EngineDeadError, Finished
 from tessera.serve.errors import APIError
-from tessera.serve.metrics import ServerMetrics
+from tessera.serve.metrics import ModelMetrics
 
 
 @dataclass
@@ -94,7 +94,7 @@ class ChoiceState:
 
 async def generate(
     client: EngineClient,
-    metrics: ServerMetrics,
+    metrics: ModelMetrics,
     request_id: str,
     prompt_token_ids: list[int],
     params: SamplingParams,

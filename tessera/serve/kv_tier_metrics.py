@@ -42,29 +42,29 @@ _COUNTERS = (
 
 
 class KVTierCollector(Collector):
-    """Renders the latest ``KVTierStats`` given to ``update``."""
+    """Renders the latest ``KVTierStats`` given to ``update``, per served model."""
 
-    def __init__(self, model_name: str) -> None:
-        self.model_name = model_name
-        self.tiers: tuple[KVTierStats, ...] = ()
+    def __init__(self) -> None:
+        self.tiers: dict[str, tuple[KVTierStats, ...]] = {}
+        """Served model name -> its engine's tiers."""
 
-    def update(self, tiers: tuple[KVTierStats, ...]) -> None:
-        self.tiers = tiers
+    def update(self, model_name: str, tiers: tuple[KVTierStats, ...]) -> None:
+        self.tiers[model_name] = tiers
 
     def collect(self) -> Iterator[Metric]:
-        tiers = self.tiers
-        if not tiers:
+        series = [(model, t) for model, tiers in self.tiers.items() for t in tiers]
+        if not series:
             return
         labels = ["model_name", "tier"]
         for name, field, doc in _GAUGES:
             g = GaugeMetricFamily(f"tessera:{name}", doc, labels=labels)
-            for t in tiers:
-                g.add_metric([self.model_name, t.tier], float(getattr(t, field)))
+            for model, t in series:
+                g.add_metric([model, t.tier], float(getattr(t, field)))
             yield g
         for name, field, doc in _COUNTERS:
             c = CounterMetricFamily(f"tessera:{name}", doc, labels=labels)
-            for t in tiers:
-                c.add_metric([self.model_name, t.tier], float(getattr(t, field)))
+            for model, t in series:
+                c.add_metric([model, t.tier], float(getattr(t, field)))
             yield c
         for name, counts_field, sum_field, doc in (
             ("kv_tier_load_seconds", "load_seconds_counts", "load_seconds_sum",
@@ -73,9 +73,9 @@ class KVTierCollector(Collector):
              "Seconds to store one block in the tier."),
         ):
             h = HistogramMetricFamily(f"tessera:{name}", doc, labels=labels)
-            for t in tiers:
+            for model, t in series:
                 counts = getattr(t, counts_field) or (0,) * (len(KV_TIER_LATENCY_BUCKETS_S) + 1)
                 bounds = [str(b) for b in KV_TIER_LATENCY_BUCKETS_S] + ["+Inf"]
                 buckets = list(zip(bounds, accumulate(counts), strict=True))
-                h.add_metric([self.model_name, t.tier], buckets, getattr(t, sum_field))
+                h.add_metric([model, t.tier], buckets, getattr(t, sum_field))
             yield h

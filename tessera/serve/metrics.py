@@ -1,6 +1,7 @@
-"""Prometheus metrics, named like vLLM's with a ``tessera:`` prefix.
+"""Prometheus metrics, named like vLLM's with a ``tessera:`` prefix, one series per served
+model (label ``model_name``).
 
-Gauges and token counters mirror the engine core's stats (sent with every step); latency
+Gauges and token counters mirror each engine core's stats (sent with every step); latency
 histograms are measured in the API process, from a request's arrival to its tokens' arrival.
 """
 
@@ -17,28 +18,26 @@ _LATENCY_BUCKETS_S = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
     1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
 )  # fmt: skip
+_LABELS = ["model_name"]
 
 
 class ServerMetrics:
-    """All of the server's collectors (labelled with the served model's name), in a registry
-    of their own."""
+    """All of the server's collectors, in a registry of their own; ``for_model`` gives the
+    series of one served model."""
 
-    def __init__(self, model_name: str) -> None:
-        self.registry = CollectorRegistry()
-        labels = ["model_name"]
-        reg = self.registry
+    def __init__(self) -> None:
+        self.registry = reg = CollectorRegistry()
 
         def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"tessera:{name}", doc, labels, registry=reg).labels(model_name)
+            return Gauge(f"tessera:{name}", doc, _LABELS, registry=reg)
 
         def counter(name: str, doc: str) -> Counter:
-            return Counter(f"tessera:{name}", doc, labels, registry=reg).labels(model_name)
+            return Counter(f"tessera:{name}", doc, _LABELS, registry=reg)
 
         def histogram(name: str, doc: str) -> Histogram:
-            metric = Histogram(
-                f"tessera:{name}", doc, labels, buckets=_LATENCY_BUCKETS_S, registry=reg
+            return Histogram(
+                f"tessera:{name}", doc, _LABELS, buckets=_LATENCY_BUCKETS_S, registry=reg
             )
-            return metric.labels(model_name)
 
         self.running = gauge("num_requests_running", "Sequences running in the engine.")
         self.waiting = gauge("num_requests_waiting", "Sequences waiting in the engine.")
@@ -51,8 +50,34 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
         self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token.")
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, end to end.")
-        self.kv_tiers = KVTierCollector(model_name)
+        self.kv_tiers = KVTierCollector()
         reg.register(self.kv_tiers)
+
+    def for_model(self, model_name: str) -> ModelMetrics:
+        """The series of ``model_name`` (created at once, so every served model shows)."""
+        return ModelMetrics(self, model_name)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class ModelMetrics:
+    """One served model's series of the server's collectors."""
+
+    def __init__(self, server: ServerMetrics, model_name: str) -> None:
+        self.model_name = model_name
+        self._kv_tiers = server.kv_tiers
+        self.running = server.running.labels(model_name)
+        self.waiting = server.waiting.labels(model_name)
+        self.kv_usage = server.kv_usage.labels(model_name)
+        self.prompt_tokens = server.prompt_tokens.labels(model_name)
+        self.generation_tokens = server.generation_tokens.labels(model_name)
+        self.prefix_queries = server.prefix_queries.labels(model_name)
+        self.prefix_hits = server.prefix_hits.labels(model_name)
+        self.preemptions = server.preemptions.labels(model_name)
+        self.ttft = server.ttft.labels(model_name)
+        self.tpot = server.tpot.labels(model_name)
+        self.e2e = server.e2e.labels(model_name)
         self._last = EngineStats()
 
     def update_engine(self, stats: EngineStats) -> None:
@@ -60,7 +85,7 @@ class ServerMetrics:
         self.running.set(stats.num_running)
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
-        self.kv_tiers.update(stats.kv_tiers)
+        self._kv_tiers.update(self.model_name, stats.kv_tiers)
         last = self._last
         pairs = (
             (self.prompt_tokens, stats.num_prompt_tokens_total - last.num_prompt_tokens_total),
@@ -90,6 +115,3 @@ class ServerMetrics:
         self.e2e.observe(now_s - arrival_s)
         if num_tokens > 1:
             self.tpot.observe((now_s - first_token_s) / (num_tokens - 1))
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)

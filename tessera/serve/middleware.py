@@ -12,10 +12,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tessera.serve.errors import APIError, error_response
 
+_TOKENIZER_PATHS = frozenset({"/tokenize", "/detokenize"})
+
 
 class APIKeyMiddleware:
     """Refuse requests to the protected paths without ``Authorization: Bearer KEY``, before the
-    body is read. ``/v1/*`` is protected; ``/metrics`` too when asked."""
+    body is read. ``/v1/*``, ``/tokenize`` and ``/detokenize`` are protected; ``/metrics`` too
+    when asked."""
 
     def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool = False) -> None:
         self.app = app
@@ -23,7 +26,8 @@ class APIKeyMiddleware:
         self.protect_metrics = protect_metrics
 
     def _protected(self, path: str) -> bool:
-        return path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+        return (path.startswith("/v1/") or path in _TOKENIZER_PATHS
+                or (self.protect_metrics and path == "/metrics"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and self._protected(scope["path"]):

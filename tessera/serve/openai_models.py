@@ -8,12 +8,16 @@ are ignored, as OpenAI's API does.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 from tessera.sampling_params import SamplingParams
 from tessera.structured.spec import StructuredOutputs
+
+_Metadata = dict[
+    Annotated[str, StringConstraints(max_length=64)], Annotated[str, StringConstraints(max_length=512)]
+]
 
 
 class _Body(BaseModel):
@@ -69,6 +73,8 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    metadata: _Metadata | None = Field(default=None, max_length=16)
+    """Accepted and ignored, like ``user``; bounded as OpenAI bounds it (16 pairs)."""
     # vLLM extensions
     top_k: int = -1
     min_p: float = 0.0

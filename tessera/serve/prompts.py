@@ -99,6 +99,16 @@ async def completion_prompts(
     return await off_loop(tokenize) if texts else tokenize()
 
 
+async def tokenize_text(
+    text: str, tokenizer: Any, max_chars: int, add_special_tokens: bool = True
+) -> list[int]:
+    """Token ids of one text (``/tokenize``), bounded like a completions prompt."""
+    _require_tokenizer(tokenizer)
+    if len(text) > max_chars:
+        raise _too_long("prompt", len(text), max_chars, "prompt")
+    return await off_loop(_encode, tokenizer, text, add_special_tokens)
+
+
 def _message_text(content: str | list[dict[str, Any]] | None) -> str:
     if content is None or isinstance(content, str):
         return content or ""

@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from tessera.sampling_params import SamplingParams
 from tessera.serve.errors import APIError, error_body, internal_error_message
 from tessera.serve.generation import ChoiceUpdate, generate
-from tessera.serve.state import ServerState
+from tessera.serve.state import ModelState
 
 _DISCONNECT_POLL_S = 0.5
 
@@ -32,7 +32,7 @@ def sse(payload: dict[str, Any] | str) -> bytes:
 
 
 async def run_prompts(
-    state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams
+    state: ModelState, request_id: str, prompts: list[list[int]], params: SamplingParams
 ) -> Updates:
     """Generate for every prompt at once and yield their updates as they come.
 
@@ -75,7 +75,7 @@ async def run_prompts(
             task.cancel()
 
 
-async def admitted(state: ServerState, num_seqs: int, updates: Updates) -> Updates:
+async def admitted(state: ModelState, num_seqs: int, updates: Updates) -> Updates:
     """``updates`` counted against the server's queue limit from their start to their end.
 
     Handlers call ``state.check_capacity`` first, so a full queue is a 503 status, not an
@@ -111,7 +111,7 @@ def stream_response(chunks: AsyncIterator[bytes]) -> StreamingResponse:
             async for chunk in chunks:
                 yield chunk
         except APIError as e:
-            yield sse(error_body(e.status_code, e.message, e.param))
+            yield sse(error_body(e.status_code, e.message, e.param, e.code))
         except Exception as e:
             yield sse(error_body(500, internal_error_message(e)))
         yield sse("[DONE]")

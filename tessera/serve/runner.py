@@ -1,11 +1,12 @@
-"""Running the server: bind, start the engine core, serve, drain on a signal, stop the core.
+"""Running the server: bind, start the engine cores, serve, drain on a signal, stop the cores.
 
 Start-up order makes every failure cheap and clean: bind the port (in use: one line, exit 2),
-start the engine core (bad model: one line, exit 2, the core reaped), then serve. SIGINT and
-SIGTERM stop accepting, give in-flight requests ``--shutdown-timeout`` seconds, abort the rest
-with a proper final chunk, stop the core and exit 0. A core that fails later is replaced by
-the engine client; with ``--exit-on-engine-failure`` (or when restarts keep failing) the server
-stops and exits 1 instead.
+start each model's engine core (a model that cannot load: one line naming it, exit 2, every
+core started so far reaped), then serve. SIGINT and SIGTERM stop accepting, give in-flight
+requests ``--shutdown-timeout`` seconds, abort the rest with a proper final chunk, stop the
+cores and exit 0. A core that fails later is replaced by its engine client; with
+``--exit-on-engine-failure`` (or when restarts keep failing) the server stops and exits 1
+instead.
 """
 
 from __future__ import annotations
@@ -13,23 +14,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import socket
 import sys
 from collections.abc import Generator
-from pathlib import Path
 
 import uvicorn
 
 from tessera.cli_options import options_from_args
 from tessera.engine.detokenizer import load_tokenizer
-from tessera.engine_args import engine_config_from_args
 from tessera.serve.api_key import resolve_api_key
 from tessera.serve.api_server import build_app
-from tessera.serve.config import ServeConfig
-from tessera.serve.engine_client import EngineClient, Finished
+from tessera.serve.config import ServeConfig, ServedModel
+from tessera.serve.engine_client import EngineClient, EngineStartupError, Finished
 from tessera.serve.metrics import ServerMetrics
-from tessera.serve.state import ServerState
+from tessera.serve.served_models import served_models_from_args
+from tessera.serve.state import ModelState, ServerState
+
+logger = logging.getLogger("tessera.serve")
 
 
 class _Server(uvicorn.Server):
@@ -68,15 +71,16 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _begin_drain(state: ServerState, forced: bool) -> None:
-    state.shutting_down = True
+    state.begin_shutdown()
     grace_s = 0.0 if forced else state.config.shutdown_grace_s
 
     async def drain() -> None:
         waited_s = 0.0
-        while state.client.num_in_flight and waited_s < grace_s:
+        while state.num_in_flight and waited_s < grace_s:
             await asyncio.sleep(0.05)
             waited_s += 0.05
-        state.client.fail_all(Finished("abort"))
+        for model in state.models:
+            model.client.fail_all(Finished("abort"))
 
     asyncio.get_running_loop().create_task(drain())
 
@@ -95,42 +99,60 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(args: argparse.Namespace) -> int:
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        raise ValueError(f"{args.model!r} is not a model directory (no config.json)")
-    engine_config = engine_config_from_args(args)
-    # Without a chosen name the model is served under its directory's name (the path is the
-    # operator's business) and still answers to the path as given.
-    config = options_from_args(
-        ServeConfig, args,
-        served_model_name=args.served_model_name or model_dir.resolve().name,
-        model_aliases=() if args.served_model_name else (args.model,),
-        api_key=resolve_api_key(args),
-        max_num_seqs=engine_config.scheduler.max_num_seqs,
-    )
-    sock = _bind(config.host, config.port)
-    client = EngineClient(
-        engine_config,
-        stall_timeout_s=config.engine_stall_timeout_s,
-        exit_on_failure=config.exit_on_engine_failure,
-    )
+async def _start_model(
+    model: ServedModel, config: ServeConfig, client: EngineClient, metrics: ServerMetrics
+) -> ModelState:
+    """Start ``model``'s engine core, loading its tokenizer meanwhile; a failure is one
+    EngineStartupError naming the model (the caller stops the client)."""
     try:
-        # The core loads the model while this process loads the tokenizer.
         starting = asyncio.create_task(client.start())
         try:
-            tokenizer = await asyncio.to_thread(load_tokenizer, str(model_dir))
+            tokenizer = await asyncio.to_thread(load_tokenizer, model.engine.model)
         except BaseException:
             starting.cancel()
             with contextlib.suppress(BaseException):
                 await starting
             raise
         ready = await starting
-        metrics = ServerMetrics(config.served_model_name)
-        client.on_stats = metrics.update_engine
-        state = ServerState(
-            config, client, tokenizer, metrics, ready.max_model_len, ready.vocab_size
-        )
+    except (EngineStartupError, ValueError, OSError) as e:
+        raise EngineStartupError(f"model {model.name!r}: {e}") from None
+    model_metrics = metrics.for_model(model.name)
+    client.on_stats = model_metrics.update_engine
+    return ModelState(
+        config, model, client, tokenizer, model_metrics, ready.max_model_len, ready.vocab_size
+    )
+
+
+async def _shutdown(clients: list[EngineClient]) -> None:
+    """Stop every core at once (each may wait for its engine to finish a step)."""
+    results = await asyncio.gather(*(c.shutdown() for c in clients), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            logger.error("stopping an engine core failed", exc_info=result)
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Serve the models ``args`` name until a signal (or a fatal core failure); the exit code."""
+    models = served_models_from_args(args)
+    config = options_from_args(
+        ServeConfig, args, models=models, api_key=resolve_api_key(args)
+    )
+    sock = _bind(config.host, config.port)
+    metrics = ServerMetrics()
+    clients: list[EngineClient] = []
+    try:
+        started = []
+        # One core after another: each sizes its KV cache from the memory the ones before it
+        # left, where cores started together would each count the same free memory.
+        for model in models:
+            client = EngineClient(
+                model.engine,
+                stall_timeout_s=config.engine_stall_timeout_s,
+                exit_on_failure=config.exit_on_engine_failure,
+            )
+            clients.append(client)
+            started.append(await _start_model(model, config, client, metrics))
+        state = ServerState(config, started, metrics)
         uv_config = uvicorn.Config(
             build_app(state),
             log_level=args.log_level,
@@ -138,18 +160,19 @@ async def serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=int(config.shutdown_grace_s) + 10,
             # Beyond this many open connections and tasks uvicorn answers 503 at once, so a
             # flood of idle connections cannot exhaust the process's file descriptors.
-            limit_concurrency=2 * config.max_seqs_in_flight + 64,
+            limit_concurrency=2 * sum(config.max_seqs_in_flight(m) for m in models) + 64,
         )
         server = _Server(uv_config, state)
-        client.on_fatal = lambda _: server.exit_with(1)
+        for client in clients:
+            client.on_fatal = lambda _: server.exit_with(1)
+        names = ", ".join(repr(m.name) for m in models)
         print(
-            f"tessera: serving {config.served_model_name!r} on "
-            f"http://{config.host}:{config.port}",
+            f"tessera: serving {names} on http://{config.host}:{config.port}",
             file=sys.stderr,
             flush=True,
         )
         await server.serve(sockets=[sock])
     finally:
-        await client.shutdown()
+        await _shutdown(clients)
         sock.close()
     return server.exit_code
