@@ -1,10 +1,12 @@
 """The README's main command: Tessera's OpenAI-compatible server on the bundled demo model.
 
 ``python -m tessera.demo`` starts ``tessera serve`` on the trained demo model (a small Llama
-that adds numbers and copies or reverses strings), streams a few chat answers through the
-HTTP API as they are generated, then sends a burst of concurrent streamed chats and reports
-accuracy, output throughput and time to first token, and finally stops the server with SIGINT
-(its graceful shutdown) and checks it exited cleanly.
+that adds numbers, copies or reverses strings, and calls an ``add`` tool), streams a few chat
+answers through the HTTP API as they are generated, runs one agent turn (a sum asked for
+through a tool schema comes back as a tool call, which the demo checks and runs), then sends
+a burst of concurrent streamed chats and reports accuracy, output throughput and time to first
+token, and finally stops the server with SIGINT (its graceful shutdown) and checks it exited
+cleanly.
 """
 
 from __future__ import annotations
@@ -128,6 +130,57 @@ async def stream_chat(
     return ChatResult("".join(pieces), num_tokens, ttft_s, time.perf_counter() - start_s)
 
 
+ADD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "Add two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def valid_add_arguments(arguments: str) -> dict[str, int] | None:
+    """The arguments if they satisfy ``ADD_TOOL``'s schema, else None."""
+    try:
+        args = json.loads(arguments)
+    except ValueError:
+        return None
+    ok = (isinstance(args, dict) and set(args) == {"a", "b"}
+          and all(type(v) is int for v in args.values()))
+    return args if ok else None
+
+
+async def agent_turn(client: httpx.AsyncClient, a: int, b: int) -> None:
+    """Ask for a sum through the ``add`` tool; the reply is a call, which we check and run."""
+    question = f"What is {a}+{b}?"
+    body = {
+        "model": SERVED_NAME, "messages": [{"role": "user", "content": question}],
+        "tools": [ADD_TOOL], "tool_choice": {"type": "function", "function": {"name": "add"}},
+        "max_tokens": MAX_TOKENS, "temperature": 0,
+    }  # fmt: skip
+    r = await client.post("/chat/completions", json=body)
+    if r.status_code != 200:
+        raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+    choice = r.json()["choices"][0]
+    (call,) = choice["message"]["tool_calls"]
+    function = call["function"]
+    args = valid_add_arguments(function["arguments"])
+    print(f"  user:      {question}   (tools: add(a: int, b: int))")
+    if args is None:
+        print(f"  tool call: {function['name']}({function['arguments']})  INVALID arguments")
+        raise RuntimeError("the tool call's arguments do not match the tool's schema")
+    result = args["a"] + args["b"]
+    mark = "correct" if args == {"a": a, "b": b} else f"expected a={a}, b={b}"
+    print(f"  tool call: {function['name']}({function['arguments']})  "
+          f"[finish_reason {choice['finish_reason']}, arguments valid, {mark}] -> {result}")
+
+
 def burst_questions(num: int, seed: int = 7) -> list[Example]:
     """Held-out additions (never seen in training) mixed with copy and reverse tasks."""
     rng = random.Random(seed)
@@ -143,6 +196,9 @@ async def run_demo(base_url: str, num_burst: int) -> None:
             res = await stream_chat(client, ex.question, max_tokens=MAX_TOKENS, echo=True)
             mark = "correct" if is_correct(ex, res.text) else f"wrong, expected {ex.result}"
             print(f"   ({mark}; first token after {res.ttft_s * 1000:.0f} ms)")
+
+        print("\nAn agent turn: the sum asked for through a tool schema comes back as a call:")
+        await agent_turn(client, 347, 58)
 
         questions = burst_questions(num_burst)
         print(f"\n{num_burst} streamed chats at once (held-out sums, copies, reversals):")

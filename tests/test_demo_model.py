@@ -1,7 +1,7 @@
 """The bundled demo model, served by Tessera and asked through the official ``openai`` client.
 
-Held-out additions (pairs the training never saw) must be >= 95% correct; copying and
-reversing are checked too. Also: the bundled chat template renders exactly what training saw,
+Held-out additions (pairs the training never saw) must be >= 95% correct; copying, reversing
+and calling the ``add`` tool (through the server's tool calling) are checked too. Also: the bundled chat template renders exactly what training saw,
 and ``python -m tessera.demo`` runs end to end and exits 0.
 """
 
@@ -21,9 +21,11 @@ from tessera.demo_model.tasks import (
     addition,
     copy,
     held_out_additions,
+    held_out_pairs,
     is_correct,
     is_held_out,
     reverse,
+    tool_call,
     word,
 )
 from tests.test_serve_util import SERVER_ENV, ServerProcess, free_port
@@ -98,6 +100,33 @@ def test_copy_and_reverse(client):
     assert len(wrong) <= 1, wrong
 
 
+@pytest.mark.processes
+@pytest.mark.slow
+def test_tool_calls_carry_the_question_operands(client):
+    """A sum asked with the ``add`` tool offered (``tool_choice`` names it, so a grammar holds
+    the reply to the tool's schema) comes back as a call with the question's operands."""
+    from tessera.demo import ADD_TOOL, valid_add_arguments
+
+    pairs = held_out_pairs(40, seed=77)
+
+    def call(pair: tuple[int, int]) -> str:
+        out = client.chat.completions.create(
+            model=SERVED_NAME, messages=[{"role": "user", "content": f"What is {pair[0]}+"
+                                          f"{pair[1]}?"}],
+            tools=[ADD_TOOL], tool_choice={"type": "function", "function": {"name": "add"}},
+            max_tokens=48, temperature=0)
+        assert out.choices[0].finish_reason == "tool_calls"
+        (tc,) = out.choices[0].message.tool_calls
+        assert tc.function.name == "add" and valid_add_arguments(tc.function.arguments)
+        return tc.function.arguments
+
+    with ThreadPoolExecutor(8) as pool:
+        arguments = list(pool.map(call, pairs))
+    wrong = [(p, a) for p, a in zip(pairs, arguments, strict=True)
+             if not is_correct(tool_call(*p), a)]
+    assert len(wrong) <= 2, wrong
+
+
 def test_chat_template_renders_the_training_format():
     from transformers import AutoTokenizer
 
@@ -118,6 +147,11 @@ def test_chat_template_renders_the_training_format():
     ids = tok.encode(prompt, add_special_tokens=False)
     assert ids == encode(prompt, vocabulary())
     assert tok.decode(ids, skip_special_tokens=True) == "What is 007+045?"
+    # Offered tools are listed by name in a system turn.
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 7+45?"}], tools=tools,
+                                   tokenize=False, add_generation_prompt=True)
+    assert text == render(tool_call(7, 45))[0]
 
 
 @pytest.mark.processes
@@ -130,6 +164,7 @@ def test_demo_runs_and_exits_cleanly():
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "user:      What is 347+58?" in proc.stdout
+    assert 'tool call: add({"a": 347, "b": 58})' in proc.stdout
     assert "output tokens/s" in proc.stdout and "TTFT p50" in proc.stdout
     assert "server stopped (exit code 0)" in proc.stdout
 

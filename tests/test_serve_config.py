@@ -112,3 +112,26 @@ def test_model_ids_are_unique_across_names_and_aliases(tmp_path):
         ServeConfig(models=(ServedModel("a", engine, ("x",)), ServedModel("x", engine)))
     with pytest.raises(ValueError, match="non-empty"):
         ServedModel(" a", engine)
+
+
+def test_a_model_table_may_set_its_tool_and_reasoning_parsers(tmp_path):
+    _model_dir(tmp_path / "a")
+    _model_dir(tmp_path / "b")
+    config = _toml(tmp_path / "models.toml", """
+[models.qwen]
+path = "a"
+tool_call_parser = "qwen3"
+reasoning_parser = "qwen3"
+
+[models.plain]
+path = "b"
+""")
+    qwen, plain = _models("--config", config)
+    assert (qwen.tool_call_parser, qwen.reasoning_parser) == ("qwen3", "qwen3")
+    assert (plain.tool_call_parser, plain.reasoning_parser) == (None, None)
+    bad = _toml(tmp_path / "bad.toml", '[models.x]\npath = "a"\ntool_call_parser = "nope"\n')
+    with pytest.raises(ValueError, match="model 'x'.*unknown tool-call parser 'nope'"):
+        _models("--config", bad)
+    bad = _toml(tmp_path / "bad2.toml", '[models.x]\npath = "a"\nreasoning_parser = 3\n')
+    with pytest.raises(ValueError, match="reasoning_parser must be a string"):
+        _models("--config", bad)

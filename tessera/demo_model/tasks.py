@@ -1,4 +1,5 @@
-"""The demo model's synthetic chat tasks: addition, copying and reversing (pure Python).
+"""The demo model's synthetic chat tasks: addition, copying, reversing and calling an ``add``
+tool (pure Python).
 
 Training (``tessera.demo_model.train``), the demo and the tests draw questions from here, so
 the held-out rule is defined once: an addition pair is held out when a fixed hash of it falls in
@@ -24,6 +25,7 @@ class Example:
     question: str
     answer: str  # the full reply the model is trained to give
     result: str  # the part of a reply that is checked (see ``is_correct``)
+    tools: tuple[str, ...] = ()  # the names of the tools the chat offers
 
 
 def final_number(reply: str) -> str | None:
@@ -35,7 +37,7 @@ def final_number(reply: str) -> str | None:
 
 def is_correct(example: Example, reply: str) -> bool:
     """The one answer check: an addition's final sum, or a copy/reversal's exact text."""
-    if example.question.startswith("What is"):
+    if example.question.startswith("What is") and not example.tools:
         return final_number(reply) == example.result
     return reply == example.result
 
@@ -75,6 +77,13 @@ def addition(a: int, b: int, spaced: bool = False) -> Example:
     return Example(f"What is {a}{op}{b}?", worked_sum(a, b), str(a + b))
 
 
+def tool_call(a: int, b: int) -> Example:
+    """``What is 347+58?`` with an ``add`` tool offered -> the tool's arguments,
+    ``{"a": 347, "b": 58}`` (the JSON a grammar for the tool's schema admits)."""
+    arguments = f'{{"a": {a}, "b": {b}}}'
+    return Example(f"What is {a}+{b}?", arguments, arguments, tools=("add",))
+
+
 def addition_pair(rng: random.Random, held_out: bool) -> tuple[int, int]:
     """A random operand pair from the training pairs or from the held-out pairs."""
     while True:
@@ -100,22 +109,29 @@ def reverse(text: str) -> Example:
 def training_example(rng: random.Random) -> Example:
     """One training example: addition most of the time (the hardest task), else copy/reverse."""
     r = rng.random()
-    if r < 0.6:
+    if r < 0.5:
         a, b = addition_pair(rng, held_out=False)
         return addition(a, b, spaced=rng.random() < 0.25)
-    if r < 0.8:
+    if r < 0.62:
+        return tool_call(*addition_pair(rng, held_out=False))
+    if r < 0.81:
         return copy(word(rng))
     return reverse(word(rng))
 
 
-def held_out_additions(num: int, seed: int = 1234) -> list[Example]:
-    """``num`` distinct held-out addition questions (deterministic for a seed)."""
+def held_out_pairs(num: int, seed: int = 1234) -> list[tuple[int, int]]:
+    """``num`` distinct held-out operand pairs (deterministic for a seed)."""
     rng = random.Random(seed)
     seen: set[tuple[int, int]] = set()
-    out: list[Example] = []
+    out: list[tuple[int, int]] = []
     while len(out) < num:
         pair = addition_pair(rng, held_out=True)
         if pair not in seen:
             seen.add(pair)
-            out.append(addition(*pair))
+            out.append(pair)
     return out
+
+
+def held_out_additions(num: int, seed: int = 1234) -> list[Example]:
+    """``num`` distinct held-out addition questions (deterministic for a seed)."""
+    return [addition(*pair) for pair in held_out_pairs(num, seed)]

@@ -28,8 +28,10 @@ from tessera.demo_model.tasks import (
     addition,
     copy,
     held_out_additions,
+    held_out_pairs,
     is_correct,
     reverse,
+    tool_call,
     training_example,
     word,
 )
@@ -41,9 +43,12 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, UNK, *ROLE_TOKENS)
 CHARACTERS = [c for c in string.printable if c not in "\r\x0b\x0c"]
 VOCAB_SIZE = 128  # the 7 special tokens and 98 characters, padded to a round size
 
-# Renders exactly what ``render`` below produces for a single-turn chat.
+# Renders exactly what ``render`` below produces for a single-turn chat; offered tools are
+# listed by name in a system turn first.
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
+    "{{ bos_token }}{% if tools %}<|system|>"
+    "{{ tools | map(attribute='function.name') | join(',') }}{% endif %}"
+    "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>' + message['content'] }}"
     "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -123,7 +128,8 @@ def write_tokenizer(out: Path) -> Any:
 
 def render(example: Example) -> tuple[str, str]:
     """(prompt text, answer text) of one chat, as the chat template renders it."""
-    return f"{BOS}<|user|>{example.question}<|assistant|>", f"{example.answer}{EOS}"
+    system = f"<|system|>{','.join(example.tools)}" if example.tools else ""
+    return f"{BOS}{system}<|user|>{example.question}<|assistant|>", f"{example.answer}{EOS}"
 
 
 def pad_numbers(text: str) -> str:
@@ -196,6 +202,14 @@ def greedy_answers(model: Any, questions: list[Example], vocab: dict[str, int]) 
     return answers
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return {w for line in f if line.startswith("flags") for w in line.split()}
+    except OSError:
+        return set()
+
+
 def train(out: Path, num_steps: int, batch_size: int, lr: float, compile_model: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -211,6 +225,11 @@ def train(out: Path, num_steps: int, batch_size: int, lr: float, compile_model: 
     chat = [{"role": "user", "content": probe.question}]
     assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == prompt
     assert tokenizer.encode(prompt, add_special_tokens=False) == encode(prompt, vocab)
+    probe = tool_call(7, 45)
+    tools = [{"type": "function", "function": {"name": "add"}}]
+    chat = [{"role": "user", "content": probe.question}]
+    assert tokenizer.apply_chat_template(chat, tools=tools, tokenize=False,
+                                         add_generation_prompt=True) == render(probe)[0]
 
     config = LlamaConfig(architectures=["LlamaForCausalLM"], **MODEL_CONFIG)
     model: Any = LlamaForCausalLM(config)
@@ -225,9 +244,13 @@ def train(out: Path, num_steps: int, batch_size: int, lr: float, compile_model: 
         progress = (step - warmup) / max(1, num_steps - warmup)
         return lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
+    # bfloat16 autocast where the CPU has native bfloat16 (AMX or AVX-512 BF16), which runs the
+    # matmuls several times faster; elsewhere bfloat16 is emulated and slower than float32.
+    use_bf16 = torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or any(
+        flag in _cpu_flags() for flag in ("avx512_bf16", "amx_bf16"))
+
     def train_loss(input_ids: Any, labels: Any) -> Any:
-        # bfloat16 autocast: CPUs with AMX/AVX-512 BF16 run the matmuls several times faster.
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             return model(input_ids=input_ids, labels=labels).loss
 
     # Compiling fuses the many small elementwise ops of a model this size (about 2x on CPU).
@@ -237,9 +260,10 @@ def train(out: Path, num_steps: int, batch_size: int, lr: float, compile_model: 
     # Copy/reverse words from a stream training never draws from (its rng is seeded with SEED).
     word_rng = random.Random(SEED + 1)
     word_set = [task(word(word_rng)) for task in (copy, reverse) for _ in range(50)]
+    tool_set = [tool_call(*pair) for pair in held_out_pairs(100)]
     start_s = time.perf_counter()
     model.train()
-    acc = word_acc = 0.0
+    acc = word_acc = tool_acc = 0.0
     step = 0
     for step in range(num_steps):
         input_ids, labels = make_batch(rng, batch_size, vocab)
@@ -263,18 +287,21 @@ def train(out: Path, num_steps: int, batch_size: int, lr: float, compile_model: 
             answers = greedy_answers(model, word_set, vocab)
             num_right = sum(is_correct(q, a) for a, q in zip(answers, word_set, strict=True))
             word_acc = num_right / len(word_set)
+            answers = greedy_answers(model, tool_set, vocab)
+            num_right = sum(is_correct(q, a) for a, q in zip(answers, tool_set, strict=True))
+            tool_acc = num_right / len(tool_set)
             print(f"step {step:5d}  held-out addition accuracy {acc:.1%}, "
-                  f"copy/reverse {word_acc:.1%}", flush=True)
+                  f"copy/reverse {word_acc:.1%}, tool calls {tool_acc:.1%}", flush=True)
             model.train()
             # Stop once every task is learned, not just the hardest one.
-            if acc >= STOP_ACCURACY and word_acc >= STOP_ACCURACY:
+            if min(acc, word_acc, tool_acc) >= STOP_ACCURACY:
                 break
     model.eval()
     model = model.to(torch.float16)
     model.save_pretrained(str(out))
     meta = {"num_steps": step + 1, "planned_steps": num_steps, "held_out_accuracy": acc,
-            "copy_reverse_accuracy": word_acc, "batch_size": batch_size, "lr": lr, "seed": SEED,
-            "num_threads": NUM_THREADS, "train_seconds": round(time.perf_counter() - start_s)}  # fmt: skip
+            "copy_reverse_accuracy": word_acc, "tool_call_accuracy": tool_acc, "batch_size": batch_size, "lr": lr, "seed": SEED,
+            "num_threads": NUM_THREADS, "bfloat16_autocast": use_bf16, "train_seconds": round(time.perf_counter() - start_s)}  # fmt: skip
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(f"saved to {out} after {meta['train_seconds']} s", flush=True)
 
