@@ -144,3 +144,13 @@ def test_preemption_keeps_prompt_logprobs_whole(device, model_factory):
 def test_bad_prompt_logprobs_are_refused(value):
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=value)
+
+
+def test_transformerless_pool_refuses_prompt_logprobs():
+    """Refused before anything reaches a worker (so no pool is started here)."""
+    from tessera.afd.front import AFDEngine
+
+    front = AFDEngine.__new__(AFDEngine)  # only the request table is read before the check
+    front.requests = {}
+    with pytest.raises(ValueError, match="prompt_logprobs is not supported"):
+        front.add_request("r", [1, 2, 3], SamplingParams(prompt_logprobs=1))
