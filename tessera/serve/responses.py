@@ -212,6 +212,7 @@ def echo_logprobs(
 ) -> dict[str, Any]:
     """The legacy completions ``logprobs`` of an echoed prompt: null for its first token,
     which nothing predicts; offsets from the start of the text."""
+    # The first token's placeholder entry only keeps the lists aligned; it is nulled below.
     lps = completion_logprobs(tokenizer, prompt_ids, [e or {t: 0.0} for t, e in
                                                        zip(prompt_ids, entries, strict=True)],
                               num_top, 0)
