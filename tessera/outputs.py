@@ -38,6 +38,11 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: per prompt token, its log-probability and the
+    top-N alternatives at its position; None for the first token, which nothing predicts."""
+    prompt_token_ranks: list[int | None] | None = None
+    """Per prompt token (with ``prompt_logprobs``): its rank at its position, 1 = most likely."""
 
 
 @dataclass
@@ -45,7 +50,8 @@ class TokenDelta:
     """The one token a completion gained in one engine step.
 
     ``logprobs`` is that step's entry of ``CompletionOutput.logprobs`` (None unless requested);
-    ``finish_reason`` is set when this token ended the completion.
+    ``finish_reason`` is set when this token ended the completion. A completion's first token
+    carries the prompt's logprobs, if requested (its prompt is complete exactly then).
     """
 
     request_id: str
@@ -53,6 +59,8 @@ class TokenDelta:
     token_id: int
     logprobs: dict[int, float] | None
     finish_reason: str | None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_token_ranks: list[int | None] | None = None
 
 
 @dataclass

@@ -47,6 +47,9 @@ class SamplingParams:
     """Keep generating past the end-of-sequence token."""
     logprobs: int | None = None
     """Return the log-probability of each sampled token and this many top alternatives."""
+    prompt_logprobs: int | None = None
+    """Return, for each prompt token after the first, its log-probability and this many top
+    alternatives (the prompt is then computed in full: no prefix-cache reads)."""
     n: int = 1
     """Number of completions for the prompt."""
     presence_penalty: float = 0.0
@@ -70,7 +73,7 @@ class SamplingParams:
                 raise bad(name, "must be a number")
             if not math.isfinite(value):
                 raise bad(name, "must be a finite number")
-        for name in ("top_k", "max_tokens", "logprobs", "n", "seed"):
+        for name in ("top_k", "max_tokens", "logprobs", "prompt_logprobs", "n", "seed"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise bad(name, "must be an integer")
@@ -88,6 +91,8 @@ class SamplingParams:
             raise bad("n", "must be at least 1 and below 2**63")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", "must be between 0 and 20")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise bad("prompt_logprobs", "must be between 0 and 20")
         if not -2.0 <= self.presence_penalty <= 2.0:
             raise bad("presence_penalty", "must be in [-2, 2]")
         if not -2.0 <= self.frequency_penalty <= 2.0:

@@ -178,6 +178,84 @@ def test_completion_logprobs_and_stop(client):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_completion_echo_with_logprobs(client, llm):
+    """The prompt's logprobs come first (null for its first token), then the generated
+    tokens'; streamed, the prompt's part is in the first chunk."""
+    kwargs = dict(model="tiny", prompt=PROMPTS[1], max_tokens=4, temperature=0, logprobs=2,
+                  echo=True, extra_body={"ignore_eos": True})
+    ref = llm.generate([PROMPTS[1]], SamplingParams(
+        temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2, logprobs=2),
+        use_tqdm=False)[0]
+    prompt_ids, num_prompt = ref.prompt_token_ids, len(ref.prompt_token_ids)
+    out = client.completions.create(**kwargs)
+    choice = out.choices[0]
+    assert choice.text == PROMPTS[1] + ref.outputs[0].text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == num_prompt + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for j in range(1, num_prompt):
+        assert lp.token_logprobs[j] == pytest.approx(
+            ref.prompt_logprobs[j][prompt_ids[j]], abs=1e-4)
+        assert 1 <= len(lp.top_logprobs[j]) <= 2
+    for j, tok in enumerate(ref.outputs[0].token_ids):
+        assert lp.token_logprobs[num_prompt + j] == pytest.approx(
+            ref.outputs[0].logprobs[j][tok], abs=1e-4)
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    assert lp.text_offset[num_prompt] == len(PROMPTS[1])
+
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text.startswith(PROMPTS[1])
+    assert len(first.logprobs.tokens) == num_prompt + 1
+    assert first.logprobs.token_logprobs[0] is None
+    streamed = [v for c in chunks for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and len(streamed) == len(lp.token_logprobs)
+    assert streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    # The prompt's offsets (the generated ones follow each chunk's text, as without echo).
+    assert first.logprobs.text_offset == lp.text_offset[: num_prompt + 1]
+
+
+def test_prompt_logprobs_field(client, llm):
+    """vLLM's ``prompt_logprobs``: top-level on chat, per choice on completions; each
+    position null (the first) or ``{token id: {logprob, rank, decoded_token}}``."""
+    messages = [{"role": "user", "content": "hi there"}]
+    chat = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=2,
+        extra_body={"prompt_logprobs": 2, "return_token_ids": True})
+    extra = chat.model_extra
+    prompt_ids, plp = extra["prompt_token_ids"], extra["prompt_logprobs"]
+    assert len(plp) == len(prompt_ids) == chat.usage.prompt_tokens and plp[0] is None
+    ref = llm.generate([prompt_ids], SamplingParams(max_tokens=1, prompt_logprobs=2),
+                       use_tqdm=False)[0]
+    for j in range(1, len(prompt_ids)):
+        entry = plp[j]
+        mine = entry[str(prompt_ids[j])]
+        assert mine["logprob"] == pytest.approx(ref.prompt_logprobs[j][prompt_ids[j]], abs=1e-4)
+        assert mine["rank"] == ref.prompt_token_ranks[j]
+        assert isinstance(mine["decoded_token"], str)
+        ranks = sorted(v["rank"] for k, v in entry.items() if k != str(prompt_ids[j]))
+        assert len(entry) in (2, 3) and {1, 2} <= set(ranks) | {mine["rank"]}
+    out = client.completions.create(model="tiny", prompt=["ab", "cd"], max_tokens=2,
+                                    extra_body={"prompt_logprobs": 0})
+    for c in out.choices:
+        entries = c.model_extra["prompt_logprobs"]
+        assert entries[0] is None and all(len(e) == 1 for e in entries[1:])
+    assert "prompt_logprobs" not in (chat.choices[0].model_extra or {})
+    plain = client.completions.create(model="tiny", prompt="ab", max_tokens=2)
+    assert "prompt_logprobs" not in (plain.choices[0].model_extra or {})
+    for stream_body, endpoint in (
+        ({"messages": messages, "stream": True}, "chat/completions"),
+        ({"prompt": "ab", "stream": True}, "completions"),
+    ):
+        r = http.post(f"{client.base_url}{endpoint}",
+                      json={"model": "tiny", "prompt_logprobs": 1} | stream_body)
+        assert r.status_code == 400 and "prompt_logprobs" in r.json()["error"]["message"]
+    for bad in (21, -1):
+        with pytest.raises(openai.BadRequestError, match="prompt_logprobs"):
+            client.completions.create(model="tiny", prompt="ab",
+                                      extra_body={"prompt_logprobs": bad})
+
+
 def test_errors_have_openai_shape(server):
     url = f"{server.base_url}/v1"
     cases = [

@@ -202,8 +202,10 @@ def test_echo(client, llms):
     assert out.choices[0].text == "abc" + plain
     out = client.completions.create(prompt=["abc", "xyz"], echo=True, n=2, **kwargs)
     assert [c.text[:3] for c in out.choices] == ["abc", "abc", "xyz", "xyz"]
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs"):
-        client.completions.create(prompt="abc", echo=True, logprobs=1, **kwargs)
+    # With logprobs, the prompt's come first (tests/test_serve.py checks their values).
+    out = client.completions.create(prompt="abc", echo=True, logprobs=1, **kwargs)
+    assert out.choices[0].logprobs.token_logprobs[0] is None
+    assert len(out.choices[0].logprobs.tokens) == 6 + out.usage.prompt_tokens
 
 
 def test_user_and_metadata_are_accepted_and_ignored(client, server):

@@ -302,6 +302,11 @@ class AFDEngine:
         """Queue a request on the least loaded attention worker; ValueError for bad input."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.prompt_logprobs is not None:
+            # The workers' head may be split over FFN workers by vocabulary, and their step
+            # results carry no prompt logprobs back: refused before any work.
+            raise ValueError("prompt_logprobs is not supported by the Transformerless "
+                             "(disaggregated) pool")
         text = prompt if isinstance(prompt, str) else prompt_text
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self._await_pool()

@@ -154,7 +154,7 @@ class Lanes:
     def _end_step(self, lane: Lane, result: SampledTokens) -> StepOutput:
         out = lane.out
         assert out is not None
-        tokens, logprobs = result
+        tokens, logprobs, _ = result  # the front refuses prompt logprobs
         lane.scheduler.update(out, tokens)
         if out.saves and self.kv_connector is not None:
             self.kv_connector.save(out.saves)  # before postprocess frees finished blocks

@@ -273,13 +273,14 @@ class LLMEngine:
                 if out.is_empty:
                     return StepOutput()
         try:
-            tokens, logprobs = self.runner.execute(out)
+            sampled = self.runner.execute(out)
         except Exception:
             return self.requests.fail(out, self.scheduler)
-        self.scheduler.update(out, tokens)
+        self.scheduler.update(out, sampled.tokens)
         if out.saves and connector is not None:
             connector.save(out.saves)  # before postprocess frees finished sequences' blocks
-        return self.requests.postprocess(out, tokens, logprobs, self.scheduler)
+        return self.requests.postprocess(out, sampled.tokens, sampled.logprobs, self.scheduler,
+                                         sampled.prompt_logprobs)
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> EngineStats:

@@ -1,28 +1,39 @@
 """Runs one scheduled step on the device.
 
 This is the one place that builds device inputs from scheduler output and the one place that
-waits for the device (a single ``tolist`` of the sampled tokens per step).
+waits for the device (a single ``tolist`` of the sampled tokens per step; prompt logprobs,
+enqueued before it, are copied after it).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from tessera.engine import prompt_logprobs
 from tessera.engine.decode_stack import DenseDecodeStack
+from tessera.engine.prompt_logprobs import PromptLogprobsChunk, PromptRowPlan
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import SchedulerOutput
 from tessera.model.attention import AttentionMetadata, PrefillChunk
 from tessera.model.context import StepContext
 from tessera.model.dense import DecoderModel
 
-SampledTokens = tuple[list[int | None], list[dict[int, float] | None]]
-"""Per scheduled sequence of a step: its sampled token (None for a prefill chunk that does
-not end its prompt) and its logprobs entry (None unless requested)."""
+
+class SampledTokens(NamedTuple):
+    """Per scheduled sequence of a step: its sampled token (None for a prefill chunk that
+    does not end its prompt), its logprobs entry and its prompt logprobs (None unless
+    requested)."""
+
+    tokens: list[int | None]
+    logprobs: list[dict[int, float] | None]
+    prompt_logprobs: list[PromptLogprobsChunk | None] | None = None
+    """None when no sequence of the step asked for prompt logprobs."""
 
 
 @dataclass
@@ -33,6 +44,7 @@ class StepInputs:
     ctx: StepContext
     sample_rows: torch.Tensor  # [S] int64: batch rows whose hidden state is sampled
     sample_seq_indices: list[int]  # index into SchedulerOutput.seqs, per sampled row
+    prompt_rows: PromptRowPlan = field(default_factory=PromptRowPlan)
 
 
 class ModelRunner:
@@ -79,6 +91,7 @@ class ModelRunner:
         sample_seq_indices: list[int] = []
         tables: list[list[int]] = []
         seq_lens: list[int] = []
+        prompt_rows = PromptRowPlan()
         for i in decodes:
             seq = out.seqs[i]
             pos = seq.num_computed_tokens
@@ -87,6 +100,8 @@ class ModelRunner:
             slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
             tables.append(seq.block_ids)
             seq_lens.append(pos + 1)
+            # A one-token step may be a prompt chunk (chunked prefill's leftover budget).
+            prompt_rows.add(i, seq, pos, 1, len(input_ids) - 1)
             if pos + 1 == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seq_indices.append(i)
@@ -94,6 +109,7 @@ class ModelRunner:
         for i in prefills:
             seq, n = out.seqs[i], out.num_new_tokens[i]
             start = seq.num_computed_tokens
+            prompt_rows.add(i, seq, start, n, len(input_ids))
             chunks.append(
                 PrefillChunk(
                     start=len(input_ids),
@@ -138,6 +154,7 @@ class ModelRunner:
             ctx=ctx,
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
             sample_seq_indices=sample_seq_indices,
+            prompt_rows=prompt_rows,
         )
 
     @functools.cached_property
@@ -147,23 +164,35 @@ class ModelRunner:
         return DenseDecodeStack.from_units(self.units)
 
     @torch.inference_mode()
-    def forward(self, inputs: StepInputs) -> torch.Tensor:
-        """Logits [S, V] (float32) of the sampled rows."""
+    def hidden_states(self, inputs: StepInputs) -> torch.Tensor:
+        """The last unit's output [T, D] for every token of the step."""
         hidden = self.model.embed_tokens(inputs.input_ids)  # [T, D]
         stack = self.decode_stack
         if stack is not None and stack.applies(hidden, inputs.ctx):
-            hidden = stack(hidden, inputs.ctx)  # the units' ops, one call
-        else:
-            for unit in self.units:
-                hidden = unit(hidden, inputs.ctx)
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+            return stack(hidden, inputs.ctx)  # the units' ops, one call
+        for unit in self.units:
+            hidden = unit(hidden, inputs.ctx)
+        return hidden
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Logits [S, V] (float32) of the sampled rows."""
+        return self.model.compute_logits(self.hidden_states(inputs)[inputs.sample_rows])
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SampledTokens:
-        """Run the step; returns the sampled token (None for a prefill chunk that does not
-        end its prompt) and its logprobs entry, per scheduled sequence."""
+        """Run the step; per scheduled sequence, the sampled token (None for a prefill chunk
+        that does not end its prompt), its logprobs entry and its prompt logprobs."""
         inputs = self.prepare(out)
-        return self.sample(out, self.forward(inputs), inputs.sample_seq_indices)
+        hidden = self.hidden_states(inputs)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        plan = inputs.prompt_rows
+        # Enqueued before the sampler's sync, copied after it: no sync of its own.
+        prompt = prompt_logprobs.compute(self.model, hidden, plan) if plan.rows else None
+        tokens, logprobs, _ = self.sample(out, logits, inputs.sample_seq_indices)
+        if prompt is None:
+            return SampledTokens(tokens, logprobs)
+        return SampledTokens(tokens, logprobs, prompt.to_host(len(out.seqs)))
 
     def sample(
         self, out: SchedulerOutput, logits: torch.Tensor, sample_seq_indices: list[int]
@@ -177,4 +206,4 @@ class ModelRunner:
         for row, i in enumerate(sample_seq_indices):
             tokens[i] = sampled.token_ids[row]
             logprobs[i] = sampled.logprobs[row]
-        return tokens, logprobs
+        return SampledTokens(tokens, logprobs)

@@ -16,6 +16,7 @@ from typing import Any
 
 from tessera.config import RuntimeInfo
 from tessera.engine.detokenizer import IncrementalDetokenizer, find_stop
+from tessera.engine.prompt_logprobs import PromptLogprobsChunk
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
 from tessera.engine.sequence import Sequence, check_prompt_ids
@@ -131,12 +132,19 @@ class RequestTable:
         return result
 
     def postprocess(self, out: SchedulerOutput, tokens: list[int | None],
-                    logprobs: list[dict[int, float] | None], scheduler: Scheduler) -> StepOutput:
+                    logprobs: list[dict[int, float] | None], scheduler: Scheduler,
+                    prompt_logprobs: list[PromptLogprobsChunk | None] | None = None,
+                    ) -> StepOutput:
         """Append the tokens sampled for ``out`` (which ``scheduler`` scheduled and has
-        updated), finish what stopped and say what changed."""
+        updated) and the prompt logprobs its chunks gave, finish what stopped and say what
+        changed."""
         result = StepOutput()
         max_len = self.runtime.max_model_len
         eos = self.runtime.eos_token_ids
+        if prompt_logprobs is not None:
+            for seq, chunk in zip(out.seqs, prompt_logprobs, strict=True):
+                if chunk is not None:
+                    _add_prompt_logprobs(seq, chunk)
         for seq, token, lp in zip(out.seqs, tokens, logprobs, strict=True):
             if token is None or seq.is_finished:
                 continue
@@ -162,7 +170,12 @@ class RequestTable:
                 or seq.num_tokens >= max_len
             ):
                 reason = "length"
-            result.deltas.append(TokenDelta(seq.request_id, seq.index, token, lp, reason))
+            step_delta = TokenDelta(seq.request_id, seq.index, token, lp, reason)
+            if seq.prompt_logprobs is not None and seq.num_output_tokens == 1:
+                # The prompt ended in this step: its logprobs are whole now.
+                step_delta.prompt_logprobs = seq.prompt_logprobs
+                step_delta.prompt_token_ranks = seq.prompt_token_ranks
+            result.deltas.append(step_delta)
             if reason is not None:
                 self._finish(seq, reason, scheduler)
                 if req.finished:
@@ -171,6 +184,7 @@ class RequestTable:
         return result
 
     def _make_output(self, req: Request) -> RequestOutput:
+        first = req.seqs[0]
         outputs = []
         for seq in req.seqs:
             ids = seq.output_token_ids
@@ -193,4 +207,16 @@ class RequestTable:
             outputs=outputs,
             finished=True,
             num_cached_tokens=req.seqs[0].num_cached_tokens,
+            # Complete once the prompt ran in full (not for a request aborted before that).
+            prompt_logprobs=None if first.needs_prompt_logprobs else first.prompt_logprobs,
+            prompt_token_ranks=None if first.needs_prompt_logprobs else first.prompt_token_ranks,
         )
+
+
+def _add_prompt_logprobs(seq: Sequence, chunk: PromptLogprobsChunk) -> None:
+    """Append a step's prompt entries to ``seq``'s (the runner planned exactly the tokens
+    after those it has, so the chunk continues them)."""
+    assert seq.prompt_logprobs is not None and seq.prompt_token_ranks is not None
+    assert chunk.first_token == len(seq.prompt_logprobs), "prompt logprobs out of order"
+    seq.prompt_logprobs.extend(chunk.entries)
+    seq.prompt_token_ranks.extend(chunk.ranks)

@@ -113,7 +113,8 @@ class Scheduler:
             and len(self.running) < self.config.max_num_seqs
         ):
             seq = self.waiting[0]
-            cached = bm.find_cached_blocks(seq)
+            # A prompt whose logprobs are asked for runs in full: cached KV has no logits.
+            cached = [] if seq.needs_prompt_logprobs else bm.find_cached_blocks(seq)
             num_loaded = self._num_loadable_blocks(seq, len(cached))
             num_cached_tokens = (len(cached) + num_loaded) * bm.block_size
             num_new = seq.num_tokens - num_cached_tokens
@@ -144,7 +145,7 @@ class Scheduler:
     def _num_loadable_blocks(self, seq: Sequence, num_cached_blocks: int) -> int:
         """Blocks after the device hits the connector can load (one token is always left
         to compute, as for device hits)."""
-        if self.connector is None:
+        if self.connector is None or seq.needs_prompt_logprobs:
             return 0
         bm = self.block_manager
         num_full = (seq.num_tokens - 1) // bm.block_size

@@ -42,6 +42,8 @@ class Sequence:
         "arrival_s",
         "logprobs",
         "cumulative_logprob",
+        "prompt_logprobs",
+        "prompt_token_ranks",
     )
 
     def __init__(
@@ -70,6 +72,12 @@ class Sequence:
         self.arrival_s = arrival_s
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
+        # Entry i is prompt token i's (None for token 0, which nothing predicts); filled as
+        # the prompt's chunks run, so its length says how far the prompt's logprobs go.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = None
+        self.prompt_token_ranks: list[int | None] | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs, self.prompt_token_ranks = [None], [None]
 
     @property
     def num_tokens(self) -> int:
@@ -82,6 +90,13 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Whether prompt tokens still lack their logprobs: such a sequence computes its
+        prompt in full (cached or loaded KV would skip the logits of those positions)."""
+        return (self.prompt_logprobs is not None
+                and len(self.prompt_logprobs) < self.num_prompt_tokens)
 
     @property
     def is_finished(self) -> bool:

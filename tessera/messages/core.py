@@ -24,6 +24,9 @@ class Delta(msgspec.Struct, frozen=True, array_like=True):
     token_id: int
     logprobs: dict[int, float] | None
     finish_reason: str | None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """On a completion's first token, if requested (a list of floats: small enough here)."""
+    prompt_token_ranks: list[int | None] | None = None
 
 
 class RequestFailed(msgspec.Struct, frozen=True, array_like=True):

@@ -18,6 +18,7 @@ from tessera.serve.responses import (
     admitted,
     chat_logprobs,
     new_id,
+    prompt_logprobs_field,
     run_prompts,
     sse,
     stream_response,
@@ -35,6 +36,11 @@ async def create_chat_completion(
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs requires logprobs to be true", param="top_logprobs")
     num_top = body.top_logprobs or 0
+    if body.stream and body.prompt_logprobs:
+        raise APIError(400, "prompt_logprobs are not available when stream is true",
+                       param="prompt_logprobs")
+    # A streamed prompt_logprobs=0 is accepted and unused, as vLLM does.
+    prompt_top = None if body.stream else body.prompt_logprobs
     max_tokens = body.max_completion_tokens or body.max_tokens
     check_limits(body, state.config, state.vocab_size)
     plan = plan_tools(body, state.tool_parser_name)
@@ -50,7 +56,7 @@ async def create_chat_completion(
                  or constraint.kind not in ("json", "json_object") else None)
     try:
         params = body.sampling_params(max_tokens, num_top if body.logprobs else None,
-                                      constraint)
+                                      constraint, prompt_top)
     except ValueError as e:
         raise APIError(400, str(e)) from e
     n = params.n
@@ -116,7 +122,10 @@ async def create_chat_completion(
         ids: list[list[int]] = [[] for _ in range(n)]
         lps: list[list[dict[int, float]]] = [[] for _ in range(n)]
         reasons: list[str | None] = [None] * n
+        prompt_lps = None
         async for _, u in updates:
+            if prompt_lps is None and u.prompt_logprobs is not None:
+                prompt_lps = (u.prompt_logprobs, u.prompt_token_ranks or [])
             texts[u.index].append(u.text)
             ids[u.index].extend(u.token_ids)
             lps[u.index].extend(u.logprobs)
@@ -144,6 +153,9 @@ async def create_chat_completion(
         }
         if body.return_token_ids:
             out["prompt_token_ids"] = prompt
+        if prompt_top is not None and prompt_lps is not None:
+            # vLLM's extra, beside the choices: the prompt is the same for all of them.
+            out["prompt_logprobs"] = prompt_logprobs_field(tok, prompt, *prompt_lps, prompt_top)
         return out
 
     return JSONResponse(await until_disconnect(request, collect))

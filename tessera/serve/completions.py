@@ -16,7 +16,10 @@ from tessera.serve.prompts import check_prompt, completion_prompts, count_prompt
 from tessera.serve.responses import (
     admitted,
     completion_logprobs,
+    echo_logprobs,
+    join_logprobs,
     new_id,
+    prompt_logprobs_field,
     run_prompts,
     sse,
     stream_response,
@@ -30,11 +33,9 @@ from tessera.serve.structured import check_constraint, requested_constraint
 async def create_completion(
     body: CompletionRequest, request: Request, state: ModelState
 ) -> JSONResponse | StreamingResponse:
-    if body.echo and body.logprobs is not None:
-        raise APIError(
-            400, "echo with logprobs is not supported yet (it needs the prompt's logprobs); "
-            "echo without logprobs is", param="echo",
-        )
+    if body.stream and body.prompt_logprobs:
+        raise APIError(400, "prompt_logprobs are not available when stream is true",
+                       param="prompt_logprobs")
     if body.suffix:
         raise APIError(400, "suffix is not supported", param="suffix")
     if body.best_of is not None and body.best_of != body.n:
@@ -42,8 +43,15 @@ async def create_completion(
     check_limits(body, state.config, state.vocab_size)
     constraint, param = requested_constraint(body)
     await check_constraint(constraint, param)
+    # Echo with logprobs shows the prompt's too (OpenAI's legacy behaviour); one engine
+    # request computes what both need. A streamed prompt_logprobs=0 is accepted and unused,
+    # as vLLM does.
+    field_top = None if body.stream else body.prompt_logprobs
+    echo_top = body.logprobs if body.echo else None
+    wanted = [n for n in (field_top, echo_top) if n is not None]
     try:
-        params = body.sampling_params(body.max_tokens, body.logprobs, constraint)
+        params = body.sampling_params(body.max_tokens, body.logprobs, constraint,
+                                      max(wanted) if wanted else None)
     except ValueError as e:
         raise APIError(400, str(e)) from e
     num_seqs = params.n * count_prompts(body.prompt)
@@ -68,19 +76,26 @@ async def create_completion(
         async def chunks() -> AsyncIterator[bytes]:
             num_tokens = 0
             offsets = [0] * num_seqs
-            # Each choice's first chunk starts with its echoed prompt.
+            # Each choice's first chunk starts with its echoed prompt (and its logprobs).
             unechoed = set(range(num_seqs)) if body.echo else set()
             async for i, u in updates:
                 index = i * params.n + u.index
                 text = u.text
+                prompt_lps = None
                 if index in unechoed:
                     unechoed.discard(index)
                     text = echoes[i] + text
+                    offsets[index] = len(echoes[i])
+                    if body.logprobs is not None and u.prompt_logprobs is not None:
+                        prompt_lps = echo_logprobs(tok, prompts[i], u.prompt_logprobs,
+                                                   body.logprobs)
                 choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None}
                 if body.logprobs is not None and u.logprobs:
                     choice["logprobs"] = completion_logprobs(
                         tok, u.token_ids, u.logprobs, body.logprobs, offsets[index]
                     )
+                    if prompt_lps is not None:
+                        choice["logprobs"] = join_logprobs(prompt_lps, choice["logprobs"])
                 offsets[index] += len(u.text)
                 choice["finish_reason"] = u.finish_reason
                 if body.return_token_ids:
@@ -98,24 +113,38 @@ async def create_completion(
         ids: dict[int, list[int]] = {}
         lps: dict[int, list[dict[int, float]]] = {}
         reasons: dict[int, str | None] = {}
+        prompt_lps: dict[int, tuple[list[dict[int, float] | None], list[int | None]]] = {}
         async for i, u in updates:
             index = i * params.n + u.index
+            if u.prompt_logprobs is not None and u.prompt_token_ranks is not None:
+                prompt_lps[index] = (u.prompt_logprobs, u.prompt_token_ranks)
             texts.setdefault(index, []).append(u.text)
             ids.setdefault(index, []).extend(u.token_ids)
             lps.setdefault(index, []).extend(u.logprobs)
             reasons[index] = u.finish_reason
         choices = []
         for index in range(num_seqs):
+            echo = echoes[index // params.n]
+            prompt_ids = prompts[index // params.n]
+            entries, ranks = prompt_lps.get(index, (None, None))
             choice: dict[str, Any] = {
                 "index": index,
-                "text": echoes[index // params.n] + "".join(texts.get(index, [])),
+                "text": echo + "".join(texts.get(index, [])),
                 "logprobs": None,
                 "finish_reason": reasons.get(index),
             }
             if body.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(
-                    tok, ids.get(index, []), lps.get(index, []), body.logprobs, 0
+                    tok, ids.get(index, []), lps.get(index, []), body.logprobs, len(echo)
                 )
+                if body.echo and entries is not None:
+                    choice["logprobs"] = join_logprobs(
+                        echo_logprobs(tok, prompt_ids, entries, body.logprobs),
+                        choice["logprobs"])
+            if body.prompt_logprobs is not None and entries is not None and ranks is not None:
+                # vLLM's extra, per choice (each prompt of a request has its own).
+                choice["prompt_logprobs"] = prompt_logprobs_field(
+                    tok, prompt_ids, entries, ranks, body.prompt_logprobs)
             if body.return_token_ids:
                 choice["token_ids"] = ids.get(index, [])
                 choice["prompt_token_ids"] = prompts[index // params.n]

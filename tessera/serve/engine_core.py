@@ -102,7 +102,8 @@ class EngineCore:
                     RequestFailed(out.request_id, out.outputs[0].error or "request failed", 500)
                 )
         return [
-            Delta(d.request_id, d.index, d.token_id, d.logprobs, d.finish_reason)
+            Delta(d.request_id, d.index, d.token_id, d.logprobs, d.finish_reason,
+                  d.prompt_logprobs, d.prompt_token_ranks)
             for d in step.deltas
         ]
 

@@ -29,6 +29,9 @@ class ChoiceUpdate:
     token_ids: list[int]
     logprobs: list[dict[int, float]]
     finish_reason: str | None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """On the completion's first update, if requested: the engine's prompt entries."""
+    prompt_token_ranks: list[int | None] | None = None
 
 
 @dataclass
@@ -129,7 +132,10 @@ async def generate(
                 num_core_finished += d.finish_reason is not None
                 choice = choices[d.index]
                 if choice.finish_reason is None:
-                    updates.append(choice.feed(d.token_id, d.logprobs, d.finish_reason))
+                    update = choice.feed(d.token_id, d.logprobs, d.finish_reason)
+                    update.prompt_logprobs = d.prompt_logprobs
+                    update.prompt_token_ranks = d.prompt_token_ranks
+                    updates.append(update)
             if first_token_s is None:
                 first_token_s = time.monotonic()
             yield updates

@@ -84,12 +84,17 @@ class _SamplingFields(_Body):
     return_token_ids: bool = False
     """Add ``prompt_token_ids`` and per-choice ``token_ids`` to the response."""
     logit_bias: dict[str, float] | None = None
+    prompt_logprobs: int | None = None
+    """Per prompt token, its logprob and this many alternatives (not with ``stream``)."""
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                        structured: StructuredOutputs | None = None) -> SamplingParams:
-        """Validated params; raises ValueError with SamplingParams' message for a bad value."""
+                        structured: StructuredOutputs | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """Validated params; raises ValueError with SamplingParams' message for a bad value.
+        ``prompt_logprobs`` is what the engine computes (the endpoint may need more than the
+        body's field asks)."""
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         bias = None
         if self.logit_bias:
@@ -108,6 +113,7 @@ class _SamplingFields(_Body):
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             n=self.n,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,

@@ -176,3 +176,51 @@ def chat_logprobs(
             for t, e in zip(token_ids, entries, strict=True)
         ]
     }
+
+
+def prompt_logprobs_field(
+    tokenizer: Any,
+    prompt_ids: list[int],
+    entries: list[dict[int, float] | None],
+    ranks: list[int | None],
+    num_top: int,
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's ``prompt_logprobs``: per prompt position null (the first) or the prompt token
+    and the ``num_top`` most likely, by token id: ``{"logprob", "rank", "decoded_token"}``."""
+    result: list[dict[str, dict[str, Any]] | None] = []
+    for token, entry, rank in zip(prompt_ids, entries, ranks, strict=True):
+        if entry is None or rank is None:
+            result.append(None)
+            continue
+        # The engine's entry may hold more alternatives than this field asks (echo's
+        # logprobs may ask more): the top ones are taken by value.
+        items = {token: (entry[token], rank)}
+        for i, (t, v) in enumerate(top_entries(entry, num_top)):
+            items.setdefault(t, (v, i + 1))
+        result.append({
+            str(t): {"logprob": v, "rank": r, "decoded_token": token_text(tokenizer, t)}
+            for t, (v, r) in items.items()
+        })
+    return result
+
+
+def echo_logprobs(
+    tokenizer: Any,
+    prompt_ids: list[int],
+    entries: list[dict[int, float] | None],
+    num_top: int,
+) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` of an echoed prompt: null for its first token,
+    which nothing predicts; offsets from the start of the text."""
+    # The first token's placeholder entry only keeps the lists aligned; it is nulled below.
+    lps = completion_logprobs(tokenizer, prompt_ids, [e or {t: 0.0} for t, e in
+                                                       zip(prompt_ids, entries, strict=True)],
+                              num_top, 0)
+    lps["token_logprobs"][0] = None
+    lps["top_logprobs"][0] = None
+    return lps
+
+
+def join_logprobs(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """Two legacy ``logprobs`` objects as one (the echoed prompt's, then the generated)."""
+    return {key: first[key] + second[key] for key in first}
