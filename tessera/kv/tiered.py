@@ -17,7 +17,8 @@ import torch
 
 from tessera.kv.connector import BlockLoad, BlockSave, LoadResult
 from tessera.kv.disk_tier import DiskTier
-from tessera.kv.host_tier import Block, HostTier
+from tessera.kv.host_tier import HostTier
+from tessera.kv.keys import Block
 from tessera.kv.shared_host_tier import SharedHostTier
 from tessera.outputs import KVTierStats
 
