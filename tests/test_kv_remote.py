@@ -19,9 +19,10 @@ from collections.abc import Iterator
 import pytest
 
 from tessera import LLM
+from tessera.engine.model_runner import ModelRunner
 from tessera.kv import block_file
 from tessera.kv.keys import Block, block_key
-from tests.test_kv_tiers import PARAMS, _assert_idle, _check, _llm, _prompts, _tiers
+from tests.test_kv_tiers import PARAMS, _assert_idle, _check, _prompts, _tiers
 
 redis = pytest.importorskip("redis")
 
@@ -104,6 +105,18 @@ def store() -> Iterator[Store]:
         if s.proc is not None and s.proc.poll() is None:
             s.proc.send_signal(signal.SIGCONT)
             s.kill()
+
+
+_PER_BLOCK: dict = {}
+
+
+def _llm(path, num_device_blocks: int, **options) -> LLM:
+    """``tests.test_kv_tiers._llm`` with the probe engine built once per model."""
+    if path not in _PER_BLOCK:
+        probe = LLM(str(path), dtype="float32", kv_cache_memory=1 << 20)
+        _PER_BLOCK[path] = ModelRunner.kv_bytes_per_block(probe.engine.model, 16)
+    return LLM(str(path), dtype="float32", kv_cache_memory=num_device_blocks * _PER_BLOCK[path],
+               max_num_batched_tokens=64, **options)
 
 
 def _remote(llm: LLM):
