@@ -56,6 +56,7 @@ MAX_HEADER_BYTES = 64 << 10
 """A header is a few hundred bytes (a block's token ids); this is room for any block size."""
 MAX_BATCH_BYTES = 64 << 20
 """Most value bytes asked of the store in one round trip (loads and writes)."""
+_FIRST_LOOKUP_KEYS = 8
 _IDLE_WAKE_S = 0.5
 _CLOSE_TIMEOUT_S = 10.0
 _FAILURES = (redis.RedisError, OSError)
@@ -151,22 +152,25 @@ class RemoteTier:
 
     # ----------------------------------------------------------------- reads (step loop)
     def num_leading(self, keys: list[int]) -> int:
-        """How many leading ``keys`` the store holds (one round trip)."""
-        if not keys or not self._up:
-            return 0
-        pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.exists(self._name(key))
-        try:
-            found = pipe.execute()
-        except _FAILURES as e:
-            self._down(f"failed ({_why(e)})")
-            return 0
+        """How many leading ``keys`` the store holds. Asks for the first few, then for four
+        times as many while all were there: a prompt the store lacks costs one short round
+        trip, not one naming all its blocks (hundreds for a long prompt)."""
         n = 0
-        for hit in found:
-            if not hit:
-                break
-            n += 1
+        chunk = _FIRST_LOOKUP_KEYS
+        while n < len(keys) and self._up:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys[n : n + chunk]:
+                pipe.exists(self._name(key))
+            try:
+                found = pipe.execute()
+            except _FAILURES as e:
+                self._down(f"failed ({_why(e)})")
+                return 0
+            for hit in found:
+                if not hit:
+                    return n
+                n += 1
+            chunk *= 4
         return n
 
     def read(self, blocks: list[Block]) -> list[bytearray]:
