@@ -204,28 +204,27 @@ class RemoteTier:
 
     def _check(self, b: Block, value: bytes) -> bytearray | None:
         """The payload of ``value`` if it is block ``b`` whole; else None, counted."""
-        try:
-            if not value:  # evicted (or never there) since the lookup: a miss
-                raise LookupError
-            if len(value) > self.max_value_bytes:
-                raise block_file.BlockFileError("larger than any block of this layout")
-            payload = block_file.decode(value, self.fingerprint, b.key, b.parent_key,
-                                        b.token_ids)
-            if len(payload) != self.block_bytes:  # a well-formed value of the wrong size
-                raise block_file.BlockFileError(
-                    f"payload is {len(payload)} bytes, a block is {self.block_bytes}")
-        except LookupError:
+        why = None
+        if not value:  # evicted (or never there) since the lookup: a miss
             logger.debug("KV block %s left the store before it was read", key_hex(b.key))
-            payload = None
-        except block_file.BlockFileError as e:
+        elif len(value) > self.max_value_bytes:
+            why = "larger than any block of this layout"
+        else:
+            try:
+                payload = block_file.decode(value, self.fingerprint, b.key, b.parent_key,
+                                            b.token_ids)
+            except block_file.BlockFileError as e:
+                why = str(e)
+            else:
+                if len(payload) == self.block_bytes:
+                    return bytearray(payload)
+                why = f"payload is {len(payload)} bytes, a block is {self.block_bytes}"
+        if why is not None:
             logger.warning("KV block %s from the store refused and recomputed: %s",
-                           key_hex(b.key), e)
-            payload = None
-        if payload is None:
-            with self.counters.lock:
-                self.counters.num_failed_loads += 1
-            return None
-        return bytearray(payload)
+                           key_hex(b.key), why)
+        with self.counters.lock:
+            self.counters.num_failed_loads += 1
+        return None
 
     # ----------------------------------------------------------------- writes
     def put(self, block: Block, payload: Any) -> None:
@@ -250,7 +249,6 @@ class RemoteTier:
             try:
                 item = self._queue.get(timeout=max(wait_s, 0.001))
             except queue.Empty:
-                item = None
                 if not self._up and time.monotonic() >= self._retry_at:
                     self._attach(self._probe, probing=True)
                 continue
@@ -289,7 +287,7 @@ class RemoteTier:
             view = memoryview(payload).cast("B")
             header = block_file.encode_header(self.fingerprint, block.key, block.parent_key,
                                               block.token_ids, view)
-            value = header + view.tobytes()
+            value = b"".join((header, view))  # one copy
             sizes.append(len(value))
             pipe.set(self._name(block.key), value)
         try:
