@@ -55,19 +55,24 @@ def _free_port() -> int:
 class Store:
     """A Valkey server on a free local port, configured as a cache (LRU within a budget)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *options: str) -> None:
+        self.options = options
         self.binary = _server_binary()
         self.port = _free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen | None = None
 
     def client(self, timeout_s: float = 5.0):
-        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout_s)
+        password = (self.options[self.options.index("--requirepass") + 1]
+                    if "--requirepass" in self.options else None)
+        return redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=timeout_s,
+                           password=password)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru"],
+             "--appendonly", "no", "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru",
+             *self.options],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         client = self.client(timeout_s=1.0)
@@ -334,6 +339,26 @@ def test_remote_tier_namespaces_bounds_and_drops(store, monkeypatch):
     finally:
         late.close()
         gone.kill()
+
+
+def test_a_store_with_a_password(monkeypatch, caplog):
+    from tessera.kv.remote_tier import PASSWORD_ENV, RemoteTier
+
+    store = Store("--requirepass", "s3cret")
+    store.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="tessera.kv.remote_tier"):
+            refused = RemoteTier(store.url, FINGERPRINT, 4096)
+        assert not refused.attached and "running without the remote tier" in caplog.text
+        in_url = RemoteTier(store.url.replace("//", "//:s3cret@"), FINGERPRINT, 4096)
+        monkeypatch.setenv(PASSWORD_ENV, "s3cret")
+        from_env = RemoteTier(store.url, FINGERPRINT, 4096)
+        assert in_url.attached and from_env.attached
+        assert "s3cret" not in caplog.text + in_url.url
+        for tier in (refused, in_url, from_env):
+            tier.close()
+    finally:
+        store.kill()
 
 
 def test_bad_store_urls_are_refused_at_the_edge(model_factory):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -56,6 +57,8 @@ MAX_HEADER_BYTES = 64 << 10
 """A header is a few hundred bytes (a block's token ids); this is room for any block size."""
 MAX_BATCH_BYTES = 64 << 20
 """Most value bytes asked of the store in one round trip (loads and writes)."""
+PASSWORD_ENV = "TESSERA_KV_STORE_PASSWORD"
+"""The store's password when the URL has none."""
 _FIRST_LOOKUP_KEYS = 8
 _IDLE_WAKE_S = 0.5
 _CLOSE_TIMEOUT_S = 10.0
@@ -97,9 +100,13 @@ class RemoteTier:
 
     @staticmethod
     def _connect(url: str, timeout_s: float) -> redis.Redis:
+        # A password in the environment rather than the URL stays out of command lines (the
+        # config travels to Transformerless workers as an argument).
+        in_url = parse_store_url(url).has_credentials
+        password = None if in_url else os.environ.get(PASSWORD_ENV)
         return redis.Redis.from_url(url, socket_timeout=timeout_s,
                                     socket_connect_timeout=timeout_s,
-                                    retry=Retry(NoBackoff(), 0))
+                                    retry=Retry(NoBackoff(), 0), password=password or None)
 
     def _name(self, key: int) -> str:
         return self._prefix + key_hex(key)
