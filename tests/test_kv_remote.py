@@ -238,9 +238,31 @@ def _wait_attached(llm: LLM) -> None:
         time.sleep(0.02)
 
 
-def test_store_death_and_stall_cost_a_bounded_wait_and_the_engine_reattaches(
+def _run_with_fault(llm: LLM, prompts: list[list[int]], tag: str, fault) -> list:
+    """Generate ``prompts`` step by step and call ``fault`` mid-run, right after the first
+    step that loaded from the store; the outputs in prompt order."""
+    engine = llm.engine
+    hits = _remote(llm).num_hit_tokens_total
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}{i}", prompt, PARAMS)
+    finished = {}
+    faulted = False
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            finished[out.request_id] = out
+        if not faulted and _remote(llm).num_hit_tokens_total > hits:
+            assert engine.has_unfinished_requests(), "the run ended before the fault"
+            fault()
+            faulted = True
+    assert faulted, "no step loaded from the store"
+    return [finished[f"{tag}{i}"] for i in range(len(prompts))]
+
+
+def test_store_death_and_stall_mid_run_cost_a_bounded_wait_and_the_engine_reattaches(
         model_factory, store, caplog, monkeypatch):
-    monkeypatch.setattr("tessera.kv.remote_tier.RETRY_S", 0.1)  # probe soon: a short test
+    # Probe soon and often, and a short deadline: a short test.
+    monkeypatch.setattr("tessera.kv.remote_tier.RETRY_S", 0.1)
+    monkeypatch.setattr("tessera.kv.remote_tier.MAX_RETRY_S", 0.4)
     monkeypatch.setattr("tessera.kv.remote_tier.TIMEOUT_S", 0.5)
     path, hf = model_factory("llama")
     prompts = _prompts(23)
@@ -252,9 +274,8 @@ def test_store_death_and_stall_cost_a_bounded_wait_and_the_engine_reattaches(
     bound_s = 3 * recompute_s + 2 * 0.5 + 5.0  # generous: the machine is shared
 
     with caplog.at_level(logging.WARNING, logger="tessera.kv.remote_tier"):
-        store.kill()
         start = time.monotonic()
-        _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
+        _check(hf, prompts, _run_with_fault(llm, prompts, "killed", store.kill))
         assert time.monotonic() - start < bound_s
         assert caplog.text.count("running without the remote tier") == 1
         assert not _remote(llm).writable
@@ -268,15 +289,18 @@ def test_store_death_and_stall_cost_a_bounded_wait_and_the_engine_reattaches(
         assert _remote(llm).num_written_bytes_total > written and store.values()
 
         # A stalled store (stopped, its socket still open) costs one deadline, not one per call.
-        store.proc.send_signal(signal.SIGSTOP)
         start = time.monotonic()
-        _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
+        outputs = _run_with_fault(llm, prompts, "stalled",
+                                  lambda: store.proc.send_signal(signal.SIGSTOP))
+        _check(hf, prompts, outputs)
         assert time.monotonic() - start < bound_s
         assert caplog.text.count("running without the remote tier") == 2
         store.proc.send_signal(signal.SIGCONT)
         _wait_attached(llm)
+        hits = _remote(llm).num_hit_tokens_total
         _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
-    assert _remote(llm).num_hit_tokens_total > 0
+        assert _remote(llm).num_hit_tokens_total > hits  # in use again
+    assert caplog.text.count("is back") == 2
     _assert_idle(llm)
     llm.engine.shutdown()
 
