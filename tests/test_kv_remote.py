@@ -21,7 +21,7 @@ import pytest
 from tessera import LLM
 from tessera.engine.model_runner import ModelRunner
 from tessera.kv import block_file
-from tessera.kv.keys import Block, block_key
+from tessera.kv.keys import Block, block_key, key_hex
 from tests.test_kv_tiers import PARAMS, _assert_idle, _check, _prompts, _tiers
 
 redis = pytest.importorskip("redis")
@@ -328,6 +328,14 @@ def test_remote_tier_namespaces_bounds_and_drops(store, monkeypatch):
     assert tier.num_leading(keys[14:]) == 6 and tier.num_leading(keys[:5]) == 5
     assert [bytes(p) for p in tier.read(blocks)] == payloads[:13]
     assert tier.stats().num_failed_loads_total == 1  # the 14th was asked for and missing
+    # A name holding another type is a bad value, not an outage.
+    client = store.client()
+    name = f"tessera:kv:{FINGERPRINT}:{key_hex(blocks[0].key)}"  # the documented naming
+    client.delete(name)
+    client.rpush(name, b"x")
+    assert tier.read(blocks) == [] and tier.attached
+    assert tier.stats().num_failed_loads_total == 2
+    client.close()
     other = RemoteTier(store.url, "e" * 32, block_bytes)
     assert other.num_leading(keys) == 0 and other.read(blocks) == []
     # A value of the wrong payload size, well formed otherwise, is refused.

@@ -194,7 +194,9 @@ class RemoteTier:
                 # one byte too long, and is refused without reading the rest.
                 pipe.getrange(self._name(b.key), 0, self.max_value_bytes)
             try:
-                values = pipe.execute()
+                # A command's own error (a name holding another type) is a bad value, not
+                # an outage: it comes back in place of the value.
+                values = pipe.execute(raise_on_error=False)
             except _FAILURES as e:
                 self._down(f"failed ({_why(e)})")
                 break
@@ -209,10 +211,12 @@ class RemoteTier:
                     self.counters.load_s.observe(per_block_s)
         return payloads
 
-    def _check(self, b: Block, value: bytes) -> bytearray | None:
+    def _check(self, b: Block, value: bytes | Exception) -> bytearray | None:
         """The payload of ``value`` if it is block ``b`` whole; else None, counted."""
         why = None
-        if not value:  # evicted (or never there) since the lookup: a miss
+        if isinstance(value, Exception):
+            why = f"unreadable ({value})"
+        elif not value:  # evicted (or never there) since the lookup: a miss
             logger.debug("KV block %s left the store before it was read", key_hex(b.key))
         elif len(value) > self.max_value_bytes:
             why = "larger than any block of this layout"
