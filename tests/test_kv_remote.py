@@ -17,14 +17,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tessera import LLM
 from tessera.engine.model_runner import ModelRunner
 from tessera.kv import block_file
 from tessera.kv.keys import Block, block_key, key_hex
 from tests.test_kv_tiers import PARAMS, _assert_idle, _check, _prompts, _tiers
-
-redis = pytest.importorskip("redis")
 
 pytestmark = pytest.mark.processes
 
