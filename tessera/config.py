@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from tessera.cli_options import option
+from tessera.kv.store_url import parse_store_url
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_PLANES = ("auto", "torch", "shm")
@@ -69,12 +70,17 @@ class CacheConfig:
         None, "directory of an SSD KV tier: full blocks are written there and found again by "
         "any engine with the same model and cache layout, also after a restart")
     kv_offload_disk: int = option(64 << 30, "byte budget of the SSD KV tier")
+    # Not in the repr: the URL may carry the store's password.
+    kv_store: str | None = option(
+        None, "redis://HOST[:PORT][/DB] of a Redis or Valkey server holding a remote KV tier, "
+        "shared by the engines of every host that reach it (below the host and SSD tiers)",
+        repr=False)
 
     @property
     def offloads_kv(self) -> bool:
         """Whether KV tiers below the device pool are configured."""
         return (self.kv_offload_memory is not None or self.kv_offload_dir is not None
-                or self.kv_host_store is not None)
+                or self.kv_host_store is not None or self.kv_store is not None)
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -99,6 +105,8 @@ class CacheConfig:
                                  "kv_host_store (a shared one), not both")
         if self.kv_offload_dir is not None and not str(self.kv_offload_dir).strip():
             raise ValueError("kv_offload_dir must be a directory path, got an empty string")
+        if self.kv_store is not None:
+            parse_store_url(self.kv_store)
         frac = self.kv_cache_memory_fraction
         if frac is not None and not 0.0 < frac <= 1.0:
             raise ValueError(

@@ -78,16 +78,18 @@ KV_TIER_LATENCY_BUCKETS_S = (
 
 
 class KVTierStats(msgspec.Struct, frozen=True):
-    """One KV tier outside the device pool (``host`` or ``disk``): its contents, cumulative
-    counters and per-block latency histograms (counts per ``KV_TIER_LATENCY_BUCKETS_S``
-    bucket, the last above the last bound)."""
+    """One KV tier outside the device pool (``host``, ``disk`` or ``remote``): its contents,
+    cumulative counters and per-block latency histograms (counts per
+    ``KV_TIER_LATENCY_BUCKETS_S`` bucket, the last above the last bound). Tiers shared with
+    other engines (a host store, the remote store) report 0 blocks and bytes: their contents
+    are the store's."""
 
     tier: str
     num_blocks: int = 0
     num_used_bytes: int = 0
     num_capacity_bytes: int = 0
     writable: bool = True
-    """False once the tier stopped taking writes (disk full or unwritable)."""
+    """False while the tier takes no writes (disk full or unwritable, store unreachable)."""
     num_queried_tokens_total: int = 0
     """Prompt tokens after the device hits looked up in this tier."""
     num_hit_tokens_total: int = 0

@@ -186,3 +186,44 @@ def test_kv_cli_lists_checks_and_clears(tmp_path, capsys):
     assert not layout.exists()
     assert main(["kv", "ls", str(tmp_path / "missing")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, parts", [
+    ("redis://kv.example:6380/2", ("kv.example", 6380, 2, False)),
+    ("redis://kv-2", ("kv-2", 6379, 0, False)),
+    ("redis://:pw@host/", ("host", 6379, 0, True)),
+    ("redis://user:p@ss@host:1", ("host", 1, 0, True)),
+])
+def test_store_urls_are_parsed(url, parts):
+    from tessera.kv.store_url import parse_store_url
+
+    assert tuple(parse_store_url(url)) == parts
+
+
+@pytest.mark.parametrize("url, message", [
+    ("", "must be redis://"),
+    ("localhost:6379", "must be redis://"),
+    ("rediss://host", "must be redis://"),
+    ("redis://", "names no host"),
+    ("redis://host:0", "port must be"),
+    ("redis://host:http", "port must be"),
+    ("redis://host/one", "database number"),
+    ("redis://host/0?ssl=1", "no query"),
+])
+def test_bad_store_urls_say_why(url, message):
+    from tessera.config import CacheConfig
+
+    with pytest.raises(ValueError, match=message):
+        CacheConfig(kv_store=url)
+
+
+def test_store_credentials_stay_out_of_messages_and_the_config_repr():
+    from tessera.config import CacheConfig
+    from tessera.kv.store_url import redact
+
+    assert redact("redis://user:s3cret@host:1/0") == "redis://***@host:1/0"
+    assert redact("redis://host:1/0") == "redis://host:1/0"
+    with pytest.raises(ValueError) as e:
+        CacheConfig(kv_store="redis://u:s3cret@host:x")
+    assert "s3cret" not in str(e.value)
+    assert "s3cret" not in repr(CacheConfig(kv_store="redis://u:s3cret@host:1"))

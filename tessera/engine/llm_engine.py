@@ -322,4 +322,4 @@ def make_kv_connector(config: EngineConfig, model: DecoderModel,
     return TieredKVConnector(
         caches, block_axis, cache.block_size, fingerprint, host_bytes=cache.kv_offload_memory,
         disk_dir=cache.kv_offload_dir, disk_bytes=cache.kv_offload_disk,
-        host_store=cache.kv_host_store)
+        host_store=cache.kv_host_store, remote_store=cache.kv_store)

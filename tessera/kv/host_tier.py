@@ -11,21 +11,12 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import NamedTuple
 
 import torch
 
+from tessera.kv.keys import Block
 from tessera.kv.stats import TierCounters
 from tessera.outputs import KVTierStats
-
-
-class Block(NamedTuple):
-    """A full block as tiers name and check it."""
-
-    key: int
-    parent_key: int
-    token_ids: list[int]
-
 
 CopyFn = Callable[[int, torch.Tensor], object]
 """Called with (index of the block in the batch, its host buffer [block_bytes] uint8)."""

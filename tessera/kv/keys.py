@@ -13,6 +13,16 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class Block(NamedTuple):
+    """A full block as tiers name and check it."""
+
+    key: int
+    parent_key: int
+    token_ids: list[int]
+
 
 ROOT_KEY = 0
 """The parent key of block 0."""

@@ -22,8 +22,8 @@ import msgspec
 import torch
 import zmq
 
-from tessera.kv.host_tier import Block, CopyFn
-from tessera.kv.keys import KEY_BYTES
+from tessera.kv.host_tier import CopyFn
+from tessera.kv.keys import KEY_BYTES, Block
 from tessera.kv.stats import TierCounters
 from tessera.kv.store import data_offset
 from tessera.messages.kv_store import (

@@ -1,9 +1,12 @@
-"""The KV connector over Tessera's own tiers: host memory, then SSD.
+"""The KV connector over the tiers below the device pool: host memory, then SSD, then a
+remote store shared across hosts.
 
 Saves are write-through: a block that becomes full of computed KV is copied into the host
 tier at the end of its step (a memcpy, so the device block can be freed right after) and
-queued for the SSD tier from that copy. Loads take each block from the nearest tier holding
-it; a block read from SSD is promoted into the host tier. A block whose load fails ends the
+queued for the SSD and remote tiers from one copy. Loads take each block from the nearest
+tier holding it; a block read from SSD or the remote store is promoted into the host tier.
+The remote tier comes last: a local SSD read involves no network and no other engine's
+traffic (docs/kv_tiers.md, "Remote tier"). A block whose load fails ends the
 sequence's load there; the scheduler recomputes it and everything after it.
 """
 
@@ -17,7 +20,9 @@ import torch
 
 from tessera.kv.connector import BlockLoad, BlockSave, LoadResult
 from tessera.kv.disk_tier import DiskTier
-from tessera.kv.host_tier import Block, HostTier
+from tessera.kv.host_tier import HostTier
+from tessera.kv.keys import Block
+from tessera.kv.remote_tier import RemoteTier
 from tessera.kv.shared_host_tier import SharedHostTier
 from tessera.outputs import KVTierStats
 
@@ -25,19 +30,22 @@ logger = logging.getLogger(__name__)
 
 
 class TieredKVConnector:
-    """Implements ``tessera.kv.connector.KVConnector`` over a host tier, an SSD tier or both.
+    """Implements ``tessera.kv.connector.KVConnector`` over any of a host tier, an SSD tier
+    and a remote tier.
 
     ``kv_caches`` are the engine's per-layer caches; block ``b`` of a layer is
     ``cache.select(block_axis, b)``, the same shape in every layer."""
 
     def __init__(self, kv_caches: list[torch.Tensor], block_axis: int, block_size: int,
                  fingerprint: str, host_bytes: int | None = None, disk_dir: str | None = None,
-                 disk_bytes: int | None = None, host_store: str | None = None) -> None:
+                 disk_bytes: int | None = None, host_store: str | None = None,
+                 remote_store: str | None = None) -> None:
         """``host_store`` (``ipc://PATH`` of a ``tessera kv store``) makes the host tier the
-        store's shared arena instead of a pool of ``host_bytes`` of this process."""
-        if host_bytes is None and disk_dir is None and host_store is None:
-            raise ValueError("a tiered KV connector needs kv_offload_memory, kv_host_store "
-                             "or kv_offload_dir")
+        store's shared arena instead of a pool of ``host_bytes`` of this process;
+        ``remote_store`` (``redis://HOST:PORT``) adds the remote tier."""
+        if host_bytes is None and disk_dir is None and host_store is None and remote_store is None:
+            raise ValueError("a tiered KV connector needs kv_offload_memory, kv_host_store, "
+                             "kv_offload_dir or kv_store")
         self.kv_caches = kv_caches
         self.block_axis = block_axis
         self.block_size = block_size
@@ -51,32 +59,37 @@ class TieredKVConnector:
             self.host = SharedHostTier(host_store, fingerprint, self.block_bytes)
         elif host_bytes is not None:
             self.host = HostTier(host_bytes, self.block_bytes, pin_memory=on_cuda)
-        self._last_lookup: tuple[list[int], int, int] = ([], -1, 0)
+        self._last_lookup: tuple[list[int], int, int, int] = ([], -1, 0, 0)
         self.disk = (DiskTier(disk_dir, disk_bytes if disk_bytes is not None else 1 << 36,
                               fingerprint) if disk_dir is not None else None)
+        self.remote = (RemoteTier(remote_store, fingerprint, self.block_bytes)
+                       if remote_store is not None else None)
 
     # ----------------------------------------------------------------- scheduler side
     def num_loadable_blocks(self, keys: Iterable[int]) -> int:
         keys = list(keys)
         n = self.host.num_leading(keys) if self.host is not None else 0
-        self._last_lookup = (keys[:1], len(keys), n)
+        num_in_host = n
         if self.disk is not None:
             while n < len(keys) and keys[n] in self.disk:
                 n += 1
+        num_local = n
+        if self.remote is not None and n < len(keys):
+            n += self.remote.num_leading(keys[n:])
+        self._last_lookup = (keys[:1], len(keys), num_in_host, num_local)
         return n
 
     def commit_lookup(self, keys: list[int], num_loading_blocks: int) -> None:
-        # The host's answer to the scheduler's lookup of these keys, just before.
-        first, num, num_in_host = self._last_lookup
+        # The tiers' answers to the scheduler's lookup of these keys, just before: a tier is
+        # queried for the keys the tiers above it lacked.
+        first, num, num_in_host, num_local = self._last_lookup
         if (first, num) != (keys[:1], len(keys)):
-            num_in_host = 0
-        if self.host is not None:
-            with self.host.counters.lock:
-                self.host.counters.num_queried_tokens += len(keys) * self.block_size
-        if self.disk is not None:
-            with self.disk.counters.lock:
-                self.disk.counters.num_queried_tokens += (
-                    (len(keys) - num_in_host) * self.block_size)
+            num_in_host = num_local = 0
+        for tier, num_above in ((self.host, 0), (self.disk, num_in_host),
+                                (self.remote, num_local)):
+            if tier is not None:
+                with tier.counters.lock:
+                    tier.counters.num_queried_tokens += (len(keys) - num_above) * self.block_size
 
     # ----------------------------------------------------------------- worker side
     def _layers(self, flat: torch.Tensor) -> torch.Tensor:
@@ -113,10 +126,8 @@ class TieredKVConnector:
             with self.host.counters.lock:
                 self.host.counters.num_hit_tokens += n * self.block_size
                 self.host.counters.num_read_bytes += n * self.block_bytes
-        if self.disk is None:
-            return n
         promoted: list[tuple[Block, torch.Tensor]] = []
-        while n < len(blocks):
+        while self.disk is not None and n < len(blocks):
             b = blocks[n]
             payload = self.disk.read(b.key, b.parent_key, b.token_ids)
             if payload is None:
@@ -127,6 +138,15 @@ class TieredKVConnector:
             with self.disk.counters.lock:
                 self.disk.counters.num_hit_tokens += self.block_size
             n += 1
+        if self.remote is not None and n < len(blocks):
+            payloads = self.remote.read(blocks[n:])
+            for data in payloads:
+                flat = torch.frombuffer(data, dtype=torch.uint8)
+                self._to_device(load.block_ids[n], flat)
+                promoted.append((blocks[n], flat))
+                n += 1
+            with self.remote.counters.lock:
+                self.remote.counters.num_hit_tokens += len(payloads) * self.block_size
         if promoted and self.host is not None:  # the next hit is a memcpy
             self.host.store([b for b, _ in promoted],
                             lambda j, slot: slot.copy_(promoted[j][1]))
@@ -142,20 +162,25 @@ class TieredKVConnector:
         if self.host is not None:
             self.host.store([Block(s.key, s.parent_key, s.token_ids) for s in saves],
                             lambda j, slot: self._from_device(saves[j].block_id, slot))
-        disk = self.disk
-        if disk is None or not disk.writable:
+        disk = self.disk if self.disk is not None and self.disk.writable else None
+        remote = self.remote
+        if disk is None and remote is None:
             return
         for save in saves:
-            if save.key in disk:
+            to_disk = disk is not None and save.key not in disk
+            if not to_disk and remote is None:
                 continue
-            # The writer thread needs bytes nobody overwrites: its own copy.
+            # The writer threads need bytes nobody overwrites: one copy they both read.
             buf = torch.empty(self.block_bytes, dtype=torch.uint8)
             self._from_device(save.block_id, buf)
-            disk.put(save.key, save.parent_key, save.token_ids, buf.numpy())
+            if to_disk and disk is not None:
+                disk.put(save.key, save.parent_key, save.token_ids, buf.numpy())
+            if remote is not None:
+                remote.put(Block(save.key, save.parent_key, save.token_ids), buf.numpy())
 
     # ----------------------------------------------------------------- stats, lifecycle
     def stats(self) -> tuple[KVTierStats, ...]:
-        tiers = [t.stats() for t in (self.host, self.disk) if t is not None]
+        tiers = [t.stats() for t in (self.host, self.disk, self.remote) if t is not None]
         return tuple(tiers)
 
     def close(self) -> None:
@@ -163,3 +188,5 @@ class TieredKVConnector:
             self.host.close()
         if self.disk is not None:
             self.disk.close()
+        if self.remote is not None:
+            self.remote.close()

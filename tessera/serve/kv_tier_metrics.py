@@ -25,7 +25,7 @@ _GAUGES = (
     ("kv_tier_used_bytes", "num_used_bytes", "Bytes held by the tier."),
     ("kv_tier_capacity_bytes", "num_capacity_bytes", "Byte budget of the tier."),
     ("kv_tier_writable", "writable", "1 while the tier takes writes (0: disk full or "
-                                     "unwritable)."),
+                                     "unwritable, store unreachable)."),
 )
 _COUNTERS = (
     ("kv_tier_queries_tokens", "num_queried_tokens_total",
