@@ -48,6 +48,9 @@ test-cuda: $(STAMP)
 bench-deps: $(STAMP)
 	CMAKE_ARGS="-DGGML_NATIVE=ON" CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/pip install -q \
 		--no-binary llama-cpp-python 'llama-cpp-python[server]==0.3.36' sentencepiece
+	# xgrammar, the grammar engine benchmarks/structured_output.py compares with; without the
+	# triton it pulls for GPU kernels, which a CPU run does not use.
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi
 	# llama.cpp's C++ llama-server (parallel slots), built from the same source distribution.
 	$(BIN)/python -m benchmarks.peers.llama_server
 
