@@ -23,6 +23,7 @@ from tessera.serve.responses import (
     run_prompts,
     sse,
     stream_response,
+    token_text,
     until_disconnect,
     usage,
 )
@@ -96,7 +97,9 @@ async def create_completion(
                     )
                     if prompt_lps is not None:
                         choice["logprobs"] = join_logprobs(prompt_lps, choice["logprobs"])
-                offsets[index] += len(u.text)
+                # Offsets count each token's own text, as the non-streamed response does (a
+                # chunk's text may hold back a token's text, or release several at once).
+                offsets[index] += sum(len(token_text(tok, t)) for t in u.token_ids)
                 choice["finish_reason"] = u.finish_reason
                 if body.return_token_ids:
                     choice["token_ids"] = u.token_ids
