@@ -9,8 +9,6 @@ import json
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ import torch
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
+from tessera.engine.grammar_waitlist import GrammarWaitlist
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.protocol import StepObserver
 from tessera.engine.requests import RequestTable
@@ -28,7 +27,7 @@ from tessera.kv.tiered import TieredKVConnector
 from tessera.model.dense import DecoderModel
 from tessera.model.kernels.linear import pack_linears
 from tessera.model.loader import load_model
-from tessera.outputs import CompletionOutput, EngineStats, RequestOutput, StepOutput
+from tessera.outputs import EngineStats, RequestOutput, StepOutput
 from tessera.platform import get_platform
 from tessera.sampling_params import SamplingParams
 from tessera.structured.compiler import GrammarCompiler
@@ -39,19 +38,6 @@ logger = logging.getLogger(__name__)
 RunnerFactory = Callable[..., ModelRunner]
 """(model, device, block_size, num_blocks, sampler, kv_dtype) -> runner."""
 
-_GRAMMAR_WAIT_S = 0.05
-"""How long a step with nothing to run waits for a grammar being compiled (then it returns,
-so the caller's loop can take new requests and aborts)."""
-
-
-@dataclass
-class _AwaitingGrammar:
-    """A request held back until its grammar is compiled."""
-
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prompt: str | None
-    compiled: Future[None]
 
 
 class LLMEngine:
@@ -118,7 +104,7 @@ class LLMEngine:
                          if self.tokenizer is not None else None)
         self.sampler = Sampler(self.platform.device, config.seed,
                                GrammarMatchers(self.grammars) if self.grammars else None)
-        self._awaiting_grammar: dict[str, _AwaitingGrammar] = {}
+        self._grammar_waitlist = GrammarWaitlist(self.grammars) if self.grammars else None
         self.runner = (make_runner or ModelRunner)(
             self.model, self.platform.device, cache.block_size, num_blocks, self.sampler, kv_dtype
         )
@@ -155,51 +141,34 @@ class LLMEngine:
                     prompt_text: str | None = None) -> None:
         """Queue a request; ValueError for a bad prompt or an id already in use."""
         # Before tokenizing: the cheap check first.
-        if request_id in self.requests or request_id in self._awaiting_grammar:
+        waitlist = self._grammar_waitlist
+        if request_id in self.requests or (waitlist is not None and request_id in waitlist):
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
             prompt_text, ids = prompt, self.tokenize(prompt)
         else:
             ids = list(prompt)
-        if params.structured is not None and self.grammars is not None:
-            self.grammars.check(params.structured)  # GrammarError (a ValueError) names why
-            compiled = self.grammars.submit(params.structured)
-            if not compiled.done():
-                self.requests.check(ids, params)
-                self._awaiting_grammar[request_id] = _AwaitingGrammar(
-                    ids, params, prompt_text, compiled)
+        if params.structured is not None and waitlist is not None:
+            self.requests.check(ids, params)
+            # GrammarError (a ValueError) names why a grammar cannot compile.
+            if waitlist.hold(request_id, ids, params, prompt_text):
                 return
         self.requests.add(request_id, ids, params, self.scheduler, prompt_text)
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request at once and free its KV blocks; False if it is unknown or done."""
-        if self._awaiting_grammar.pop(request_id, None) is not None:
+        if self._grammar_waitlist is not None and self._grammar_waitlist.abort(request_id):
             return True
         return self.requests.abort(request_id, self.scheduler)
 
     def _admit_compiled(self) -> list[RequestOutput]:
-        """Admit the held-back requests whose grammars are compiled; those whose grammar
-        failed to compile finish with an error."""
-        awaiting = self._awaiting_grammar
-        if not self.scheduler.has_unfinished():
-            # Nothing to run meanwhile: wait a little instead of spinning on empty steps.
-            wait([a.compiled for a in awaiting.values()], _GRAMMAR_WAIT_S, FIRST_COMPLETED)
-        failed: list[RequestOutput] = []
-        for request_id, a in list(awaiting.items()):
-            if not a.compiled.done():
-                continue
-            del awaiting[request_id]
-            error = a.compiled.exception()
-            if error is None:
-                self.requests.add(request_id, a.prompt_token_ids, a.params, self.scheduler,
-                                  a.prompt)
-                continue
-            logger.warning("request %s: %s", request_id, error)
-            failed.append(RequestOutput(
-                request_id=request_id, prompt=a.prompt, prompt_token_ids=a.prompt_token_ids,
-                outputs=[CompletionOutput(index=i, text="", token_ids=[], finish_reason="error",
-                                          error=str(error)) for i in range(a.params.n)],
-                finished=True))
+        """Admit the held-back requests whose grammars are compiled; returns the outputs of
+        those whose grammar failed to compile (each ends with an error)."""
+        assert self._grammar_waitlist is not None
+        ready, failed = self._grammar_waitlist.take_ready(idle=not self.scheduler.has_unfinished())
+        for held in ready:
+            self.requests.add(held.request_id, held.prompt_token_ids, held.params,
+                              self.scheduler, held.prompt)
         return failed
 
     @property
@@ -247,7 +216,7 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._awaiting_grammar)
+        return self.scheduler.has_unfinished() or bool(self._grammar_waitlist)
 
     # ----------------------------------------------------------------- one step
     def step(self) -> list[RequestOutput]:
@@ -256,7 +225,7 @@ class LLMEngine:
 
     def step_with_deltas(self) -> StepOutput:
         """Run one batch; returns the finished requests and the token each completion gained."""
-        if self._awaiting_grammar:
+        if self._grammar_waitlist:
             failed = self._admit_compiled()
             if failed:
                 return StepOutput(finished=failed)
@@ -287,7 +256,7 @@ class LLMEngine:
         s, bm = self.scheduler, self.block_manager
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=len(s.waiting) + len(self._awaiting_grammar),
+            num_waiting=len(s.waiting) + len(self._grammar_waitlist or ()),
             num_free_blocks=bm.num_free_blocks,
             kv_cache_usage=bm.usage,
             num_preemptions_total=s.num_preemptions,
