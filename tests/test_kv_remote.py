@@ -163,10 +163,10 @@ def test_remote_tier_serves_on_the_reference_and_across_hosts(model_factory, sto
     assert remote.num_read_bytes_total > 0 and remote.num_queried_tokens_total > 0
     _assert_idle(b)
 
-    collector = KVTierCollector("m")
+    collector = KVTierCollector()
     registry = CollectorRegistry()
     registry.register(collector)
-    collector.update(b.engine.stats().kv_tiers)
+    collector.update("m", b.engine.stats().kv_tiers)
     metrics = generate_latest(registry).decode()
     assert 'tessera:kv_tier_hits_tokens_total{model_name="m",tier="remote"}' in metrics
     b.engine.shutdown()
