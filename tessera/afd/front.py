@@ -45,7 +45,7 @@ from tessera.afd.progress import ProgressWatch
 from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
-from tessera.engine.sequence import check_prompt_ids
+from tessera.engine.sequence import check_logit_bias, check_prompt_ids
 from tessera.kv.stats import sum_tier_stats
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
 from tessera.messages.workers import FrontInput, Heartbeat, StepFailed, StepReport
@@ -315,9 +315,7 @@ class AFDEngine:
         check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
         if params.structured is not None:
             check_grammar(params.structured, None)  # GrammarError here, not in a worker's step
-        if params.logit_bias and max(params.logit_bias) >= self.spec.vocab_size:
-            raise ValueError(f"logit_bias token id {max(params.logit_bias)} is out of the "
-                             f"vocabulary (size {self.spec.vocab_size})")
+        check_logit_bias(params.logit_bias, self.spec.vocab_size)
         worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
         try:
             self._pushes[worker].send(AddRequest(request_id, ids, params, text))

@@ -19,7 +19,7 @@ from tessera.engine.detokenizer import IncrementalDetokenizer, find_stop
 from tessera.engine.prompt_logprobs import PromptLogprobsChunk
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
-from tessera.engine.sequence import Sequence, check_prompt_ids
+from tessera.engine.sequence import Sequence, check_logit_bias, check_prompt_ids
 from tessera.outputs import CompletionOutput, RequestOutput, StepOutput, TokenDelta
 from tessera.sampling_params import SamplingParams
 
@@ -90,10 +90,7 @@ class RequestTable:
     def check(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """ValueError if the prompt or params cannot run on this engine."""
         check_prompt_ids(prompt_token_ids, self.runtime.vocab_size, self.runtime.max_model_len)
-        if params.logit_bias and max(params.logit_bias) >= self.runtime.vocab_size:
-            raise ValueError(
-                f"logit_bias token id {max(params.logit_bias)} is out of the vocabulary "
-                f"(size {self.runtime.vocab_size})")
+        check_logit_bias(params.logit_bias, self.runtime.vocab_size)
         if params.structured is not None and self.sampler.grammars is None:
             raise ValueError("structured outputs need the model's tokenizer, which it lacks")
 

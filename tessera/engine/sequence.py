@@ -120,3 +120,11 @@ def check_prompt_ids(ids: list[int], vocab_size: int, max_model_len: int) -> Non
             f"prompt has {len(ids)} tokens; the maximum context length is {max_model_len} "
             "(prompt plus at least one generated token)"
         )
+
+
+def check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> None:
+    """Raise ValueError for a ``logit_bias`` token id outside the vocabulary (its values are
+    checked by ``SamplingParams``)."""
+    if bias and max(bias) >= vocab_size:
+        raise ValueError(
+            f"logit_bias token id {max(bias)} is out of the vocabulary (size {vocab_size})")

@@ -99,10 +99,6 @@ class GrammarCompiler:
         token tables are built)."""
         check_grammar(spec, None)
 
-    def is_ready(self, spec: StructuredOutputs) -> bool:
-        with self._lock:
-            return spec in self._compiled
-
     def submit(self, spec: StructuredOutputs) -> Future[None]:
         """Compile ``spec`` in the background (once, however many ask); the future is done
         when ``matcher(spec)`` will not compile. It raises ``GrammarError`` if compiling fails."""
