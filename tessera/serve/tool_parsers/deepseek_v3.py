@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from tessera.serve.tool_parsers.base import ToolParser
 from tessera.serve.tool_parsers.cursor import Step
+from tessera.serve.tool_parsers.sections import marked_calls
 from tessera.serve.tool_parsers.stream import Outcome, ToolCallStream
 
 CALLS_BEGIN = "<｜tool▁calls▁begin｜>"
@@ -35,28 +36,8 @@ class DeepSeekV3ToolParser(ToolParser):
     entry_markers = (CALLS_BEGIN, CALL_BEGIN)
 
     def region(self, s: ToolCallStream, marker: str) -> Step[int | None]:
-        cur = s.cur
-        start = s.region_start
-        opened = marker == CALL_BEGIN
-        first = True
-        while True:
-            if not opened:
-                yield from cur.skip_ws()
-                if not (yield from cur.expect(CALL_BEGIN)):
-                    break
-            opened = False
-            outcome = yield from self._call(s, start)
-            if outcome is Outcome.REJECTED:  # content from this call's begin marker on
-                return start
-            if outcome is Outcome.BROKEN:
-                yield from cur.skip_through(CALL_END)
-                return None
-            first = False
-            start = cur.pos
-        if first:
-            return s.region_start
-        yield from cur.expect(CALLS_END)
-        return None
+        return (yield from marked_calls(s, self._call, CALL_BEGIN, CALL_END, CALLS_END,
+                                        opened=marker == CALL_BEGIN))
 
     def _call(self, s: ToolCallStream, start: int) -> Step[Outcome]:
         """One call, from just after its ``<｜tool▁call▁begin｜>``."""

@@ -16,6 +16,7 @@ import re
 
 from tessera.serve.tool_parsers.base import ToolParser
 from tessera.serve.tool_parsers.cursor import Step
+from tessera.serve.tool_parsers.sections import marked_calls
 from tessera.serve.tool_parsers.stream import Outcome, ToolCallStream
 
 SECTION_BEGIN = "<|tool_calls_section_begin|>"
@@ -38,25 +39,7 @@ class KimiK2ToolParser(ToolParser):
         return f"functions.{name}:{index}"
 
     def region(self, s: ToolCallStream, marker: str) -> Step[int | None]:
-        cur = s.cur
-        start = s.region_start
-        first = True
-        while True:
-            yield from cur.skip_ws()
-            if not (yield from cur.expect(CALL_BEGIN)):
-                break
-            outcome = yield from self._call(s, start)
-            if outcome is Outcome.REJECTED:  # content from this call's begin marker on
-                return start
-            if outcome is Outcome.BROKEN:
-                yield from cur.skip_through(CALL_END)
-                return None
-            first = False
-            start = cur.pos
-        if first:
-            return s.region_start
-        yield from cur.expect(SECTION_END)
-        return None
+        return (yield from marked_calls(s, self._call, CALL_BEGIN, CALL_END, SECTION_END))
 
     def _call(self, s: ToolCallStream, start: int) -> Step[Outcome]:
         """One call, from just after its ``<|tool_call_begin|>``."""
