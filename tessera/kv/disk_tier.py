@@ -25,6 +25,7 @@ from typing import Any
 
 from tessera.kv import block_file
 from tessera.kv.keys import KEY_BYTES, key_hex
+from tessera.kv.queued_writes import QueuedWrites
 from tessera.kv.stats import TierCounters
 from tessera.outputs import KVTierStats
 
@@ -32,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 SUFFIX = ".kvb"
 DEFAULT_MAX_PENDING_BYTES = 256 << 20
-_CLOSE_TIMEOUT_S = 30.0
 
 
 def block_path(tier_dir: Path, key: int) -> Path:
@@ -50,9 +50,11 @@ def _key_of(path: Path) -> int | None:
         return None
 
 
-class DiskTier:
+class DiskTier(QueuedWrites):
     """Block files of one cache layout (``fingerprint``) under ``root``, within
     ``capacity_bytes``."""
+
+    close_timeout_s = 30.0
 
     def __init__(self, root: str | Path, capacity_bytes: int, fingerprint: str,
                  max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES) -> None:
@@ -247,19 +249,6 @@ class DiskTier:
                        "reading the blocks it holds", self.dir, error)
 
     # ----------------------------------------------------------------- lifecycle
-    def flush(self, timeout_s: float = _CLOSE_TIMEOUT_S) -> bool:
-        """Wait until every queued write has landed or was dropped; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._pending:
-                    return True
-            time.sleep(0.005)
-        return False
-
     def close(self) -> None:
         """Finish queued writes (bounded wait) and stop the writer; safe to call twice."""
-        if self._writer.is_alive():
-            self.flush()
-            self._queue.put(None)
-            self._writer.join(timeout=_CLOSE_TIMEOUT_S)
+        self.stop_writer()

@@ -38,6 +38,7 @@ from redis.retry import Retry
 
 from tessera.kv import block_file
 from tessera.kv.keys import Block, key_hex
+from tessera.kv.queued_writes import QueuedWrites
 from tessera.kv.stats import TierCounters
 from tessera.kv.store_url import parse_store_url, redact
 from tessera.outputs import KVTierStats
@@ -61,12 +62,13 @@ PASSWORD_ENV = "TESSERA_KV_STORE_PASSWORD"
 """The store's password when the URL has none."""
 _FIRST_LOOKUP_KEYS = 8
 _IDLE_WAKE_S = 0.5
-_CLOSE_TIMEOUT_S = 10.0
 _FAILURES = (redis.RedisError, OSError)
 
 
-class RemoteTier:
+class RemoteTier(QueuedWrites):
     """Blocks of one cache layout (``fingerprint``) in the store at ``url``."""
+
+    close_timeout_s = 10.0
 
     def __init__(self, url: str, fingerprint: str, block_bytes: int,
                  timeout_s: float | None = None,
@@ -325,22 +327,9 @@ class RemoteTier:
         # The store's size and eviction are its own (shared by every engine): not counted here.
         return self.counters.snapshot(0, 0, writable=self._up)
 
-    def flush(self, timeout_s: float = _CLOSE_TIMEOUT_S) -> bool:
-        """Wait until every queued write was sent or dropped; False on timeout."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._pending:
-                    return True
-            time.sleep(0.005)
-        return False
-
     def close(self) -> None:
         """Send queued writes (bounded wait), stop the writer; safe to call twice."""
-        if self._writer.is_alive():
-            self.flush()
-            self._queue.put(None)
-            self._writer.join(timeout=_CLOSE_TIMEOUT_S)
+        self.stop_writer()
         for client in (self._client, self._probe):
             with contextlib.suppress(*_FAILURES):
                 client.close()
