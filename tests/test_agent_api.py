@@ -16,6 +16,7 @@ import jsonschema
 import openai
 import pytest
 
+from tessera.demo import ADD_TOOL
 from tests.test_serve_util import ServerProcess, build_server_model
 
 pytestmark = pytest.mark.processes
@@ -30,19 +31,7 @@ TOOL_TEMPLATE = (
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "description": "Add two integers",
-        "parameters": {
-            "type": "object",
-            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-            "required": ["a", "b"],
-            "additionalProperties": False,
-        },
-    },
-}
+ADD = ADD_TOOL  # the demo's add(a: int, b: int)
 WEATHER = {
     "type": "function",
     "function": {
