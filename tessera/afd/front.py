@@ -40,13 +40,14 @@ from tessera.afd.frames import (
     new_secret,
 )
 from tessera.afd.launcher import Pool, PoolLink, WorkerStartupError
-from tessera.afd.pools import bind_front, start_pool
+from tessera.afd.pools import bind_front, share_host_tier, start_pool
 from tessera.afd.progress import ProgressWatch
 from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
 from tessera.engine.sequence import check_logit_bias, check_prompt_ids
 from tessera.kv.stats import sum_tier_stats
+from tessera.kv.store_process import StoreProcess
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
 from tessera.messages.workers import FrontInput, Heartbeat, StepFailed, StepReport
 from tessera.model.loader import read_config
@@ -115,7 +116,10 @@ class AFDEngine:
         self._pending_failure: str | None = None
         self._starting = self._broken = False
         self._totals = EngineStats()  # counters of earlier pool generations
+        self._host_store: StoreProcess | None = None
         try:
+            self._worker_config, self._host_store = share_host_tier(
+                config, self.afd, self._ipc_dir)
             self._link = PoolLink(bind_front(self._pull, self.afd, self._ipc_dir),
                                   self._ipc_dir, self._secret, self._frame_limit_bytes)
             self._spawn_pool()
@@ -137,7 +141,7 @@ class AFDEngine:
         self._generation += 1
         self._reader.set_generation(self._generation)
         try:
-            pool = start_pool(self.config, self.afd, self._generation, self._link)
+            pool = start_pool(self._worker_config, self.afd, self._generation, self._link)
         except WorkerStartupError:
             self._broken = True  # the next _await_pool tries again and raises to its caller
             raise
@@ -214,6 +218,8 @@ class AFDEngine:
     def _health(self, result: StepOutput) -> str | None:
         """Why the pool has failed, or None while it is healthy."""
         assert self._pool is not None
+        if self._host_store is not None:
+            self._host_store.check()  # workers reattach to a restarted store by themselves
         exited = self._pool.exited()
         if exited is not None:
             # A worker whose peer failed reports it (StepFailed naming the peer), then exits;
@@ -459,6 +465,8 @@ class AFDEngine:
                         if isinstance(msg, Heartbeat) and msg.sent_s >= since_s:
                             quiet.discard(msg.worker)
             self._pool.kill()
+        if self._host_store is not None:
+            self._host_store.close()
         if self.afd.trace_path is not None:
             write_trace(self.afd.trace_path, self._trace_events)
         self._ctx.destroy(linger=0)

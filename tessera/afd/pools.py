@@ -3,10 +3,13 @@ imported only when asked for: Ray is an optional dependency)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import zmq
 
 from tessera.afd.launcher import Pool, PoolLink, WorkerPool
 from tessera.config import AFDConfig, EngineConfig
+from tessera.kv.store_process import StoreProcess
 
 
 def bind_front(sock: zmq.Socket, afd: AFDConfig, ipc_dir: str) -> str:
@@ -33,3 +36,17 @@ def start_pool(engine: EngineConfig, afd: AFDConfig, generation: int, link: Pool
     from tessera.afd.ray_launcher import RayWorkerPool
 
     return RayWorkerPool(engine, afd, generation, link)
+
+
+def share_host_tier(engine: EngineConfig, afd: AFDConfig,
+                    ipc_dir: str) -> tuple[EngineConfig, StoreProcess | None]:
+    """The engine config the workers get, and the host KV store started for them, if any.
+
+    Local attention workers share one host tier of ``kv_offload_memory`` bytes through a
+    store the front owns (it outlives pool generations, so a restarted pool finds it warm).
+    Ray workers keep a host tier each: their hosts are not this one."""
+    if engine.cache.kv_offload_memory is None or afd.ray_address is not None:
+        return engine, None
+    store = StoreProcess(f"ipc://{ipc_dir}/kv-store", engine.cache.kv_offload_memory)
+    cache = replace(engine.cache, kv_offload_memory=None, kv_host_store=store.address)
+    return replace(engine, cache=cache), store

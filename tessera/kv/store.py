@@ -213,8 +213,10 @@ def remove_stale_arenas() -> None:
             pass  # alive, another user's
 
 
-def serve(address: str, capacity_bytes: int, ready_file: str | None = None) -> int:
-    """Answer engines on ``address`` (``ipc://PATH``) until SIGINT or SIGTERM."""
+def serve(address: str, capacity_bytes: int, ready_file: str | None = None,
+          parent_pid: int = 0) -> int:
+    """Answer engines on ``address`` (``ipc://PATH``) until SIGINT or SIGTERM, or until the
+    process ``parent_pid`` (when not 0) is no longer this one's parent."""
     remove_stale_arenas()
     store = Store(capacity_bytes)
     ctx = zmq.Context()
@@ -246,6 +248,9 @@ def serve(address: str, capacity_bytes: int, ready_file: str | None = None) -> i
     try:
         while not stop:
             if not sock.poll(200):
+                if parent_pid and os.getppid() != parent_pid:
+                    logger.info("the engine that started this store has exited; stopping")
+                    break
                 continue
             frame = sock.recv()
             try:
@@ -269,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", required=True, help="ipc://PATH to listen on")
     p.add_argument("--memory", type=int, required=True, help="bytes of shared memory")
     p.add_argument("--ready-file", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="tessera kv store: %(message)s")
     if args.memory <= 0:
         p.error("--memory must be positive bytes")
-    return serve(args.address, args.memory, args.ready_file)
+    return serve(args.address, args.memory, args.ready_file, args.parent_pid)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,13 @@ host tier and the shared SSD directory, with the single-process engine's greedy 
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 
 from tessera import LLM, SamplingParams
@@ -74,3 +81,97 @@ def test_attention_workers_share_a_remote_tier(model_factory):
         assert not worker_pids()
     finally:
         store.kill()
+
+
+def _store_pids() -> list[int]:
+    """Live host KV store processes started from this test process (directly or by a front)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if "tessera.kv.store" in cmd and f"--parent-pid {os.getpid()}" in cmd and state != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_for(condition, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_attention_workers_share_a_host_store_that_outlives_the_pool(model_factory):
+    """With kv_offload_memory, the front starts one host KV store for its attention workers:
+    a restarted pool finds the blocks the failed one saved, a killed store is started again,
+    and closing the engine ends the store."""
+    path, _ = model_factory("llama")
+    common = dict(dtype="float32", device="cpu", num_threads=1, block_size=16,
+                  max_num_batched_tokens=64)
+    reference = LLM(str(path), kv_cache_memory=1 << 22, **common)
+    prompts = _prompts(5)
+    expected = [o.outputs[0].token_ids
+                for o in reference.generate(prompts, PARAMS, use_tqdm=False)]
+    per_block = ModelRunner.kv_bytes_per_block(reference.engine.model, 16)
+    llm = LLM(str(path), kv_cache_memory=12 * per_block, attention_workers=2, ffn_workers=1,
+              micro_batches=1, kv_offload_memory=8 << 20, **common)
+    try:
+        [store_pid] = _store_pids()
+        outputs = llm.generate(prompts, PARAMS, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outputs] == expected
+
+        # A worker dies: the pool is restarted, and its fresh workers load from the store
+        # what the old ones saved (one prompt alone: no hit can come from this generation).
+        os.kill(worker_pids()[0], signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while True:
+            [out] = llm.generate([prompts[-1]], PARAMS, use_tqdm=False)
+            if out.outputs[0].finish_reason != "error":
+                break
+            assert time.monotonic() < deadline, "the pool did not come back"
+        assert out.outputs[0].token_ids == expected[-1]
+        assert llm.engine.num_recoveries == 1
+        tiers = {t.tier: t for t in llm.engine.stats().kv_tiers}
+        assert tiers["host"].num_hit_tokens_total > 0
+        assert _store_pids() == [store_pid]
+
+        # The store is killed: serving goes on (recomputing), and the front starts it again.
+        os.kill(store_pid, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while _store_pids() in ([], [store_pid]):
+            assert time.monotonic() < deadline, "the store was not started again"
+            outputs = llm.generate(prompts[:2], PARAMS, use_tqdm=False)
+            assert [o.outputs[0].token_ids for o in outputs] == expected[:2]
+        assert llm.engine.stats().kv_cache_usage == 0
+    finally:
+        llm.close()
+    assert not worker_pids()
+    _wait_for(lambda: not _store_pids(), "the store outlived its engine")
+
+
+def test_a_store_ends_with_its_owner_killed(tmp_path):
+    """A front killed by SIGKILL leaves no store behind: the store watches its parent."""
+    code = ("import sys, time; from tessera.kv.store_process import StoreProcess; "
+            f"s = StoreProcess('ipc://{tmp_path}/s.sock', 1 << 20); "
+            "print(s.pid, flush=True); time.sleep(600)")
+    owner = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        store_pid = int(owner.stdout.readline())
+        owner.kill()
+        owner.wait(30)
+        _wait_for(lambda: not _alive(store_pid), "the store outlived its owner", 60)
+    finally:
+        owner.kill()
