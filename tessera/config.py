@@ -219,6 +219,56 @@ class AFDConfig:
         return f"ffn{rank - self.attention_workers}"
 
 
+ROUTER_POLICIES = ("kv", "least_loaded", "round_robin")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several engine instances of one model behind a router (``tessera.cluster``): each
+    instance is its own process with its own scheduler and KV cache."""
+
+    data_parallel: int = option(1, "engine instances of the model, each its own process, "
+                                "behind a router")
+    router_policy: str = option(
+        "kv", "how the router places requests: kv (prefix blocks an instance holds against "
+        "its load), least_loaded, round_robin", choices=ROUTER_POLICIES)
+    router_overlap_weight: float = option(
+        1.0, "kv policy: cost of each prompt block an instance would have to compute")
+    router_load_weight: float = option(
+        0.5, "kv policy: cost of each prompt block an instance has queued to compute (and of "
+        "each request it decodes)")
+    """With 0.5, an instance holding a prefix keeps taking the requests that share it until
+    the prompt blocks queued on it are twice those the prefix saves each one."""
+    max_request_retries: int = option(
+        1, "times a request whose instance failed is placed on another (recomputed from its "
+        "tokens) before it ends with an error")
+    instance_stall_timeout_s: float = 120.0
+    """An instance with requests that reports nothing for this long is killed and restarted
+    (a step of the longest prompt chunk must fit well inside it)."""
+    instance_startup_timeout_s: float = 600.0
+    """Longest wait for an instance to load the model and warm up."""
+
+    def __post_init__(self) -> None:
+        for name in ("data_parallel", "max_request_retries"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.data_parallel < 1:
+            raise ValueError(f"data_parallel must be at least 1, got {self.data_parallel}")
+        if self.data_parallel > 64:
+            raise ValueError(f"data_parallel must be at most 64, got {self.data_parallel}")
+        if self.router_policy not in ROUTER_POLICIES:
+            raise ValueError(f"router_policy must be one of {', '.join(ROUTER_POLICIES)}, "
+                             f"got {self.router_policy!r}")
+        for name in ("router_overlap_weight", "router_load_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        for name in ("instance_stall_timeout_s", "instance_startup_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine is built from; made once by ``LLM`` or the CLI."""
@@ -236,6 +286,8 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     afd: AFDConfig | None = None
     """Attention/FFN disaggregation over worker processes; None runs in this process."""
+    cluster: ClusterConfig | None = None
+    """Several instances behind a router; None runs one."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -246,6 +298,9 @@ class EngineConfig:
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.cluster is not None and self.afd is not None:
+            raise ValueError("data_parallel instances of a Transformerless pool are not "
+                             "supported: give data_parallel or attention_workers/ffn_workers")
 
 
 @dataclass(frozen=True)

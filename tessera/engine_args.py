@@ -14,9 +14,10 @@ import dataclasses
 from typing import Any
 
 from tessera.cli_options import add_options, flag_of, option_names, option_type
-from tessera.config import AFDConfig, CacheConfig, EngineConfig, SchedulerConfig
+from tessera.config import AFDConfig, CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
 
-_NESTED = {"scheduler": SchedulerConfig, "cache": CacheConfig, "afd": AFDConfig}
+_NESTED = {"scheduler": SchedulerConfig, "cache": CacheConfig, "afd": AFDConfig,
+           "cluster": ClusterConfig}
 _ENGINE_FIELDS = [f.name for f in dataclasses.fields(EngineConfig)
                   if f.name != "model" and f.name not in _NESTED]
 _OWNER: dict[str, type] = {}
@@ -69,11 +70,20 @@ def engine_config(model: str, afd: AFDConfig | None = None, **options: Any) -> E
             given = ", ".join(sorted(afd_options))
             raise ValueError(f"{given} needs attention_workers and ffn_workers")
         afd = AFDConfig(**afd_options)
+    cluster_options = by_owner[ClusterConfig]
+    cluster = None
+    if cluster_options:
+        if "data_parallel" not in cluster_options:
+            given = ", ".join(sorted(cluster_options))
+            raise ValueError(f"{given} needs data_parallel")
+        checked = ClusterConfig(**cluster_options)  # bad values fail even with one instance
+        cluster = checked if checked.data_parallel > 1 else None
     return EngineConfig(
         model=model,
         scheduler=SchedulerConfig(**by_owner[SchedulerConfig]),
         cache=CacheConfig(**by_owner[CacheConfig]),
         afd=afd,
+        cluster=cluster,
         **by_owner[EngineConfig],
     )
 
@@ -85,6 +95,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     afd = p.add_argument_group(
         "attention/FFN disaggregation (on when --attention-workers or --ffn-workers is given)")
     add_options(afd, AFDConfig, only_given=True)
+    cluster = p.add_argument_group("data parallelism (on when --data-parallel is over 1)")
+    add_options(cluster, ClusterConfig, only_given=True)
 
 
 def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -96,6 +108,10 @@ def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     if afd_given and not any(name in options for name in _AFD_SWITCHES):
         flags = ", ".join(flag_of(AFDConfig, name) for name in afd_given)
         raise ValueError(f"{flags} needs --attention-workers and --ffn-workers")
+    cluster_given = [name for name in option_names(ClusterConfig) if name in options]
+    if cluster_given and "data_parallel" not in options:
+        flags = ", ".join(flag_of(ClusterConfig, name) for name in cluster_given)
+        raise ValueError(f"{flags} needs --data-parallel")
     return options
 
 

@@ -107,6 +107,23 @@ class KVTierStats(msgspec.Struct, frozen=True):
     save_seconds_sum: float = 0.0
 
 
+class InstanceStats(msgspec.Struct, frozen=True):
+    """One instance of a cluster (``tessera.cluster``) as its router sees it."""
+
+    index: int
+    role: str = "both"
+    """``both`` (prefill and decode); prefill/decode pools name their roles."""
+    up: bool = True
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    num_routed_total: int = 0
+    """Requests the router placed on the instance."""
+    num_routed_hit_tokens_total: int = 0
+    """Prompt tokens placed on the instance that it held (as far as the router knew)."""
+    num_restarts_total: int = 0
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """An engine's gauges and cumulative counters, under the names ``/metrics`` uses; the
     same struct crosses every process boundary (engine core, attention workers)."""
@@ -125,3 +142,5 @@ class EngineStats(msgspec.Struct, frozen=True):
     num_prefix_hit_tokens_total: int = 0
     kv_tiers: tuple[KVTierStats, ...] = ()
     """The KV tiers outside the device pool, nearest first (empty without offloading)."""
+    instances: tuple[InstanceStats, ...] = ()
+    """A cluster's instances (empty for a single engine)."""

@@ -198,11 +198,11 @@ def test_readme_lists_every_engine_option_with_its_default():
     import re
     from pathlib import Path
 
-    from tessera.config import CacheConfig, EngineConfig, SchedulerConfig
+    from tessera.config import CacheConfig, ClusterConfig, EngineConfig, SchedulerConfig
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \| ([^|]+) \|", readme, re.M))
-    for cls in (EngineConfig, SchedulerConfig, CacheConfig):
+    for cls in (EngineConfig, SchedulerConfig, CacheConfig, ClusterConfig):
         for f in dataclasses.fields(cls):
             if "help" not in f.metadata:
                 continue

@@ -341,10 +341,16 @@ class AFDEngine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        # Outputs taken in by stats() between steps count: the last one must still be
+        # returned by a step.
+        return bool(self.requests or self._pending.deltas or self._pending.finished)
 
     def warm_up(self) -> None:
         """Workers warm up before reporting ready; nothing is left to do here."""
+
+    def take_kv_events(self) -> None:
+        """Not followed across attention workers: a router places by load alone."""
+        return None
 
     # ----------------------------------------------------------------- steps
     def step(self) -> list[RequestOutput]:

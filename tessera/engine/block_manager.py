@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from tessera.engine.sequence import Sequence
+from tessera.kv.events import KVEventLog, KVEvents
 from tessera.kv.keys import ROOT_KEY, block_key
 
 
@@ -33,6 +34,14 @@ class BlockManager:
         # pop-front, append and removal by id, which a cache hit on a free block needs.
         self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.cached: dict[int, int] = {}  # prefix key -> block id
+        self._events: KVEventLog | None = None  # kept once someone takes events
+
+    def take_kv_events(self) -> KVEvents:
+        """The prefix keys stored in and removed from the cache since the last call; the first
+        call lists every key cached now (and says ``cleared``). Events are kept from then on."""
+        if self._events is None:
+            self._events = KVEventLog(list(self.cached))
+        return self._events.take()
 
     # ------------------------------------------------------------------ queries
     @property
@@ -129,6 +138,8 @@ class BlockManager:
             # Evict: the block's old content is about to be overwritten.
             if self.cached.get(key) == block_id:
                 del self.cached[key]
+                if self._events is not None:
+                    self._events.removed(key)
             self.block_keys[block_id] = None
         self.ref_counts[block_id] = 1
         return block_id
@@ -148,6 +159,8 @@ class BlockManager:
             if key not in self.cached:
                 self.cached[key] = block_id
                 self.block_keys[block_id] = key
+                if self._events is not None:
+                    self._events.stored(key)
 
     def roll_back(self, seq: Sequence, num_tokens: int) -> None:
         """Mark only the first ``num_tokens`` of ``seq`` computed (after a failed load). The
@@ -173,3 +186,5 @@ class BlockManager:
         """Forget all cached prefixes (blocks in use keep their content)."""
         self.cached.clear()
         self.block_keys = [None] * self.num_blocks
+        if self._events is not None:
+            self._events.cleared()

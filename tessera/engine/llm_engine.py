@@ -22,6 +22,7 @@ from tessera.engine.protocol import StepObserver
 from tessera.engine.requests import RequestTable
 from tessera.engine.sampler import Sampler
 from tessera.engine.scheduler import Scheduler
+from tessera.kv.events import KVEvents
 from tessera.kv.fingerprint import layout_fingerprint
 from tessera.kv.tiered import TieredKVConnector
 from tessera.model.dense import DecoderModel
@@ -266,6 +267,9 @@ class LLMEngine:
             num_prefix_hit_tokens_total=s.num_prefix_hit_tokens,
             kv_tiers=() if self.kv_connector is None else self.kv_connector.stats(),
         )
+
+    def take_kv_events(self) -> KVEvents:
+        return self.block_manager.take_kv_events()
 
     def shutdown(self) -> None:
         """Finish the KV tiers' queued writes; safe to call twice."""

@@ -11,6 +11,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from tessera.config import RuntimeInfo
 from tessera.engine.scheduler import SchedulerOutput
+from tessera.kv.events import KVEvents
 from tessera.outputs import EngineStats, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
 
@@ -56,6 +57,11 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> EngineStats:
+        ...
+
+    def take_kv_events(self) -> KVEvents | None:
+        """Prefix keys the device cache stored and evicted since the last call (the first call
+        lists all it holds; see ``tessera.kv.events``), or None if this engine cannot say."""
         ...
 
     def warm_up(self) -> None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import msgspec
 
 from tessera.config import EngineConfig
+from tessera.kv.events import KVEvents
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
-from tessera.outputs import EngineStats
+from tessera.outputs import EngineStats, RequestOutput
 
 CoreInput = AddRequest | AbortRequests | Shutdown
 """API process -> core."""
@@ -49,6 +50,10 @@ class CoreStep(msgspec.Struct, frozen=True, tag=True):
     failed: list[RequestFailed]
     stats: EngineStats
     pid: int = 0
+    finished: list[RequestOutput] = []
+    """Only to a cluster front (``CoreConfig.instance``): the requests that finished."""
+    kv_events: KVEvents | None = None
+    """Only to a cluster front: the prefix keys the device cache stored and evicted."""
 
 
 CoreOutput = Ready | StartupFailed | CoreStep
@@ -62,3 +67,6 @@ class CoreConfig(msgspec.Struct, frozen=True):
     input_address: str
     output_address: str
     parent_pid: int
+    instance: bool = False
+    """Run as one instance of a cluster (``tessera.cluster``): each ``CoreStep`` also carries
+    finished outputs and KV events."""

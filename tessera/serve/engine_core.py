@@ -29,6 +29,7 @@ from tessera.engine.requests import STEP_FAILED_MESSAGE
 from tessera.engine_factory import create_engine
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
 from tessera.messages.core import CoreConfig, CoreInput, CoreStep, Delta, RequestFailed
+from tessera.outputs import RequestOutput
 
 _IDLE_POLL_MS = 200
 """How long an idle core blocks on its input before checking that its parent still lives."""
@@ -80,9 +81,10 @@ class EngineCore:
             return False
         return True
 
-    def _step(self, failed: list[RequestFailed]) -> list[Delta]:
-        """One engine step; its finished requests leave ``request_ids``, failed ones go to
-        ``failed`` (500)."""
+    def _step(self, failed: list[RequestFailed],
+              finished: list[RequestOutput]) -> list[Delta]:
+        """One engine step; its finished requests leave ``request_ids`` (and go to
+        ``finished`` for a cluster front), failed ones go to ``failed`` (500)."""
         try:
             step = self.engine.step_with_deltas()
         except Exception:
@@ -94,6 +96,8 @@ class EngineCore:
                 failed.append(RequestFailed(request_id, STEP_FAILED_MESSAGE, 500))
             self.request_ids.clear()
             return []
+        if self.config.instance:
+            finished += step.finished
         for out in step.finished:
             self.request_ids.discard(out.request_id)
             # A failed step or a lost worker (disaggregated serving): a server error.
@@ -134,12 +138,14 @@ class EngineCore:
             if os.getppid() != self.config.parent_pid:
                 return  # the API process died; do not linger as an orphan
             deltas: list[Delta] = []
+            finished: list[RequestOutput] = []
             if engine.has_unfinished_requests():
-                deltas = self._step(failed)
+                deltas = self._step(failed, finished)
             elif not num_inputs:
                 continue
             # Also sent after inputs alone, so an abort shows in the stats at once.
-            self.send(CoreStep(deltas, failed, engine.stats(), pid))
+            events = engine.take_kv_events() if self.config.instance else None
+            self.send(CoreStep(deltas, failed, engine.stats(), pid, finished, events))
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,7 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from tessera.outputs import EngineStats
+from tessera.serve.instance_metrics import InstanceCollector
 from tessera.serve.kv_tier_metrics import KVTierCollector
 
 _LATENCY_BUCKETS_S = (
@@ -52,6 +53,8 @@ class ServerMetrics:
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, end to end.")
         self.kv_tiers = KVTierCollector()
         reg.register(self.kv_tiers)
+        self.instances = InstanceCollector()
+        reg.register(self.instances)
 
     def for_model(self, model_name: str) -> ModelMetrics:
         """The series of ``model_name`` (created at once, so every served model shows)."""
@@ -67,6 +70,7 @@ class ModelMetrics:
     def __init__(self, server: ServerMetrics, model_name: str) -> None:
         self.model_name = model_name
         self._kv_tiers = server.kv_tiers
+        self._instances = server.instances
         self.running = server.running.labels(model_name)
         self.waiting = server.waiting.labels(model_name)
         self.kv_usage = server.kv_usage.labels(model_name)
@@ -86,6 +90,7 @@ class ModelMetrics:
         self.waiting.set(stats.num_waiting)
         self.kv_usage.set(stats.kv_cache_usage)
         self._kv_tiers.update(self.model_name, stats.kv_tiers)
+        self._instances.update(self.model_name, stats.instances)
         last = self._last
         pairs = (
             (self.prompt_tokens, stats.num_prompt_tokens_total - last.num_prompt_tokens_total),

@@ -1,0 +1,403 @@
+"""The cluster front: an engine (``tessera.engine.protocol.Engine``) over several instances of
+the model, each a process with its own scheduler and KV cache, behind a router.
+
+``LLM`` and the serve engine core drive it exactly like ``LLMEngine``. It holds no model: it
+validates and tokenizes prompts, asks the router (``router.py``) where each goes, and merges
+what the instances report. Each instance's reports carry its KV events, which keep the
+router's view of every instance's prefix cache current.
+
+Failures stay with the instance they hit: an instance that exits, or has requests and reports
+nothing for ``instance_stall_timeout_s``, is killed and started again while the others serve
+on. Its requests are placed again (up to ``max_request_retries`` times): one with no tokens yet as it
+came, one with tokens continued from them (its prompt and tokens recomputed elsewhere; only
+for a single completion without a grammar, whose state would be lost), the rest end with
+``finish_reason="error"`` and the reason. Tokens already delivered are never taken back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import msgspec
+import zmq
+
+from tessera.cluster.instances import InstanceProcess, decode_output
+from tessera.cluster.router import Router
+from tessera.cluster.tracked import Tracked, continuation, error_output, merged_output
+from tessera.config import EngineConfig, RuntimeInfo
+from tessera.engine.detokenizer import TokenizerError, load_tokenizer
+from tessera.engine.sequence import check_logit_bias, check_prompt_ids
+from tessera.kv.stats import sum_tier_stats
+from tessera.kv.store_process import StoreProcess
+from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.messages.core import CoreStep
+from tessera.model.loader import read_config
+from tessera.model.spec import ModelConfigError, spec_from_config
+from tessera.outputs import (
+    EngineStats,
+    InstanceStats,
+    RequestOutput,
+    StepOutput,
+    TokenDelta,
+)
+from tessera.sampling_params import SamplingParams
+from tessera.structured.grammar import check_grammar
+
+_POLL_MS = 100
+_RESTART_BACKOFF_S = 30.0
+"""Wait before starting again an instance that failed before it was ever ready."""
+_COUNTERS = ("num_prompt_tokens_total", "num_generation_tokens_total",
+             "num_prefix_queried_tokens_total", "num_prefix_hit_tokens_total",
+             "num_preemptions_total")
+
+
+class ClusterEngine:
+    """``data_parallel`` instances behind a router; same interface as ``LLMEngine``."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        assert config.cluster is not None
+        self.cluster = config.cluster
+        try:
+            self.spec = spec_from_config(read_config(config.model))
+        except ModelConfigError as e:
+            raise ValueError(str(e)) from e
+        self.tokenizer = load_tokenizer(config.model)
+        self.requests: dict[str, Tracked] = {}
+        self.num_instance_failures = 0
+        self.num_retried_requests = 0
+        """Requests placed again after their instance failed (with or without tokens)."""
+        self._pending = StepOutput()
+        self._totals = EngineStats()  # counters of instances that were replaced
+        self._respawn_at: dict[int, float] = {}
+        self._num_restarts = [0] * config.cluster.data_parallel
+        self._closed = False
+        self._dir = tempfile.mkdtemp(prefix="tessera-cluster-")
+        self._ctx = zmq.Context()
+        self._store: StoreProcess | None = None
+        n = self.cluster.data_parallel
+        try:
+            self._instance_configs = self._per_instance(config, n)
+            self.router = Router(n, config.cache.block_size, self.cluster.router_policy,
+                                 self.cluster.router_overlap_weight,
+                                 self.cluster.router_load_weight)
+            self._instances: list[InstanceProcess] = []
+            for i in range(n):  # one by one: those started are stopped if a later one fails
+                self._instances.append(InstanceProcess.start(
+                    self._ctx, self._instance_configs[i], i, 0, self._dir))
+            self._await_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        ready = [inst.ready for inst in self._instances if inst.ready is not None]
+        self.runtime = RuntimeInfo(
+            num_kv_blocks=sum(r.num_kv_blocks for r in ready),
+            max_model_len=min(r.max_model_len for r in ready),
+            eos_token_ids=frozenset(self.spec.eos_token_ids),
+            vocab_size=self.spec.vocab_size,
+        )
+
+    def _per_instance(self, config: EngineConfig, n: int) -> list[EngineConfig]:
+        """Each instance's config: a GPU each on an accelerator host (ValueError if there are
+        fewer than ``n``); on a CPU the host's cores shared out unless threads are given; and
+        one host KV store for all instances when a host tier is asked for."""
+        devices = [config.device] * n
+        if config.device != "cpu":
+            import torch
+
+            num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if num_gpus:
+                if num_gpus < n:
+                    raise ValueError(f"data_parallel={n} needs a GPU per instance; "
+                                     f"this host has {num_gpus}")
+                devices = [f"cuda:{i}" for i in range(n)]
+            elif config.device != "auto":
+                raise ValueError(f"device {config.device!r} is not available")
+            else:
+                devices = ["cpu"] * n
+        threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
+        cache = config.cache
+        if cache.kv_offload_memory is not None:
+            self._store = StoreProcess(f"ipc://{self._dir}/kv-store", cache.kv_offload_memory)
+            cache = replace(cache, kv_offload_memory=None, kv_host_store=self._store.address)
+        return [replace(config, cluster=None, num_threads=threads, cache=cache, device=device)
+                for device in devices]
+
+    def _await_ready(self) -> None:
+        """Wait until every instance has loaded; the first failure fails the start."""
+        deadline = time.monotonic() + self.cluster.instance_startup_timeout_s
+        while any(inst.ready is None for inst in self._instances):
+            for inst in self._instances:
+                if inst.ready is not None:
+                    continue
+                if inst.output.poll(0):
+                    msg = decode_output(inst.output.recv())
+                    if isinstance(msg, StartupFailed):
+                        raise ValueError(f"{inst.name}: {msg.message}")
+                    if isinstance(msg, Ready):
+                        inst.ready = msg
+                elif inst.exited() is not None:
+                    raise ValueError(f"{inst.name} exited with code {inst.exited()} while "
+                                     "starting")
+            if time.monotonic() > deadline:
+                raise ValueError(f"the instances did not start within "
+                                 f"{self.cluster.instance_startup_timeout_s:g} s")
+            time.sleep(0.02)
+
+    # ----------------------------------------------------------------- requests
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise TokenizerError(
+                "this model directory has no tokenizer; pass prompts as token-id lists")
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    prompt_text: str | None = None) -> None:
+        """Place a request with the router; ValueError for bad input."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else prompt_text
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
+        if params.structured is not None:
+            check_grammar(params.structured, None)
+        check_logit_bias(params.logit_bias, self.spec.vocab_size)
+        tracked = Tracked(-1, text, ids, params)
+        self._place(request_id, tracked, ids, params)
+        self.requests[request_id] = tracked
+
+    def _place(self, request_id: str, tracked: Tracked, ids: list[int],
+               params: SamplingParams) -> None:
+        placement = self.router.place(ids)
+        inst = self._instances[placement.instance]
+        if not inst.request_ids:
+            inst.last_seen_s = time.monotonic()  # its stall clock starts now
+        inst.send(AddRequest(request_id, ids, params, tracked.prompt))
+        inst.request_ids.add(request_id)
+        tracked.instance = placement.instance
+        self.router.started(request_id, placement)
+
+    def abort_request(self, request_id: str) -> bool:
+        tracked = self.requests.pop(request_id, None)
+        if tracked is None:
+            return False
+        self.router.ended(request_id)
+        inst = self._instances[tracked.instance]
+        inst.request_ids.discard(request_id)
+        with contextlib.suppress(zmq.ZMQError):
+            inst.send(AbortRequests([request_id]))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        # Outputs taken in by stats() between steps count: a step must still return them.
+        return bool(self.requests or self._pending.deltas or self._pending.finished)
+
+    @property
+    def instance_pids(self) -> list[int]:
+        """The process of each instance, by index (a restarted one has a new pid)."""
+        return [inst.process.pid for inst in self._instances]
+
+    def warm_up(self) -> None:
+        """Instances warm up before reporting ready; nothing is left to do here."""
+
+    def take_kv_events(self) -> None:
+        """A cluster is not itself an instance of a larger one."""
+        return None
+
+    # ----------------------------------------------------------------- steps
+    def step(self) -> list[RequestOutput]:
+        return self.step_with_deltas().finished
+
+    def step_with_deltas(self) -> StepOutput:
+        """What the instances reported since the last call; waits until there is something
+        (or a failure ended the unfinished requests)."""
+        result, self._pending = self._pending, StepOutput()
+        while True:
+            timeout_ms = 0 if (result.deltas or result.finished or not self.requests) else _POLL_MS
+            num_received = self._receive(result, timeout_ms)
+            self._check_health(result)
+            # Any report ends the call, tokens or not: a caller's stall watch (the serve
+            # engine core's) then sees progress while instances prefill long prompts.
+            if num_received or result.deltas or result.finished or not self.requests:
+                return result
+
+    def _receive(self, result: StepOutput, timeout_ms: int) -> int:
+        """Handle every report that has arrived (waiting up to ``timeout_ms`` for one)."""
+        live = [inst for inst in self._instances if not inst.closed]
+        poller = zmq.Poller()
+        for inst in live:
+            poller.register(inst.output, zmq.POLLIN)
+        ready = dict(poller.poll(timeout_ms)) if live else {}
+        if not live:
+            time.sleep(timeout_ms / 1000)
+        num_received = 0
+        for inst in live:
+            # Handling a message can take the instance out (a failed restart): stop then.
+            while inst.output in ready and not inst.closed and inst.output.poll(0):
+                self._handle(inst, decode_output(inst.output.recv()), result)
+                num_received += 1
+        return num_received
+
+    def _handle(self, inst: InstanceProcess, msg: object, result: StepOutput) -> None:
+        now = time.monotonic()
+        if isinstance(msg, Ready):
+            inst.ready, inst.last_seen_s = msg, now
+            self.router.set_up(inst.index, True)
+            return
+        if isinstance(msg, StartupFailed):
+            self._fail(inst, f"{inst.name} failed to start: {msg.message}", result)
+            return
+        if not isinstance(msg, CoreStep) or msg.pid != inst.process.pid:
+            return  # undecodable, or a dead start's
+        inst.last_seen_s, inst.stats = now, msg.stats
+        if msg.kv_events is not None:
+            self.router.index.apply(inst.index, msg.kv_events)
+        for d in msg.deltas:
+            tracked = self.requests.get(d.request_id)
+            if tracked is None or tracked.instance != inst.index:
+                continue  # aborted, or moved away
+            tracked.output_ids.setdefault(d.index, []).append(d.token_id)
+            if d.logprobs is not None:
+                tracked.logprobs.setdefault(d.index, []).append(d.logprobs)
+            self.router.first_token(d.request_id)
+            result.deltas.append(TokenDelta(d.request_id, d.index, d.token_id, d.logprobs,
+                                            d.finish_reason, d.prompt_logprobs,
+                                            d.prompt_token_ranks))
+        done = set()
+        for out in msg.finished:
+            tracked = self.requests.get(out.request_id)
+            if tracked is None or tracked.instance != inst.index:
+                continue
+            self._end(out.request_id, inst)
+            done.add(out.request_id)
+            result.finished.append(merged_output(out, tracked, self.tokenizer))
+        for failed in msg.failed:
+            tracked = self.requests.get(failed.request_id)
+            if failed.request_id in done or tracked is None or tracked.instance != inst.index:
+                continue
+            self._end(failed.request_id, inst)
+            result.finished.append(error_output(failed.request_id, tracked,
+                                                failed.message, self.tokenizer))
+
+    def _end(self, request_id: str, inst: InstanceProcess) -> None:
+        self.requests.pop(request_id, None)
+        inst.request_ids.discard(request_id)
+        self.router.ended(request_id)
+
+    # ----------------------------------------------------------------- failures
+    def _check_health(self, result: StepOutput) -> None:
+        if self._store is not None:
+            self._store.check()  # instances reattach to a restarted store by themselves
+        now = time.monotonic()
+        startup_s = self.cluster.instance_startup_timeout_s
+        stall_s = self.cluster.instance_stall_timeout_s
+        for inst in list(self._instances):
+            if inst.closed:
+                continue  # taken out, waiting to be started again
+            code = inst.exited()
+            if code is not None:
+                self._fail(inst, f"{inst.name} exited with code {code}", result)
+            elif inst.ready is None and now - inst.started_s > startup_s:
+                self._fail(inst, f"{inst.name} did not start within {startup_s:g} s", result)
+            elif inst.request_ids and now - inst.last_seen_s > stall_s:
+                self._fail(inst, f"{inst.name} made no progress for "
+                           f"{now - inst.last_seen_s:.0f} s with requests pending", result)
+        now = time.monotonic()
+        for index, at in list(self._respawn_at.items()):
+            if now >= at:
+                del self._respawn_at[index]
+                self._num_restarts[index] += 1
+                old = self._instances[index]
+                self._instances[index] = InstanceProcess.start(
+                    self._ctx, self._instance_configs[index], index, old.generation + 1,
+                    self._dir)
+
+    def _fail(self, inst: InstanceProcess, reason: str, result: StepOutput) -> None:
+        """Take ``inst`` out, place its requests again or end them, and restart it."""
+        if inst.index in self._respawn_at or self._instances[inst.index] is not inst:
+            return  # already taken out
+        print(f"tessera: {reason}; restarting it", file=sys.stderr)
+        self.num_instance_failures += 1
+        self.router.set_up(inst.index, False)
+        self._totals = self._sum_counters([self._totals, inst.stats])
+        inst.stats = EngineStats()
+        inst.kill()
+        orphans = sorted(inst.request_ids)
+        inst.request_ids.clear()
+        delay_s = 0.0 if inst.ready is not None else _RESTART_BACKOFF_S
+        self._respawn_at[inst.index] = time.monotonic() + delay_s
+        for request_id in orphans:
+            self.router.ended(request_id)
+            tracked = self.requests[request_id]
+            again = self._retry(request_id, tracked)
+            if again is not None:
+                del self.requests[request_id]
+                result.finished.append(error_output(
+                    request_id, tracked, f"{reason} ({again})", self.tokenizer))
+
+    def _retry(self, request_id: str, tracked: Tracked) -> str | None:
+        """Place a failed instance's request again; None if placed, else why not."""
+        if tracked.num_retries >= self.cluster.max_request_retries:
+            return f"retried {tracked.num_retries} times"
+        again = continuation(tracked, self.runtime.max_model_len)
+        if isinstance(again, str):
+            return again
+        ids, params = again
+        tracked.num_retries += 1
+        tracked.num_resumed_tokens = len(ids) - len(tracked.prompt_token_ids)
+        self.num_retried_requests += 1
+        try:
+            self._place(request_id, tracked, ids, params)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    # ----------------------------------------------------------------- stats, shutdown
+    @staticmethod
+    def _sum_counters(stats: list[EngineStats]) -> EngineStats:
+        return EngineStats(**{name: sum(getattr(s, name) for s in stats) for name in _COUNTERS})
+
+    def stats(self) -> EngineStats:
+        """Totals over the instances as of their latest reports, taken in without waiting
+        (failures found meanwhile end their requests in the next step's output)."""
+        self._receive(self._pending, 0)
+        self._check_health(self._pending)
+        per = [inst.stats for inst in self._instances]
+        return msgspec.structs.replace(
+            self._sum_counters([self._totals, *per]),
+            num_running=sum(s.num_running for s in per),
+            num_waiting=sum(s.num_waiting for s in per),
+            num_free_blocks=sum(s.num_free_blocks for s in per),
+            kv_cache_usage=sum(s.kv_cache_usage for s in per) / max(len(per), 1),
+            kv_tiers=sum_tier_stats([s.kv_tiers for s in per]),
+            instances=tuple(
+                InstanceStats(i, "both", self.router.up[i], s.num_running, s.num_waiting,
+                              s.kv_cache_usage, self.router.num_placed[i],
+                              self.router.num_hit_tokens[i], self._num_restarts[i])
+                for i, s in enumerate(per)),
+        )
+
+    def shutdown(self) -> None:
+        """Stop every instance (each lands its KV tiers' writes first); safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        instances = getattr(self, "_instances", [])
+        for inst in instances:  # all stop at once, each after landing its tiers' writes
+            with contextlib.suppress(zmq.ZMQError):
+                inst.send(Shutdown())
+        for inst in instances:
+            inst.kill(graceful_s=10.0)
+        if self._store is not None:
+            self._store.close()
+        self._ctx.destroy(linger=0)
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.shutdown()

@@ -1,0 +1,190 @@
+"""Data-parallel instances behind the KV-aware router: the single engine's greedy tokens
+(teacher-forced) for dense, MoE and MLA models, prefixes routed to the instance holding them,
+aborts that leak no block, and an instance killed mid-flight whose requests finish elsewhere."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import httpx
+import pytest
+
+from tessera import LLM, SamplingParams
+from tests.models import reference_gaps
+from tests.test_kv_tiers import TOL, _prompts
+from tests.test_serve_util import ServerProcess, pid_alive
+
+pytestmark = pytest.mark.processes
+
+PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+COMMON = dict(dtype="float32", device="cpu", num_threads=1, kv_cache_memory=4 << 20,
+              max_num_batched_tokens=64)
+
+
+def _check(hf, prompts, outputs) -> None:
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert out.outputs[0].finish_reason == "length", out.outputs[0].error
+        gaps = reference_gaps(hf, prompt, out.outputs[0].token_ids)
+        assert max(gaps) <= TOL, f"token off the reference argmax by {max(gaps):.2e}"
+
+
+def _until(condition, what: str, timeout_s: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3-moe", "deepseek-v3"])
+def test_outputs_match_the_single_engine_and_prefixes_find_their_instance(model_factory,
+                                                                          arch):
+    path, hf = model_factory(arch)
+    prompts = _prompts(7)  # three conversations of three growing turns each
+    llm = LLM(str(path), data_parallel=2, **COMMON)
+    try:
+        pids = llm.engine.instance_pids
+        assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+        _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
+        router = llm.engine.router
+        assert sum(router.num_placed) == len(prompts)
+        # The router's expectations of what it sent lapse; its KV events alone remain.
+        for i in range(2):
+            for prompt in prompts:
+                router.index.overlap(i, router.prompt_keys(prompt), now_s=float("inf"))
+        # A second pass: each prompt's blocks are cached on some instance, and the router
+        # sends it there (its KV events said so), so nearly every prompt block is a hit.
+        hits_before = llm.engine.stats().num_prefix_hit_tokens_total
+        routed_before = sum(router.num_hit_tokens)
+        for prompt in prompts:  # one at a time: no load to weigh against the prefix
+            _check(hf, [prompt], llm.generate([prompt], PARAMS, use_tqdm=False))
+        num_full_blocks = sum((len(p) - 1) // 16 for p in prompts)
+        assert sum(router.num_hit_tokens) - routed_before >= 0.9 * num_full_blocks * 16
+        stats = llm.engine.stats()
+        assert stats.num_prefix_hit_tokens_total - hits_before >= 0.9 * num_full_blocks * 16
+        assert stats.kv_cache_usage == 0
+    finally:
+        llm.close()
+    _until(lambda: not any(pid_alive(p) for p in pids), "an instance outlived close()")
+
+
+def test_round_robin_spreads_and_misses(model_factory):
+    """The peer policy: the same prompts alternate instances, so a prefix seen once on one
+    instance is recomputed on the other."""
+    path, hf = model_factory("llama")
+    prompt = _prompts(8)[2]
+    llm = LLM(str(path), data_parallel=2, router_policy="round_robin", **COMMON)
+    try:
+        for _ in range(2):
+            _check(hf, [prompt], llm.generate([prompt], PARAMS, use_tqdm=False))
+        assert llm.engine.router.num_placed == [1, 1]
+        assert llm.engine.stats().num_prefix_hit_tokens_total == 0
+    finally:
+        llm.close()
+
+
+def test_aborts_leak_no_block(model_factory):
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), data_parallel=2, **COMMON)
+    engine = llm.engine
+    try:
+        long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+        prompts = _prompts(9)[:4]
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, long)
+        engine.abort_request("r0")  # queued
+        seen: set[str] = set()
+        while len(seen) < 3:
+            seen |= {d.request_id for d in engine.step_with_deltas().deltas}
+        assert "r0" not in seen
+        for i in (1, 2, 3):  # mid-decode
+            assert engine.abort_request(f"r{i}")
+        assert not engine.has_unfinished_requests()
+        _until(lambda: engine.stats().kv_cache_usage == 0 and engine.stats().num_running == 0,
+               "blocks still in use after the aborts")
+    finally:
+        llm.close()
+
+
+def test_a_killed_instance_s_requests_finish_elsewhere_and_it_comes_back(model_factory):
+    path, hf = model_factory("llama")
+    prompts = _prompts(10)[:4]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    llm = LLM(str(path), data_parallel=2, router_policy="round_robin", **COMMON)
+    engine = llm.engine
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        victim_pid = engine.instance_pids[0]
+        outputs, killed = {}, False
+        while engine.has_unfinished_requests():
+            step = engine.step_with_deltas()
+            for out in step.finished:
+                outputs[out.request_id] = out
+            # Round robin put r0 and r2 on instance 0: kill it once one of them has tokens.
+            if not killed and any(d.request_id in ("r0", "r2") for d in step.deltas):
+                os.kill(victim_pid, signal.SIGKILL)
+                killed = True
+        assert engine.num_instance_failures == 1
+        assert engine.num_retried_requests == 2  # continued from their tokens elsewhere
+        _check(hf, prompts, [outputs[f"r{i}"] for i in range(len(prompts))])
+        assert all(len(o.outputs[0].token_ids) == 30 for o in outputs.values())
+        # The instance is started again and takes requests.
+        _until(lambda: engine.stats() is not None and all(engine.router.up),
+               "the killed instance was not restarted")
+        assert engine.instance_pids[0] != victim_pid
+        _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
+        assert all(n > 0 for n in engine.router.num_placed)
+        assert engine.stats().kv_cache_usage == 0
+    finally:
+        llm.close()
+
+
+def test_serve_with_data_parallel(model_factory):
+    path, _ = model_factory("llama")
+    reference = LLM(str(path), **COMMON)
+    prompt = _prompts(11)[1]
+    [expected] = reference.generate([prompt], PARAMS, use_tqdm=False)
+    server = ServerProcess(path, "--data-parallel", "2", "--router-policy", "kv")
+    try:
+        server.wait_ready(timeout_s=240)
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True}
+        for _ in range(2):
+            r = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected.outputs[0].text
+        assert server.metric("tessera:prefix_cache_hits_total") > 0
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+
+        def series(name: str) -> dict[str, float]:
+            """Values of ``name`` by instance label."""
+            out = {}
+            for line in metrics.splitlines():
+                if line.startswith(name + "{") and 'role="both"' in line:
+                    instance = line.split('instance="', 1)[1].split('"', 1)[0]
+                    out[instance] = float(line.rsplit(" ", 1)[1])
+            return out
+
+        assert series("tessera:instance_up") == {"0": 1.0, "1": 1.0}
+        assert sum(series("tessera:router_routed_requests_total").values()) == 2
+    finally:
+        server.stop()
+
+
+def test_bad_cluster_flags_are_one_line_errors(model_factory):
+    import subprocess
+    import sys
+
+    path, _ = model_factory("llama")
+    for flags, message in (
+        (["--router-policy", "kv"], "--router-policy needs --data-parallel"),
+        (["--data-parallel", "0"], "data_parallel must be at least 1"),
+        (["--data-parallel", "2", "--router-policy", "nope"], "invalid choice"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "tessera.cli", "serve", str(path),
+                            *flags], capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0
+        assert message in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
