@@ -188,3 +188,24 @@ def test_bad_cluster_flags_are_one_line_errors(model_factory):
         assert r.returncode != 0
         assert message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_instances_share_one_host_tier(model_factory):
+    """With kv_offload_memory the front starts one host KV store for its instances: a prefix
+    computed on one instance is loaded by the other from it."""
+    from tessera.engine.model_runner import ModelRunner
+
+    path, hf = model_factory("llama")
+    probe = LLM(str(path), dtype="float32", device="cpu", kv_cache_memory=1 << 20)
+    per_block = ModelRunner.kv_bytes_per_block(probe.engine.model, 16)
+    prompt = _prompts(12)[2]
+    llm = LLM(str(path), data_parallel=2, router_policy="round_robin",
+              **(COMMON | dict(kv_cache_memory=12 * per_block)), kv_offload_memory=8 << 20)
+    try:
+        for _ in range(2):  # round robin: instance 0, then instance 1
+            _check(hf, [prompt], llm.generate([prompt], PARAMS, use_tqdm=False))
+        host = {t.tier: t for t in llm.engine.stats().kv_tiers}["host"]
+        assert host.num_hit_tokens_total >= (len(prompt) - 1) // 16 * 16 - 16
+        assert llm.engine.stats().num_prefix_hit_tokens_total == 0  # not from a device cache
+    finally:
+        llm.close()
