@@ -225,7 +225,9 @@ ROUTER_POLICIES = ("kv", "least_loaded", "round_robin")
 @dataclass(frozen=True)
 class ClusterConfig:
     """Several engine instances of one model behind a router (``tessera.cluster``): each
-    instance is its own process with its own scheduler and KV cache."""
+    instance is its own process with its own scheduler and KV cache. ``data_parallel`` of them
+    each serve whole requests; or ``prefill_instances`` compute prompts and hand their KV to
+    ``decode_instances``."""
 
     data_parallel: int = option(1, "engine instances of the model, each its own process, "
                                 "behind a router")
@@ -239,6 +241,11 @@ class ClusterConfig:
         "each request it decodes)")
     """With 0.5, an instance holding a prefix keeps taking the requests that share it until
     the prompt blocks queued on it are twice those the prefix saves each one."""
+    prefill_instances: int = option(
+        0, "instances that compute prompts (and each request's first token) and hand their KV "
+        "to the decode instances through a shared host KV tier (with --decode-instances)")
+    decode_instances: int = option(
+        0, "instances that decode the requests prefill instances started")
     max_request_retries: int = option(
         1, "times a request whose instance failed is placed on another (recomputed from its "
         "tokens) before it ends with an error")
@@ -248,15 +255,36 @@ class ClusterConfig:
     instance_startup_timeout_s: float = 600.0
     """Longest wait for an instance to load the model and warm up."""
 
+    @property
+    def num_instances(self) -> int:
+        return self.prefill_instances + self.decode_instances or self.data_parallel
+
+    @property
+    def roles(self) -> list[str]:
+        """Each instance's role: ``prefill``, ``decode``, or ``both`` (data parallelism)."""
+        if not self.prefill_instances:
+            return ["both"] * self.data_parallel
+        return ["prefill"] * self.prefill_instances + ["decode"] * self.decode_instances
+
+    @property
+    def enabled(self) -> bool:
+        """Whether these options ask for more than one plain engine."""
+        return self.num_instances > 1 or self.prefill_instances > 0
+
     def __post_init__(self) -> None:
-        for name in ("data_parallel", "max_request_retries"):
+        for name in ("data_parallel", "max_request_retries", "prefill_instances",
+                     "decode_instances"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.data_parallel < 1:
             raise ValueError(f"data_parallel must be at least 1, got {self.data_parallel}")
-        if self.data_parallel > 64:
-            raise ValueError(f"data_parallel must be at most 64, got {self.data_parallel}")
+        if (self.prefill_instances > 0) != (self.decode_instances > 0):
+            raise ValueError("prefill_instances and decode_instances go together: give both")
+        if self.prefill_instances and self.data_parallel > 1:
+            raise ValueError("give data_parallel or prefill_instances/decode_instances, not both")
+        if self.num_instances > 64:
+            raise ValueError(f"a cluster has at most 64 instances, got {self.num_instances}")
         if self.router_policy not in ROUTER_POLICIES:
             raise ValueError(f"router_policy must be one of {', '.join(ROUTER_POLICIES)}, "
                              f"got {self.router_policy!r}")

@@ -73,11 +73,12 @@ def engine_config(model: str, afd: AFDConfig | None = None, **options: Any) -> E
     cluster_options = by_owner[ClusterConfig]
     cluster = None
     if cluster_options:
-        if "data_parallel" not in cluster_options:
+        if not {"data_parallel", "prefill_instances", "decode_instances"} & set(cluster_options):
             given = ", ".join(sorted(cluster_options))
-            raise ValueError(f"{given} needs data_parallel")
+            raise ValueError(f"{given} needs data_parallel or prefill_instances and "
+                             "decode_instances")
         checked = ClusterConfig(**cluster_options)  # bad values fail even with one instance
-        cluster = checked if checked.data_parallel > 1 else None
+        cluster = checked if checked.enabled else None
     return EngineConfig(
         model=model,
         scheduler=SchedulerConfig(**by_owner[SchedulerConfig]),
@@ -95,7 +96,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     afd = p.add_argument_group(
         "attention/FFN disaggregation (on when --attention-workers or --ffn-workers is given)")
     add_options(afd, AFDConfig, only_given=True)
-    cluster = p.add_argument_group("data parallelism (on when --data-parallel is over 1)")
+    cluster = p.add_argument_group(
+        "instances behind a router (on with --data-parallel over 1, or --prefill-instances "
+        "and --decode-instances)")
     add_options(cluster, ClusterConfig, only_given=True)
 
 
@@ -109,9 +112,11 @@ def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
         flags = ", ".join(flag_of(AFDConfig, name) for name in afd_given)
         raise ValueError(f"{flags} needs --attention-workers and --ffn-workers")
     cluster_given = [name for name in option_names(ClusterConfig) if name in options]
-    if cluster_given and "data_parallel" not in options:
+    switches = ("data_parallel", "prefill_instances", "decode_instances")
+    if cluster_given and not any(name in options for name in switches):
         flags = ", ".join(flag_of(ClusterConfig, name) for name in cluster_given)
-        raise ValueError(f"{flags} needs --data-parallel")
+        raise ValueError(f"{flags} needs --data-parallel or --prefill-instances and "
+                         "--decode-instances")
     return options
 
 

@@ -179,7 +179,7 @@ def test_bad_cluster_flags_are_one_line_errors(model_factory):
 
     path, _ = model_factory("llama")
     for flags, message in (
-        (["--router-policy", "kv"], "--router-policy needs --data-parallel"),
+        (["--router-policy", "kv"], "--router-policy needs --data-parallel or"),
         (["--data-parallel", "0"], "data_parallel must be at least 1"),
         (["--data-parallel", "2", "--router-policy", "nope"], "invalid choice"),
     ):

@@ -150,11 +150,17 @@ def test_cluster_options():
     config = engine_config("m", data_parallel=2, router_policy="round_robin")
     assert config.cluster == ClusterConfig(data_parallel=2, router_policy="round_robin")
     assert engine_config("m", data_parallel=1).cluster is None
-    with pytest.raises(ValueError, match="router_overlap_weight needs data_parallel"):
+    with pytest.raises(ValueError, match="router_overlap_weight needs data_parallel or"):
         engine_config("m", router_overlap_weight=2.0)
     with pytest.raises(ValueError, match="router_policy must be one of"):
         engine_config("m", data_parallel=2, router_policy="random")
     with pytest.raises(ValueError, match="data_parallel must be at least 1"):
         engine_config("m", data_parallel=0)
+    pd = engine_config("m", prefill_instances=1, decode_instances=2).cluster
+    assert pd is not None and pd.roles == ["prefill", "decode", "decode"]
+    with pytest.raises(ValueError, match="go together"):
+        engine_config("m", prefill_instances=1)
+    with pytest.raises(ValueError, match="not both"):
+        engine_config("m", data_parallel=2, prefill_instances=1, decode_instances=1)
     with pytest.raises(ValueError, match="Transformerless"):
         engine_config("m", data_parallel=2, attention_workers=1, ffn_workers=1)

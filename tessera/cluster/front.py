@@ -6,27 +6,33 @@ validates and tokenizes prompts, asks the router (``router.py``) where each goes
 what the instances report. Each instance's reports carry its KV events, which keep the
 router's view of every instance's prefix cache current.
 
+Prefill/decode pools: a request goes first to a prefill instance with ``max_tokens=1``. Its
+first token is streamed as it comes; once the prefill instance reports it finished, its full
+KV blocks are in the host KV tier every instance shares (saved before the step's report), and
+the front hands the request to a decode instance as its prompt plus that token. The decode
+instance loads those blocks from the tier (from its own device cache if it holds them) and
+recomputes only the last partial block. What cannot move with its tokens runs whole on a
+decode instance.
+
 Failures stay with the instance they hit: an instance that exits, or has requests and reports
-nothing for ``instance_stall_timeout_s``, is killed and started again while the others serve
-on. Its requests are placed again (up to ``max_request_retries`` times): one with no tokens yet as it
-came, one with tokens continued from them (its prompt and tokens recomputed elsewhere; only
-for a single completion without a grammar, whose state would be lost), the rest end with
-``finish_reason="error"`` and the reason. Tokens already delivered are never taken back.
+nothing for ``instance_stall_timeout_s``, is killed and started again (``instance_set.py``)
+while the others serve on. Its requests are placed again (up to ``max_request_retries``
+times): one with no tokens yet as it came, one with tokens continued from them on an instance
+of the role it needs; the rest end with ``finish_reason="error"`` and the reason. Tokens
+already delivered are never taken back.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import replace
 
 import msgspec
 import zmq
 
+from tessera.cluster.instance_set import InstanceSet
 from tessera.cluster.instances import InstanceProcess, decode_output
 from tessera.cluster.router import Router
 from tessera.cluster.tracked import Tracked, continuation, error_output, merged_output
@@ -34,8 +40,7 @@ from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.detokenizer import TokenizerError, load_tokenizer
 from tessera.engine.sequence import check_logit_bias, check_prompt_ids
 from tessera.kv.stats import sum_tier_stats
-from tessera.kv.store_process import StoreProcess
-from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
+from tessera.messages.common import AbortRequests, AddRequest, Ready, StartupFailed
 from tessera.messages.core import CoreStep
 from tessera.model.loader import read_config
 from tessera.model.spec import ModelConfigError, spec_from_config
@@ -50,8 +55,6 @@ from tessera.sampling_params import SamplingParams
 from tessera.structured.grammar import check_grammar
 
 _POLL_MS = 100
-_RESTART_BACKOFF_S = 30.0
-"""Wait before starting again an instance that failed before it was ever ready."""
 _COUNTERS = ("num_prompt_tokens_total", "num_generation_tokens_total",
              "num_prefix_queried_tokens_total", "num_prefix_hit_tokens_total",
              "num_preemptions_total")
@@ -68,86 +71,26 @@ class ClusterEngine:
         except ModelConfigError as e:
             raise ValueError(str(e)) from e
         self.tokenizer = load_tokenizer(config.model)
+        self.roles = config.cluster.roles
         self.requests: dict[str, Tracked] = {}
         self.num_instance_failures = 0
         self.num_retried_requests = 0
         """Requests placed again after their instance failed (with or without tokens)."""
+        self.num_handoffs = 0
+        """Requests a prefill instance started and a decode instance took over."""
         self._pending = StepOutput()
         self._totals = EngineStats()  # counters of instances that were replaced
-        self._respawn_at: dict[int, float] = {}
-        self._num_restarts = [0] * config.cluster.data_parallel
-        self._closed = False
-        self._dir = tempfile.mkdtemp(prefix="tessera-cluster-")
-        self._ctx = zmq.Context()
-        self._store: StoreProcess | None = None
-        n = self.cluster.data_parallel
-        try:
-            self._instance_configs = self._per_instance(config, n)
-            self.router = Router(n, config.cache.block_size, self.cluster.router_policy,
-                                 self.cluster.router_overlap_weight,
-                                 self.cluster.router_load_weight)
-            self._instances: list[InstanceProcess] = []
-            for i in range(n):  # one by one: those started are stopped if a later one fails
-                self._instances.append(InstanceProcess.start(
-                    self._ctx, self._instance_configs[i], i, 0, self._dir))
-            self._await_ready()
-        except BaseException:
-            self.shutdown()
-            raise
-        ready = [inst.ready for inst in self._instances if inst.ready is not None]
+        self.router = Router(len(self.roles), config.cache.block_size,
+                             self.cluster.router_policy, self.cluster.router_overlap_weight,
+                             self.cluster.router_load_weight)
+        self._set = InstanceSet(config, self.cluster)
+        ready = [inst.ready for inst in self._set.instances if inst.ready is not None]
         self.runtime = RuntimeInfo(
             num_kv_blocks=sum(r.num_kv_blocks for r in ready),
             max_model_len=min(r.max_model_len for r in ready),
             eos_token_ids=frozenset(self.spec.eos_token_ids),
             vocab_size=self.spec.vocab_size,
         )
-
-    def _per_instance(self, config: EngineConfig, n: int) -> list[EngineConfig]:
-        """Each instance's config: a GPU each on an accelerator host (ValueError if there are
-        fewer than ``n``); on a CPU the host's cores shared out unless threads are given; and
-        one host KV store for all instances when a host tier is asked for."""
-        devices = [config.device] * n
-        if config.device != "cpu":
-            import torch
-
-            num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            if num_gpus:
-                if num_gpus < n:
-                    raise ValueError(f"data_parallel={n} needs a GPU per instance; "
-                                     f"this host has {num_gpus}")
-                devices = [f"cuda:{i}" for i in range(n)]
-            elif config.device != "auto":
-                raise ValueError(f"device {config.device!r} is not available")
-            else:
-                devices = ["cpu"] * n
-        threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
-        cache = config.cache
-        if cache.kv_offload_memory is not None:
-            self._store = StoreProcess(f"ipc://{self._dir}/kv-store", cache.kv_offload_memory)
-            cache = replace(cache, kv_offload_memory=None, kv_host_store=self._store.address)
-        return [replace(config, cluster=None, num_threads=threads, cache=cache, device=device)
-                for device in devices]
-
-    def _await_ready(self) -> None:
-        """Wait until every instance has loaded; the first failure fails the start."""
-        deadline = time.monotonic() + self.cluster.instance_startup_timeout_s
-        while any(inst.ready is None for inst in self._instances):
-            for inst in self._instances:
-                if inst.ready is not None:
-                    continue
-                if inst.output.poll(0):
-                    msg = decode_output(inst.output.recv())
-                    if isinstance(msg, StartupFailed):
-                        raise ValueError(f"{inst.name}: {msg.message}")
-                    if isinstance(msg, Ready):
-                        inst.ready = msg
-                elif inst.exited() is not None:
-                    raise ValueError(f"{inst.name} exited with code {inst.exited()} while "
-                                     "starting")
-            if time.monotonic() > deadline:
-                raise ValueError(f"the instances did not start within "
-                                 f"{self.cluster.instance_startup_timeout_s:g} s")
-            time.sleep(0.02)
 
     # ----------------------------------------------------------------- requests
     def tokenize(self, prompt: str) -> list[int]:
@@ -168,18 +111,36 @@ class ClusterEngine:
             check_grammar(params.structured, None)
         check_logit_bias(params.logit_bias, self.spec.vocab_size)
         tracked = Tracked(-1, text, ids, params)
-        self._place(request_id, tracked, ids, params)
+        if self._splits(ids, params):
+            tracked.phase = "prefill"
+            self._place(request_id, tracked, ids, replace(params, max_tokens=1), "prefill")
+        else:
+            tracked.phase = "decode" if self.cluster.prefill_instances else "both"
+            self._place(request_id, tracked, ids, params, tracked.phase)
         self.requests[request_id] = tracked
 
+    def _splits(self, ids: list[int], params: SamplingParams) -> bool:
+        """Whether a request is prefilled on a prefill instance and handed to a decode one.
+        What cannot move with its tokens runs whole on a decode instance: several
+        completions, a grammar, prompt logprobs, penalties on the output so far."""
+        return bool(self.cluster.prefill_instances and params.n == 1
+                    and params.structured is None and params.prompt_logprobs is None
+                    and not params.presence_penalty and not params.frequency_penalty
+                    and (params.max_tokens is None or params.max_tokens > 1)
+                    and len(ids) + 1 < self.runtime.max_model_len)
+
     def _place(self, request_id: str, tracked: Tracked, ids: list[int],
-               params: SamplingParams) -> None:
-        placement = self.router.place(ids)
-        inst = self._instances[placement.instance]
+               params: SamplingParams, role: str) -> None:
+        """Send the request to an instance of ``role`` (``both``: any); ValueError if none
+        is up."""
+        among = None if role == "both" else [i for i, r in enumerate(self.roles) if r == role]
+        placement = self.router.place(ids, among=among)
+        inst = self._set.instances[placement.instance]
         if not inst.request_ids:
             inst.last_seen_s = time.monotonic()  # its stall clock starts now
         inst.send(AddRequest(request_id, ids, params, tracked.prompt))
         inst.request_ids.add(request_id)
-        tracked.instance = placement.instance
+        tracked.instance, tracked.sent_params = placement.instance, params
         self.router.started(request_id, placement)
 
     def abort_request(self, request_id: str) -> bool:
@@ -187,7 +148,7 @@ class ClusterEngine:
         if tracked is None:
             return False
         self.router.ended(request_id)
-        inst = self._instances[tracked.instance]
+        inst = self._set.instances[tracked.instance]
         inst.request_ids.discard(request_id)
         with contextlib.suppress(zmq.ZMQError):
             inst.send(AbortRequests([request_id]))
@@ -200,7 +161,7 @@ class ClusterEngine:
     @property
     def instance_pids(self) -> list[int]:
         """The process of each instance, by index (a restarted one has a new pid)."""
-        return [inst.process.pid for inst in self._instances]
+        return [inst.process.pid for inst in self._set.instances]
 
     def warm_up(self) -> None:
         """Instances warm up before reporting ready; nothing is left to do here."""
@@ -228,7 +189,7 @@ class ClusterEngine:
 
     def _receive(self, result: StepOutput, timeout_ms: int) -> int:
         """Handle every report that has arrived (waiting up to ``timeout_ms`` for one)."""
-        live = [inst for inst in self._instances if not inst.closed]
+        live = self._set.live
         poller = zmq.Poller()
         for inst in live:
             poller.register(inst.output, zmq.POLLIN)
@@ -265,16 +226,21 @@ class ClusterEngine:
             if d.logprobs is not None:
                 tracked.logprobs.setdefault(d.index, []).append(d.logprobs)
             self.router.first_token(d.request_id)
+            finish = d.finish_reason
+            if tracked.phase == "prefill" and finish == "length":
+                finish = None  # the first token of many: a decode instance goes on
             result.deltas.append(TokenDelta(d.request_id, d.index, d.token_id, d.logprobs,
-                                            d.finish_reason, d.prompt_logprobs,
-                                            d.prompt_token_ranks))
+                                            finish, d.prompt_logprobs, d.prompt_token_ranks))
         done = set()
         for out in msg.finished:
             tracked = self.requests.get(out.request_id)
             if tracked is None or tracked.instance != inst.index:
                 continue
-            self._end(out.request_id, inst)
             done.add(out.request_id)
+            if tracked.phase == "prefill" and out.outputs[0].finish_reason == "length":
+                self._hand_off(out.request_id, tracked, inst, result)
+                continue
+            self._end(out.request_id, inst)
             result.finished.append(merged_output(out, tracked, self.tokenizer))
         for failed in msg.failed:
             tracked = self.requests.get(failed.request_id)
@@ -284,6 +250,20 @@ class ClusterEngine:
             result.finished.append(error_output(failed.request_id, tracked,
                                                 failed.message, self.tokenizer))
 
+    def _hand_off(self, request_id: str, tracked: Tracked, inst: InstanceProcess,
+                  result: StepOutput) -> None:
+        """A prefill instance computed the prompt and first token (its full blocks are in the
+        shared host tier): a decode instance goes on from there."""
+        inst.request_ids.discard(request_id)
+        self.router.ended(request_id)
+        self.num_handoffs += 1
+        why = self._continue(request_id, tracked)
+        if why is not None:
+            del self.requests[request_id]
+            result.finished.append(error_output(
+                request_id, tracked, f"no decode instance took the request: {why}",
+                self.tokenizer))
+
     def _end(self, request_id: str, inst: InstanceProcess) -> None:
         self.requests.pop(request_id, None)
         inst.request_ids.discard(request_id)
@@ -291,46 +271,22 @@ class ClusterEngine:
 
     # ----------------------------------------------------------------- failures
     def _check_health(self, result: StepOutput) -> None:
-        if self._store is not None:
-            self._store.check()  # instances reattach to a restarted store by themselves
-        now = time.monotonic()
-        startup_s = self.cluster.instance_startup_timeout_s
-        stall_s = self.cluster.instance_stall_timeout_s
-        for inst in list(self._instances):
-            if inst.closed:
-                continue  # taken out, waiting to be started again
-            code = inst.exited()
-            if code is not None:
-                self._fail(inst, f"{inst.name} exited with code {code}", result)
-            elif inst.ready is None and now - inst.started_s > startup_s:
-                self._fail(inst, f"{inst.name} did not start within {startup_s:g} s", result)
-            elif inst.request_ids and now - inst.last_seen_s > stall_s:
-                self._fail(inst, f"{inst.name} made no progress for "
-                           f"{now - inst.last_seen_s:.0f} s with requests pending", result)
-        now = time.monotonic()
-        for index, at in list(self._respawn_at.items()):
-            if now >= at:
-                del self._respawn_at[index]
-                self._num_restarts[index] += 1
-                old = self._instances[index]
-                self._instances[index] = InstanceProcess.start(
-                    self._ctx, self._instance_configs[index], index, old.generation + 1,
-                    self._dir)
+        for inst, reason in self._set.failures():
+            self._fail(inst, reason, result)
+        self._set.restart_due()
 
     def _fail(self, inst: InstanceProcess, reason: str, result: StepOutput) -> None:
-        """Take ``inst`` out, place its requests again or end them, and restart it."""
-        if inst.index in self._respawn_at or self._instances[inst.index] is not inst:
-            return  # already taken out
+        """Take ``inst`` out (it is started again), then place its requests again or end
+        them."""
+        if not self._set.take_out(inst):
+            return
         print(f"tessera: {reason}; restarting it", file=sys.stderr)
         self.num_instance_failures += 1
         self.router.set_up(inst.index, False)
         self._totals = self._sum_counters([self._totals, inst.stats])
         inst.stats = EngineStats()
-        inst.kill()
         orphans = sorted(inst.request_ids)
         inst.request_ids.clear()
-        delay_s = 0.0 if inst.ready is not None else _RESTART_BACKOFF_S
-        self._respawn_at[inst.index] = time.monotonic() + delay_s
         for request_id in orphans:
             self.router.ended(request_id)
             tracked = self.requests[request_id]
@@ -344,15 +300,28 @@ class ClusterEngine:
         """Place a failed instance's request again; None if placed, else why not."""
         if tracked.num_retries >= self.cluster.max_request_retries:
             return f"retried {tracked.num_retries} times"
+        tracked.num_retries += 1
+        self.num_retried_requests += 1
+        if tracked.phase == "prefill" and not tracked.output_ids and tracked.sent_params:
+            return self._try_place(request_id, tracked, tracked.prompt_token_ids,
+                                   tracked.sent_params, "prefill")
+        return self._continue(request_id, tracked)
+
+    def _continue(self, request_id: str, tracked: Tracked) -> str | None:
+        """Carry the request on from its tokens so far on another instance (a decode one in
+        prefill/decode pools); None if placed, else why not."""
         again = continuation(tracked, self.runtime.max_model_len)
         if isinstance(again, str):
             return again
         ids, params = again
-        tracked.num_retries += 1
+        tracked.phase = "both" if tracked.phase == "both" else "decode"
         tracked.num_resumed_tokens = len(ids) - len(tracked.prompt_token_ids)
-        self.num_retried_requests += 1
+        return self._try_place(request_id, tracked, ids, params, tracked.phase)
+
+    def _try_place(self, request_id: str, tracked: Tracked, ids: list[int],
+                   params: SamplingParams, role: str) -> str | None:
         try:
-            self._place(request_id, tracked, ids, params)
+            self._place(request_id, tracked, ids, params, role)
         except ValueError as e:
             return str(e)
         return None
@@ -367,7 +336,7 @@ class ClusterEngine:
         (failures found meanwhile end their requests in the next step's output)."""
         self._receive(self._pending, 0)
         self._check_health(self._pending)
-        per = [inst.stats for inst in self._instances]
+        per = [inst.stats for inst in self._set.instances]
         return msgspec.structs.replace(
             self._sum_counters([self._totals, *per]),
             num_running=sum(s.num_running for s in per),
@@ -376,27 +345,16 @@ class ClusterEngine:
             kv_cache_usage=sum(s.kv_cache_usage for s in per) / max(len(per), 1),
             kv_tiers=sum_tier_stats([s.kv_tiers for s in per]),
             instances=tuple(
-                InstanceStats(i, "both", self.router.up[i], s.num_running, s.num_waiting,
+                InstanceStats(i, self.roles[i], self.router.up[i], s.num_running, s.num_waiting,
                               s.kv_cache_usage, self.router.num_placed[i],
-                              self.router.num_hit_tokens[i], self._num_restarts[i])
+                              self.router.num_hit_tokens[i], self._set.num_restarts[i])
                 for i, s in enumerate(per)),
         )
 
     def shutdown(self) -> None:
         """Stop every instance (each lands its KV tiers' writes first); safe to call twice."""
-        if self._closed:
-            return
-        self._closed = True
-        instances = getattr(self, "_instances", [])
-        for inst in instances:  # all stop at once, each after landing its tiers' writes
-            with contextlib.suppress(zmq.ZMQError):
-                inst.send(Shutdown())
-        for inst in instances:
-            inst.kill(graceful_s=10.0)
-        if self._store is not None:
-            self._store.close()
-        self._ctx.destroy(linger=0)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if hasattr(self, "_set"):
+            self._set.close()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):

@@ -21,6 +21,7 @@ never chosen.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tessera.cluster.kv_index import KVIndex
@@ -87,14 +88,19 @@ class Router:
         """Prompt blocks ``instance`` has yet to compute, plus one per request decoding."""
         return self._num_prefill_blocks[instance] + self._num_decoding[instance]
 
-    def place(self, prompt_ids: list[int], now_s: float | None = None) -> Placement:
-        """The instance for a new prompt; ValueError when every instance is down."""
-        candidates = [i for i in range(self.num_instances) if self.up[i]]
+    def place(self, prompt_ids: list[int], now_s: float | None = None,
+              among: Sequence[int] | None = None) -> Placement:
+        """The instance for a new prompt, of ``among`` (default: all); ValueError when none of
+        them is up."""
+        pool = range(self.num_instances) if among is None else among
+        candidates = [i for i in pool if self.up[i]]
         if not candidates:
-            raise ValueError("no instance of the cluster is up")
+            raise ValueError("no instance of the cluster is up" if among is None else
+                             "no instance of the pool this request needs is up")
         if self.policy == "round_robin":
             n = self.num_instances
-            chosen = next(i % n for i in range(self._next, self._next + n) if self.up[i % n])
+            chosen = next(i % n for i in range(self._next, self._next + n)
+                          if i % n in candidates)
             self._next = chosen + 1
             return Placement(chosen, 0, -(-len(prompt_ids) // self.block_size))
         num_prompt_blocks = -(-len(prompt_ids) // self.block_size)

@@ -21,6 +21,11 @@ class Tracked:
     output_ids: dict[int, list[int]] = field(default_factory=dict)
     logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)
     """By completion index, when requested."""
+    phase: str = "both"
+    """Where it runs: ``prefill`` (its first token, on a prefill instance), then ``decode``;
+    or ``both`` (whole, on one instance)."""
+    sent_params: SamplingParams | None = None
+    """The params its current instance was given."""
     num_retries: int = 0
     num_resumed_tokens: int = 0
     """Tokens of completion 0 generated on earlier instances (a continued request)."""

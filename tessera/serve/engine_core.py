@@ -82,7 +82,7 @@ class EngineCore:
         return True
 
     def _step(self, failed: list[RequestFailed],
-              finished: list[RequestOutput]) -> list[Delta]:
+              finished: list[RequestOutput] | None = None) -> list[Delta]:
         """One engine step; its finished requests leave ``request_ids`` (and go to
         ``finished`` for a cluster front), failed ones go to ``failed`` (500)."""
         try:
@@ -96,7 +96,7 @@ class EngineCore:
                 failed.append(RequestFailed(request_id, STEP_FAILED_MESSAGE, 500))
             self.request_ids.clear()
             return []
-        if self.config.instance:
+        if self.config.instance and finished is not None:
             finished += step.finished
         for out in step.finished:
             self.request_ids.discard(out.request_id)

@@ -1,0 +1,141 @@
+"""Prefill/decode instances: a prefill instance computes the prompt and first token, its full
+blocks travel through the shared host KV tier, and a decode instance goes on. Greedy tokens
+are the single engine's (teacher-forced) for dense, MoE and MLA models in 1P1D, 1P2D and
+2P1D; streams end once; aborts at each stage and killed instances leave no block behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tessera import LLM, SamplingParams
+from tests.test_cluster import COMMON, PARAMS, _check, _until
+from tests.test_kv_tiers import _prompts
+
+pytestmark = pytest.mark.processes
+
+
+def _host(llm: LLM):
+    return {t.tier: t for t in llm.engine.stats().kv_tiers}["host"]
+
+
+def _idle(llm: LLM) -> bool:
+    stats = llm.engine.stats()
+    return stats.kv_cache_usage == 0 and stats.num_running == 0 and stats.num_waiting == 0
+
+
+@pytest.mark.parametrize(("arch", "num_prefill", "num_decode"),
+                         [("llama", 1, 1), ("qwen3-moe", 1, 2), ("deepseek-v3", 2, 1)])
+def test_outputs_match_the_single_engine(model_factory, arch, num_prefill, num_decode):
+    path, hf = model_factory(arch)
+    prompts = _prompts(21)
+    llm = LLM(str(path), prefill_instances=num_prefill, decode_instances=num_decode, **COMMON)
+    engine = llm.engine
+    try:
+        assert engine.roles == ["prefill"] * num_prefill + ["decode"] * num_decode
+        _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
+        assert engine.num_handoffs == len(prompts)
+        # The decode side loaded the prompts' full blocks from the host tier.
+        assert _host(llm).num_hit_tokens_total > 0
+        # Again: prefixes now hit the device caches on both sides.
+        hits = engine.stats().num_prefix_hit_tokens_total
+        _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
+        assert engine.stats().num_prefix_hit_tokens_total > hits
+        roles = {s.role for s in engine.stats().instances}
+        assert roles == {"prefill", "decode"}
+        _until(lambda: _idle(llm), "blocks still in use at idle")
+    finally:
+        llm.close()
+
+
+def test_each_stream_ends_once_and_what_cannot_move_runs_whole(model_factory):
+    path, hf = model_factory("llama")
+    prompts = _prompts(22)[:3]
+    llm = LLM(str(path), prefill_instances=1, decode_instances=1, **COMMON)
+    engine = llm.engine
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, PARAMS)
+        # Two completions cannot be split: they run whole on the decode instance.
+        engine.add_request("n2", prompts[0], SamplingParams(n=2, max_tokens=4, seed=1))
+        finishes: dict[tuple[str, int], list[str | None]] = {}
+        outputs = {}
+        while engine.has_unfinished_requests():
+            step = engine.step_with_deltas()
+            for d in step.deltas:
+                finishes.setdefault((d.request_id, d.index), []).append(d.finish_reason)
+            outputs |= {o.request_id: o for o in step.finished}
+        for i in range(len(prompts)):
+            assert finishes[(f"r{i}", 0)] == [None] * 5 + ["length"]
+        assert finishes[("n2", 0)][-1] == finishes[("n2", 1)][-1] == "length"
+        assert engine.num_handoffs == len(prompts)
+        _check(hf, prompts, [outputs[f"r{i}"] for i in range(len(prompts))])
+        assert outputs["r0"].prompt_token_ids == prompts[0]
+        assert engine.stats().instances[0].num_routed_total == len(prompts)
+    finally:
+        llm.close()
+
+
+def test_aborts_at_each_stage_leak_no_block(model_factory):
+    path, _ = model_factory("llama")
+    llm = LLM(str(path), prefill_instances=1, decode_instances=1, **COMMON)
+    engine = llm.engine
+    long = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
+    try:
+        prompts = _prompts(23)[:4]
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, long)
+        assert engine.abort_request("r0")  # queued on the prefill instance
+        decoding: set[str] = set()
+        while len(decoding) < 3:
+            for d in engine.step_with_deltas().deltas:
+                decoding.add(d.request_id)
+        assert engine.abort_request("r1")  # its first token out: handed off, or about to be
+        deadline = time.monotonic() + 120
+        while not all(engine.requests[r].phase == "decode" for r in ("r2", "r3")):
+            assert time.monotonic() < deadline, "no handoff"
+            engine.step_with_deltas()
+        for _ in range(3):
+            engine.step_with_deltas()
+        for request_id in ("r2", "r3"):  # decoding on the decode instance
+            assert engine.abort_request(request_id)
+        assert not engine.has_unfinished_requests()
+        _until(lambda: _idle(llm), "blocks still in use after the aborts")
+    finally:
+        llm.close()
+
+
+@pytest.mark.parametrize(("num_prefill", "num_decode", "victim"), [(1, 2, 1), (2, 1, 0)])
+def test_a_killed_instance_s_requests_finish_on_its_peer(model_factory, num_prefill,
+                                                         num_decode, victim):
+    """SIGKILL a decode instance mid-decode (1P2D) or a prefill instance mid-prefill (2P1D):
+    its requests finish on the other instance of its pool with the right tokens."""
+    path, hf = model_factory("llama")
+    prompts = _prompts(24)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    llm = LLM(str(path), prefill_instances=num_prefill, decode_instances=num_decode,
+              router_policy="round_robin", **COMMON)
+    engine = llm.engine
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        victim_pid = engine.instance_pids[victim]
+        outputs, killed = {}, False
+        while engine.has_unfinished_requests():
+            step = engine.step_with_deltas()
+            outputs |= {o.request_id: o for o in step.finished}
+            ready = (engine.num_handoffs >= 2 if engine.roles[victim] == "decode"
+                     else bool(step.deltas))
+            if not killed and ready:
+                os.kill(victim_pid, signal.SIGKILL)
+                killed = True
+        assert engine.num_instance_failures == 1 and engine.num_retried_requests > 0
+        _check(hf, prompts, [outputs[f"r{i}"] for i in range(len(prompts))])
+        _until(lambda: engine.stats() is not None and all(engine.router.up),
+               "the killed instance was not restarted")
+        _until(lambda: _idle(llm), "blocks still in use at idle")
+    finally:
+        llm.close()
