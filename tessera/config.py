@@ -76,6 +76,11 @@ class CacheConfig:
         "shared by the engines of every host that reach it (below the host and SSD tiers)",
         repr=False)
 
+    def on_host_store(self, address: str) -> CacheConfig:
+        """This cache with its host tier in the store at ``address`` (shared with the other
+        engines of the host) instead of a pool of its own."""
+        return replace(self, kv_offload_memory=None, kv_host_store=address)
+
     @property
     def offloads_kv(self) -> bool:
         """Whether KV tiers below the device pool are configured."""

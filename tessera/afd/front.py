@@ -44,8 +44,8 @@ from tessera.afd.pools import bind_front, share_host_tier, start_pool
 from tessera.afd.progress import ProgressWatch
 from tessera.afd.trace import Span, chrome_events, write_trace
 from tessera.config import EngineConfig, RuntimeInfo
-from tessera.engine.detokenizer import TokenizerError, load_tokenizer
-from tessera.engine.sequence import check_logit_bias, check_prompt_ids
+from tessera.engine.detokenizer import encode_prompt, load_tokenizer
+from tessera.engine.front_checks import check_request
 from tessera.kv.stats import sum_tier_stats
 from tessera.kv.store_process import StoreProcess
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
@@ -55,7 +55,6 @@ from tessera.model.moe_spec import moe_spec_from_config
 from tessera.model.spec import ModelConfigError, spec_from_config
 from tessera.outputs import CompletionOutput, EngineStats, RequestOutput, StepOutput
 from tessera.sampling_params import SamplingParams
-from tessera.structured.grammar import check_grammar
 
 # How long a seen worker exit waits for a report that explains it (see ``_health``); a pool
 # that fails to start has no requests waiting on it, so it can wait longer for the reason.
@@ -297,11 +296,7 @@ class AFDEngine:
 
     # ----------------------------------------------------------------- requests
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise TokenizerError(
-                "this model directory has no tokenizer; pass prompts as token-id lists"
-            )
-        return list(self.tokenizer.encode(prompt))
+        return encode_prompt(self.tokenizer, prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_text: str | None = None) -> None:
@@ -318,10 +313,7 @@ class AFDEngine:
         self._await_pool()
         if not self.requests:
             self._check_idle_pool()
-        check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
-        if params.structured is not None:
-            check_grammar(params.structured, None)  # GrammarError here, not in a worker's step
-        check_logit_bias(params.logit_bias, self.spec.vocab_size)
+        check_request(ids, params, self.spec.vocab_size, self.runtime.max_model_len)
         worker = min(self._load, key=lambda w: (self._load[w], -self._stats[w].num_free_blocks))
         try:
             self._pushes[worker].send(AddRequest(request_id, ids, params, text))

@@ -47,6 +47,5 @@ def share_host_tier(engine: EngineConfig, afd: AFDConfig,
     Ray workers keep a host tier each: their hosts are not this one."""
     if engine.cache.kv_offload_memory is None or afd.ray_address is not None:
         return engine, None
-    store = StoreProcess(f"ipc://{ipc_dir}/kv-store", engine.cache.kv_offload_memory)
-    cache = replace(engine.cache, kv_offload_memory=None, kv_host_store=store.address)
-    return replace(engine, cache=cache), store
+    store = StoreProcess.in_dir(ipc_dir, engine.cache.kv_offload_memory)
+    return replace(engine, cache=engine.cache.on_host_store(store.address)), store

@@ -37,8 +37,8 @@ from tessera.cluster.instances import InstanceProcess, decode_output
 from tessera.cluster.router import Router
 from tessera.cluster.tracked import Tracked, continuation, error_output, merged_output
 from tessera.config import EngineConfig, RuntimeInfo
-from tessera.engine.detokenizer import TokenizerError, load_tokenizer
-from tessera.engine.sequence import check_logit_bias, check_prompt_ids
+from tessera.engine.detokenizer import encode_prompt, load_tokenizer
+from tessera.engine.front_checks import check_request
 from tessera.kv.stats import sum_tier_stats
 from tessera.messages.common import AbortRequests, AddRequest, Ready, StartupFailed
 from tessera.messages.core import CoreStep
@@ -52,7 +52,6 @@ from tessera.outputs import (
     TokenDelta,
 )
 from tessera.sampling_params import SamplingParams
-from tessera.structured.grammar import check_grammar
 
 _POLL_MS = 100
 _COUNTERS = ("num_prompt_tokens_total", "num_generation_tokens_total",
@@ -94,10 +93,7 @@ class ClusterEngine:
 
     # ----------------------------------------------------------------- requests
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise TokenizerError(
-                "this model directory has no tokenizer; pass prompts as token-id lists")
-        return list(self.tokenizer.encode(prompt))
+        return encode_prompt(self.tokenizer, prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_text: str | None = None) -> None:
@@ -106,10 +102,7 @@ class ClusterEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else prompt_text
         ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        check_prompt_ids(ids, self.spec.vocab_size, self.runtime.max_model_len)
-        if params.structured is not None:
-            check_grammar(params.structured, None)
-        check_logit_bias(params.logit_bias, self.spec.vocab_size)
+        check_request(ids, params, self.spec.vocab_size, self.runtime.max_model_len)
         tracked = Tracked(-1, text, ids, params)
         if self._splits(ids, params):
             tracked.phase = "prefill"

@@ -76,9 +76,8 @@ class InstanceSet:
             self._configs = instance_configs(config, cluster)
             memory = host_store_bytes(config, cluster)
             if memory is not None:
-                self._store = StoreProcess(f"ipc://{self._dir}/kv-store", memory)
-                cache = replace(config.cache, kv_offload_memory=None,
-                                kv_host_store=self._store.address)
+                self._store = StoreProcess.in_dir(self._dir, memory)
+                cache = config.cache.on_host_store(self._store.address)
                 self._configs = [replace(c, cache=cache) for c in self._configs]
             for i, engine in enumerate(self._configs):  # one by one: all are stopped on failure
                 self.instances.append(InstanceProcess.start(self._ctx, engine, i, 0, self._dir))

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 from tessera.kv.events import KVEvents
 
-EXPECT_SWEEP_S = 30.0
-"""A sweep keeps expectations made within this long before the newest one."""
-
 
 class KVIndex:
     """Prefix keys (``event_key`` form) per instance; lookups are O(blocks x instances)."""
@@ -32,15 +29,14 @@ class KVIndex:
         for key in events.stored:
             expected.pop(key, None)
 
-    def expect(self, instance: int, keys: list[int], until_s: float) -> None:
-        """``instance`` was sent a prompt with these keys: count them as held until
-        ``until_s`` unless its events say otherwise first."""
+    def expect(self, instance: int, keys: list[int], now_s: float, until_s: float) -> None:
+        """``instance`` was sent a prompt with these keys at ``now_s``: count them as held
+        until ``until_s`` unless its events say otherwise first."""
         expected, held = self._expected[instance], self._keys[instance]
         for key in keys:
             if key not in held:
                 expected[key] = until_s
         if len(expected) > 4 * len(held) + 65536:  # bound what never got confirmed
-            now_s = until_s - EXPECT_SWEEP_S
             self._expected[instance] = {k: t for k, t in expected.items() if t >= now_s}
 
     def forget(self, instance: int) -> None:

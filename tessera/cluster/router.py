@@ -116,7 +116,7 @@ class Router:
                     + self.load_weight * self.load(i), self._num_requests[i], i)
 
         chosen = min(candidates, key=cost)
-        self.index.expect(chosen, keys, now_s + EXPECT_S)
+        self.index.expect(chosen, keys, now_s, now_s + EXPECT_S)
         return Placement(chosen, hits[chosen], num_prompt_blocks - hits[chosen])
 
     # ------------------------------------------------------------------ accounting

@@ -12,6 +12,15 @@ class TokenizerError(ValueError):
     """The model's tokenizer is missing or unusable for this request."""
 
 
+def encode_prompt(tokenizer: Any | None, prompt: str) -> list[int]:
+    """The token ids of ``prompt``; TokenizerError when the model has no tokenizer."""
+    if tokenizer is None:
+        raise TokenizerError(
+            "this model directory has no tokenizer; pass prompts as token-id lists"
+        )
+    return list(tokenizer.encode(prompt))
+
+
 def load_tokenizer(model_dir: str) -> Any | None:
     """The directory's tokenizer, or None when it ships none (token-id prompts still work)."""
     path = Path(model_dir)

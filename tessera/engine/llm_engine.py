@@ -15,7 +15,7 @@ import torch
 
 from tessera.config import EngineConfig, RuntimeInfo
 from tessera.engine.block_manager import BlockManager
-from tessera.engine.detokenizer import TokenizerError, load_tokenizer
+from tessera.engine.detokenizer import encode_prompt, load_tokenizer
 from tessera.engine.grammar_waitlist import GrammarWaitlist
 from tessera.engine.model_runner import ModelRunner
 from tessera.engine.protocol import StepObserver
@@ -132,11 +132,7 @@ class LLMEngine:
 
     # ----------------------------------------------------------------- requests
     def tokenize(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise TokenizerError(
-                "this model directory has no tokenizer; pass prompts as token-id lists"
-            )
-        return list(self.tokenizer.encode(prompt))
+        return encode_prompt(self.tokenizer, prompt)
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                     prompt_text: str | None = None) -> None:

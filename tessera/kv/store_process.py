@@ -70,6 +70,11 @@ class StoreProcess:
              "--parent-pid", str(os.getpid())],
             stdin=subprocess.DEVNULL, start_new_session=True)
 
+    @classmethod
+    def in_dir(cls, ipc_dir: str, capacity_bytes: int) -> StoreProcess:
+        """A store listening in the owner's private directory of ipc sockets."""
+        return cls(f"ipc://{ipc_dir}/kv-store", capacity_bytes)
+
     @property
     def pid(self) -> int:
         return self._proc.pid

@@ -22,9 +22,10 @@ def watchdog(request):
     signal.signal(signal.SIGALRM, old)
 
 
-def worker_pids() -> list[int]:
-    """Live (not zombie) worker processes whose parent is this test process."""
-    pids = []
+def live_processes(marker: str) -> list[tuple[int, str, int]]:
+    """(pid, command line, parent pid) of each live (not zombie) process whose command line
+    holds ``marker``."""
+    found = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -34,6 +35,11 @@ def worker_pids() -> list[int]:
         except OSError:
             continue
         state, ppid = stat[0], int(stat[1])
-        if "tessera.afd." in cmd and ppid == os.getpid() and state != "Z":
-            pids.append(int(proc.name))
-    return pids
+        if marker in cmd and state != "Z":
+            found.append((int(proc.name), cmd, ppid))
+    return found
+
+
+def worker_pids() -> list[int]:
+    """Live (not zombie) worker processes whose parent is this test process."""
+    return [pid for pid, _, ppid in live_processes("tessera.afd.") if ppid == os.getpid()]

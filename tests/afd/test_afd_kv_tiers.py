@@ -8,14 +8,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tessera import LLM, SamplingParams
 from tessera.engine.model_runner import ModelRunner
-from tests.afd.conftest import worker_pids
+from tests.afd.conftest import live_processes, worker_pids
 from tests.test_kv_tiers import _prompts
+from tests.test_serve_util import pid_alive
 
 pytestmark = pytest.mark.processes
 
@@ -85,25 +85,8 @@ def test_attention_workers_share_a_remote_tier(model_factory):
 
 def _store_pids() -> list[int]:
     """Live host KV store processes started from this test process (directly or by a front)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if "tessera.kv.store" in cmd and f"--parent-pid {os.getpid()}" in cmd and state != "Z":
-            pids.append(int(proc.name))
-    return pids
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return [pid for pid, cmd, _ in live_processes("tessera.kv.store")
+            if f"--parent-pid {os.getpid()}" in cmd]
 
 
 def _wait_for(condition, what: str, timeout_s: float = 120.0) -> None:
@@ -172,6 +155,6 @@ def test_a_store_ends_with_its_owner_killed(tmp_path):
         store_pid = int(owner.stdout.readline())
         owner.kill()
         owner.wait(30)
-        _wait_for(lambda: not _alive(store_pid), "the store outlived its owner", 60)
+        _wait_for(lambda: not pid_alive(store_pid), "the store outlived its owner", 60)
     finally:
         owner.kill()
