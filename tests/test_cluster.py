@@ -209,3 +209,36 @@ def test_instances_share_one_host_tier(model_factory):
         assert llm.engine.stats().num_prefix_hit_tokens_total == 0  # not from a device cache
     finally:
         llm.close()
+
+
+def test_a_stalled_instance_is_replaced_and_its_requests_finish_elsewhere(model_factory):
+    """SIGSTOP an instance with requests: after the stall timeout it is killed and started
+    again, and its requests are continued on the other instance with the right tokens."""
+    path, hf = model_factory("llama")
+    prompts = _prompts(13)[:4]
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+    llm = LLM(str(path), data_parallel=2, router_policy="round_robin",
+              instance_stall_timeout_s=5.0, **COMMON)
+    engine = llm.engine
+    try:
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        victim_pid = engine.instance_pids[0]
+        outputs, stopped = {}, False
+        try:
+            while engine.has_unfinished_requests():
+                step = engine.step_with_deltas()
+                outputs |= {o.request_id: o for o in step.finished}
+                if not stopped and any(d.request_id in ("r0", "r2") for d in step.deltas):
+                    os.kill(victim_pid, signal.SIGSTOP)  # alive, silent
+                    stopped = True
+        finally:
+            if pid_alive(victim_pid):
+                os.kill(victim_pid, signal.SIGCONT)
+        assert engine.num_instance_failures == 1 and engine.num_retried_requests == 2
+        _check(hf, prompts, [outputs[f"r{i}"] for i in range(len(prompts))])
+        _until(lambda: not pid_alive(victim_pid), "the stalled instance was not killed")
+        _until(lambda: engine.stats() is not None and all(engine.router.up),
+               "the stalled instance was not restarted")
+    finally:
+        llm.close()
