@@ -14,9 +14,12 @@ in its own process on the ~110M random Llama (float32), same threads in all:
 
 Reported: TTFT and TPOT (a request's mean time per output token after its first) p50/p99 for
 the chat requests, and goodput: chat requests per second that met the SLO (TTFT at most
-``--slo-ttft-s`` and TPOT at most ``--slo-tpot-ms``).
+``--slo-ttft-s`` and TPOT at most ``--slo-tpot-ms``). With ``--predict``, the simulator
+(calibrated on this machine and model, at one and at two threads: ``benchmarks/simlab/
+instances.py``) predicts the same figures for the same arrivals, printed beside the measured
+ones with the error; target: within 15%.
 
-    python benchmarks/disaggregation.py [--duration 60] [--json out.json]
+    python benchmarks/disaggregation.py [--duration 60] [--predict] [--json out.json]
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ def make_arrivals(args: argparse.Namespace) -> list[Arrival]:
 def run(model_dir: str, arrivals: list[Arrival], options: dict[str, Any]) -> dict[str, Any]:
     from tessera import LLM, SamplingParams
 
-    llm = LLM(model_dir, dtype="float32", device="cpu", max_num_batched_tokens=512,
-              kv_cache_memory=1 << 30, **options)
+    llm = LLM(model_dir, dtype="float32", device="cpu",
+              max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS, kv_cache_memory=KV_CACHE_BYTES,
+              **options)
     engine = llm.engine
     llm.generate([[300] * 64], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     kinds: dict[str, str] = {}
@@ -107,6 +111,21 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
+MAX_NUM_BATCHED_TOKENS = 512
+KV_CACHE_BYTES = 1 << 30
+ERROR_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "goodput_per_s")
+
+
+def figures(r: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The report's figures of one run's chat rows (measured or simulated)."""
+    ttft = [row[0] for row in r["rows"]]
+    tpot = [row[1] for row in r["rows"]]
+    good = sum(1 for a, b in r["rows"] if a <= args.slo_ttft_s and b <= args.slo_tpot_ms)
+    return dict(ttft_p50_s=pct(ttft, 0.5), ttft_p99_s=pct(ttft, 0.99),
+                tpot_p50_ms=statistics.median(tpot), tpot_p99_ms=pct(tpot, 0.99),
+                goodput_per_s=good / r["wall_s"], num_good=good, num=len(r["rows"]))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=60.0)
@@ -120,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slo-ttft-s", type=float, default=5.0)
     p.add_argument("--slo-tpot-ms", type=float, default=100.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predict", action="store_true",
+                   help="also simulate each system (calibrates the simulator on first use)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="with --predict: calibrate again, not the kept profiles")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -132,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         ("1P1D, 1 thread each", dict(prefill_instances=1, decode_instances=1, num_threads=1)),
         ("data parallel 2, 1 thread each", dict(data_parallel=2, num_threads=1)),
     ]
+    # The simulator's view of each: (threads per device, instance counts).
+    simulated = {"colocated, 2 threads": (2, {}),
+                 "1P1D, 1 thread each": (1, dict(num_prefill=1, num_decode=1)),
+                 "data parallel 2, 1 thread each": (1, dict(num_instances=2))}
     num_chat = sum(1 for a in arrivals if a[1] == "chat")
     print(f"{args.duration:g} s of arrivals: {num_chat} chat requests ({args.chat_prompt_len} "
           f"+ {args.chat_output_len} tokens) at {args.chat_rate:g}/s, bursts of "
@@ -146,20 +173,35 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: failed: {r['error']}")
             return 1
         results[name] = r
+    predicted = {}
+    if args.predict:
+        from benchmarks.simlab.instances import calibrated_profile, predict
+
+        profiles = {t: calibrated_profile(model_dir, t, args.recalibrate) for t in (1, 2)}
+        chat = [a[1] == "chat" for a in arrivals]
+        for name, (threads, counts) in simulated.items():
+            r = predict(profiles[threads], model_dir, [len(a[2]) for a in arrivals],
+                        [a[3] for a in arrivals], [a[0] for a in arrivals],
+                        MAX_NUM_BATCHED_TOKENS, KV_CACHE_BYTES, **counts)
+            predicted[name] = {"rows": [row for row, c in zip(r["rows"], chat, strict=True)
+                                        if c], "wall_s": r["wall_s"]}
     print(f"\n{'system':<32}{'TTFT p50 s':>11}{'TTFT p99 s':>11}{'TPOT p50 ms':>12}"
           f"{'TPOT p99 ms':>12}{'goodput/s':>10}")
     summary = {}
     for name, r in results.items():
-        ttft = [row[0] for row in r["rows"]]
-        tpot = [row[1] for row in r["rows"]]
-        good = sum(1 for a, b in r["rows"] if a <= args.slo_ttft_s and b <= args.slo_tpot_ms)
-        goodput = good / r["wall_s"]
-        summary[name] = dict(ttft_p50_s=pct(ttft, 0.5), ttft_p99_s=pct(ttft, 0.99),
-                             tpot_p50_ms=statistics.median(tpot), tpot_p99_ms=pct(tpot, 0.99),
-                             goodput_per_s=goodput, num_good=good, num=len(r["rows"]))
-        s = summary[name]
+        summary[name] = s = figures(r, args)
         print(f"{name:<32}{s['ttft_p50_s']:>11.2f}{s['ttft_p99_s']:>11.2f}"
-              f"{s['tpot_p50_ms']:>12.1f}{s['tpot_p99_ms']:>12.1f}{goodput:>10.3f}")
+              f"{s['tpot_p50_ms']:>12.1f}{s['tpot_p99_ms']:>12.1f}{s['goodput_per_s']:>10.3f}")
+        if name in predicted:
+            s["predicted"] = p = figures(predicted[name], args)
+            print(f"{'  simulated':<32}{p['ttft_p50_s']:>11.2f}{p['ttft_p99_s']:>11.2f}"
+                  f"{p['tpot_p50_ms']:>12.1f}{p['tpot_p99_ms']:>12.1f}"
+                  f"{p['goodput_per_s']:>10.3f}")
+            errors = {k: p[k] / s[k] - 1.0 for k in ERROR_KEYS if s[k] > 0}
+            s["error"] = errors
+            print(f"{'  error':<32}" + "".join(
+                f"{100 * errors[k]:>+{w - 1}.0f}%" if k in errors else f"{'-':>{w}}"
+                for k, w in zip(ERROR_KEYS, (11, 11, 12, 12, 10), strict=True)))
     co, pd = summary["colocated, 2 threads"], summary["1P1D, 1 thread each"]
     print(f"1P1D / colocated: TPOT p99 {pd['tpot_p99_ms'] / co['tpot_p99_ms']:.2f}x, goodput "
           f"{pd['goodput_per_s'] / max(co['goodput_per_s'], 1e-9):.2f}x "

@@ -50,12 +50,41 @@ def check_engine_option(name: str, value: Any) -> None:
         raise TypeError(f"engine option {name!r} must be of type {kind.__name__}, got {value!r}")
 
 
-def engine_config(model: str, afd: AFDConfig | None = None, **options: Any) -> EngineConfig:
+def _default(name: str) -> Any:
+    return next(f.default for f in dataclasses.fields(_OWNER[name]) if f.name == name)
+
+
+def with_deployment(options: dict[str, Any], path: str) -> dict[str, Any]:
+    """``options`` with those of the deployment file at ``path`` (``tessera.deployment_file``).
+
+    An option the file sets may also be given with the file's value or its default; another
+    value is a ValueError naming both, since running some other shape than the file's would
+    measure something else than was planned."""
+    import os
+
+    from tessera import deployment_file
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    planned = deployment_file.engine_options(deployment_file.read(path), cpus)
+    for name, value in planned.items():
+        given = options.get(name, _default(name))
+        if given != value and given != _default(name):
+            raise ValueError(f"the deployment file sets {name} = {value!r}; the option given "
+                             f"as {given!r} contradicts it (drop it or edit the file)")
+    return {**options, **planned}
+
+
+def engine_config(model: str, afd: AFDConfig | None = None, deployment: str | None = None,
+                  **options: Any) -> EngineConfig:
     """The engine config of ``model`` with ``options`` named like the config fields.
 
     Attention/FFN disaggregation is on when ``afd`` is given or ``attention_workers`` or
-    ``ffn_workers`` is; its other options need one of them. TypeError for an unknown
-    option; ValueError for a bad value."""
+    ``ffn_workers`` is; its other options need one of them. ``deployment`` is the path of a
+    deployment file (``tessera plan --emit-deployment``) whose pools and limits are taken
+    (:func:`with_deployment`). TypeError for an unknown option; ValueError for a bad value
+    (a bad deployment file included)."""
+    if deployment is not None:
+        options = with_deployment(options, deployment)
     unknown = sorted(set(options) - set(_OWNER))
     if unknown:
         raise TypeError(f"unknown engine option(s): {', '.join(unknown)}")
@@ -100,6 +129,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "instances behind a router (on with --data-parallel over 1, or --prefill-instances "
         "and --decode-instances)")
     add_options(cluster, ClusterConfig, only_given=True)
+    p.add_argument("--deployment", default=None, metavar="FILE",
+                   help="run the deployment in FILE, written by 'tessera plan "
+                   "--emit-deployment' (its pools, instances and batch limits)")
 
 
 def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,6 +139,8 @@ def engine_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     given); a bad combination raises ValueError naming the flags."""
     options = {name: getattr(args, name) for cls in (EngineConfig, *_NESTED.values())
                for name in option_names(cls) if hasattr(args, name)}
+    if getattr(args, "deployment", None) is not None:
+        options = with_deployment(options, args.deployment)
     afd_given = [name for name in option_names(AFDConfig) if name in options]
     if afd_given and not any(name in options for name in _AFD_SWITCHES):
         flags = ", ".join(flag_of(AFDConfig, name) for name in afd_given)

@@ -139,3 +139,76 @@ def test_a_killed_instance_s_requests_finish_on_its_peer(model_factory, num_pref
         _until(lambda: _idle(llm), "blocks still in use at idle")
     finally:
         llm.close()
+
+
+def test_a_planned_deployment_is_served(model_factory, tmp_path, monkeypatch):
+    """plan -> launch: ``tessera plan --emit-deployment`` on the calibrated local machine (a
+    profile of one-thread devices) writes a file that ``tessera serve --deployment`` runs as
+    planned, with the single engine's tokens."""
+    import json
+    from pathlib import Path
+
+    import httpx
+
+    from tessera import deployment_file
+    from tessera.sim.cli import plan_main
+    from tessera.sim.hardware import host_cpus
+    from tests.test_serve_util import ServerProcess
+
+    if host_cpus() < 2:
+        pytest.skip("needs two CPUs for two one-thread devices")
+    path, _ = model_factory("llama")
+    example = Path(deployment_file.__file__).parent / "sim" / "data" / "cpu-local-example.json"
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps(json.loads(example.read_text()) | {"threads_per_device": 1}))
+    monkeypatch.setenv("TESSERA_SIM_PROFILE", str(profile))
+    plan = tmp_path / "plan.json"
+    assert plan_main(["--hardware", "cpu-local", "--model", str(path / "config.json"),
+                      "--chips", "2", "--tpot-slo-ms", "1e6", "--input-tokens", "40",
+                      "--output-tokens", "6", "--top", "1", "--emit-deployment",
+                      str(plan)]) == 0
+    dep = deployment_file.read(plan)
+    roles = [p.role for p in dep.pools for _ in range(p.instances)]
+    prompt = _prompts(23)[0]
+    reference = LLM(str(path), **COMMON)
+    [expected] = reference.generate([prompt], PARAMS, use_tqdm=False)
+    server = ServerProcess(path, "--deployment", str(plan))
+    try:
+        server.wait_ready(timeout_s=240)
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True}
+        r = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == expected.outputs[0].text
+        metrics = httpx.get(f"{server.base_url}/metrics", timeout=5).text
+        up = sorted(line.split('role="', 1)[1].split('"', 1)[0]
+                    for line in metrics.splitlines() if line.startswith("tessera:instance_up{"))
+        assert up == sorted(roles), metrics
+    finally:
+        server.stop()
+
+
+def test_bad_deployment_files_are_one_line_errors(model_factory, tmp_path):
+    import subprocess
+    import sys
+
+    from tessera import deployment_file
+
+    path, _ = model_factory("llama")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "tessera-deployment/1", "pools": 3}')
+    good = tmp_path / "good.json"
+    pool = deployment_file.Pool(role="both", instances=2, devices_per_instance=1,
+                                max_num_seqs=4, max_num_batched_tokens=64)
+    deployment_file.write(deployment_file.Deployment(
+        format=deployment_file.FORMAT, hardware="cpu-local", model="m", precision="fp32",
+        mode="colocated", pools=[pool]), good)
+    for flags, message in (
+        (["--deployment", str(bad)], "Expected `array`, got `int` - at `$.pools`"),
+        (["--deployment", str(tmp_path / "absent.json")], "cannot read deployment file"),
+        (["--deployment", str(good), "--max-num-seqs", "9"], "sets max_num_seqs = 4"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "tessera.cli", "serve", str(path), *flags],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr

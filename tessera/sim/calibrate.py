@@ -183,7 +183,10 @@ def calibrate_main(argv: list[str]) -> int:
                    "cost model's efficiency constants to its measured steps")
     p.add_argument("--dtype", default="float32", choices=sorted(_PRECISION),
                    help="engine dtype for --model")
-    p.add_argument("--threads", type=int_arg(1), default=None, help="engine threads for --model")
+    p.add_argument("--threads", type=int_arg(1), default=None,
+                   help="threads of one engine: the profile's rates are then those of one "
+                   "device of that many threads, and the host's cores make several devices "
+                   "(data-parallel or prefill/decode instances in 'tessera plan')")
     args = p.parse_args(argv)
     # Measuring takes seconds and --model minutes: check where the profile goes and what
     # --model names first.
@@ -194,7 +197,15 @@ def calibrate_main(argv: list[str]) -> int:
                       make_parents=args.out is None)
     if args.model is not None:
         _check_model_dir(args.model)
+    if args.threads is not None:
+        import torch
+
+        # The raw rates then hold for one engine of that many threads: a device of the
+        # local system (``threads_per_device``), of which the host's cores make several.
+        torch.set_num_threads(args.threads)
     profile = measure(args.size)
+    if args.threads is not None:
+        profile["threads_per_device"] = args.threads
     if args.model:
         profile = calibrate_engine(profile, args.model, args.dtype, args.threads)
     try:

@@ -14,7 +14,8 @@ from typing import Any
 
 from .deployment import Deployment
 from .errors import OneLineArgumentParser, SimError
-from .inputs import MAX_BATCH_PER_DP, MAX_REQUESTS, float_arg, int_arg
+from .hardware import MAX_SYSTEMS
+from .inputs import MAX_BATCH_PER_DP, MAX_REQUESTS, check_output_file, float_arg, int_arg
 from .result import SimResult
 from .simulator import Scenario, simulate
 from .workload import Workload
@@ -47,6 +48,9 @@ def sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--hardware", required=True, help="system name (cloudmatrix384, gb200-nvl72, "
                    "dgx-h100, dgx-h800, dgx-h200, dgx-b200, cpu-local)")
     p.add_argument("--model", required=True, help="bundled model name or path to a config.json")
+    p.add_argument("--systems", type=int_arg(1, MAX_SYSTEMS), default=1,
+                   help="systems like --hardware side by side; pools fill them in order (decode, "
+                   "then prefill), and traffic between them takes the scale-out network")
     p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp8", "int8"])
     p.add_argument("--deployment", default="colocated", choices=["colocated", "pd", "afd"])
     count = int_arg(1)  # device counts, sizes and lengths: 0 or less is always a mistake
@@ -90,7 +94,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
     from .hardware import get_system
     from .model import load_model
 
-    system = get_system(args.hardware)
+    system = get_system(args.hardware, args.systems)
     model = load_model(args.model)
     mode = args.deployment
     tp = args.tp
@@ -133,7 +137,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
                              request_rate_per_s=args.request_rate, concurrency=args.concurrency,
                              length_cv=args.length_cv, kv_tokens=args.kv_tokens), args)
     return Scenario(hardware=args.hardware, model=args.model, deployment=dep, workload=wl,
-                    seed=args.seed)
+                    seed=args.seed, num_systems=args.systems)
 
 
 def _print_result(res: object, as_json: bool) -> None:
@@ -178,14 +182,20 @@ def plan_parser() -> argparse.ArgumentParser:
     slo_ms = float_arg(0.0, min_open=True)
     p.add_argument("--hardware", required=True)
     p.add_argument("--model", required=True)
-    p.add_argument("--chips", type=count, required=True)
+    p.add_argument("--chips", type=count, required=True, help="chips of all --systems")
+    p.add_argument("--systems", type=int_arg(1, MAX_SYSTEMS), default=1,
+                   help="systems like --hardware side by side (a prefill pool may fill one "
+                   "and feed a decode pool on another)")
     p.add_argument("--tpot-slo-ms", type=slo_ms, required=True)
     p.add_argument("--ttft-slo-ms", type=slo_ms)
     p.add_argument("--input-tokens", type=count, required=True)
     p.add_argument("--output-tokens", type=count, required=True)
-    p.add_argument("--precision", choices=["bf16", "fp8", "int8"])
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp8", "int8"])
     p.add_argument("--mtp-acceptance", type=float_arg(0.0, 1.0))
     p.add_argument("--top", type=count, default=5, help="rows to print")
+    p.add_argument("--emit-deployment", metavar="FILE",
+                   help="write the best deployment to FILE, which 'tessera serve MODEL "
+                   "--deployment FILE' runs")
     _add_hit_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", help="write the throughput-latency frontier to this PNG")
@@ -202,6 +212,8 @@ def plan_cli(argv: list[str]) -> int:
 
     a = plan_parser().parse_args(argv)
     # Everything that can fail is checked here, before a search that takes seconds to minutes.
+    if a.emit_deployment is not None:
+        check_output_file(a.emit_deployment, "--emit-deployment")
     if a.plot is not None:
         from .plot import check_plot_file
 
@@ -217,7 +229,7 @@ def plan_cli(argv: list[str]) -> int:
                                output_tokens=a.output_tokens, concurrency=1), a)
     best, feasible = plan(a.hardware, a.model, a.chips, a.tpot_slo_ms, a.ttft_slo_ms,
                           a.input_tokens, a.output_tokens, a.precision, a.mtp_acceptance, a.top,
-                          hits=hits)
+                          hits=hits, num_systems=a.systems)
     if a.json:
         print(json.dumps({"num_feasible": len(feasible), "best": [
             {"deployment": describe(cand.deployment), "estimate": asdict(cand) | {
@@ -225,6 +237,8 @@ def plan_cli(argv: list[str]) -> int:
              "simulated": None if res is None else res.to_dict()} for cand, res in best]}))
     else:
         _print_plan(a, best, len(feasible))
+    if a.emit_deployment is not None:
+        _emit(a, best)
     if a.plot is not None:
         from .plot import plot_frontier
 
@@ -237,6 +251,29 @@ def plan_cli(argv: list[str]) -> int:
                       a.tpot_slo_ms)
         print(f"plot written to {a.plot}")
     return 0
+
+
+def _emit(a: argparse.Namespace, best: list[tuple[Any, SimResult | None]]) -> None:
+    from tessera import deployment_file
+
+    from .emit import deployment_file_of
+    from .hardware import get_system
+
+    if not best:
+        raise SimError("no deployment meets the SLO: nothing written to --emit-deployment")
+    cand, res = best[0]
+    dep = deployment_file_of(
+        cand.deployment, get_system(a.hardware, a.systems), a.model,
+        deployment_file.Workload(input_tokens=a.input_tokens, output_tokens=a.output_tokens,
+                                 tpot_slo_ms=a.tpot_slo_ms, ttft_slo_ms=a.ttft_slo_ms),
+        cand.tokens_per_s_per_chip, cand.tpot_ms, cand.ttft_ms, res)
+    try:
+        deployment_file.write(dep, a.emit_deployment)
+    except OSError as exc:
+        raise SimError(f"cannot write {a.emit_deployment}: {exc.strerror or exc}") from exc
+    # The json output stays one object: the note goes to stderr.
+    print(f"deployment written to {a.emit_deployment} (run it: tessera serve MODEL "
+          f"--deployment {a.emit_deployment})", file=sys.stderr if a.json else sys.stdout)
 
 
 def _print_plan(a: argparse.Namespace, best: list[tuple[Any, SimResult | None]],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .costmodel import PoolLayout
+from .costmodel import KV_BYTES_PER_ELEMENT, PoolLayout
 from .errors import SimError
 from .hardware import PRECISIONS, System
 from .inputs import MAX_BATCH_PER_DP, check_float, check_int
@@ -107,6 +107,25 @@ class Deployment:
             raise SimError(f"deployment needs {self.num_devices} devices but {system.name} has"
                            f" {system.num_devices}")
 
+    def handoffs_across_systems(self, devices_per_system: int) -> float:
+        """Share of prefill-to-decode KV handoffs that leave their system, with the decode pool
+        on the first devices and the prefill pool on the ones after it, systems of
+        ``devices_per_system`` devices each, and each prefill device's requests spread over
+        the decode devices: 0 within one system, 1 for a prefill pool on one system feeding a
+        decode pool that fills another."""
+        dec, pre = self.num_decode_devices, self.num_prefill_devices
+        if self.mode == "colocated" or not dec or not pre:
+            return 0.0
+        size = devices_per_system
+
+        def per_system(lo: int, hi: int) -> list[int]:
+            return [max(0, min(hi, (j + 1) * size) - max(lo, j * size))
+                    for j in range((dec + pre + size - 1) // size)]
+
+        same = sum(d * p for d, p in zip(per_system(0, dec), per_system(dec, dec + pre),
+                                          strict=True))
+        return 1.0 - same / (dec * pre)
+
     def decode_layout(self, model: ModelCosts) -> PoolLayout:
         """Layout of the decode (or colocated) pool."""
         afd = self.mode == "afd"
@@ -124,3 +143,21 @@ class Deployment:
                           num_micro_batches=2 if model.is_moe else 1, precision=self.precision,
                           load_balancer=self.load_balancer,
                           num_redundant_experts=self.num_redundant_experts)
+
+
+def kv_handoff_cost(system: System, model: ModelCosts, dep: Deployment) -> tuple[float, float]:
+    """(seconds per prompt token, seconds per request) of moving a prompt's KV from a prefill
+    instance to a decode instance of ``dep`` on ``system``: inside one system over its
+    scale-up domain when that spans the system (else its scale-out network), between systems
+    over the scale-out network, in the share :meth:`Deployment.handoffs_across_systems` gives."""
+    kv_per_token = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT * (
+        model.num_layers + model.num_mtp_layers)
+    inside = (system.scale_up if system.num_scale_up_devices >= system.num_devices_per_system
+              or system.scale_out is None else system.scale_out)
+    across = dep.handoffs_across_systems(system.num_devices_per_system)
+    fabrics = [(1.0 - across, inside)]
+    if across and system.scale_out is not None:
+        fabrics.append((across, system.scale_out))
+    eff = system.chip.efficiency.fabric
+    return (sum(share * kv_per_token / (f.bytes_per_s * eff) for share, f in fabrics),
+            sum(share * f.latency_us * 1e-6 for share, f in fabrics))

@@ -12,6 +12,7 @@ implies, plus a per-sequence host cost (Python bookkeeping, which grows with the
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -148,6 +149,10 @@ class EngineScenario:
     arrival_s: tuple[float, ...] | None = None
     concurrency: int | None = None
     """Closed loop: at most this many requests in flight, the next arriving when one ends."""
+    prompts_in_host_tier: bool = False
+    """Every full block of a prompt but its last token's is in a host KV tier and loads at the
+    memory rate before the step that admits it (a decode instance taking over from a prefill
+    instance, :mod:`tessera.sim.local_cluster`)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,10 @@ class EngineSimResult:
     ttft_ms: tuple[float, ...]
     tpot_ms: tuple[float, ...]
     """Per request with more than one output token: (finish - first token) / (outputs - 1)."""
+    first_s: tuple[float, ...] = ()
+    """Per request: when its first token came out (the clock starts at 0)."""
+    finish_s: tuple[float, ...] = ()
+    """Per request: when its last token came out."""
 
     @property
     def output_tokens_per_s(self) -> float:
@@ -225,7 +234,11 @@ def simulate_engine(sc: EngineScenario, max_steps: int = 10_000_000) -> EngineSi
     bm = BlockManager(sc.num_blocks, sc.block_size, sc.enable_prefix_caching)
     sched = Scheduler(SchedulerConfig(max_num_seqs=sc.max_num_seqs,
                                       max_num_batched_tokens=sc.max_num_batched_tokens,
-                                      enable_chunked_prefill=sc.enable_chunked_prefill), bm)
+                                      enable_chunked_prefill=sc.enable_chunked_prefill), bm,
+                      connector=_HostTierHolds() if sc.prompts_in_host_tier else None)
+    # A loaded block is a copy of its KV bytes from host memory: at the memory rate.
+    load_s_per_block = (sc.block_size * sc.model.kv_elements_per_token * sc.model.num_layers
+                        * sc.kv_bytes_per_element / sc.system.chip.memory_bytes_per_s)
     if sc.concurrency is not None and (sc.concurrency < 1 or sc.arrival_s is not None):
         raise SimError("concurrency must be at least 1 and excludes arrival_s")
     arrivals = list(sc.arrival_s or (0.0,) * num)
@@ -249,7 +262,7 @@ def simulate_engine(sc: EngineScenario, max_steps: int = 10_000_000) -> EngineSi
         if out.is_empty:
             raise SimError("the engine scheduler made no progress (KV pool too small?)")
         load = step_load(sc.model, out, sc.kv_bytes_per_element)
-        now += cost.seconds(load)
+        now += cost.seconds(load) + load_s_per_block * sum(len(x.keys) for x in out.loads)
         num_steps += 1
         for i in end_step(sched, out, now, sc.output_tokens, first, finish):
             num_out += 1
@@ -264,4 +277,15 @@ def simulate_engine(sc: EngineScenario, max_steps: int = 10_000_000) -> EngineSi
                  for i in range(num) if sc.output_tokens[i] > 1)
     start = min(arrivals, default=0.0)
     return EngineSimResult(duration_s=now - start, num_steps=num_steps, num_output_tokens=num_out,
-                           num_preemptions=sched.num_preemptions, ttft_ms=ttft, tpot_ms=tpot)
+                           num_preemptions=sched.num_preemptions, ttft_ms=ttft, tpot_ms=tpot,
+                           first_s=tuple(first), finish_s=tuple(finish))
+
+
+class _HostTierHolds:
+    """A KV connector's scheduler side for which every block is in the host tier."""
+
+    def num_loadable_blocks(self, keys: Iterable[int]) -> int:
+        return sum(1 for _ in keys)
+
+    def commit_lookup(self, keys: list[int], num_loading_blocks: int) -> None:
+        pass

@@ -116,6 +116,12 @@ class System:
     kv_tiers: KVTiers | None = None
     """Load paths of the KV tiers below device memory; None: the catalog's default
     (:func:`get_kv_tiers`)."""
+    threads_per_device: int | None = None
+    """A calibrated CPU: the engine threads one device stands for (the threads its profile was
+    fitted with), so that the host's cores make ``num_chips`` devices; None elsewhere."""
+    num_systems: int = 1
+    """Systems like this one side by side (``--systems``): ``num_chips`` counts all of them, and
+    traffic between them goes over ``scale_out``."""
 
     def tiers(self) -> KVTiers:
         """This system's KV tier load paths (the catalog's default where it has none)."""
@@ -125,6 +131,11 @@ class System:
     def num_devices(self) -> int:
         """Devices the runtime can address in the whole system."""
         return self.num_chips * self.chip.num_devices_per_chip
+
+    @property
+    def num_devices_per_system(self) -> int:
+        """Devices of one of the ``num_systems`` systems."""
+        return self.num_devices // self.num_systems
 
     @property
     def num_scale_up_devices(self) -> int:
@@ -216,8 +227,17 @@ def default_profile_path() -> Path:
     return Path.home() / ".cache" / "tessera" / "cpu-local.json"
 
 
+def host_cpus() -> int:
+    """CPUs this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def system_from_profile(raw: dict[str, Any]) -> System:
-    """A one-device system from a calibration profile (see :mod:`tessera.sim.calibrate`)."""
+    """A system from a calibration profile (see :mod:`tessera.sim.calibrate`): one device per
+    ``threads_per_device`` of this host's CPUs when the profile names them (fitted with that
+    many engine threads), else the whole host as one device."""
     chip = Chip(
         name=LOCAL_CHIP,
         num_devices_per_chip=1,
@@ -229,8 +249,16 @@ def system_from_profile(raw: dict[str, Any]) -> System:
                                                       float(raw["gauge"][1])),
     )
     fabric = Fabric(name="none", bytes_per_s=1e12, latency_us=0.0)
-    return System(name=LOCAL_CHIP, chip=chip, num_chips=1, scale_up=fabric,
-                  num_scale_up_chips=1, scale_out=None, host=_host_costs(raw))
+    threads = raw.get("threads_per_device")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads_per_device must be a positive integer, got {threads!r}")
+    num = max(1, host_cpus() // threads) if threads else 1
+    if num > 1:  # the host's memory is shared out like its cores
+        chip = replace(chip, memory_bytes=chip.memory_bytes / num)
+    return System(name=LOCAL_CHIP, chip=chip, num_chips=num, scale_up=fabric,
+                  num_scale_up_chips=num, scale_out=None, host=_host_costs(raw),
+                  threads_per_device=threads)
 
 
 def system_at(system: System, reading: tuple[float, float] | None) -> System:
@@ -266,10 +294,33 @@ def local_system(profile_path: Path | None = None) -> System:
         raise SimError(f"bad local profile {path}: {exc}") from exc
 
 
-def get_system(name: str) -> System:
-    """Build a :class:`System` from the catalog (or the local calibrated profile)."""
+DEFAULT_BETWEEN_SYSTEMS = "ib-400g"
+"""How systems without a scale-out network of their own (one scale-up domain, such as an NVL72
+rack) reach each other: one 400 Gb/s NIC per device, as such racks ship."""
+MAX_SYSTEMS = 64
+
+
+def get_system(name: str, num_systems: int = 1) -> System:
+    """Build a :class:`System` from the catalog (or the local calibrated profile); with
+    ``num_systems`` above 1, that many of it joined by their scale-out network (the catalog's
+    ``between_systems`` fabric where the system has none of its own)."""
+    if isinstance(num_systems, bool) or not isinstance(num_systems, int) or not (
+            1 <= num_systems <= MAX_SYSTEMS):
+        raise SimError(f"--systems must be an integer in [1, {MAX_SYSTEMS}], got {num_systems!r}")
     if name == LOCAL_CHIP:
+        if num_systems > 1:
+            raise SimError(f"--systems: {LOCAL_CHIP} is this one machine")
         return local_system()
+    system = _catalog_system(name)
+    if num_systems == 1:
+        return system
+    raw = load_hardware()["systems"][name]
+    between = system.scale_out or get_fabric(raw.get("between_systems") or DEFAULT_BETWEEN_SYSTEMS)
+    return replace(system, num_chips=system.num_chips * num_systems, scale_out=between,
+                   num_systems=num_systems)
+
+
+def _catalog_system(name: str) -> System:
     hw = load_hardware()
     if name not in hw["systems"]:
         raise SimError(f"unknown hardware {name!r}: known systems are {', '.join(system_names())}")

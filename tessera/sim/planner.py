@@ -21,9 +21,9 @@ from .costmodel import (
     decode_load,
     prefill_load,
 )
-from .deployment import Deployment
+from .deployment import Deployment, kv_handoff_cost
 from .errors import SimError
-from .hardware import PRECISIONS, System, get_system
+from .hardware import LOCAL_CHIP, PRECISIONS, System, get_system
 from .inputs import check_float, check_int
 from .model import ModelCosts, load_model
 from .result import SimResult
@@ -35,6 +35,9 @@ BATCHES = (8, 16, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_SHARES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 AF_RATIOS = (1.0, 2.0, 3.0, 4.0)
 PREFILL_TOKENS_PER_DEVICE = (4096, 16384)
+LOCAL_PREFILL_TOKENS = (512, 2048)
+"""A CPU device computes a few thousand prompt tokens per second: a prefill pass of an
+accelerator's budget would hold every prompt behind it for seconds."""
 COLOCATED_CHUNK_TOKENS = (256, 2048)
 
 
@@ -117,7 +120,8 @@ def _steady(system: System, model: ModelCosts, dep: Deployment, inp: int, out: i
                                  system.tiers())
         prefill_req_s = n_seq / pre_s * (dep.num_prefill_devices // inst)
         tokens_s = min(decode_tokens_s, prefill_req_s * out)
-        ttft = pre_s
+        per_token_s, latency_s = kv_handoff_cost(system, model, dep)
+        ttft = pre_s + latency_s + per_token_s * inp
     return Candidate(dep, tokens_s / (dep.num_devices / dpc), step / gain * 1e3, ttft * 1e3,
                      dep.num_devices / dpc)
 
@@ -165,11 +169,16 @@ def _check_inputs(system: System, model: ModelCosts, precision: str, tpot_slo_ms
 
 def candidates(system: System, model: ModelCosts, num_chips: int, precision: str,
                mtp: float | None) -> list[Deployment]:
-    """Deployments to try on ``num_chips`` chips."""
+    """Deployments to try on ``num_chips`` chips.
+
+    On the calibrated local machine only what Tessera's runtime launches there is tried
+    (``tessera serve --deployment``): instances of one device, no attention/FFN split behind
+    prefill instances."""
     check_chips(system, num_chips)
     devices = num_chips * system.chip.num_devices_per_chip
+    local = system.name == LOCAL_CHIP
     out: list[Deployment] = []
-    tps = [t for t in (1, 2, 4, 8) if devices % t == 0] if not model.is_moe else [1]
+    tps = [t for t in (1, 2, 4, 8) if devices % t == 0] if not (model.is_moe or local) else [1]
     base = Deployment(mode="colocated", precision=precision, mtp_acceptance=mtp,
                       num_micro_batches=2 if model.is_moe else 1,
                       num_redundant_experts=32 if model.is_moe else 0)
@@ -181,16 +190,17 @@ def candidates(system: System, model: ModelCosts, num_chips: int, precision: str
             for share in PREFILL_SHARES:
                 pre = int(devices * share) // tp * tp
                 # largest instance of at most 32 devices that splits the pool evenly
-                sizes = [d for d in range(tp, min(pre, 32) + 1, tp) if pre % d == 0]
+                sizes = [d for d in range(tp, min(pre, 1 if local else 32) + 1, tp)
+                         if pre % d == 0]
                 if not sizes:
                     continue
                 inst = sizes[-1]
                 dec = devices - pre
-                for budget in PREFILL_TOKENS_PER_DEVICE:
+                for budget in LOCAL_PREFILL_TOKENS if local else PREFILL_TOKENS_PER_DEVICE:
                     out.append(replace(base, mode="pd", num_dp=dec // tp, tp=tp, batch_per_dp=b,
                                        num_prefill_devices=pre, prefill_instance_devices=inst,
                                        prefill_tokens_per_device=budget))
-                if not model.is_moe:
+                if not model.is_moe or local:
                     continue
                 for ratio in AF_RATIOS:
                     ffn = int(dec / (1.0 + ratio))
@@ -201,24 +211,28 @@ def candidates(system: System, model: ModelCosts, num_chips: int, precision: str
                                            num_ffn_devices=ffn, num_micro_batches=mb,
                                            num_prefill_devices=pre, prefill_instance_devices=inst,
                                            prefill_tokens_per_device=budget))
-    return out
+    # Prefill shares that round to the same pool on few devices give the same deployment.
+    return list(dict.fromkeys(out))
 
 
 def plan(hardware: str, model_name: str, num_chips: int, tpot_slo_ms: float,
          ttft_slo_ms: float | None, input_tokens: int, output_tokens: int,
          precision: str | None = None, mtp: float | None = None, top: int = 5,
-         verify: int = 3, hits: Workload | None = None,
+         verify: int = 3, hits: Workload | None = None, num_systems: int = 1,
          ) -> tuple[list[tuple[Candidate, SimResult | None]], list[Candidate]]:
     """Search deployments; return (best verified, every feasible candidate).
 
     ``hits`` carries the workload's prefix and tier hit fractions and ``num_sessions`` (its
     other fields are ignored): candidates are scored with them, and the simulated results of
-    the verified ones size the tiers. Raises :class:`SimError` for unknown hardware or models
-    and bad numbers before searching."""
-    system = get_system(hardware)
+    the verified ones size the tiers. ``num_systems`` systems like ``hardware`` side by side
+    hold ``num_chips`` (``System.num_systems``). Raises :class:`SimError` for unknown hardware
+    or models and bad numbers before searching."""
+    system = get_system(hardware, num_systems)
     model = load_model(model_name)
     check_chips(system, num_chips)
-    if precision is None:
+    if precision is None and system.name == LOCAL_CHIP:
+        precision = "fp32"  # what the engine runs fast on a CPU
+    elif precision is None:
         precision = "int8" if "fp8" not in system.chip.tflops else "fp8"
     _check_inputs(system, model, precision, tpot_slo_ms, ttft_slo_ms, input_tokens,
                   output_tokens, mtp, top, verify, hits)
@@ -253,7 +267,8 @@ def plan(hardware: str, model_name: str, num_chips: int, tpot_slo_ms: float,
                              ssd_hit_fraction=hits.ssd_hit_fraction,
                              remote_hit_fraction=hits.remote_hit_fraction,
                              num_sessions=hits.num_sessions)
-            res = simulate(Scenario(hardware, model_name, cand.deployment, wl))
+            res = simulate(Scenario(hardware, model_name, cand.deployment, wl,
+                                    num_systems=num_systems))
         best.append((cand, res))
     return best, feasible
 
@@ -266,5 +281,7 @@ def describe(dep: Deployment) -> str:
     if dep.mode == "afd":
         text += f" ffn={dep.num_ffn_devices} mb={dep.num_micro_batches}"
     if dep.mode != "colocated":
-        text += f" prefill={dep.num_prefill_devices}"
+        text += f" prefill={dep.num_prefill_devices} ({dep.prefill_tokens_per_device} tok/dev)"
+    else:
+        text += f" chunk={dep.chunk_tokens_per_group}"
     return text + f" batch/dp={dep.batch_per_dp}"

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .batching import DecodeSlots
-from .costmodel import KV_BYTES_PER_ELEMENT, PassLoad, PoolCost, decode_load, prefill_core_flops
-from .deployment import Deployment
+from .costmodel import PassLoad, PoolCost, decode_load, prefill_core_flops
+from .deployment import Deployment, kv_handoff_cost
 from .errors import SimError
 from .events import Event, EventLoop
 from .hardware import LOCAL_CHIP, System, get_system
@@ -41,6 +41,8 @@ class Scenario:
     deployment: Deployment
     workload: Workload
     seed: int = 0
+    num_systems: int = 1
+    """Systems like ``hardware`` side by side (pools may span them; see ``System``)."""
 
     def __post_init__(self) -> None:
         for name, value in (("hardware", self.hardware), ("model", self.model)):
@@ -51,6 +53,7 @@ class Scenario:
         if not isinstance(self.workload, Workload):
             raise SimError(f"workload must be a Workload (got {type(self.workload).__name__})")
         check_int("--seed", self.seed, 0)
+        check_int("--systems", self.num_systems, 1)
         self.deployment.check_numbers()
         self.workload.validate()
 
@@ -91,11 +94,7 @@ class _Run:
             self.num_instances = dep.num_prefill_devices // dep.instance_devices()
             self.instance_busy = [False] * self.num_instances
             self.prefill_queue: deque[int] = deque()
-        kv_per_token = model.kv_elements_per_token * KV_BYTES_PER_ELEMENT * (
-            model.num_layers + model.num_mtp_layers)
-        fabric = system.scale_up if system.scale_out is None else system.scale_out
-        self.kv_transfer_s_per_token = kv_per_token / (fabric.bytes_per_s * system.chip.efficiency.fabric)
-        self.kv_latency_s = fabric.latency_us * 1e-6
+        self.kv_transfer_s_per_token, self.kv_latency_s = kv_handoff_cost(system, model, dep)
 
     # ----- arrivals ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -366,15 +365,16 @@ def simulate(scenario: Scenario, max_events: int | None = None) -> SimResult:
     that need more devices than the system has or do not fit in memory, and bad numbers.
     Requests still in flight when ``max_events`` is reached are reported as unfinished.
     """
-    system = get_system(scenario.hardware)
+    system = get_system(scenario.hardware, scenario.num_systems)
     model = load_model(scenario.model)
     scenario.deployment.validate(system, model)
     scenario.workload.validate()
     dep = scenario.deployment
-    if system.name == LOCAL_CHIP and dep.mode == "colocated" and dep.num_dp == 1 and dep.tp == 1:
+    if (system.name == LOCAL_CHIP and dep.mode != "afd" and dep.tp == 1
+            and (dep.mode == "colocated" or dep.instance_devices() == 1)):
         if any(scenario.workload.tier_fractions().values()):
             raise SimError("KV tier hits are not simulated on the engine scheduler's path"
-                           f" ({LOCAL_CHIP}, one colocated group): drop --host-hit, --ssd-hit"
+                           f" ({LOCAL_CHIP} instances): drop --host-hit, --ssd-hit"
                            " and --remote-hit")
         from .local import simulate_local
 

@@ -89,7 +89,7 @@ def test_a_slow_tier_costs_more_than_it_saves(monkeypatch: pytest.MonkeyPatch) -
     system = get_system("dgx-h100")
     slow = replace(system.tiers(), ssd=TierLink(device_bytes_per_s=64e9, node_bytes_per_s=1e9))
 
-    def slow_system(name: str) -> System:
+    def slow_system(name: str, num_systems: int = 1) -> System:
         return replace(system, kv_tiers=slow)
 
     monkeypatch.setattr(simulator_mod, "get_system", slow_system)
