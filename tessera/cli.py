@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     from tessera.kv.cli import add_kv_parser
 
     add_kv_parser(sub)
+    try:
+        from tessera.router.cli import add_router_parser
+
+        add_router_parser(sub)
+    except ImportError:  # the server's dependencies are not installed
+        pass
     args = parser.parse_args(argv)
     try:
         if args.command == "generate":
@@ -112,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
             from tessera.serve.cli import run_serve
 
             return run_serve(args)
+        if args.command == "router":
+            from tessera.router.cli import run_router
+
+            return run_router(args)
         if args.command == "kv":
             from tessera.kv.cli import run_kv
 

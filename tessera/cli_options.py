@@ -57,13 +57,14 @@ def option_type(cls: type, name: str) -> type:
 
 
 def add_options(parser: argparse.ArgumentParser | Any, cls: type,
-                only_given: bool = False) -> None:
-    """Add a flag for every ``option`` field of ``cls`` to ``parser`` (or an argument group).
-    With ``only_given`` a flag left out sets nothing (``options_from_args`` then leaves the
-    field to the dataclass), so a caller can tell which options were given."""
+                only_given: bool = False, names: tuple[str, ...] | None = None) -> None:
+    """Add a flag for every ``option`` field of ``cls`` (or those in ``names``) to ``parser``
+    (or an argument group). With ``only_given`` a flag left out sets nothing
+    (``options_from_args`` then leaves the field to the dataclass), so a caller can tell which
+    options were given."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if "help" not in f.metadata:
+        if "help" not in f.metadata or (names is not None and f.name not in names):
             continue
         kind = _scalar_type(hints[f.name])
         flag = flag_of(cls, f.name)

@@ -68,5 +68,7 @@ class CoreConfig(msgspec.Struct, frozen=True):
     output_address: str
     parent_pid: int
     instance: bool = False
+    publish_kv_events: bool = False
+    """Send the KV events with every step (a served engine's ``/kv_events`` feed)."""
     """Run as one instance of a cluster (``tessera.cluster``): each ``CoreStep`` also carries
     finished outputs and KV events."""

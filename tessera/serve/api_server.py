@@ -93,6 +93,15 @@ def build_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    @app.get("/kv_events")
+    async def kv_events(model: str | None = None, since: int | None = None) -> dict[str, Any]:
+        """What the model's device cache stored and evicted after feed batch ``since`` (the
+        whole cache without it): prefix keys as ``tessera.kv.events`` defines them."""
+        served = state.model(model)
+        seq, events = served.client.kv_feed.since(since)
+        return {"seq": seq, "block_size": served.client.engine_config.cache.block_size,
+                "cleared": events.cleared, "stored": events.stored, "removed": events.removed}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [m.card() for m in state.models]}

@@ -35,6 +35,7 @@ from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, 
 from tessera.messages.core import CoreConfig, CoreOutput, CoreStep, Delta
 from tessera.outputs import EngineStats
 from tessera.sampling_params import SamplingParams
+from tessera.serve.kv_feed import KVFeed
 
 logger = logging.getLogger("tessera.serve")
 
@@ -98,6 +99,8 @@ class EngineClient:
         self.process: subprocess.Popen[bytes] | None = None
         self.ready: Ready | None = None
         self.stats = EngineStats()
+        self.kv_feed = KVFeed()
+        """The prefix blocks the core's device cache holds (``GET /kv_events``)."""
         self.alive = False
         self.stopping = False
         self.num_restarts = 0
@@ -128,7 +131,8 @@ class EngineClient:
         self._input.setsockopt(zmq.SNDHWM, 0)
         # Connecting (the core binds) queues messages even before the core is up.
         self._input.connect(input_address)
-        config = CoreConfig(self.engine_config, input_address, self._output_address, os.getpid())
+        config = CoreConfig(self.engine_config, input_address, self._output_address, os.getpid(),
+                            publish_kv_events=True)
         loop = asyncio.get_running_loop()
         self._handshake = loop.create_future()
         self.process = subprocess.Popen(
@@ -349,6 +353,8 @@ class EngineClient:
             if queue is not None:
                 queue.put_nowait(Finished("error", fail.message, fail.status_code))
         self.stats = msg.stats
+        if msg.kv_events is not None:
+            self.kv_feed.apply(msg.kv_events)
         if self.on_stats is not None:
             self.on_stats(msg.stats)
 

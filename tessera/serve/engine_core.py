@@ -144,7 +144,8 @@ class EngineCore:
             elif not num_inputs:
                 continue
             # Also sent after inputs alone, so an abort shows in the stats at once.
-            events = engine.take_kv_events() if self.config.instance else None
+            events = (engine.take_kv_events()
+                      if self.config.instance or self.config.publish_kv_events else None)
             self.send(CoreStep(deltas, failed, engine.stats(), pid, finished, events))
 
 

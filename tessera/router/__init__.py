@@ -1,0 +1,1 @@
+"""``tessera router``: one OpenAI-compatible endpoint in front of running Tessera servers."""

@@ -1,0 +1,65 @@
+"""``tessera router``: its arguments, and the one-line errors of a failed start."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from tessera.cli_options import add_options, options_from_args
+from tessera.config import ClusterConfig
+from tessera.router.config import ROUTER_FIELDS, RouterConfig
+
+
+def add_router_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "router", help="one OpenAI-compatible endpoint in front of running Tessera servers, "
+        "placing each request by the prefix blocks each holds and its load")
+    p.add_argument("--instance", dest="instances", action="append", default=[],
+                   metavar="URL", help="base URL of a running 'tessera serve' (repeat for each)")
+    p.add_argument("--upstream-api-key-file", default=None, metavar="FILE",
+                   help="the instances' API key (first line of FILE), for the router's own "
+                   "calls to them; clients' requests carry their own")
+    add_options(p, RouterConfig)
+    add_options(p, ClusterConfig, names=ROUTER_FIELDS)
+    p.add_argument("--log-level", default="warning", help="uvicorn log level")
+
+
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    """The config of parsed flags; ValueError naming what is wrong."""
+    key = None
+    if args.upstream_api_key_file is not None:
+        try:
+            lines = Path(args.upstream_api_key_file).read_text().splitlines()
+        except OSError as exc:
+            raise ValueError(f"cannot read --upstream-api-key-file: {exc.strerror or exc}") from exc
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise ValueError("--upstream-api-key-file is empty")
+    cluster = options_from_args(ClusterConfig, args)
+    return options_from_args(RouterConfig, args, instances=tuple(args.instances),
+                             upstream_api_key=key, cluster=cluster)
+
+
+def run_router(args: argparse.Namespace) -> int:
+    """Serve until a signal; a bad flag ends in one line and exit code 2."""
+    import uvicorn
+
+    from tessera.router.app import build_app
+
+    logging.basicConfig(format="tessera router: %(levelname)s: %(message)s",
+                        level=logging.WARNING)
+    try:
+        config = router_config(args)
+    except ValueError as exc:
+        print(f"tessera router: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        uvicorn.run(build_app(config), host=config.host, port=config.port,
+                    log_level=args.log_level)
+    except (OSError, SystemExit) as exc:  # uvicorn exits when it cannot bind
+        print(f"tessera router: error: cannot serve on {config.host}:{config.port}: {exc}",
+              file=sys.stderr)
+        return 2
+    return 0
