@@ -251,6 +251,13 @@ class ClusterConfig:
         "to the decode instances through a shared host KV tier (with --decode-instances)")
     decode_instances: int = option(
         0, "instances that decode the requests prefill instances started")
+    decode_attention_workers: int = option(
+        0, "make each decode instance a Transformerless group of this many attention workers "
+        "(with --decode-ffn-workers)")
+    decode_ffn_workers: int = option(
+        0, "FFN workers of each decode instance's Transformerless group")
+    decode_micro_batches: int = option(
+        2, "micro-batches per attention worker of a decode instance's Transformerless group")
     max_request_retries: int = option(
         1, "times a request whose instance failed is placed on another (recomputed from its "
         "tokens) before it ends with an error")
@@ -271,6 +278,14 @@ class ClusterConfig:
             return ["both"] * self.data_parallel
         return ["prefill"] * self.prefill_instances + ["decode"] * self.decode_instances
 
+    def decode_group(self) -> AFDConfig | None:
+        """The Transformerless group each decode instance is, if it is one."""
+        if not self.decode_attention_workers:
+            return None
+        return AFDConfig(attention_workers=self.decode_attention_workers,
+                         ffn_workers=self.decode_ffn_workers,
+                         micro_batches=self.decode_micro_batches)
+
     @property
     def enabled(self) -> bool:
         """Whether these options ask for more than one plain engine."""
@@ -278,7 +293,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         for name in ("data_parallel", "max_request_retries", "prefill_instances",
-                     "decode_instances"):
+                     "decode_instances", "decode_attention_workers", "decode_ffn_workers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -288,6 +303,13 @@ class ClusterConfig:
             raise ValueError("prefill_instances and decode_instances go together: give both")
         if self.prefill_instances and self.data_parallel > 1:
             raise ValueError("give data_parallel or prefill_instances/decode_instances, not both")
+        if (self.decode_attention_workers > 0) != (self.decode_ffn_workers > 0):
+            raise ValueError("decode_attention_workers and decode_ffn_workers go together: "
+                             "give both")
+        if self.decode_attention_workers and not self.decode_instances:
+            raise ValueError("decode_attention_workers needs prefill_instances and "
+                             "decode_instances")
+        self.decode_group()  # a bad micro-batch count fails here, not at launch
         if self.num_instances > 64:
             raise ValueError(f"a cluster has at most 64 instances, got {self.num_instances}")
         if self.router_policy not in ROUTER_POLICIES:

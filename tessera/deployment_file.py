@@ -170,9 +170,8 @@ def engine_options(dep: Deployment, num_host_cpus: int | None = None) -> dict[st
     """The engine options (``LLM``/``engine_config`` keywords) that launch ``dep`` here.
 
     Raises :class:`DeploymentError` for what this runtime cannot launch: tensor-parallel
-    instances (an instance is one device: one GPU, or ``threads_per_device`` CPU threads), a
-    Transformerless group as one of several instances, a precision whose weights the engine
-    does not load, or (a plan for calibrated CPUs, which gives ``threads_per_device``) more
+    instances (an instance is one device: one GPU, or ``threads_per_device`` CPU threads),
+    data-parallel Transformerless groups, a precision whose weights the engine does not load, or (a plan for calibrated CPUs, which gives ``threads_per_device``) more
     CPU threads than the host's ``num_host_cpus``.
 
     Instances share one engine config: the prefill pool's token budget (a step of prompt
@@ -195,12 +194,17 @@ def engine_options(dep: Deployment, num_host_cpus: int | None = None) -> dict[st
     options["max_num_seqs"] = decode.max_num_seqs
     options["max_num_batched_tokens"] = decode.max_num_batched_tokens
     if decode.attention_workers:
-        if dep.pool("prefill") is not None or decode.instances > 1:
-            raise DeploymentError("a Transformerless group as one of several instances (behind "
-                                  "prefill instances or data-parallel) is not runnable yet; "
-                                  "one group alone is (attention_workers, ffn_workers)")
-        options.update(attention_workers=decode.attention_workers,
-                       ffn_workers=decode.ffn_workers, micro_batches=decode.micro_batches)
+        if dep.pool("prefill") is not None:
+            # Each decode instance a Transformerless group behind the prefill instances.
+            options.update(decode_attention_workers=decode.attention_workers,
+                           decode_ffn_workers=decode.ffn_workers,
+                           decode_micro_batches=decode.micro_batches)
+        elif decode.instances > 1:
+            raise DeploymentError("data-parallel Transformerless groups are not runnable yet; "
+                                  "one group is, or groups behind prefill instances")
+        else:
+            options.update(attention_workers=decode.attention_workers,
+                           ffn_workers=decode.ffn_workers, micro_batches=decode.micro_batches)
     prefill = dep.pool("prefill")
     if prefill is not None:
         options["max_num_batched_tokens"] = prefill.max_num_batched_tokens

@@ -212,3 +212,35 @@ def test_bad_deployment_files_are_one_line_errors(model_factory, tmp_path):
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_a_transformerless_decode_group_behind_a_prefill_instance(model_factory):
+    """A decode instance may be a Transformerless group (attention and FFN workers): it loads
+    the handed-over blocks from the shared host tier like a plain one, with the same tokens."""
+    path, hf = model_factory("qwen3-moe")
+    prompts = _prompts(24)[:3]
+    llm = LLM(str(path), prefill_instances=1, decode_instances=1, decode_attention_workers=1,
+              decode_ffn_workers=1, decode_micro_batches=1, **COMMON)
+    engine = llm.engine
+    try:
+        _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
+        assert engine.num_handoffs == len(prompts)
+        assert _host(llm).num_hit_tokens_total > 0
+        assert [s.role for s in engine.stats().instances] == ["prefill", "decode"]
+    finally:
+        llm.close()
+
+
+def test_decode_group_options_are_checked():
+    from tessera.engine_args import engine_config
+
+    for options, message in (
+        (dict(prefill_instances=1, decode_instances=1, decode_attention_workers=1),
+         "go together"),
+        (dict(data_parallel=2, decode_attention_workers=1, decode_ffn_workers=1),
+         "needs prefill_instances"),
+        (dict(prefill_instances=1, decode_instances=1, decode_attention_workers=1,
+              decode_ffn_workers=1, decode_micro_batches=99), "micro_batches"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            engine_config("m", **options)

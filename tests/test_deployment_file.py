@@ -107,8 +107,12 @@ def test_catalog_plans_say_what_cannot_run_here() -> None:
     pools = pools_of(afd)
     assert [p.role for p in pools] == ["prefill", "decode"]
     assert (pools[1].attention_workers, pools[1].ffn_workers, pools[1].micro_batches) == (4, 2, 2)
-    with pytest.raises(df.DeploymentError, match="Transformerless group as one of several"):
-        df.engine_options(deployment_file_of(afd, system, "m", WORKLOAD, 1.0, 2.0, 3.0, None))
+    # Behind prefill instances, each decode instance is a Transformerless group.
+    options = df.engine_options(deployment_file_of(afd, system, "m", WORKLOAD, 1.0, 2.0, 3.0,
+                                                   None))
+    assert (options["prefill_instances"], options["decode_instances"]) == (2, 1)
+    assert (options["decode_attention_workers"], options["decode_ffn_workers"],
+            options["decode_micro_batches"]) == (4, 2, 2)
     # A colocated data-parallel plan runs as it is: one GPU per instance (checked at launch).
     dp = SimDeployment(mode="colocated", num_dp=8, batch_per_dp=32, precision="bf16",
                        chunk_tokens_per_group=256)

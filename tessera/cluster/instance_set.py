@@ -45,8 +45,10 @@ def instance_configs(config: EngineConfig, cluster: ClusterConfig) -> list[Engin
         else:
             devices = ["cpu"] * n
     threads = config.num_threads or max(1, (os.cpu_count() or 1) // n)
-    return [replace(config, cluster=None, num_threads=threads, device=device)
-            for device in devices]
+    group = cluster.decode_group()
+    return [replace(config, cluster=None, num_threads=threads, device=device,
+                    afd=group if role == "decode" else None)
+            for device, role in zip(devices, cluster.roles, strict=True)]
 
 
 def host_store_bytes(config: EngineConfig, cluster: ClusterConfig) -> int | None:
