@@ -38,6 +38,10 @@ def test_outputs_match_the_single_engine(model_factory, arch, num_prefill, num_d
         assert engine.roles == ["prefill"] * num_prefill + ["decode"] * num_decode
         _check(hf, prompts, llm.generate(prompts, PARAMS, use_tqdm=False))
         assert engine.num_handoffs == len(prompts)
+        # Each handoff's blocks were pinned in the store and released once decoding.
+        leases = engine._set.leases
+        assert leases.num_leases == len(prompts) and leases.num_held == 0
+        assert leases.num_failed_calls == 0
         # The decode side loaded the prompts' full blocks from the host tier.
         assert _host(llm).num_hit_tokens_total > 0
         # Again: prefixes now hit the device caches on both sides.

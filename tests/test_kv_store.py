@@ -16,7 +16,17 @@ import pytest
 from tessera import LLM, SamplingParams
 from tessera.engine.model_runner import ModelRunner
 from tessera.kv.store import Store
-from tessera.messages.kv_store import Acquire, Attach, BlockRef, Commit, Lookup, Reserve
+from tessera.messages.kv_store import (
+    Acquire,
+    Attach,
+    BlockRef,
+    Commit,
+    Done,
+    Lookup,
+    Pin,
+    Reserve,
+    Unpin,
+)
 from tests.models import reference_gaps
 from tests.test_kv_tiers import _check, _prompts
 
@@ -66,6 +76,42 @@ def test_abandoned_reservations_are_taken_back(monkeypatch):
         assert store.handle(Reserve([_ref(2)])).slots == [None]  # the one slot is reserved
         monkeypatch.setattr("tessera.kv.store.RESERVATION_TIMEOUT_S", 0.0)
         assert store.handle(Reserve([_ref(2)])).slots[0] is not None
+    finally:
+        store.close()
+
+
+def _put(store: Store, i: int) -> None:
+    (r,) = store.handle(Reserve([_ref(i)])).slots
+    store.handle(Commit([(_ref(i).key, r[0], r[1])]))
+
+
+def test_pinned_blocks_are_not_evicted_until_unpinned_or_their_lease_ends(monkeypatch):
+    store = Store(capacity_bytes=2 * (64 + 8))  # two slots
+    store.handle(Attach("fp", 64))
+    try:
+        _put(store, 1)
+        _put(store, 2)
+        # Pinned before and after commit: a lease may come before the block does.
+        assert store.handle(Pin([_ref(1).key, _ref(7).key], 30.0)) == Done()
+        _put(store, 3)  # evicts 2, the least recently used block not pinned
+        assert store.handle(Lookup([_ref(1).key])).num_keys == 1
+        assert store.handle(Lookup([_ref(2).key])).num_keys == 0
+        assert store.handle(Pin([_ref(3).key], 30.0)) == Done()
+        # Every block pinned: a writer gets no slot rather than a pinned block's.
+        assert store.handle(Reserve([_ref(4)])).slots == [None]
+        assert store.handle(Unpin([_ref(3).key])) == Done()
+        _put(store, 4)
+        assert store.handle(Lookup([_ref(3).key])).num_keys == 0
+        assert store.handle(Lookup([_ref(1).key])).num_keys == 1
+        # A lease that ended no longer protects its block.
+        monkeypatch.setattr("tessera.kv.store.time.monotonic", lambda: time.time() + 1e6)
+        _put(store, 5)
+        assert store.handle(Lookup([_ref(1).key])).num_keys == 0
+        # Leases are bounded.
+        assert store.handle(Pin([_ref(5).key], 0.0)).message.startswith("a lease is over 0")
+        assert store.handle(Pin([_ref(5).key], 1e9)).message.startswith("a lease is over 0")
+        many = [bytes([i % 256, i // 256]) * 8 for i in range(20)]
+        assert store.handle(Pin(many, 30.0)).message == "too many pinned blocks"
     finally:
         store.close()
 

@@ -141,6 +141,8 @@ class ClusterEngine:
         if tracked is None:
             return False
         self.router.ended(request_id)
+        if self._set.leases is not None:
+            self._set.leases.release(request_id)
         inst = self._set.instances[tracked.instance]
         inst.request_ids.discard(request_id)
         with contextlib.suppress(zmq.ZMQError):
@@ -219,6 +221,8 @@ class ClusterEngine:
             if d.logprobs is not None:
                 tracked.logprobs.setdefault(d.index, []).append(d.logprobs)
             self.router.first_token(d.request_id)
+            if tracked.phase == "decode" and self._set.leases is not None:
+                self._set.leases.release(d.request_id)  # its blocks are loaded by now
             finish = d.finish_reason
             if tracked.phase == "prefill" and finish == "length":
                 finish = None  # the first token of many: a decode instance goes on
@@ -250,6 +254,9 @@ class ClusterEngine:
         inst.request_ids.discard(request_id)
         self.router.ended(request_id)
         self.num_handoffs += 1
+        if self._set.leases is not None:
+            self._set.leases.hold(request_id, tracked.prompt_token_ids
+                                  + tracked.output_ids.get(0, []))
         why = self._continue(request_id, tracked)
         if why is not None:
             del self.requests[request_id]
@@ -258,6 +265,8 @@ class ClusterEngine:
                 self.tokenizer))
 
     def _end(self, request_id: str, inst: InstanceProcess) -> None:
+        if self._set.leases is not None:
+            self._set.leases.release(request_id)
         self.requests.pop(request_id, None)
         inst.request_ids.discard(request_id)
         self.router.ended(request_id)

@@ -19,6 +19,7 @@ from dataclasses import replace
 import zmq
 
 from tessera.cluster.instances import InstanceProcess, decode_output
+from tessera.cluster.leases import HandoffLeases
 from tessera.config import ClusterConfig, EngineConfig
 from tessera.kv.store_process import StoreProcess
 from tessera.messages.common import Ready, Shutdown, StartupFailed
@@ -73,6 +74,8 @@ class InstanceSet:
         self._dir = tempfile.mkdtemp(prefix="tessera-cluster-")
         self._ctx = zmq.Context()
         self._store: StoreProcess | None = None
+        self.leases: HandoffLeases | None = None
+        """Pins on handed-over blocks in the shared store (prefill/decode pools only)."""
         self._closed = False
         try:
             self._configs = instance_configs(config, cluster)
@@ -80,6 +83,9 @@ class InstanceSet:
             if memory is not None:
                 self._store = StoreProcess.in_dir(self._dir, memory)
                 cache = config.cache.on_host_store(self._store.address)
+                if cluster.prefill_instances:
+                    self.leases = HandoffLeases(self._ctx, self._store.address,
+                                                config.cache.block_size)
                 self._configs = [replace(c, cache=cache) for c in self._configs]
             for i, engine in enumerate(self._configs):  # one by one: all are stopped on failure
                 self.instances.append(InstanceProcess.start(self._ctx, engine, i, 0, self._dir))
@@ -163,6 +169,8 @@ class InstanceSet:
                     inst.send(Shutdown())
         for inst in self.instances:
             inst.kill(graceful_s=10.0)
+        if self.leases is not None:
+            self.leases.close()
         if self._store is not None:
             self._store.close()
         self._ctx.destroy(linger=0)

@@ -13,6 +13,9 @@ slot, then the slots. Invariants:
   reused meanwhile (evicted for another writer) has a newer generation, and the reader drops
   what it copied (a failed load: recomputed, never used).
 - A reservation not committed within ``RESERVATION_TIMEOUT_S`` (its writer died) is taken back.
+- A pinned key (``Pin``, a lease of at most ``MAX_LEASE_S``) is not evicted until it is
+  unpinned or its lease ends; when every block the eviction looks at is pinned, a writer
+  gets no slot (its block is simply not stored), never a pinned block's.
 
 The first engine to attach fixes the layout (fingerprint and block size); an engine with
 another layout is refused and runs without the shared tier.
@@ -43,16 +46,23 @@ from tessera.messages.kv_store import (
     Done,
     Found,
     Lookup,
+    Pin,
     Reserve,
     Slots,
     StoreError,
     StoreReply,
     StoreRequest,
+    Unpin,
 )
 
 logger = logging.getLogger(__name__)
 
 RESERVATION_TIMEOUT_S = 30.0
+MAX_LEASE_S = 600.0
+EVICTION_SCAN = 4096
+"""Least recently used blocks an eviction looks at for one that is not pinned. Pinned keys
+move to the most recent end when pinned and when committed, so the oldest are rarely
+pinned."""
 MAX_REQUEST_BYTES = 8 << 20
 """A request names at most a few thousand blocks; more is not an engine talking."""
 SHM_DIR = "/dev/shm"
@@ -104,6 +114,7 @@ class Store:
         self.reserved: dict[int, tuple[bytes, bytes, list[int], int, float]] = {}
         self.reserved_keys: set[bytes] = set()
         self.free_slots: list[int] = []
+        self.pinned: dict[bytes, float] = {}  # key -> end of its lease (monotonic seconds)
 
     def handle(self, request: StoreRequest) -> StoreReply:
         if isinstance(request, Attach):
@@ -124,6 +135,12 @@ class Store:
         if isinstance(request, Commit):
             for key, slot, generation in request.entries:
                 self._commit(key, slot, generation)
+            return Done()
+        if isinstance(request, Pin):
+            return self._pin(request)
+        if isinstance(request, Unpin):
+            for key in request.keys:
+                self.pinned.pop(key, None)
             return Done()
         return StoreError("unknown request")
 
@@ -159,17 +176,47 @@ class Store:
         self._reclaim_stale()
         if self.free_slots:
             slot = self.free_slots.pop()
-        elif self.index:
-            key, slot = self.index.popitem(last=False)
-            del self.holds[slot]
         else:
-            return None  # every slot is being written
+            victim = self._victim()
+            if victim is None:
+                return None  # every slot is being written, or pinned
+            slot = self.index.pop(victim)
+            del self.holds[slot]
         generation = self.arena.generations[slot] + 1  # odd: being written
         self.arena.generations[slot] = generation
         self.reserved[slot] = (b.key, b.parent_key, list(b.token_ids), generation,
                                time.monotonic())
         self.reserved_keys.add(b.key)
         return slot, generation
+
+    def _victim(self) -> bytes | None:
+        """The least recently used key not under a lease (expired leases end here)."""
+        now = time.monotonic()
+        for n, key in enumerate(self.index):
+            if n >= EVICTION_SCAN:
+                return None
+            until = self.pinned.get(key)
+            if until is None:
+                return key
+            if until < now:
+                del self.pinned[key]
+                return key
+        return None
+
+    def _pin(self, request: Pin) -> StoreReply:
+        assert self.arena is not None
+        if not 0 < request.lease_s <= MAX_LEASE_S:
+            return StoreError(f"a lease is over 0 and at most {MAX_LEASE_S:g} s")
+        now = time.monotonic()
+        if len(self.pinned) + len(request.keys) > 4 * self.arena.num_slots:
+            self.pinned = {k: t for k, t in self.pinned.items() if t >= now}
+            if len(self.pinned) + len(request.keys) > 4 * self.arena.num_slots:
+                return StoreError("too many pinned blocks")
+        for key in request.keys:
+            self.pinned[key] = now + request.lease_s
+            if key in self.index:
+                self.index.move_to_end(key)
+        return Done()
 
     def _commit(self, key: bytes, slot: int, generation: int) -> None:
         assert self.arena is not None

@@ -68,6 +68,18 @@ class Commit(msgspec.Struct, frozen=True, tag=True):
     entries: list[tuple[bytes, int, int]]
 
 
+class Pin(msgspec.Struct, frozen=True, tag=True):
+    """Keep these blocks (held or still to come) from eviction for ``lease_s`` seconds, or
+    until ``Unpin``: a prefill instance's blocks until a decode instance has loaded them."""
+
+    keys: list[bytes]
+    lease_s: float
+
+
+class Unpin(msgspec.Struct, frozen=True, tag=True):
+    keys: list[bytes]
+
+
 class Done(msgspec.Struct, frozen=True, tag=True):
     pass
 
@@ -76,5 +88,5 @@ class StoreError(msgspec.Struct, frozen=True, tag=True):
     message: str
 
 
-StoreRequest = Attach | Lookup | Acquire | Reserve | Commit
+StoreRequest = Attach | Lookup | Acquire | Reserve | Commit | Pin | Unpin
 StoreReply = Attached | Found | Slots | Done | StoreError

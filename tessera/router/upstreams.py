@@ -137,7 +137,7 @@ class Upstreams:
             self.mark_down(i, str(exc) or type(exc).__name__)
             return
         if not u.up:
-            logger.warning("instance %s is up (models: %s)", u.url, ", ".join(u.models))
+            logger.info("instance %s is up (models: %s)", u.url, ", ".join(u.models))
         u.up, u.error = True, None
         for model, router in self.routers.items():
             router.set_up(i, model in u.models)
