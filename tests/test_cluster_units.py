@@ -125,6 +125,28 @@ def test_a_burst_sharing_a_prefix_follows_its_first_request():
     assert router.index.overlap(0, keys, now_s=EXPECT_S + 1) == 0
 
 
+def test_a_session_sticks_to_its_instance_when_nothing_is_known_cached():
+    router = Router(2, BS, "kv", overlap_weight=1.0, load_weight=1.0)
+    first = router.place(list(range(1000, 1040)), now_s=0.0, session="s1")
+    router.started("a", first)
+    # A later turn whose prefix no instance is known to hold (expectations lapsed) goes back
+    # to the session's instance, though the other is idle...
+    later = router.place(list(range(2000, 2040)), now_s=EXPECT_S + 1, session="s1")
+    assert later.instance == first.instance
+    # ...without a session it goes by load...
+    assert router.place(list(range(3000, 3040)), now_s=EXPECT_S + 1).instance != first.instance
+    # ...and with one, not when the session's instance is busier than the prompt is long.
+    router.started("busy", Placement(first.instance, 0, 100))
+    busy = router.place(list(range(4000, 4040)), now_s=EXPECT_S + 1, session="s1")
+    assert busy.instance != first.instance
+    # A known cached prefix outranks the session.
+    router.index.apply(first.instance, KVEvents(router.prompt_keys(list(range(41)))[:8], [],
+                                                True))
+    router.ended("busy")
+    router.ended("a")
+    assert router.place(list(range(41)), now_s=0.0, session="s1").instance == first.instance
+
+
 def test_round_robin_and_least_loaded():
     rr = Router(3, BS, "round_robin")
     rr.set_up(1, False)

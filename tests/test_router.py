@@ -43,6 +43,7 @@ def test_feed_merges_batches_and_gives_a_snapshot_to_readers_behind() -> None:
 
 class RouterProcess:
     def __init__(self, *urls: str, extra: tuple[str, ...] = ()) -> None:
+        """``tessera router`` over ``urls`` (``--instance``) and ``extra`` flags."""
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "tessera.cli", "router", "--port", str(self.port),
@@ -200,3 +201,59 @@ def test_router_with_no_instance_up_answers_503_and_bad_flags_are_one_line() -> 
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 2 and message in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.processes
+def test_router_prefill_and_decode_servers_share_a_remote_kv_tier(tmp_path) -> None:
+    """Across hosts: a prefill server computes the prompt, its blocks land in the remote KV
+    tier (a Valkey both servers use), and the decode server loads them and generates; the
+    text is a single server's."""
+    from tests.test_kv_remote import Store
+
+    path = build_server_model(tmp_path / "m")
+    store = Store()
+    store.start()
+    servers = [ServerProcess(path, "--kv-store", store.url) for _ in range(2)]
+    router = None
+    try:
+        for s in servers:
+            s.wait_ready(timeout_s=240)
+        prefill, decode = (s.base_url for s in servers)
+        router = RouterProcess(extra=("--prefill-instance", prefill, "--decode-instance", decode))
+        router.wait_up(2)
+        prompt = "A long shared question about the weather in several cities. " * 5
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True}
+        r = httpx.post(f"{router.base_url}/v1/completions", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        fresh = httpx.post(f"{prefill}/v1/completions",
+                           json=body | {"prompt": prompt + " (again)"}, timeout=120)
+        assert fresh.status_code == 200
+        reference = ServerProcess(path)
+        try:
+            reference.wait_ready(timeout_s=240)
+            expected = httpx.post(f"{reference.base_url}/v1/completions", json=body,
+                                  timeout=120).json()["choices"][0]["text"]
+        finally:
+            reference.stop()
+        assert r.json()["choices"][0]["text"] == expected
+        # The decode server computed only what the tier did not hold.
+        metrics = httpx.get(f"{decode}/metrics", timeout=5).text.splitlines()
+        remote = [float(x.split()[-1]) for x in metrics
+                  if x.startswith("tessera:kv_tier_hits_tokens_total{") and 'tier="remote"' in x]
+        assert remote and remote[0] >= 16 * 10, metrics
+        done = {line.split('outcome="')[1].split('"')[0]: float(line.split()[-1])
+                for line in httpx.get(f"{router.base_url}/metrics", timeout=5).text.splitlines()
+                if line.startswith("tessera:router_prefills_total{")}
+        assert done == {"done": 1.0}
+        # Streaming goes the same way.
+        with httpx.stream("POST", f"{router.base_url}/v1/completions",
+                          json=body | {"stream": True}, timeout=120) as s:
+            lines = [x for x in s.iter_lines() if x.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+    finally:
+        if router is not None:
+            router.stop()
+        for s in servers:
+            s.stop()
+        store.kill()

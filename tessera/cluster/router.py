@@ -11,6 +11,11 @@ Policies (``ClusterConfig.router_policy``):
 - ``least_loaded``: the instance of least load.
 - ``round_robin``: the next instance that is up.
 
+A request of a session (``place(..., session=...)``) for whose prompt no instance is known to
+hold anything goes to the instance its session used last, unless that one's extra load costs
+more than computing the whole prompt elsewhere: its earlier turns may be cached there without
+the router knowing (events not yet in, expectations expired).
+
 What an instance holds comes from its KV events, and from the prompts the router sent it that
 it has not yet reported (expected for ``EXPECT_S``): requests of a burst that share a prefix
 follow the first one before any instance has said what it caches. The router keeps its own
@@ -21,6 +26,7 @@ never chosen.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +35,8 @@ from tessera.config import ROUTER_POLICIES
 from tessera.kv.events import event_key
 from tessera.kv.keys import ROOT_KEY, block_key
 
+MAX_SESSIONS = 1 << 16
+"""Sessions whose last instance is remembered (least recently placed forgotten first)."""
 EXPECT_S = 30.0
 """How long a prompt sent to an instance counts as cached there without its KV events."""
 
@@ -71,6 +79,7 @@ class Router:
         self._num_requests = [0] * num_instances
         self._next = 0
         self.num_placed = [0] * num_instances
+        self._sessions: OrderedDict[str, int] = OrderedDict()
         self.num_hit_tokens = [0] * num_instances
         """Per instance, prompt tokens placed on it that it held (as far as the router knew)."""
 
@@ -89,9 +98,9 @@ class Router:
         return self._num_prefill_blocks[instance] + self._num_decoding[instance]
 
     def place(self, prompt_ids: list[int], now_s: float | None = None,
-              among: Sequence[int] | None = None) -> Placement:
+              among: Sequence[int] | None = None, session: str | None = None) -> Placement:
         """The instance for a new prompt, of ``among`` (default: all); ValueError when none of
-        them is up."""
+        them is up. ``session`` names the conversation it belongs to (kv policy only)."""
         pool = range(self.num_instances) if among is None else among
         candidates = [i for i in pool if self.up[i]]
         if not candidates:
@@ -116,8 +125,22 @@ class Router:
                     + self.load_weight * self.load(i), self._num_requests[i], i)
 
         chosen = min(candidates, key=cost)
+        if session is not None:
+            chosen = self._affine(session, chosen, candidates, hits, num_prompt_blocks)
         self.index.expect(chosen, keys, now_s, now_s + EXPECT_S)
         return Placement(chosen, hits[chosen], num_prompt_blocks - hits[chosen])
+
+    def _affine(self, session: str, chosen: int, candidates: list[int], hits: dict[int, int],
+                num_prompt_blocks: int) -> int:
+        last = self._sessions.pop(session, None)
+        if (last is not None and last in candidates and not any(hits.values())
+                and self.load_weight * (self.load(last) - self.load(chosen))
+                <= self.overlap_weight * num_prompt_blocks):
+            chosen = last
+        self._sessions[session] = chosen
+        if len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return chosen
 
     # ------------------------------------------------------------------ accounting
     def started(self, request_id: str, placement: Placement) -> None:

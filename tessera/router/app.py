@@ -31,7 +31,8 @@ from tessera.router.config import RouterConfig
 from tessera.router.upstreams import Upstreams
 from tessera.serve.errors import APIError, error_body, error_response
 
-FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "x-request-id")
+FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "x-request-id", "x-session-id")
+MAX_SESSION_CHARS = 256
 FORWARDED_RESPONSE_HEADERS = ("content-type", "retry-after", "x-request-id")
 BROKEN_STREAM = (b'data: {"error": {"message": "the instance serving this request failed '
                  b'mid-stream", "type": "InternalServerError", "param": null, "code": 502}}'
@@ -49,6 +50,9 @@ class RouterMetrics:
                                   ["instance"], registry=self.registry)
         self.retries = Counter("tessera:router_retries", "requests placed again after their "
                                "instance failed", registry=self.registry)
+        self.prefills = Counter("tessera:router_prefills", "prompts computed on a prefill "
+                                "instance before their decode instance took them, by outcome",
+                                ["outcome"], registry=self.registry)
         self.up = Gauge("tessera:instance_up", "1 while the instance answers its polls",
                         ["instance"], registry=self.registry)
 
@@ -59,7 +63,7 @@ class RouterState:
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(
             config.request_timeout_s, connect=config.connect_timeout_s))
         self.upstreams = Upstreams(config, self.client)
-        self.metrics = RouterMetrics(config.instances)
+        self.metrics = RouterMetrics(config.urls)
 
     def router_for(self, model: str | None) -> tuple[str, Router]:
         names = self.upstreams.model_names()
@@ -141,12 +145,19 @@ async def proxy(state: RouterState, request: Request, path: str) -> Response:
     ids: list[int] = []
     if router.policy == "kv":
         ids = await state.prompt_ids(model, path, payload, headers)
+    session = request.headers.get("x-session-id") or payload.get("user")
+    if not isinstance(session, str) or len(session) > MAX_SESSION_CHARS:
+        session = None
+    role = None
+    if state.config.prefill_instances:
+        await _prefill(state, router, model, path, payload, headers, ids)
+        role = "decode"
     tried: set[int] = set()
     retries = state.config.cluster.max_request_retries
     for attempt in range(retries + 1):
-        among = [i for i in state.upstreams.serving(model) if i not in tried]
+        among = [i for i in state.upstreams.serving(model, role) if i not in tried]
         try:
-            placement = router.place(ids, among=among)
+            placement = router.place(ids, among=among, session=session)
         except ValueError as exc:
             raise APIError(503, f"no instance of {model} could take the request: {exc}",
                            headers={"Retry-After": "1"}) from exc
@@ -191,6 +202,38 @@ async def proxy(state: RouterState, request: Request, path: str) -> Response:
                    headers={"Retry-After": "1"})
 
 
+PREFILL_DROPPED = ("stream_options", "logprobs", "top_logprobs", "prompt_logprobs", "echo",
+                   "best_of", "suffix", "n", "max_completion_tokens")
+"""Fields the prefill request goes without: it only has to compute the prompt."""
+
+
+async def _prefill(state: RouterState, router: Router, model: str, path: str,
+                   payload: dict[str, Any], headers: dict[str, str], ids: list[int]) -> None:
+    """Have a prefill instance compute the prompt (and one token, dropped), so that its blocks
+    are in the KV tier the decode instance shares with it. Best effort: when no prefill
+    instance can, the decode instance computes the prompt itself (the same tokens either
+    way)."""
+    body = {k: v for k, v in payload.items() if k not in PREFILL_DROPPED}
+    body |= {"max_tokens": 1, "stream": False}
+    try:
+        placement = router.place(ids, among=state.upstreams.serving(model, "prefill"))
+    except ValueError:
+        state.metrics.prefills.labels("no instance").inc()
+        return
+    i, request_id = placement.instance, uuid.uuid4().hex
+    router.started(request_id, placement)
+    try:
+        resp = await state.client.post(state.upstreams.items[i].url + path, json=body,
+                                       headers=headers)
+        outcome = "done" if resp.status_code == 200 else f"status {resp.status_code}"
+    except httpx.HTTPError as exc:
+        state.upstreams.mark_down(i, f"{type(exc).__name__}: {exc}")
+        outcome = "failed"
+    finally:
+        router.ended(request_id)
+    state.metrics.prefills.labels(outcome).inc()
+
+
 async def _relay(upstream: httpx.Response, router: Router, request_id: str
                  ) -> AsyncIterator[bytes]:
     try:
@@ -212,7 +255,7 @@ def build_app(config: RouterConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await asyncio.gather(*(state.upstreams.poll(i) for i in range(len(config.instances))))
+        await asyncio.gather(*(state.upstreams.poll(i) for i in range(len(config.urls))))
         task = asyncio.create_task(state.upstreams.poll_forever())
         try:
             yield

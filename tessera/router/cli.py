@@ -18,6 +18,13 @@ def add_router_parser(sub: argparse._SubParsersAction) -> None:
         "placing each request by the prefix blocks each holds and its load")
     p.add_argument("--instance", dest="instances", action="append", default=[],
                    metavar="URL", help="base URL of a running 'tessera serve' (repeat for each)")
+    p.add_argument("--prefill-instance", dest="prefill_urls", action="append",
+                   default=[], metavar="URL",
+                   help="a server that computes prompts (with --decode-instance; the servers "
+                   "share a KV tier, such as --kv-store redis://HOST)")
+    p.add_argument("--decode-instance", dest="decode_urls", action="append", default=[],
+                   metavar="URL", help="a server that generates from the prompts' blocks the "
+                   "prefill servers left in the shared KV tier")
     p.add_argument("--upstream-api-key-file", default=None, metavar="FILE",
                    help="the instances' API key (first line of FILE), for the router's own "
                    "calls to them; clients' requests carry their own")
@@ -39,6 +46,8 @@ def router_config(args: argparse.Namespace) -> RouterConfig:
             raise ValueError("--upstream-api-key-file is empty")
     cluster = options_from_args(ClusterConfig, args)
     return options_from_args(RouterConfig, args, instances=tuple(args.instances),
+                             prefill_instances=tuple(args.prefill_urls),
+                             decode_instances=tuple(args.decode_urls),
                              upstream_api_key=key, cluster=cluster)
 
 

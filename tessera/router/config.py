@@ -32,6 +32,11 @@ class RouterConfig:
 
     instances: tuple[str, ...]
     """Base URLs of running ``tessera serve`` servers (``--instance``, repeated)."""
+    prefill_instances: tuple[str, ...] = ()
+    """Servers that compute prompts (``--prefill-instance``); with ``decode_instances``."""
+    decode_instances: tuple[str, ...] = ()
+    """Servers that generate, finding the prompts' blocks in the KV tier they share with the
+    prefill servers (``--decode-instance``)."""
     host: str = option("127.0.0.1", "interface to listen on")
     port: int = option(8000, "port to listen on")
     poll_interval_s: float = option(
@@ -50,14 +55,22 @@ class RouterConfig:
     """``ROUTER_FIELDS`` only: policy, its weights, and retries."""
 
     def __post_init__(self) -> None:
-        if not self.instances:
+        if bool(self.prefill_instances) != bool(self.decode_instances):
+            raise ValueError("--prefill-instance and --decode-instance go together: give both")
+        if self.prefill_instances and self.instances:
+            raise ValueError("give --instance, or --prefill-instance and --decode-instance, "
+                             "not both")
+        if not (self.instances or self.prefill_instances):
             raise ValueError("give at least one --instance URL")
-        if len(self.instances) > MAX_INSTANCES:
-            raise ValueError(f"at most {MAX_INSTANCES} instances, got {len(self.instances)}")
-        urls = tuple(check_instance_url(u) for u in self.instances)
+        for name in ("instances", "prefill_instances", "decode_instances"):
+            # normalised once, at the edge
+            object.__setattr__(self, name, tuple(check_instance_url(u)
+                                                 for u in getattr(self, name)))
+        urls = self.urls
+        if len(urls) > MAX_INSTANCES:
+            raise ValueError(f"at most {MAX_INSTANCES} instances, got {len(urls)}")
         if len(set(urls)) != len(urls):
-            raise ValueError("an --instance URL is given twice")
-        object.__setattr__(self, "instances", urls)  # normalised once, at the edge
+            raise ValueError("an instance URL is given twice")
         for name in ("poll_interval_s", "request_timeout_s", "connect_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value < 1e6):
@@ -66,3 +79,14 @@ class RouterConfig:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be positive")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every instance, each once: data-parallel ones, or prefill then decode ones."""
+        return self.instances + self.prefill_instances + self.decode_instances
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        """Each of ``urls``' role: ``both``, ``prefill`` or ``decode``."""
+        return (("both",) * len(self.instances) + ("prefill",) * len(self.prefill_instances)
+                + ("decode",) * len(self.decode_instances))

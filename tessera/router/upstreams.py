@@ -50,8 +50,9 @@ class _KVReply(msgspec.Struct):
 class Upstream:
     """One server: its URL and what the router knows of it."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, role: str) -> None:
         self.url = url
+        self.role = role
         self.up = False
         self.models: list[str] = []
         self.cards: dict[str, dict[str, object]] = {}
@@ -66,7 +67,8 @@ class Upstreams:
     def __init__(self, config: RouterConfig, client: httpx.AsyncClient) -> None:
         self.config = config
         self.client = client
-        self.items = [Upstream(url) for url in config.instances]
+        self.items = [Upstream(url, role) for url, role in zip(config.urls, config.roles,
+                                                               strict=True)]
         self.routers: dict[str, Router] = {}
         headers = {}
         if config.upstream_api_key:
@@ -76,9 +78,10 @@ class Upstreams:
                                       connect=config.connect_timeout_s)
 
     # ------------------------------------------------------------------ queries
-    def serving(self, model: str) -> list[int]:
-        """Indices of the up instances that serve ``model``."""
-        return [i for i, u in enumerate(self.items) if u.up and model in u.models]
+    def serving(self, model: str, role: str | None = None) -> list[int]:
+        """Indices of the up instances that serve ``model`` (in ``role``, if given)."""
+        return [i for i, u in enumerate(self.items)
+                if u.up and model in u.models and role in (None, u.role)]
 
     def model_names(self) -> list[str]:
         """Every model some up instance serves, in the order first seen."""
