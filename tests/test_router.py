@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,7 +96,7 @@ def test_router_places_by_prefix_relays_and_survives_a_killed_instance(tmp_path)
         for s in servers:
             s.wait_ready(timeout_s=240)
         urls = [s.base_url for s in servers]
-        router = RouterProcess(*urls)
+        router = RouterProcess(*urls, extra=("--request-body-timeout", "2"))
         router.wait_up(2)
         system = "You are a careful assistant who answers briefly. " * 6
         body = {"model": "tiny", "prompt": system + "Question one?", "max_tokens": 4,
@@ -144,6 +145,12 @@ def test_router_places_by_prefix_relays_and_survives_a_killed_instance(tmp_path)
         r = httpx.post(f"{router.base_url}/v1/completions",
                        content=b"x" * (4 * 1024 * 1024 + 1), timeout=30)
         assert r.status_code == 413
+        # A body that trickles in is cut off (the router runs with --request-body-timeout 2).
+        with socket.create_connection(("127.0.0.1", router.port), timeout=30) as conn:
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            reply = conn.recv(4096)
+        assert reply.startswith(b"HTTP/1.1 408"), reply
         # The instance's own errors come back as they are.
         r = httpx.post(f"{router.base_url}/v1/completions", json=body | {"max_tokens": -1},
                        timeout=30)

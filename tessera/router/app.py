@@ -115,12 +115,21 @@ class RouterState:
         return []
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``limit`` bytes and within ``timeout_s`` (a client trickling a
+    body would otherwise hold a connection and its memory for as long as it likes)."""
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, f"request body over {limit} bytes")
+
+    async def read() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > limit:
+                raise APIError(413, f"request body over {limit} bytes")
+
+    try:
+        await asyncio.wait_for(read(), timeout_s)
+    except TimeoutError as exc:
+        raise APIError(408, f"the request body did not arrive within {timeout_s:g} s") from exc
     return bytes(body)
 
 
@@ -130,7 +139,8 @@ def _forwarded(headers: httpx.Headers) -> dict[str, str]:
 
 async def proxy(state: RouterState, request: Request, path: str) -> Response:
     """Place the request at ``path`` and relay its answer."""
-    body = await _read_body(request, state.config.max_request_body_bytes)
+    body = await _read_body(request, state.config.max_request_body_bytes,
+                            state.config.request_body_timeout_s)
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

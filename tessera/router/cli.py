@@ -66,7 +66,7 @@ def run_router(args: argparse.Namespace) -> int:
         return 2
     try:
         uvicorn.run(build_app(config), host=config.host, port=config.port,
-                    log_level=args.log_level)
+                    log_level=args.log_level, limit_concurrency=config.max_connections)
     except (OSError, SystemExit) as exc:  # uvicorn exits when it cannot bind
         print(f"tessera router: error: cannot serve on {config.host}:{config.port}: {exc}",
               file=sys.stderr)

@@ -48,6 +48,11 @@ class RouterConfig:
     connect_timeout_s: float = option(
         5.0, "seconds to connect to an instance before trying another", flag="--connect-timeout")
     max_request_body_bytes: int = option(4 * MIB, "largest request body; larger gets 413")
+    max_connections: int = option(
+        4096, "open client connections beyond which the router answers 503 at once")
+    request_body_timeout_s: float = option(
+        60.0, "seconds a client may take to send a request body; slower gets 408",
+        flag="--request-body-timeout")
     upstream_api_key: str | None = field(default=None, repr=False)
     """Sent to the instances on the router's own calls (health, KV events, tokenize) when
     they require a key; clients' requests carry their own."""
@@ -71,7 +76,8 @@ class RouterConfig:
             raise ValueError(f"at most {MAX_INSTANCES} instances, got {len(urls)}")
         if len(set(urls)) != len(urls):
             raise ValueError("an instance URL is given twice")
-        for name in ("poll_interval_s", "request_timeout_s", "connect_timeout_s"):
+        for name in ("poll_interval_s", "request_timeout_s", "connect_timeout_s",
+                     "request_body_timeout_s"):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and 0 < value < 1e6):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -79,6 +85,8 @@ class RouterConfig:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
         if self.max_request_body_bytes < 1:
             raise ValueError("max_request_body_bytes must be positive")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be positive")
 
     @property
     def urls(self) -> tuple[str, ...]:
