@@ -112,6 +112,48 @@ def test_aborts_at_each_stage_leak_no_block(model_factory):
         llm.close()
 
 
+def test_a_killed_store_mid_handoff_costs_recompute_not_tokens(model_factory):
+    """SIGKILL the shared host store (the handoff's transfer peer) while requests are handed
+    over: the decode instance computes what it cannot load, every token is right, the front
+    starts the store again and later handoffs go through it."""
+    from tests.test_serve_util import pid_alive
+
+    path, hf = model_factory("llama")
+    prompts = _prompts(25)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    llm = LLM(str(path), prefill_instances=1, decode_instances=1, **COMMON)
+    engine = llm.engine
+    try:
+        store = engine._set._store
+        first_pid = store.pid
+        for i, prompt in enumerate(prompts):
+            engine.add_request(f"r{i}", prompt, params)
+        outputs, killed = {}, False
+        while engine.has_unfinished_requests():
+            step = engine.step_with_deltas()
+            outputs |= {o.request_id: o for o in step.finished}
+            if not killed and engine.num_handoffs >= 1:
+                os.kill(first_pid, signal.SIGKILL)
+                killed = True
+        _check(hf, prompts, [outputs[f"r{i}"] for i in range(len(prompts))])
+        assert engine.num_handoffs == len(prompts)
+        _until(lambda: engine.stats() is not None and store.pid != first_pid
+               and pid_alive(store.pid), "the store was not started again")
+        hits = _host(llm).num_hit_tokens_total
+        seeds = iter(range(100, 10_000))
+
+        def handed_over_through_the_store() -> bool:
+            # Fresh prompts each time: the engines reattach to the new store within seconds.
+            more = _prompts(next(seeds))[:2]
+            _check(hf, more, llm.generate(more, PARAMS, use_tqdm=False))
+            return _host(llm).num_hit_tokens_total > hits
+
+        _until(handed_over_through_the_store, "no handoff went through the restarted store")
+        _until(lambda: _idle(llm), "blocks still in use at idle")
+    finally:
+        llm.close()
+
+
 @pytest.mark.parametrize(("num_prefill", "num_decode", "victim"), [(1, 2, 1), (2, 1, 0)])
 def test_a_killed_instance_s_requests_finish_on_its_peer(model_factory, num_prefill,
                                                          num_decode, victim):

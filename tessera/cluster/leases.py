@@ -76,7 +76,10 @@ class HandoffLeases:
                 reply = self._decoder.decode(self._sock.recv())
                 if isinstance(reply, Done):
                     return True
-                logger.warning("KV store at %s refused a lease: %s", self.address, reply)
+                # A store started again answers "attach first" until an engine has attached:
+                # nothing is pinned there yet, and nothing needs saying.
+                level = logging.DEBUG if "attach first" in str(reply) else logging.WARNING
+                logger.log(level, "KV store at %s refused a lease: %s", self.address, reply)
                 return False
         except (zmq.ZMQError, msgspec.DecodeError, msgspec.ValidationError):
             pass
