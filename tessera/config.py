@@ -258,6 +258,9 @@ class ClusterConfig:
         0, "FFN workers of each decode instance's Transformerless group")
     decode_micro_batches: int = option(
         2, "micro-batches per attention worker of a decode instance's Transformerless group")
+    instances_ray_address: str | None = option(
+        None, "start the instances as Ray actors on a Ray cluster (auto, HOST:PORT, or local) "
+        "instead of local processes; their sockets are TCP with CURVE keys", )
     max_request_retries: int = option(
         1, "times a request whose instance failed is placed on another (recomputed from its "
         "tokens) before it ends with an error")
@@ -306,6 +309,13 @@ class ClusterConfig:
         if (self.decode_attention_workers > 0) != (self.decode_ffn_workers > 0):
             raise ValueError("decode_attention_workers and decode_ffn_workers go together: "
                              "give both")
+        if self.instances_ray_address is not None and self.prefill_instances:
+            raise ValueError("prefill/decode instances on Ray are not supported yet (their "
+                             "handoff goes through a store on the front's host): use "
+                             "data_parallel, or tessera router in front of servers sharing "
+                             "--kv-store")
+        if self.instances_ray_address is not None and not self.instances_ray_address.strip():
+            raise ValueError("instances_ray_address must not be empty")
         if self.decode_attention_workers and not self.decode_instances:
             raise ValueError("decode_attention_workers needs prefill_instances and "
                              "decode_instances")

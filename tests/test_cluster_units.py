@@ -186,3 +186,8 @@ def test_cluster_options():
         engine_config("m", data_parallel=2, prefill_instances=1, decode_instances=1)
     with pytest.raises(ValueError, match="Transformerless"):
         engine_config("m", data_parallel=2, attention_workers=1, ffn_workers=1)
+    with pytest.raises(ValueError, match="instances_ray_address needs data_parallel"):
+        engine_config("m", instances_ray_address="auto")
+    with pytest.raises(ValueError, match="prefill/decode instances on Ray are not supported"):
+        engine_config("m", prefill_instances=1, decode_instances=1,
+                      instances_ray_address="auto")

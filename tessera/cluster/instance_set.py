@@ -15,11 +15,15 @@ import shutil
 import tempfile
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import zmq
 
 from tessera.cluster.instances import InstanceProcess, decode_output
 from tessera.cluster.leases import HandoffLeases
+
+if TYPE_CHECKING:
+    from tessera.cluster.ray_instances import RayFront
 from tessera.config import ClusterConfig, EngineConfig
 from tessera.kv.store_process import StoreProcess
 from tessera.messages.common import Ready, Shutdown, StartupFailed
@@ -33,6 +37,11 @@ def instance_configs(config: EngineConfig, cluster: ClusterConfig) -> list[Engin
     fewer GPUs than instances), else the host's cores shared out unless threads are given."""
     n = cluster.num_instances
     devices = [config.device] * n
+    if cluster.instances_ray_address is not None:
+        # Ray places each actor on a node with its CPUs (and GPU) free; it sees one GPU.
+        device = "cpu" if config.device == "cpu" else "cuda"
+        return [replace(config, cluster=None, num_threads=config.num_threads or 1,
+                        device=device, afd=None) for _ in range(n)]
     if config.device != "cpu":
         import torch
 
@@ -77,8 +86,13 @@ class InstanceSet:
         self.leases: HandoffLeases | None = None
         """Pins on handed-over blocks in the shared store (prefill/decode pools only)."""
         self._closed = False
+        self._ray: RayFront | None = None
         try:
             self._configs = instance_configs(config, cluster)
+            if cluster.instances_ray_address is not None:
+                from tessera.cluster.ray_instances import RayFront
+
+                self._ray = RayFront(self._ctx, cluster.instances_ray_address)
             memory = host_store_bytes(config, cluster)
             if memory is not None:
                 self._store = StoreProcess.in_dir(self._dir, memory)
@@ -87,12 +101,20 @@ class InstanceSet:
                     self.leases = HandoffLeases(self._ctx, self._store.address,
                                                 config.cache.block_size)
                 self._configs = [replace(c, cache=cache) for c in self._configs]
-            for i, engine in enumerate(self._configs):  # one by one: all are stopped on failure
-                self.instances.append(InstanceProcess.start(self._ctx, engine, i, 0, self._dir))
+            for i in range(len(self._configs)):  # one by one: all are stopped on failure
+                self.instances.append(self._start(i, 0))
             self._await_ready()
         except BaseException:
             self.close()
             raise
+
+    def _start(self, index: int, generation: int) -> InstanceProcess:
+        if self._ray is not None:
+            return InstanceProcess.start_on_ray(
+                self._ray, self._ctx, self._configs[index], index, generation,
+                self.cluster.instance_startup_timeout_s)
+        return InstanceProcess.start(self._ctx, self._configs[index], index, generation,
+                                     self._dir)
 
     def _await_ready(self) -> None:
         deadline = time.monotonic() + self.cluster.instance_startup_timeout_s
@@ -155,8 +177,7 @@ class InstanceSet:
                 del self._respawn_at[index]
                 self.num_restarts[index] += 1
                 old = self.instances[index]
-                self.instances[index] = InstanceProcess.start(
-                    self._ctx, self._configs[index], index, old.generation + 1, self._dir)
+                self.instances[index] = self._start(index, old.generation + 1)
 
     def close(self) -> None:
         """Stop every instance (each lands its KV tiers' writes first); safe to call twice."""
@@ -171,6 +192,8 @@ class InstanceSet:
             inst.kill(graceful_s=10.0)
         if self.leases is not None:
             self.leases.close()
+        if self._ray is not None:
+            self._ray.close()
         if self._store is not None:
             self._store.close()
         self._ctx.destroy(linger=0)

@@ -17,6 +17,7 @@ import sys
 import time
 import weakref
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import msgspec
 import zmq
@@ -25,6 +26,9 @@ from tessera.config import EngineConfig
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown
 from tessera.messages.core import CoreConfig, CoreOutput
 from tessera.outputs import EngineStats
+
+if TYPE_CHECKING:
+    from tessera.cluster.ray_instances import RayFront, RayProcess
 
 _live: weakref.WeakSet[InstanceProcess] = weakref.WeakSet()
 _ENCODER = msgspec.msgpack.Encoder()
@@ -36,7 +40,7 @@ class InstanceProcess:
 
     index: int
     generation: int
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | RayProcess
     input: zmq.Socket
     output: zmq.Socket
     started_s: float
@@ -61,6 +65,16 @@ class InstanceProcess:
         process = subprocess.Popen(
             [sys.executable, "-m", "tessera.serve.engine_core", msgspec.json.encode(config)],
             stdin=subprocess.DEVNULL)
+        now = time.monotonic()
+        proc = cls(index, generation, process, inputs, output, now, last_seen_s=now)
+        _live.add(proc)
+        return proc
+
+    @classmethod
+    def start_on_ray(cls, front: RayFront, ctx: zmq.Context, engine: EngineConfig, index: int,
+                     generation: int, timeout_s: float) -> InstanceProcess:
+        """The same, as a Ray actor (``tessera.cluster.ray_instances``)."""
+        process, inputs, output = front.start(ctx, engine, timeout_s)
         now = time.monotonic()
         proc = cls(index, generation, process, inputs, output, now, last_seen_s=now)
         _live.add(proc)

@@ -60,6 +60,15 @@ CoreOutput = Ready | StartupFailed | CoreStep
 """Core -> API process."""
 
 
+class CurveKeys(msgspec.Struct, frozen=True):
+    """ZeroMQ CURVE keys (Z85) of a core whose sockets are TCP: its own pair, and the public
+    key of the one front it talks to. Each end admits only the other's key."""
+
+    core_public: bytes
+    core_secret: bytes
+    front_public: bytes
+
+
 class CoreConfig(msgspec.Struct, frozen=True):
     """How the engine-core process is started (passed as JSON on its command line)."""
 
@@ -67,7 +76,11 @@ class CoreConfig(msgspec.Struct, frozen=True):
     input_address: str
     output_address: str
     parent_pid: int
+    """The process whose exit ends the core; 0: none (a Ray actor, which Ray ends with its
+    owner)."""
     instance: bool = False
+    curve: CurveKeys | None = None
+    """TCP sockets (instances on other hosts): encrypted, and admitting only the front."""
     publish_kv_events: bool = False
     """Send the KV events with every step (a served engine's ``/kv_events`` feed)."""
     """Run as one instance of a cluster (``tessera.cluster``): each ``CoreStep`` also carries

@@ -30,11 +30,22 @@ from tessera.engine_factory import create_engine
 from tessera.messages.common import AbortRequests, AddRequest, Ready, Shutdown, StartupFailed
 from tessera.messages.core import CoreConfig, CoreInput, CoreStep, Delta, RequestFailed
 from tessera.outputs import RequestOutput
+from tessera.serve.curve import Gate, as_client, as_server
 
 _IDLE_POLL_MS = 200
 """How long an idle core blocks on its input before checking that its parent still lives."""
 
 logger = logging.getLogger("tessera.engine_core")
+
+
+def output_socket(ctx: zmq.Context, config: CoreConfig) -> zmq.Socket:
+    """The core's output, connected to its front (as a CURVE client over TCP)."""
+    sock = ctx.socket(zmq.PUSH)
+    if config.curve is not None:
+        as_client(sock, config.curve.core_public, config.curve.core_secret,
+                  config.curve.front_public)
+    sock.connect(config.output_address)
+    return sock
 
 
 class EngineCore:
@@ -47,10 +58,13 @@ class EngineCore:
         # opposite. The connecting side of a ZeroMQ pipe queues messages from the start, so
         # neither side can lose a message sent before the other has finished connecting.
         self.inputs = ctx.socket(zmq.PULL)
+        self.gate: Gate | None = None
+        if config.curve is not None:  # TCP: admit only the front
+            self.gate = Gate(ctx, {config.curve.front_public})
+            as_server(self.inputs, config.curve.core_public, config.curve.core_secret)
         self.inputs.bind(config.input_address)
-        self.outputs = ctx.socket(zmq.PUSH)
+        self.outputs = output_socket(ctx, config)
         self.outputs.setsockopt(zmq.SNDHWM, 0)  # never block a step on a slow reader
-        self.outputs.connect(config.output_address)
         self.decoder = msgspec.msgpack.Decoder(CoreInput)
         self.encoder = msgspec.msgpack.Encoder()
         self.request_ids: set[str] = set()
@@ -135,7 +149,7 @@ class EngineCore:
                     continue
                 if not self._handle(msg, failed):
                     return
-            if os.getppid() != self.config.parent_pid:
+            if self.config.parent_pid and os.getppid() != self.config.parent_pid:
                 return  # the API process died; do not linger as an orphan
             deltas: list[Delta] = []
             finished: list[RequestOutput] = []
@@ -151,10 +165,12 @@ class EngineCore:
 
 def main(argv: list[str]) -> int:
     # Ctrl-C reaches the whole process group; the API process decides when the core stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(ValueError):  # not the main thread (a Ray actor): nothing to do
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(format="tessera: %(levelname)s: %(message)s", level=logging.WARNING)
     config = msgspec.json.decode(argv[0], type=CoreConfig)
     ctx = zmq.Context()
+    core: EngineCore | None = None
     try:
         engine: Engine | None = None
         try:
@@ -163,8 +179,7 @@ def main(argv: list[str]) -> int:
             engine.warm_up()
             warm_up_s = time.monotonic() - warm_up_start_s
         except Exception as e:  # any load failure becomes one line in the API process
-            out = ctx.socket(zmq.PUSH)
-            out.connect(config.output_address)
+            out = output_socket(ctx, config)
             # ValueError and OSError already read as sentences (bad path, bad value).
             text = str(e) if isinstance(e, ValueError | OSError) else f"{type(e).__name__}: {e}"
             out.send(msgspec.msgpack.encode(StartupFailed(text)))
@@ -179,6 +194,8 @@ def main(argv: list[str]) -> int:
     finally:
         if engine is not None:
             engine.shutdown()  # stop disaggregated workers
+        if core is not None and core.gate is not None:
+            core.gate.stop()
         ctx.destroy(linger=0)
 
 
