@@ -109,8 +109,8 @@ def run(model_dir: str, rounds: list[list[list[int]]], output_len: int, options:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The workload's flags (shared with ``router_http.py``)."""
     p.add_argument("--groups", type=int, default=8)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--prefix-len", type=int, default=1024)
@@ -120,17 +120,26 @@ def main(argv: list[str] | None = None) -> int:
                    help="system prompts one instance's KV pool holds")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
+
+
+def pool_size(args: argparse.Namespace, model_dir: str) -> tuple[int, int]:
+    """(tokens, bytes) of one instance's KV pool: the prefixes it should keep, plus the
+    running requests' own tokens."""
+    running = args.groups * (args.suffix_len + args.output_len + BLOCK_SIZE)
+    pool_tokens = int(args.pool_prefixes * args.prefix_len) + running
+    return pool_tokens, pool_tokens * kv_bytes_per_token(model_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_workload_args(p)
     args = p.parse_args(argv)
 
     from benchmarks.models import make_random_llama
 
     model_dir = make_random_llama(str(MODEL_DIR))
     rounds = make_rounds(args.groups, args.rounds, args.prefix_len, args.suffix_len, args.seed)
-    # Per instance: the prefixes it should keep, plus the running requests' own tokens.
-    per_token = kv_bytes_per_token(model_dir)
-    running = args.groups * (args.suffix_len + args.output_len + BLOCK_SIZE)
-    pool_tokens = int(args.pool_prefixes * args.prefix_len) + running
-    pool_bytes = pool_tokens * per_token
+    pool_tokens, pool_bytes = pool_size(args, model_dir)
     common = dict(max_num_batched_tokens=2048, block_size=BLOCK_SIZE)
     systems = [
         ("kv router, 2 x 1 thread", dict(data_parallel=2, router_policy="kv", num_threads=1,

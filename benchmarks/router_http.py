@@ -32,7 +32,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.data_parallel import BLOCK_SIZE, kv_bytes_per_token, make_rounds  # noqa: E402
+from benchmarks.data_parallel import (  # noqa: E402
+    BLOCK_SIZE,
+    add_workload_args,
+    make_rounds,
+    pool_size,
+)
 from benchmarks.offline_throughput import MODEL_DIR  # noqa: E402
 
 ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
@@ -147,23 +152,14 @@ def run(model_dir: str, policy: str, rounds: list[list[list[int]]], output_len: 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--groups", type=int, default=8)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--prefix-len", type=int, default=1024)
-    p.add_argument("--suffix-len", type=int, default=64)
-    p.add_argument("--output-len", type=int, default=32)
-    p.add_argument("--pool-prefixes", type=float, default=4.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None)
+    add_workload_args(p)
     args = p.parse_args(argv)
 
     from benchmarks.models import make_random_llama
 
     model_dir = make_random_llama(str(MODEL_DIR))
     rounds = make_rounds(args.groups, args.rounds, args.prefix_len, args.suffix_len, args.seed)
-    running = args.groups * (args.suffix_len + args.output_len + BLOCK_SIZE)
-    pool_tokens = int(args.pool_prefixes * args.prefix_len) + running
-    pool_bytes = pool_tokens * kv_bytes_per_token(model_dir)
+    pool_tokens, pool_bytes = pool_size(args, model_dir)
     print(f"{args.groups} tenants x {args.rounds} rounds (first untimed), system prompts of "
           f"{args.prefix_len} tokens; two servers of one thread, KV pool {pool_tokens} tokens "
           "each, behind 'tessera router'")

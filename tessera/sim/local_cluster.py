@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from .engine_sim import EngineScenario, EngineSimResult, simulate_engine
+from .engine_sim import EngineScenario, simulate_engine
 from .errors import SimError
 
 
@@ -44,21 +44,39 @@ class ClusterTimes:
         return len(self.ttft_ms)
 
 
-def _run(engine: EngineScenario, reqs: Requests, which: list[int],
-         prompts_in_host_tier: bool = False) -> EngineSimResult:
-    return simulate_engine(replace(
-        engine, prompt_tokens=tuple(reqs.prompt_tokens[i] for i in which),
-        output_tokens=tuple(reqs.output_tokens[i] for i in which),
-        arrival_s=tuple(reqs.arrival_s[i] for i in which), concurrency=None,
-        prompts_in_host_tier=prompts_in_host_tier))
+def _pool(engine: EngineScenario, reqs: Requests, order: list[int], num_instances: int,
+          prompts_in_host_tier: bool = False) -> tuple[dict[int, float], dict[int, float], int]:
+    """Requests ``order`` placed in turn on ``num_instances`` engines like ``engine``: each
+    one's first-token and finish times by request index, and the steps of all engines."""
+    first: dict[int, float] = {}
+    finish: dict[int, float] = {}
+    num_steps = 0
+    for which in (order[k::num_instances] for k in range(num_instances)):
+        if not which:
+            continue
+        res = simulate_engine(replace(
+            engine, prompt_tokens=tuple(reqs.prompt_tokens[i] for i in which),
+            output_tokens=tuple(reqs.output_tokens[i] for i in which),
+            arrival_s=tuple(reqs.arrival_s[i] for i in which), concurrency=None,
+            prompts_in_host_tier=prompts_in_host_tier))
+        num_steps += res.num_steps
+        for k, i in enumerate(which):
+            first[i], finish[i] = res.first_s[k], res.finish_s[k]
+    return first, finish, num_steps
 
 
-def _in_turn(order: list[int], num_instances: int) -> list[list[int]]:
-    return [order[k::num_instances] for k in range(num_instances)]
+def _times(reqs: Requests, first: dict[int, float], finish: dict[int, float],
+           num_steps: int) -> ClusterTimes:
+    n = len(reqs.arrival_s)
+    tpot = [(finish[i] - first[i]) * 1e3 / (reqs.output_tokens[i] - 1)
+            if reqs.output_tokens[i] > 1 else math.nan for i in range(n)]
+    return ClusterTimes(ttft_ms=tuple((first[i] - reqs.arrival_s[i]) * 1e3 for i in range(n)),
+                        tpot_ms=tuple(tpot), end_s=max(finish.values(), default=0.0),
+                        num_steps=num_steps)
 
 
-def _tpot_ms(first_s: float, finish_s: float, num_output: int) -> float:
-    return (finish_s - first_s) * 1e3 / (num_output - 1) if num_output > 1 else math.nan
+def _arrival_order(reqs: Requests) -> list[int]:
+    return sorted(range(len(reqs.arrival_s)), key=lambda i: reqs.arrival_s[i])
 
 
 def simulate_data_parallel(engine: EngineScenario, reqs: Requests,
@@ -66,21 +84,7 @@ def simulate_data_parallel(engine: EngineScenario, reqs: Requests,
     """``num_instances`` engines like ``engine`` (its requests are replaced by ``reqs``'s)."""
     if num_instances < 1:
         raise SimError("a cluster needs at least one instance")
-    order = sorted(range(len(reqs.arrival_s)), key=lambda i: reqs.arrival_s[i])
-    n = len(order)
-    first, finish = [math.nan] * n, [math.nan] * n
-    num_steps = 0
-    for which in _in_turn(order, num_instances):
-        if not which:
-            continue
-        res = _run(engine, reqs, which)
-        num_steps += res.num_steps
-        for k, i in enumerate(which):
-            first[i], finish[i] = res.first_s[k], res.finish_s[k]
-    return ClusterTimes(
-        ttft_ms=tuple((first[i] - reqs.arrival_s[i]) * 1e3 for i in range(n)),
-        tpot_ms=tuple(_tpot_ms(first[i], finish[i], reqs.output_tokens[i]) for i in range(n)),
-        end_s=max(finish, default=0.0), num_steps=num_steps)
+    return _times(reqs, *_pool(engine, reqs, _arrival_order(reqs), num_instances))
 
 
 def simulate_prefill_decode(engine: EngineScenario, reqs: Requests, num_prefill: int,
@@ -88,32 +92,15 @@ def simulate_prefill_decode(engine: EngineScenario, reqs: Requests, num_prefill:
     """``num_prefill`` prefill and ``num_decode`` decode instances like ``engine``."""
     if num_prefill < 1 or num_decode < 1:
         raise SimError("prefill/decode needs at least one instance of each")
-    order = sorted(range(len(reqs.arrival_s)), key=lambda i: reqs.arrival_s[i])
-    n = len(order)
-    first, finish = [math.nan] * n, [math.nan] * n
-    num_steps = 0
+    n = len(reqs.arrival_s)
     # The prefill side computes each prompt and its first token.
     prefill = Requests(reqs.prompt_tokens, (1,) * n, reqs.arrival_s)
-    for which in _in_turn(order, num_prefill):
-        if not which:
-            continue
-        res = _run(engine, prefill, which)
-        num_steps += res.num_steps
-        for k, i in enumerate(which):
-            first[i] = finish[i] = res.first_s[k]
+    first, finish, num_steps = _pool(engine, prefill, _arrival_order(reqs), num_prefill)
     # What is left goes on at a decode instance from the first token: prompt plus that token.
-    rest = [i for i in order if reqs.output_tokens[i] > 1]
     handed = Requests(tuple(p + 1 for p in reqs.prompt_tokens),
-                      tuple(o - 1 for o in reqs.output_tokens), tuple(first))
-    rest.sort(key=lambda i: first[i])
-    for which in _in_turn(rest, num_decode):
-        if not which:
-            continue
-        res = _run(engine, handed, which, prompts_in_host_tier=True)
-        num_steps += res.num_steps
-        for k, i in enumerate(which):
-            finish[i] = res.finish_s[k]
-    return ClusterTimes(
-        ttft_ms=tuple((first[i] - reqs.arrival_s[i]) * 1e3 for i in range(n)),
-        tpot_ms=tuple(_tpot_ms(first[i], finish[i], reqs.output_tokens[i]) for i in range(n)),
-        end_s=max(finish, default=0.0), num_steps=num_steps)
+                      tuple(o - 1 for o in reqs.output_tokens),
+                      tuple(first[i] for i in range(n)))
+    rest = sorted((i for i in range(n) if reqs.output_tokens[i] > 1), key=lambda i: first[i])
+    _, decoded, decode_steps = _pool(engine, handed, rest, num_decode,
+                                     prompts_in_host_tier=True)
+    return _times(reqs, first, finish | decoded, num_steps + decode_steps)
