@@ -25,9 +25,17 @@ MAX_INSTANCES = 64
 """As many instances as one router takes (``ClusterConfig``)."""
 MAX_LIMIT = 1 << 20
 """Bound on batch limits (sequences, tokens per step): larger is a typo, not a plan."""
+MAX_SYSTEMS = 64
+"""Systems one deployment may span (``tessera plan --systems``)."""
 DTYPE_OF_PRECISION = {"fp32": "float32", "bf16": "bfloat16"}
 """Precisions the engine runs, by the simulator's name; int8 and fp8 weights are not loaded yet."""
-ROLES = ("both", "prefill", "decode")
+
+
+def host_cpus() -> int:
+    """CPUs this process may run on (its affinity, where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 class Pool(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -126,8 +134,8 @@ def check(dep: Deployment) -> Deployment:
                                   "together")
     if sum(p.instances for p in dep.pools) > MAX_INSTANCES:
         raise DeploymentError(f"at most {MAX_INSTANCES} instances in all")
-    if not 1 <= dep.num_systems <= MAX_INSTANCES:
-        raise DeploymentError(f"num_systems must be in [1, {MAX_INSTANCES}], got "
+    if not 1 <= dep.num_systems <= MAX_SYSTEMS:
+        raise DeploymentError(f"num_systems must be in [1, {MAX_SYSTEMS}], got "
                               f"{dep.num_systems}")
     if dep.threads_per_device is not None and not 1 <= dep.threads_per_device <= 1 << 12:
         raise DeploymentError(f"threads_per_device must be in [1, 4096], got "
@@ -171,8 +179,9 @@ def engine_options(dep: Deployment, num_host_cpus: int | None = None) -> dict[st
 
     Raises :class:`DeploymentError` for what this runtime cannot launch: tensor-parallel
     instances (an instance is one device: one GPU, or ``threads_per_device`` CPU threads),
-    data-parallel Transformerless groups, a precision whose weights the engine does not load, or (a plan for calibrated CPUs, which gives ``threads_per_device``) more
-    CPU threads than the host's ``num_host_cpus``.
+    data-parallel Transformerless groups, a precision whose weights the engine does not
+    load, or (a plan for calibrated CPUs, which gives ``threads_per_device``) more CPU
+    threads than the host's ``num_host_cpus``.
 
     Instances share one engine config: the prefill pool's token budget (a step of prompt
     chunks) and the decode pool's sequence limit are both in it."""

@@ -60,12 +60,10 @@ def with_deployment(options: dict[str, Any], path: str) -> dict[str, Any]:
     An option the file sets may also be given with the file's value or its default; another
     value is a ValueError naming both, since running some other shape than the file's would
     measure something else than was planned."""
-    import os
-
     from tessera import deployment_file
 
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    planned = deployment_file.engine_options(deployment_file.read(path), cpus)
+    planned = deployment_file.engine_options(deployment_file.read(path),
+                                             deployment_file.host_cpus())
     for name, value in planned.items():
         given = options.get(name, _default(name))
         if given != value and given != _default(name):

@@ -197,8 +197,8 @@ def test_a_planned_deployment_is_served(model_factory, tmp_path, monkeypatch):
     import httpx
 
     from tessera import deployment_file
+    from tessera.deployment_file import host_cpus
     from tessera.sim.cli import plan_main
-    from tessera.sim.hardware import host_cpus
     from tests.test_serve_util import ServerProcess
 
     if host_cpus() < 2:

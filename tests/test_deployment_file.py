@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from tessera import deployment_file as df
+from tessera.deployment_file import host_cpus
 from tessera.engine_args import engine_config
 from tessera.sim.cli import plan_main
 from tessera.sim.deployment import Deployment as SimDeployment
 from tessera.sim.emit import deployment_file_of, pools_of
-from tessera.sim.hardware import get_system, host_cpus
+from tessera.sim.hardware import get_system
 
 EXAMPLE_PROFILE = (Path(__file__).resolve().parents[1] / "tessera" / "sim" / "data"
                    / "cpu-local-example.json")

@@ -17,7 +17,13 @@ import pytest
 
 from tessera.kv.events import KVEvents
 from tessera.serve.kv_feed import MAX_KEPT_KEYS, KVFeed
-from tests.test_serve_util import SERVER_ENV, ServerProcess, build_server_model, free_port
+from tests.test_serve_util import (
+    SERVER_ENV,
+    ServerProcess,
+    build_server_model,
+    free_port,
+    terminate,
+)
 
 
 def test_feed_merges_batches_and_gives_a_snapshot_to_readers_behind() -> None:
@@ -75,16 +81,7 @@ class RouterProcess:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
+        terminate(self.proc)
 
 
 @pytest.mark.processes

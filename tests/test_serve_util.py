@@ -61,6 +61,21 @@ def pid_alive(pid: int) -> bool:
     return not (stat.exists() and stat.read_text().split(") ")[1].startswith("Z"))
 
 
+def terminate(proc: subprocess.Popen, close_streams: bool = True) -> None:
+    """SIGTERM, SIGKILL after 20 s, then (by default) close its pipes."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if close_streams:
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
 class ServerProcess:
     """``tessera serve`` in a subprocess on a free port; ``stop()`` leaves nothing behind.
 
@@ -119,13 +134,7 @@ class ServerProcess:
         """SIGTERM, then SIGKILL for anything (server or core) still running."""
         cores = {self.core_pid, *self.core_pids,
                  *(child_pids(self.proc.pid) if self.proc.poll() is None else [])}
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        terminate(self.proc, close_streams=False)
         for pid in cores:
             if pid is not None and pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)

@@ -21,12 +21,12 @@ import zmq
 
 from tessera.cluster.instances import InstanceProcess, decode_output
 from tessera.cluster.leases import HandoffLeases
-
-if TYPE_CHECKING:
-    from tessera.cluster.ray_instances import RayFront
 from tessera.config import ClusterConfig, EngineConfig
 from tessera.kv.store_process import StoreProcess
 from tessera.messages.common import Ready, Shutdown, StartupFailed
+
+if TYPE_CHECKING:
+    from tessera.cluster.ray_instances import RayFront
 
 RESTART_BACKOFF_S = 30.0
 """Wait before starting again an instance that failed before it was ever ready."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Any
 
 import httpx
 import msgspec
@@ -31,12 +32,9 @@ MODELS_EVERY_S = 10.0
 MAX_MODELS = 64
 
 
-class _Card(msgspec.Struct):
-    id: str
-
-
 class _Models(msgspec.Struct):
-    data: list[_Card]
+    data: list[dict[str, Any]]
+    """Model cards, each with an ``id`` (kept whole for the router's ``/v1/models``)."""
 
 
 class _KVReply(msgspec.Struct):
@@ -128,11 +126,12 @@ class Upstreams:
             await self._get(f"{u.url}/health")
             now_s = time.monotonic()
             if not u.up or now_s - u.models_at_s > MODELS_EVERY_S:
-                raw = await self._get(f"{u.url}/v1/models")
-                models = msgspec.json.decode(raw, type=_Models).data[:MAX_MODELS]
-                u.models = [c.id for c in models]
-                u.cards = {c["id"]: c for c in msgspec.json.decode(raw, type=dict)["data"]
-                           if isinstance(c, dict) and c.get("id") in u.models}
+                cards = msgspec.json.decode(await self._get(f"{u.url}/v1/models"),
+                                            type=_Models).data[:MAX_MODELS]
+                if not all(isinstance(c.get("id"), str) for c in cards):
+                    raise ValueError(f"{u.url}/v1/models lists a model without an id")
+                u.cards = {c["id"]: c for c in cards}
+                u.models = list(u.cards)
                 u.models_at_s = now_s
             for model in u.models:
                 await self._follow(i, model)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tessera.deployment_file import MAX_SYSTEMS, host_cpus
+
 from .catalog import load_hardware
 from .errors import SimError
 from .tiers import KVTiers, kv_tiers_from_catalog
@@ -227,13 +229,6 @@ def default_profile_path() -> Path:
     return Path.home() / ".cache" / "tessera" / "cpu-local.json"
 
 
-def host_cpus() -> int:
-    """CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def system_from_profile(raw: dict[str, Any]) -> System:
     """A system from a calibration profile (see :mod:`tessera.sim.calibrate`): one device per
     ``threads_per_device`` of this host's CPUs when the profile names them (fitted with that
@@ -297,9 +292,6 @@ def local_system(profile_path: Path | None = None) -> System:
 DEFAULT_BETWEEN_SYSTEMS = "ib-400g"
 """How systems without a scale-out network of their own (one scale-up domain, such as an NVL72
 rack) reach each other: one 400 Gb/s NIC per device, as such racks ship."""
-MAX_SYSTEMS = 64
-
-
 def get_system(name: str, num_systems: int = 1) -> System:
     """Build a :class:`System` from the catalog (or the local calibrated profile); with
     ``num_systems`` above 1, that many of it joined by their scale-out network (the catalog's
