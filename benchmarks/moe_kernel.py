@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.models import ARCH_DEFAULTS
     from tessera.model.experts import Experts
     from tessera.model.kernels import linear as kl
+    from tessera.model.kernels.moe_kernel import experts_kernel_available
     from tessera.model.moe import moe_spec_from_config
 
-    if not kl.panel_available():
+    if not experts_kernel_available():
         print("the native experts kernel is not available here (it needs the C++ kernels "
               "built with AVX-512); nothing to compare", file=sys.stderr)
         return 1

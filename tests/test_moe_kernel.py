@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tessera.model import experts as experts_mod
-from tessera.model.kernels import linear as kl
 from tessera.model.kernels import moe_kernel
 from tessera.model.moe import moe_spec_from_config
 
@@ -37,7 +36,7 @@ def experts_pair(cfg: dict, expert_ids: tuple[int, ...] | None,
 
 
 def native_or_skip() -> None:
-    if not kl.panel_available():
+    if not moe_kernel.experts_kernel_available():
         pytest.skip("the native experts kernel needs an AVX-512 build")
 
 

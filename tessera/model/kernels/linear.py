@@ -5,7 +5,8 @@ of rows against a transposed weight, which is exactly a decode step of a few seq
 every float32 ``nn.Linear`` is also packed once at load time, and so are the routed experts'
 matrices (``Experts.pack_weights``).
 
-Where the C++ kernels are built with AVX-512 and the output size is a multiple of 32, the weight
+Where the C++ kernels are built with AVX-512 (or AVX2 and FMA) and the output size is a multiple
+of 32, the weight
 is held in panels and multiplied by ``panel_linear.cpp`` (layout and reasons in
 ``panel_gemm.h``): it prefetches the next slice of weights while it computes the current one,
 and has no per-call set-up, so it wins where a step streams weights (few rows) and is even with
@@ -30,6 +31,7 @@ module lists in ``keep_plain_linears`` because it only reads the weight) stays a
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -67,8 +69,21 @@ PANEL = 32
 
 @functools.cache
 def panel_available() -> bool:
-    """Whether the weight-panel kernel runs here (C++ kernels built, with AVX-512)."""
+    """Whether the weight-panel kernel runs here (C++ kernels built, with AVX-512 or AVX2+FMA)."""
     return kernel_available() and bool(torch.ops.tessera_kernels.panel_native())
+
+
+@functools.cache
+def panel_max_rows() -> int:
+    """Most rows a call takes the weight panels for; more take the plain weight.
+
+    Why: an AVX2 build's micro-kernel multiplies 3 rows at a time (16 registers), which beats
+    MKL from 2 to 15 rows and loses to it from about 16 (15% at 64 rows of a 2048x512 weight on
+    an AVX2 AMD EPYC, 1 thread; benchmarks/packed_linear.py). An AVX-512 build's 12-row kernel
+    wins or ties at every count, so it takes every call."""
+    if not panel_available() or torch.ops.tessera_kernels.panel_micro_rows() >= 12:
+        return sys.maxsize
+    return 15
 
 
 def _packable(weight: torch.Tensor) -> bool:
@@ -150,11 +165,14 @@ def packed_linear(
     bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in] -> [..., out], through ``packed`` (from
-    :func:`pack_weight` of ``weight``) when x has at least ``min_rows`` rows."""
+    :func:`pack_weight` of ``weight``) when x has at least ``min_rows`` rows (and, for weight
+    panels, at most ``panel_max_rows()``)."""
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
     if rows.shape[0] < min_rows:
         return F.linear(x, weight, bias)
     if not packed.is_mkldnn:  # weight panels
+        if rows.shape[0] > panel_max_rows():
+            return F.linear(x, weight, bias)
         return torch.ops.tessera_kernels.panel_linear(x, packed, bias)  # [..., out]
     if not rows.is_contiguous():
         rows = rows.contiguous()
@@ -176,12 +194,16 @@ class PackedLinear(nn.Linear):
         # A buffer, not a parameter: the packed layout is not a checkpoint tensor.
         self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
         self.min_packed_rows = min_packed_rows(linear.weight)
+        self.max_packed_rows = (panel_max_rows() if self.packed_weight.dim() == 3
+                                else sys.maxsize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The few-row case first and in place: batch-1 decode calls this ~50 times a step, and
         # the extra call and reshape of ``packed_linear`` measured ~0.3 ms a step there
         # (benchmarks/packed_linear.py, 1 row).
-        if x.numel() < self.min_packed_rows * self.in_features:
+        numel = x.numel()
+        if (numel < self.min_packed_rows * self.in_features
+                or numel > self.max_packed_rows * self.in_features):
             return F.linear(x, self.weight, self.bias)
         return packed_linear(x, self.weight, self.packed_weight, self.min_packed_rows, self.bias)
 

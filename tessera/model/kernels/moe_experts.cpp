@@ -17,7 +17,7 @@
 // to slot E (experts held by another shard) are skipped.
 //
 // Registered as tessera_kernels::moe_experts (a fragment of the library paged_decode.cpp
-// defines); it runs where tessera_kernels::panel_native (panel_linear.cpp) is true.
+// defines); it runs where tessera_kernels::experts_native is true (AVX-512 builds).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -120,7 +120,7 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   return out;
 }
 
-#else  // no AVX-512: the Python path runs instead (panel_native is false)
+#else  // no AVX-512: the Python path runs instead (experts_native is false)
 
 at::Tensor moe_experts(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                        const at::Tensor&, const at::Tensor&) {
@@ -131,8 +131,22 @@ at::Tensor moe_experts(const at::Tensor&, const at::Tensor&, const at::Tensor&,
 
 }  // namespace
 
+namespace {
+// Whether moe_experts has a body in this build (its epilogues are AVX-512 code).
+bool experts_native() {
+#if defined(__AVX512F__)
+  return true;
+#else
+  return false;
+#endif
+}
+}  // namespace
+
 TORCH_LIBRARY_FRAGMENT(tessera_kernels, m) {
   m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("experts_native() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) { m.impl("moe_experts", &moe_experts); }
+
+TORCH_LIBRARY_IMPL(tessera_kernels, CatchAll, m) { m.impl("experts_native", &experts_native); }

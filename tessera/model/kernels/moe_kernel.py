@@ -7,11 +7,13 @@ matmuls. One layer of the benchmark Mixtral's eight experts (512 -> 2x1024 -> 51
 each, one thread on an AMD EPYC: ``benchmarks/moe_kernel.py`` has the figures.
 
 Used for float32 experts with a silu gate on a CPU whose build has AVX-512
-(``linear.panel_available``), when the intermediate size is a multiple of 16 and the hidden size a
+(``experts_kernel_available``), when the intermediate size is a multiple of 16 and the hidden size a
 multiple of 32; every other case keeps the Python path in ``Experts``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -33,8 +35,14 @@ def native_experts_fit(gate_up: torch.Tensor, down: torch.Tensor, hidden_act: st
         and two_inter % (2 * GATE_LANES) == 0
         and hidden % PANEL == 0
         and gate_up.numel() > 0
-        and panel_available()
+        and experts_kernel_available()
     )
+
+
+@functools.cache
+def experts_kernel_available() -> bool:
+    """Whether ``moe_experts`` has a body here (weight panels, built with AVX-512)."""
+    return panel_available() and bool(torch.ops.tessera_kernels.experts_native())
 
 
 def pack_gate_up(gate_up: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
-// Weight-panel matmuls for float32 on AVX-512 CPUs (Tessera): the core of panel_linear.cpp and
-// moe_experts.cpp.
+// Weight-panel matmuls for float32 on AVX-512 and AVX2 CPUs (Tessera): the core of
+// panel_linear.cpp and moe_experts.cpp (the latter on AVX-512 only).
 //
 // A weight [N, K] (out, in) is held as panels [N/32, K, 32]: panel p has, for every input k, the
 // 32 weights of output columns 32p..32p+31 side by side. A panel is multiplied in chunks of k
@@ -9,6 +9,12 @@
 // memory; with the prefetch, memory streams while they run. On the benchmark AMD EPYC (Zen 5,
 // 1 thread), eight 512x2048 weights cycling through memory at 32 rows: ~143 GFLOP/s with
 // oneDNN's packed kernel, ~198 with this one (~200 for one weight resident in cache).
+//
+// With AVX2 and FMA only, a row of a panel is four 256-bit registers and a micro-kernel call takes
+// three rows (12 accumulators, 3 broadcasts and one weight register: all 16). Why here too: on an
+// AVX2 AMD EPYC (1 thread), MKL and oneDNN run a 576x192 weight at 5 rows in ~45 us, where the
+// weights (442 KiB, in L2) allow well under half that; and a speculative decoding step verifies
+// a few rows per sequence, so few-row matmuls are its whole cost.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -22,21 +28,25 @@
 namespace tessera_kernels {
 
 // x [..., K] times a weight in panels [N/32, K, 32], plus bias [N] if given -> [..., N]
-// (panel_linear.cpp; fails on a build without AVX-512, where nothing is packed this way).
+// (panel_linear.cpp; fails on a build without AVX-512 or AVX2+FMA, where nothing is packed this
+// way).
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                         const std::optional<at::Tensor>& bias);
 
 }  // namespace tessera_kernels
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+#define TESSERA_PANEL_GEMM 1
 #include <immintrin.h>
 
 namespace tessera_kernels {
 namespace panel {
 
-constexpr int kPanel = 32;       // output lanes of a panel: two AVX-512 registers
-constexpr int kRows = 12;        // rows per micro-kernel call: 24 accumulators
+constexpr int kPanel = 32;       // output lanes of a panel: two AVX-512 or four AVX2 registers
 constexpr int64_t kChunk = 256;  // k per pass over a panel: 32 KiB of weights, fits L1
+
+#if defined(__AVX512F__)
+constexpr int kRows = 12;        // rows per micro-kernel call: 24 accumulators
 
 // c[R, 32] (+)= a[R, kc] (row stride lda) x b[kc, 32]. While it runs, the kc x 32 floats at pf
 // (the next chunk; may be null) are prefetched into L1, two lines per k.
@@ -74,6 +84,69 @@ using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, b
 const MicroFn kMicroByRows[kRows + 1] = {
     nullptr,    &micro<1>,  &micro<2>,  &micro<3>, &micro<4>,  &micro<5>, &micro<6>,
     &micro<7>,  &micro<8>,  &micro<9>,  &micro<10>, &micro<11>, &micro<12>};
+
+#else  // AVX2 + FMA
+
+constexpr int kRows = 3;  // rows per micro-kernel call: 12 accumulators
+
+// As the AVX-512 micro-kernel: c[R, 32] (+)= a[R, kc] x b[kc, 32], prefetching pf.
+template <int R>
+inline void micro(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
+                  int64_t kc, float* __restrict__ c, bool accumulate, const float* pf) {
+  // Named registers, fully unrolled: arrays indexed in loops would be spilled to the stack.
+  __m256 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
+  c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = c20 = c21 = c22 = c23 = _mm256_setzero_ps();
+  if (accumulate) {
+    c00 = _mm256_loadu_ps(c), c01 = _mm256_loadu_ps(c + 8);
+    c02 = _mm256_loadu_ps(c + 16), c03 = _mm256_loadu_ps(c + 24);
+    if (R > 1) {
+      c10 = _mm256_loadu_ps(c + kPanel), c11 = _mm256_loadu_ps(c + kPanel + 8);
+      c12 = _mm256_loadu_ps(c + kPanel + 16), c13 = _mm256_loadu_ps(c + kPanel + 24);
+    }
+    if (R > 2) {
+      c20 = _mm256_loadu_ps(c + 2 * kPanel), c21 = _mm256_loadu_ps(c + 2 * kPanel + 8);
+      c22 = _mm256_loadu_ps(c + 2 * kPanel + 16), c23 = _mm256_loadu_ps(c + 2 * kPanel + 24);
+    }
+  }
+  for (int64_t k = 0; k < kc; ++k) {
+    if (pf != nullptr) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel + 16), _MM_HINT_T0);
+    }
+    const float* bk = b + k * kPanel;
+    const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
+    const __m256 b2 = _mm256_loadu_ps(bk + 16), b3 = _mm256_loadu_ps(bk + 24);
+    const __m256 a0 = _mm256_broadcast_ss(a + k);
+    c00 = _mm256_fmadd_ps(a0, b0, c00), c01 = _mm256_fmadd_ps(a0, b1, c01);
+    c02 = _mm256_fmadd_ps(a0, b2, c02), c03 = _mm256_fmadd_ps(a0, b3, c03);
+    if (R > 1) {
+      const __m256 a1 = _mm256_broadcast_ss(a + lda + k);
+      c10 = _mm256_fmadd_ps(a1, b0, c10), c11 = _mm256_fmadd_ps(a1, b1, c11);
+      c12 = _mm256_fmadd_ps(a1, b2, c12), c13 = _mm256_fmadd_ps(a1, b3, c13);
+    }
+    if (R > 2) {
+      const __m256 a2 = _mm256_broadcast_ss(a + 2 * lda + k);
+      c20 = _mm256_fmadd_ps(a2, b0, c20), c21 = _mm256_fmadd_ps(a2, b1, c21);
+      c22 = _mm256_fmadd_ps(a2, b2, c22), c23 = _mm256_fmadd_ps(a2, b3, c23);
+    }
+  }
+  _mm256_storeu_ps(c, c00), _mm256_storeu_ps(c + 8, c01);
+  _mm256_storeu_ps(c + 16, c02), _mm256_storeu_ps(c + 24, c03);
+  if (R > 1) {
+    _mm256_storeu_ps(c + kPanel, c10), _mm256_storeu_ps(c + kPanel + 8, c11);
+    _mm256_storeu_ps(c + kPanel + 16, c12), _mm256_storeu_ps(c + kPanel + 24, c13);
+  }
+  if (R > 2) {
+    _mm256_storeu_ps(c + 2 * kPanel, c20), _mm256_storeu_ps(c + 2 * kPanel + 8, c21);
+    _mm256_storeu_ps(c + 2 * kPanel + 16, c22), _mm256_storeu_ps(c + 2 * kPanel + 24, c23);
+  }
+}
+
+using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, bool, const float*);
+
+const MicroFn kMicroByRows[kRows + 1] = {nullptr, &micro<1>, &micro<2>, &micro<3>};
+
+#endif
 
 // Rows of `a` per pass over the panels: the block [rows, K] should stay in L2 while every panel
 // multiplies it (a pass re-reads it once per panel). A few hundred KiB, at least 48 rows.
@@ -118,4 +191,4 @@ void panels_gemm(const float* a, int64_t n, int64_t K, const float* packed, int6
 }  // namespace panel
 }  // namespace tessera_kernels
 
-#endif  // __AVX512F__
+#endif  // AVX-512 or AVX2 + FMA

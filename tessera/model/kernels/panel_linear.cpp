@@ -1,7 +1,8 @@
 // float32 linear layers on weight panels (Tessera): see panel_gemm.h for the layout and why.
 //
 // Registered as tessera_kernels::panel_linear, and tessera_kernels::panel_native, true when
-// this build has the AVX-512 body (the Python side packs weights this way only then).
+// this build has a body (AVX-512, or AVX2 with FMA; the Python side packs weights this way only
+// then).
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -15,7 +16,7 @@
 
 namespace tessera_kernels {
 
-#if defined(__AVX512F__)
+#if defined(TESSERA_PANEL_GEMM)
 
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                         const std::optional<at::Tensor>& bias) {
@@ -43,15 +44,12 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
   float* o = out.data_ptr<float>();
   panel::panels_gemm(rows.data_ptr<float>(), n, K, packed.data_ptr<float>(), packed.size(0),
                      [&](int64_t p, int64_t r0, int64_t rows, const float* c) {
-                       const __m512 b0 = bias_data ? _mm512_loadu_ps(bias_data + p * kPanel)
-                                                   : _mm512_setzero_ps();
-                       const __m512 b1 = bias_data ? _mm512_loadu_ps(bias_data + p * kPanel + 16)
-                                                   : _mm512_setzero_ps();
+                       const float* b = bias_data ? bias_data + p * kPanel : nullptr;
                        for (int64_t j = 0; j < rows; ++j) {
                          float* dst = o + (r0 + j) * N + p * kPanel;
-                         _mm512_storeu_ps(dst, _mm512_add_ps(_mm512_loadu_ps(c + j * kPanel), b0));
-                         _mm512_storeu_ps(dst + 16,
-                                          _mm512_add_ps(_mm512_loadu_ps(c + j * kPanel + 16), b1));
+                         const float* src = c + j * kPanel;
+                         // A fixed-length loop: the compiler vectorizes it for the target.
+                         for (int l = 0; l < kPanel; ++l) dst[l] = src[l] + (b ? b[l] : 0.0f);
                        }
                      });
   return out;
@@ -59,16 +57,18 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
 
 namespace {
 bool panel_native() { return true; }
+int64_t panel_micro_rows() { return panel::kRows; }
 }  // namespace
 
 #else
 
 at::Tensor panel_linear(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&) {
-  TORCH_CHECK(false, "panel_linear: this build has no AVX-512 body");
+  TORCH_CHECK(false, "panel_linear: this build has no AVX-512 or AVX2 body");
 }
 
 namespace {
 bool panel_native() { return false; }
+int64_t panel_micro_rows() { return 0; }
 }  // namespace
 
 #endif
@@ -78,6 +78,7 @@ bool panel_native() { return false; }
 TORCH_LIBRARY_FRAGMENT(tessera_kernels, m) {
   m.def("panel_linear(Tensor x, Tensor packed, Tensor? bias=None) -> Tensor");
   m.def("panel_native() -> bool");
+  m.def("panel_micro_rows() -> int");
 }
 
 TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) {
@@ -86,4 +87,5 @@ TORCH_LIBRARY_IMPL(tessera_kernels, CPU, m) {
 
 TORCH_LIBRARY_IMPL(tessera_kernels, CatchAll, m) {
   m.impl("panel_native", &tessera_kernels::panel_native);
+  m.impl("panel_micro_rows", &tessera_kernels::panel_micro_rows);
 }
