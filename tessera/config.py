@@ -13,6 +13,8 @@ from tessera.kv.store_url import parse_store_url
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_PLANES = ("auto", "torch", "shm")
+SPECULATIVE_METHODS = ("ngram",)
+MAX_SPECULATIVE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,32 @@ class SchedulerConfig:
         True, "do not split long prompts over several steps (each is prefilled in one step, "
         "which caps the context length at --max-num-batched-tokens)",
         flag="--no-chunked-prefill")
+    speculative_method: str | None = option(
+        None, "draft tokens for each decoding sequence and verify them in the same step: "
+        "ngram (prompt lookup: what followed the latest earlier occurrence of the sequence's "
+        "last tokens)", choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = option(
+        4, "most draft tokens per sequence and step; each sequence's draft length follows its "
+        "acceptance (grows after a fully accepted draft, shrinks after a rejection)")
+    prompt_lookup_min: int = option(1, "ngram: shortest suffix of a sequence looked up")
+    prompt_lookup_max: int = option(4, "ngram: longest suffix of a sequence looked up "
+                                    "(longer suffixes are tried first)")
 
     def __post_init__(self) -> None:
+        if self.speculative_method is not None and \
+                self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}"
+                             f", got {self.speculative_method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be at most {MAX_SPECULATIVE_TOKENS}, "
+                             f"got {self.num_speculative_tokens}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must not exceed "
+                             f"prompt_lookup_max ({self.prompt_lookup_max})")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be at least 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:

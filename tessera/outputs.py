@@ -124,6 +124,44 @@ class InstanceStats(msgspec.Struct, frozen=True):
     num_restarts_total: int = 0
 
 
+class SpecDecodeStats(msgspec.Struct, frozen=True):
+    """Speculative decoding's counters: drafts verified, their tokens, the accepted ones, and
+    per draft position (0 = the first token after the sequence's last) the tokens drafted and
+    accepted there."""
+
+    num_drafts_total: int = 0
+    num_draft_tokens_total: int = 0
+    num_accepted_tokens_total: int = 0
+    drafted_per_position: tuple[int, ...] = ()
+    accepted_per_position: tuple[int, ...] = ()
+
+    def merge(self, other: SpecDecodeStats | None) -> SpecDecodeStats:
+        """The sum of these counters and ``other``'s (several engines of one model)."""
+        if other is None:
+            return self
+
+        def add(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+            n = max(len(a), len(b))
+            return tuple((a[i] if i < len(a) else 0) + (b[i] if i < len(b) else 0)
+                         for i in range(n))
+
+        return SpecDecodeStats(
+            self.num_drafts_total + other.num_drafts_total,
+            self.num_draft_tokens_total + other.num_draft_tokens_total,
+            self.num_accepted_tokens_total + other.num_accepted_tokens_total,
+            add(self.drafted_per_position, other.drafted_per_position),
+            add(self.accepted_per_position, other.accepted_per_position))
+
+
+def merge_spec_decode(stats: list[EngineStats]) -> SpecDecodeStats | None:
+    """The speculative decoding counters of several engines summed (None if none drafts)."""
+    total: SpecDecodeStats | None = None
+    for s in stats:
+        if s.spec_decode is not None:
+            total = s.spec_decode.merge(total)
+    return total
+
+
 class EngineStats(msgspec.Struct, frozen=True):
     """An engine's gauges and cumulative counters, under the names ``/metrics`` uses; the
     same struct crosses every process boundary (engine core, attention workers)."""
@@ -144,3 +182,5 @@ class EngineStats(msgspec.Struct, frozen=True):
     """The KV tiers outside the device pool, nearest first (empty without offloading)."""
     instances: tuple[InstanceStats, ...] = ()
     """A cluster's instances (empty for a single engine)."""
+    spec_decode: SpecDecodeStats | None = None
+    """Speculative decoding's counters (None when the engine does not draft)."""

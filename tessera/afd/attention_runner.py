@@ -107,7 +107,7 @@ class AttentionRunner(ModelRunner):
             tracer.add(f"head mb{lane}", "attn", start, tracer.now_us(), {"micro_batch": lane})
             yield head
             logits = torch.cat([local, *head.wait(deadline_s, tracer)], dim=1).float()
-        return self.sample(out, logits, inp.sample_seq_indices)
+        return self.sample(out, logits, inp.sample_seq_indices, inp.row_drafts)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> SampledTokens:

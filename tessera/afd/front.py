@@ -53,7 +53,13 @@ from tessera.messages.workers import FrontInput, Heartbeat, StepFailed, StepRepo
 from tessera.model.loader import read_config
 from tessera.model.moe_spec import moe_spec_from_config
 from tessera.model.spec import ModelConfigError, spec_from_config
-from tessera.outputs import CompletionOutput, EngineStats, RequestOutput, StepOutput
+from tessera.outputs import (
+    CompletionOutput,
+    EngineStats,
+    RequestOutput,
+    StepOutput,
+    merge_spec_decode,
+)
 from tessera.sampling_params import SamplingParams
 
 # How long a seen worker exit waits for a report that explains it (see ``_health``); a pool
@@ -416,7 +422,7 @@ class AFDEngine:
         return EngineStats(**{
             name: getattr(base, name) + sum(getattr(s, name) for s in self._stats.values())
             for name in counters
-        })
+        }, spec_decode=merge_spec_decode([base, *self._stats.values()]))
 
     def stats(self) -> EngineStats:
         """Totals over the workers as of their latest reports (taken in without waiting);

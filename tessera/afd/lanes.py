@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from tessera.afd.attention_runner import AttentionRunner, Pending
 from tessera.afd.lane_policy import pick_lane
 from tessera.afd.progress import Progress
-from tessera.engine.llm_engine import LLMEngine
+from tessera.engine.llm_engine import LLMEngine, make_drafter
 from tessera.engine.model_runner import SampledTokens
 from tessera.engine.scheduler import Scheduler, SchedulerOutput
-from tessera.outputs import EngineStats, StepOutput
+from tessera.outputs import EngineStats, StepOutput, merge_spec_decode
 from tessera.sampling_params import SamplingParams
 
 
@@ -70,7 +70,8 @@ class Lanes:
         self.kv_connector = engine.kv_connector
         self.runner = runner
         per_lane = engine.config.scheduler.per_lane(num_lanes)
-        self.lanes = [Lane(m, Scheduler(per_lane, self.block_manager, self.kv_connector))
+        self.lanes = [Lane(m, Scheduler(per_lane, self.block_manager, self.kv_connector,
+                                        make_drafter(per_lane, engine.runtime.max_model_len)))
                       for m in range(num_lanes)]
         self.lane_of: dict[str, int] = {}
         """Lane of every unfinished request."""
@@ -154,11 +155,13 @@ class Lanes:
     def _end_step(self, lane: Lane, result: SampledTokens) -> StepOutput:
         out = lane.out
         assert out is not None
-        tokens, logprobs, _ = result  # the front refuses prompt logprobs
-        lane.scheduler.update(out, tokens)
+        # The front refuses prompt logprobs.
+        tokens, logprobs, num_accepted = result.tokens, result.logprobs, result.num_accepted
+        lane.scheduler.update(out, tokens, num_accepted)
         if out.saves and self.kv_connector is not None:
             self.kv_connector.save(out.saves)  # before postprocess frees finished blocks
-        step = self.requests.postprocess(out, tokens, logprobs, lane.scheduler)
+        step = self.requests.postprocess(out, tokens, logprobs, lane.scheduler,
+                                         num_accepted=num_accepted)
         tracer = self.runner.tracer
         tracer.add("step", "step", lane.start_us, tracer.now_us(),
                    {"tokens": out.num_batched_tokens, "seqs": len(out.seqs),
@@ -185,4 +188,6 @@ class Lanes:
             num_prefix_queried_tokens_total=sum(s.num_prefix_queried_tokens for s in schedulers),
             num_prefix_hit_tokens_total=sum(s.num_prefix_hit_tokens for s in schedulers),
             kv_tiers=() if self.kv_connector is None else self.kv_connector.stats(),
+            spec_decode=merge_spec_decode([EngineStats(spec_decode=s.drafter.stats.snapshot())
+                                           for s in schedulers if s.drafter is not None]),
         )

@@ -50,6 +50,7 @@ from tessera.outputs import (
     RequestOutput,
     StepOutput,
     TokenDelta,
+    merge_spec_decode,
 )
 from tessera.sampling_params import SamplingParams
 
@@ -331,7 +332,8 @@ class ClusterEngine:
     # ----------------------------------------------------------------- stats, shutdown
     @staticmethod
     def _sum_counters(stats: list[EngineStats]) -> EngineStats:
-        return EngineStats(**{name: sum(getattr(s, name) for s in stats) for name in _COUNTERS})
+        return EngineStats(**{name: sum(getattr(s, name) for s in stats) for name in _COUNTERS},
+                           spec_decode=merge_spec_decode(stats))
 
     def stats(self) -> EngineStats:
         """Totals over the instances as of their latest reports, taken in without waiting

@@ -168,6 +168,17 @@ class BlockManager:
         assert num_tokens <= seq.num_computed_tokens
         seq.num_computed_tokens = num_tokens
 
+    def trim(self, seq: Sequence) -> None:
+        """Free the blocks past those ``seq``'s tokens need (taken for draft tokens that were
+        rejected). They hold no published KV: only computed tokens are published."""
+        num_keep = self.num_blocks_for(seq.num_tokens)
+        while len(seq.block_ids) > num_keep:
+            block_id = seq.block_ids.pop()
+            self.ref_counts[block_id] -= 1
+            assert self.ref_counts[block_id] == 0 and self.block_keys[block_id] is None
+            self.free_queue[block_id] = None
+            self.free_queue.move_to_end(block_id, last=False)
+
     def free(self, seq: Sequence) -> None:
         """Return ``seq``'s blocks to the pool; cached content stays reusable until evicted."""
         # Tail blocks are queued first so they are evicted before the shared prefix blocks.

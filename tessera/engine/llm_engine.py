@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
-from tessera.config import EngineConfig, RuntimeInfo
+from tessera.config import EngineConfig, RuntimeInfo, SchedulerConfig
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.detokenizer import encode_prompt, load_tokenizer
 from tessera.engine.grammar_waitlist import GrammarWaitlist
 from tessera.engine.model_runner import ModelRunner
+from tessera.engine.ngram_drafter import NgramDrafter
 from tessera.engine.protocol import StepObserver
 from tessera.engine.requests import RequestTable
 from tessera.engine.sampler import Sampler
@@ -110,7 +111,8 @@ class LLMEngine:
             self.model, self.platform.device, cache.block_size, num_blocks, self.sampler, kv_dtype
         )
         self.kv_connector = make_kv_connector(config, self.model, self.runner.kv_caches)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.kv_connector)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.kv_connector,
+                                   make_drafter(config.scheduler, max_model_len))
         self.requests = RequestTable(self.runtime, self.sampler, self.tokenizer)
         self._observers: list[StepObserver] = []
 
@@ -242,11 +244,11 @@ class LLMEngine:
             sampled = self.runner.execute(out)
         except Exception:
             return self.requests.fail(out, self.scheduler)
-        self.scheduler.update(out, sampled.tokens)
+        self.scheduler.update(out, sampled.tokens, sampled.num_accepted)
         if out.saves and connector is not None:
             connector.save(out.saves)  # before postprocess frees finished sequences' blocks
         return self.requests.postprocess(out, sampled.tokens, sampled.logprobs, self.scheduler,
-                                         sampled.prompt_logprobs)
+                                         sampled.prompt_logprobs, sampled.num_accepted)
 
     # ----------------------------------------------------------------- stats
     def stats(self) -> EngineStats:
@@ -262,6 +264,7 @@ class LLMEngine:
             num_prefix_queried_tokens_total=s.num_prefix_queried_tokens,
             num_prefix_hit_tokens_total=s.num_prefix_hit_tokens,
             kv_tiers=() if self.kv_connector is None else self.kv_connector.stats(),
+            spec_decode=None if s.drafter is None else s.drafter.stats.snapshot(),
         )
 
     def take_kv_events(self) -> KVEvents:
@@ -273,6 +276,13 @@ class LLMEngine:
             self.grammars.close()
         if self.kv_connector is not None:
             self.kv_connector.close()
+
+
+def make_drafter(config: SchedulerConfig, max_model_len: int) -> NgramDrafter | None:
+    """The drafter ``config.speculative_method`` asks for, if any."""
+    if config.speculative_method is None:
+        return None
+    return NgramDrafter(config, max_model_len)
 
 
 def make_kv_connector(config: EngineConfig, model: DecoderModel,

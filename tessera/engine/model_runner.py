@@ -34,6 +34,9 @@ class SampledTokens(NamedTuple):
     logprobs: list[dict[int, float] | None]
     prompt_logprobs: list[PromptLogprobsChunk | None] | None = None
     """None when no sequence of the step asked for prompt logprobs."""
+    num_accepted: list[int] | None = None
+    """Per sequence, how many of its draft tokens were accepted (they come before its sampled
+    token); None when the step verified no draft."""
 
 
 @dataclass
@@ -45,6 +48,10 @@ class StepInputs:
     sample_rows: torch.Tensor  # [S] int64: batch rows whose hidden state is sampled
     sample_seq_indices: list[int]  # index into SchedulerOutput.seqs, per sampled row
     prompt_rows: PromptRowPlan = field(default_factory=PromptRowPlan)
+    row_drafts: list[int | None] | None = None
+    """Per sampled row, the draft token it verifies (None: a row that samples freely: the
+    last row of a drafted sequence, or any row of an undrafted one); None when no sequence
+    of the step has a draft."""
 
 
 class ModelRunner:
@@ -82,8 +89,12 @@ class ModelRunner:
 
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         bs = self.block_size
-        decodes = [i for i, n in enumerate(out.num_new_tokens) if n == 1]
-        prefills = [i for i, n in enumerate(out.num_new_tokens) if n > 1]
+        num_drafts = out.num_draft_tokens or [0] * len(out.seqs)
+        # A sequence verifying a draft runs as decode rows, one per token (its real token,
+        # then the draft) at consecutive positions: every row's KV is written before any row
+        # attends, so row j attends to exactly the tokens up to its own (causal).
+        decodes = [i for i, n in enumerate(out.num_new_tokens) if n == 1 or num_drafts[i]]
+        prefills = [i for i, n in enumerate(out.num_new_tokens) if n > 1 and not num_drafts[i]]
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -92,19 +103,28 @@ class ModelRunner:
         tables: list[list[int]] = []
         seq_lens: list[int] = []
         prompt_rows = PromptRowPlan()
+        row_drafts: list[int | None] | None = [] if any(num_drafts) else None
         for i in decodes:
             seq = out.seqs[i]
-            pos = seq.num_computed_tokens
-            input_ids.append(seq.token_ids[pos])
-            positions.append(pos)
-            slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
-            tables.append(seq.block_ids)
-            seq_lens.append(pos + 1)
-            # A one-token step may be a prompt chunk (chunked prefill's leftover budget).
-            prompt_rows.add(i, seq, pos, 1, len(input_ids) - 1)
-            if pos + 1 == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
-                sample_seq_indices.append(i)
+            start = seq.num_computed_tokens
+            drafts = seq.draft_token_ids if num_drafts[i] else []
+            for j, token in enumerate([seq.token_ids[start], *drafts]):
+                pos = start + j
+                input_ids.append(token)
+                positions.append(pos)
+                slots.append(seq.block_ids[pos // bs] * bs + pos % bs)
+                tables.append(seq.block_ids)
+                seq_lens.append(pos + 1)
+            if not drafts:
+                # A one-token step may be a prompt chunk (chunked prefill's leftover budget).
+                prompt_rows.add(i, seq, start, 1, len(input_ids) - 1)
+            if start + 1 == seq.num_tokens:
+                # Row j's logits verify draft token j; the last row's are sampled freely.
+                first = len(input_ids) - 1 - len(drafts)
+                sample_rows.extend(range(first, len(input_ids)))
+                sample_seq_indices.extend([i] * (1 + len(drafts)))
+                if row_drafts is not None:
+                    row_drafts.extend([*drafts, None])
         chunks: list[PrefillChunk] = []
         for i in prefills:
             seq, n = out.seqs[i], out.num_new_tokens[i]
@@ -128,6 +148,8 @@ class ModelRunner:
             if start + n == seq.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
                 sample_seq_indices.append(i)
+                if row_drafts is not None:
+                    row_drafts.append(None)
 
         dev = self.device
         block_tables = seq_len_t = None
@@ -139,7 +161,7 @@ class ModelRunner:
             seq_len_t = torch.tensor(seq_lens, dtype=torch.int64, device=dev)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            num_decode_tokens=len(decodes),
+            num_decode_tokens=len(seq_lens),
             decode_block_tables=block_tables,
             decode_seq_lens=seq_len_t,
             prefills=chunks,
@@ -155,6 +177,7 @@ class ModelRunner:
             sample_rows=torch.tensor(sample_rows, dtype=torch.int64, device=dev),
             sample_seq_indices=sample_seq_indices,
             prompt_rows=prompt_rows,
+            row_drafts=row_drafts,
         )
 
     @functools.cached_property
@@ -189,20 +212,38 @@ class ModelRunner:
         plan = inputs.prompt_rows
         # Enqueued before the sampler's sync, copied after it: no sync of its own.
         prompt = prompt_logprobs.compute(self.model, hidden, plan) if plan.rows else None
-        tokens, logprobs, _ = self.sample(out, logits, inputs.sample_seq_indices)
+        sampled = self.sample(out, logits, inputs.sample_seq_indices, inputs.row_drafts)
         if prompt is None:
-            return SampledTokens(tokens, logprobs)
-        return SampledTokens(tokens, logprobs, prompt.to_host(len(out.seqs)))
+            return sampled
+        return sampled._replace(prompt_logprobs=prompt.to_host(len(out.seqs)))
 
     def sample(
-        self, out: SchedulerOutput, logits: torch.Tensor, sample_seq_indices: list[int]
+        self, out: SchedulerOutput, logits: torch.Tensor, sample_seq_indices: list[int],
+        row_drafts: list[int | None] | None = None,
     ) -> SampledTokens:
-        """Sample the rows of ``logits`` [S, V]; per scheduled sequence, its token (None for
-        a prefill chunk that does not end its prompt) and logprobs entry."""
+        """Sample the rows of ``logits`` [S, V] (``row_drafts``: see ``StepInputs``); per
+        scheduled sequence, its token (None for a prefill chunk that does not end its
+        prompt), logprobs entry and, with drafts, how many of its draft tokens held."""
         seqs = [out.seqs[i] for i in sample_seq_indices]
-        sampled = self.sampler.sample(logits, seqs)
+        sampled = self.sampler.sample(logits, seqs, row_drafts)
         tokens: list[int | None] = [None] * len(out.seqs)
         logprobs: list[dict[int, float] | None] = [None] * len(out.seqs)
+        num_accepted: list[int] | None = None
+        if sampled.accepted is not None:
+            # A sequence's rows are in order; its first row that does not accept a draft
+            # (its last row has none to accept) gives its token.
+            num_accepted = [0] * len(out.seqs)
+            decided = [False] * len(out.seqs)
+            for row, i in enumerate(sample_seq_indices):
+                if decided[i]:
+                    continue
+                if sampled.accepted[row]:
+                    num_accepted[i] += 1
+                else:
+                    decided[i] = True
+                    tokens[i] = sampled.token_ids[row]
+                    logprobs[i] = sampled.logprobs[row]
+            return SampledTokens(tokens, logprobs, None, num_accepted)
         for row, i in enumerate(sample_seq_indices):
             tokens[i] = sampled.token_ids[row]
             logprobs[i] = sampled.logprobs[row]

@@ -131,54 +131,70 @@ class RequestTable:
     def postprocess(self, out: SchedulerOutput, tokens: list[int | None],
                     logprobs: list[dict[int, float] | None], scheduler: Scheduler,
                     prompt_logprobs: list[PromptLogprobsChunk | None] | None = None,
-                    ) -> StepOutput:
-        """Append the tokens sampled for ``out`` (which ``scheduler`` scheduled and has
-        updated) and the prompt logprobs its chunks gave, finish what stopped and say what
-        changed."""
+                    num_accepted: list[int] | None = None) -> StepOutput:
+        """Take the tokens sampled for ``out`` (which ``scheduler`` scheduled and has updated:
+        each sequence's new tokens, ``num_accepted[i]`` accepted draft tokens and then
+        ``tokens[i]``, are its last ones) and the prompt logprobs its chunks gave; finish what
+        stopped and say what changed. A completion that stops at one of its new tokens drops
+        the ones after it."""
         result = StepOutput()
-        max_len = self.runtime.max_model_len
-        eos = self.runtime.eos_token_ids
         if prompt_logprobs is not None:
             for seq, chunk in zip(out.seqs, prompt_logprobs, strict=True):
                 if chunk is not None:
                     _add_prompt_logprobs(seq, chunk)
-        for seq, token, lp in zip(out.seqs, tokens, logprobs, strict=True):
+        for i, (seq, token, lp) in enumerate(zip(out.seqs, tokens, logprobs, strict=True)):
             if token is None or seq.is_finished:
                 continue
-            self.num_generation_tokens_total += 1
-            p = seq.params
-            if seq.logprobs is not None and lp is not None:
-                seq.logprobs.append(lp)
-                seq.cumulative_logprob += lp[token]
-            req = self.requests[seq.request_id]
-            reason = None
-            if (not p.ignore_eos and token in eos) or token in p.stop_set:
-                reason = "stop"
-            else:
-                detok = req.detokenizers[seq.index]
-                if detok is not None and p.stop:
-                    delta = detok.step(seq.token_ids)
-                    cut = find_stop(detok.text, len(delta), p.stop) if delta else -1
-                    if cut != -1:
-                        req.stop_texts[seq.index] = detok.text[:cut]
-                        reason = "stop"
-            if reason is None and (
-                (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens)
-                or seq.num_tokens >= max_len
-            ):
-                reason = "length"
-            step_delta = TokenDelta(seq.request_id, seq.index, token, lp, reason)
-            if seq.prompt_logprobs is not None and seq.num_output_tokens == 1:
-                # The prompt ended in this step: its logprobs are whole now.
-                step_delta.prompt_logprobs = seq.prompt_logprobs
-                step_delta.prompt_token_ranks = seq.prompt_token_ranks
-            result.deltas.append(step_delta)
-            if reason is not None:
-                self._finish(seq, reason, scheduler)
-                if req.finished:
-                    result.finished.append(self._make_output(req))
-                    del self.requests[req.request_id]
+            num_new = 1 + (num_accepted[i] if num_accepted is not None else 0)
+            first = seq.num_tokens - num_new
+            for pos in range(first, seq.num_tokens):
+                # Only the last new token has a logprobs entry (drafted requests have none).
+                if self._take_token(seq, seq.token_ids[pos], lp if pos == seq.num_tokens - 1
+                                    else None, result, scheduler, pos + 1):
+                    break
         return result
+
+    def _take_token(self, seq: Sequence, token: int, lp: dict[int, float] | None,
+                    result: StepOutput, scheduler: Scheduler, num_tokens: int) -> bool:
+        """Report ``seq``'s token at position ``num_tokens - 1`` and finish ``seq`` if it stops
+        there (dropping the tokens after it); returns whether it did."""
+        self.num_generation_tokens_total += 1
+        p = seq.params
+        num_output = num_tokens - seq.num_prompt_tokens
+        if seq.logprobs is not None and lp is not None:
+            seq.logprobs.append(lp)
+            seq.cumulative_logprob += lp[token]
+        req = self.requests[seq.request_id]
+        reason = None
+        if (not p.ignore_eos and token in self.runtime.eos_token_ids) or token in p.stop_set:
+            reason = "stop"
+        else:
+            detok = req.detokenizers[seq.index]
+            if detok is not None and p.stop:
+                delta = detok.step(seq.token_ids[:num_tokens])
+                cut = find_stop(detok.text, len(delta), p.stop) if delta else -1
+                if cut != -1:
+                    req.stop_texts[seq.index] = detok.text[:cut]
+                    reason = "stop"
+        if reason is None and (
+            (p.max_tokens is not None and num_output >= p.max_tokens)
+            or num_tokens >= self.runtime.max_model_len
+        ):
+            reason = "length"
+        step_delta = TokenDelta(seq.request_id, seq.index, token, lp, reason)
+        if seq.prompt_logprobs is not None and num_output == 1:
+            # The prompt ended in this step: its logprobs are whole now.
+            step_delta.prompt_logprobs = seq.prompt_logprobs
+            step_delta.prompt_token_ranks = seq.prompt_token_ranks
+        result.deltas.append(step_delta)
+        if reason is None:
+            return False
+        del seq.token_ids[num_tokens:]
+        self._finish(seq, reason, scheduler)
+        if req.finished:
+            result.finished.append(self._make_output(req))
+            del self.requests[req.request_id]
+        return True
 
     def _make_output(self, req: Request) -> RequestOutput:
         first = req.seqs[0]

@@ -3,6 +3,12 @@
 Random rows sample by the exponential race (``argmax(p / q)`` with ``q ~ Exp(1)``), which
 draws exactly from ``p``. A request with a seed draws its ``q`` from its own generator, so
 its tokens do not depend on what else is in the batch.
+
+A row that verifies a draft token ``d`` (speculative decoding) accepts it with probability
+``p(d)`` (a greedy row: when ``d`` is its argmax) and otherwise samples from ``p`` with ``d``
+removed, which is ``max(p - q, 0)`` renormalized for a draft that proposes ``d`` with
+certainty. So each token is distributed exactly as without the draft (Leviathan et al., 2023,
+arXiv 2211.17192, for a deterministic drafter), and greedy output is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ class SamplerOutput:
     """One per input row."""
     logprobs: list[dict[int, float] | None]
     """Per row: sampled token and top-N alternatives with their log-probabilities, if asked."""
+    accepted: list[bool] | None = None
+    """Per row, whether it accepted its draft token (False for a row without one); None when
+    no row had one."""
 
 
 class Sampler:
@@ -53,8 +62,10 @@ class Sampler:
         if self.grammars is not None:
             self.grammars.release(seq.seq_id)
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: [S, V] float32, one row per sequence in ``seqs``."""
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence],
+               drafts: list[int | None] | None = None) -> SamplerOutput:
+        """logits: [S, V] float32, one row per entry of ``seqs`` (a sequence verifying a draft
+        has several rows); ``drafts[i]`` is the draft token row i verifies, if any."""
         if not seqs:
             return SamplerOutput([], [])
         params = [s.params for s in seqs]
@@ -74,21 +85,39 @@ class Sampler:
                 assert self.grammars is not None
                 self.grammars.mask_logits(logits, seqs)
 
+        draft_rows = ([] if drafts is None else
+                      [(row, d) for row, d in enumerate(drafts) if d is not None])
+        accept_t: torch.Tensor | None = None  # [S] bool, where sampling decides acceptance
         if all(p.greedy for p in params):
             token_t = row_argmax(logits)
         else:
-            token_t = self._sample_random(logits, seqs)
+            token_t, accept_t = self._sample_random(logits, seqs, draft_rows)
 
-        token_ids: list[int] = token_t.tolist()  # the step's device sync
+        if draft_rows:
+            # One copy for tokens and random acceptances: the step's device sync.
+            both = torch.stack([token_t, token_t if accept_t is None else accept_t.long()])
+            host = both.tolist()
+            token_ids: list[int] = host[0]
+            accepted = [False] * len(seqs)
+            for row, d in draft_rows:
+                accepted[row] = (token_ids[row] == d if params[row].greedy
+                                 else bool(host[1][row]))
+        else:
+            token_ids = token_t.tolist()  # the step's device sync
+            accepted = None
         if constrained:
             assert self.grammars is not None
             self.grammars.accept(seqs, token_ids)
         logprobs: list[dict[int, float] | None] = [None] * len(seqs)
         if raw_logprobs is not None:
             logprobs = _gather_logprobs(raw_logprobs, token_t, token_ids, params)
-        return SamplerOutput(token_ids, logprobs)
+        return SamplerOutput(token_ids, logprobs, accepted)
 
-    def _sample_random(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _sample_random(
+        self, logits: torch.Tensor, seqs: list[Sequence], draft_rows: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Tokens [S] and, with ``draft_rows`` ((row, draft token) pairs), whether each row
+        accepts its draft [S] bool (meaningful on random rows with a draft)."""
         params = [s.params for s in seqs]
         dev = logits.device
         num_rows, vocab = logits.shape
@@ -113,12 +142,25 @@ class Sampler:
             floor = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_ps, device=dev).unsqueeze(1)
             x = x.masked_fill(probs < floor, float("-inf"))
         probs = x.softmax(dim=-1)
+        accept: torch.Tensor | None = None
+        if draft_rows:
+            rows_t = torch.tensor([r for r, _ in draft_rows], dtype=torch.int64, device=dev)
+            ids_t = torch.tensor([d for _, d in draft_rows], dtype=torch.int64, device=dev)
+            u = torch.rand(num_rows, generator=self.generator, device=dev)  # [S]
+            for r, _ in draft_rows:
+                if seqs[r].params.seed is not None:
+                    u[r] = torch.rand(1, generator=self._generator_for(seqs[r]), device=dev)[0]
+            p_draft = torch.zeros(num_rows, device=dev)
+            p_draft[rows_t] = probs[rows_t, ids_t]
+            accept = u < p_draft  # [S]
+            # Where the draft is rejected, the token comes from p without it.
+            probs = probs.index_put((rows_t, ids_t), torch.zeros((), device=dev))
         q = _exponential(probs.shape, self.generator, dev)  # [S, V]
         for i, seq in enumerate(seqs):
             if seq.params.seed is not None and not seq.params.greedy:
                 q[i] = _exponential((vocab,), self._generator_for(seq), dev)
         sampled = row_argmax(probs / q)
-        return torch.where(greedy, row_argmax(logits), sampled)
+        return torch.where(greedy, row_argmax(logits), sampled), accept
 
 
 def _exponential(

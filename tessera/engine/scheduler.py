@@ -6,6 +6,10 @@ running sequence is preempted (its blocks freed, its tokens kept) and later reco
 its tokens, so no request is ever dropped. Waiting sequences are admitted, with their cached
 prefix blocks, while budget, sequence slots and blocks remain.
 
+With a drafter (speculative decoding), a decoding sequence also runs the draft tokens proposed
+for it (``SchedulerOutput.num_draft_tokens``); ``update`` keeps the accepted ones, and the
+blocks taken for the rejected ones go back to the pool. Drafts never preempt anything.
+
 With a KV connector, admission also takes the blocks after the device hits that the
 connector can load (``SchedulerOutput.loads``), and ``update`` hands every block that became
 full of computed KV to it (``SchedulerOutput.saves``).
@@ -18,6 +22,7 @@ from dataclasses import dataclass, field
 
 from tessera.config import SchedulerConfig
 from tessera.engine.block_manager import BlockManager
+from tessera.engine.ngram_drafter import NgramDrafter
 from tessera.engine.sequence import Sequence, SequenceStatus
 from tessera.kv.connector import BlockLoad, BlockSave, KVConnectorScheduler, LoadResult
 
@@ -27,11 +32,15 @@ class SchedulerOutput:
     """What to run this step: ``num_new_tokens[i]`` tokens of ``seqs[i]``.
 
     Tokens ``[seq.num_computed_tokens, seq.num_computed_tokens + n)`` are computed; a sequence
-    whose step reaches its last token samples one new token.
+    whose step reaches its last token samples one new token. The last ``num_draft_tokens[i]``
+    of those are ``seqs[i].draft_token_ids``, verified in the step: every one of its rows is
+    sampled.
     """
 
     seqs: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
+    num_draft_tokens: list[int] = field(default_factory=list)
+    """Per sequence (empty: none drafted)."""
     preempted: list[Sequence] = field(default_factory=list)
     loads: list[BlockLoad] = field(default_factory=list)
     """KV to load before the step runs, for the sequences ``load_seqs`` (same order)."""
@@ -52,10 +61,12 @@ class Scheduler:
     """Decides, each step, which tokens of which sequences run."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 connector: KVConnectorScheduler | None = None) -> None:
+                 connector: KVConnectorScheduler | None = None,
+                 drafter: NgramDrafter | None = None) -> None:
         self.config = config
         self.block_manager = block_manager
         self.connector = connector
+        self.drafter = drafter
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -92,6 +103,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            drafts = self._drafts(seq, budget)
+            num_new += len(drafts)
             while not bm.can_allocate(seq, num_new):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -102,6 +115,7 @@ class Scheduler:
                 bm.allocate(seq, num_new)
                 out.seqs.append(seq)
                 out.num_new_tokens.append(num_new)
+                out.num_draft_tokens.append(len(drafts))
                 budget -= num_new
                 i += 1
 
@@ -138,8 +152,20 @@ class Scheduler:
             self.running.append(seq)
             out.seqs.append(seq)
             out.num_new_tokens.append(num_new)
+            out.num_draft_tokens.append(0)
             budget -= num_new
         return out
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """Set and return the draft ``seq`` runs this step: none unless it is decoding and
+        the drafter has one that fits the budget and the free blocks."""
+        seq.draft_token_ids = []
+        if self.drafter is None or seq.num_computed_tokens != seq.num_tokens - 1:
+            return []
+        drafts = self.drafter.propose(seq, budget - 1)
+        if drafts and self.block_manager.can_allocate(seq, 1 + len(drafts)):
+            seq.draft_token_ids = drafts
+        return seq.draft_token_ids
 
     # ----------------------------------------------------------------- KV connector
     def _num_loadable_blocks(self, seq: Sequence, num_cached_blocks: int) -> int:
@@ -186,6 +212,8 @@ class Scheduler:
         return SchedulerOutput(
             seqs=[out.seqs[i] for i in kept],
             num_new_tokens=[out.num_new_tokens[i] for i in kept],
+            num_draft_tokens=[out.num_draft_tokens[i] for i in kept] if out.num_draft_tokens
+            else [],
             preempted=out.preempted,
         )
 
@@ -203,26 +231,44 @@ class Scheduler:
         """Free ``seq``'s blocks and put it first in line; it recomputes from its tokens."""
         self.running.remove(seq)
         self.block_manager.free(seq)
+        seq.draft_token_ids = []
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int | None]) -> None:
+    def update(self, out: SchedulerOutput, sampled_token_ids: list[int | None],
+               num_accepted: list[int] | None = None) -> None:
         """Advance the scheduled sequences after the model ran.
 
         ``sampled_token_ids[i]`` is the token sampled for ``out.seqs[i]``, or None when its step
-        was a prefill chunk that did not reach the end of its tokens.
+        was a prefill chunk that did not reach the end of its tokens. A sequence that verified
+        a draft gains its first ``num_accepted[i]`` draft tokens and then the sampled one; the
+        KV of the rest is dropped (its positions are past the computed ones, so they are
+        rewritten before anything reads them) and the blocks only they used are freed.
         """
         bm = self.block_manager
-        for seq, num_new, token_id in zip(
+        num_drafts = out.num_draft_tokens or [0] * len(out.seqs)
+        for i, (seq, num_new, token_id) in enumerate(zip(
             out.seqs, out.num_new_tokens, sampled_token_ids, strict=True
-        ):
+        )):
+            num_draft = num_drafts[i]
             if seq.status is not SequenceStatus.RUNNING:
+                seq.draft_token_ids = []
                 continue  # aborted while the step ran
-            seq.num_computed_tokens += num_new
+            num_ok = 0
+            if num_draft:
+                assert num_accepted is not None, "a drafted step needs num_accepted"
+                assert self.drafter is not None
+                num_ok = num_accepted[i]
+                seq.token_ids.extend(seq.draft_token_ids[:num_ok])
+                seq.draft_token_ids = []
+                self.drafter.observe(seq, num_draft, num_ok)
+            seq.num_computed_tokens += num_new - num_draft + num_ok
             bm.register_computed(seq)
             if self.connector is not None:
                 self._plan_saves(out, seq)
             if token_id is not None:
                 seq.token_ids.append(token_id)
+            if num_draft:
+                bm.trim(seq)

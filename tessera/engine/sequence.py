@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 from itertools import count
+from typing import Any
 
 from tessera.sampling_params import SamplingParams
 
@@ -44,6 +45,8 @@ class Sequence:
         "cumulative_logprob",
         "prompt_logprobs",
         "prompt_token_ranks",
+        "draft_token_ids",
+        "ngram_index",
     )
 
     def __init__(
@@ -78,6 +81,18 @@ class Sequence:
         self.prompt_token_ranks: list[int | None] | None = None
         if params.prompt_logprobs is not None:
             self.prompt_logprobs, self.prompt_token_ranks = [None], [None]
+        # Speculative tokens after ``token_ids`` that the current step verifies (set by the
+        # scheduler; never part of ``token_ids`` until accepted).
+        self.draft_token_ids: list[int] = []
+        # The drafter's own state for this sequence (an ``ngram_drafter.NgramIndex``).
+        self.ngram_index: Any = None
+
+    def step_token(self, pos: int) -> int:
+        """The token at position ``pos`` of this step's input: a real token, or a draft
+        token past the real ones."""
+        if pos < len(self.token_ids):
+            return self.token_ids[pos]
+        return self.draft_token_ids[pos - len(self.token_ids)]
 
     @property
     def num_tokens(self) -> int:

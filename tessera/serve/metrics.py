@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from tessera.outputs import EngineStats
+from tessera.outputs import EngineStats, SpecDecodeStats
 from tessera.serve.instance_metrics import InstanceCollector
 from tessera.serve.kv_tier_metrics import KVTierCollector
 
@@ -48,6 +48,18 @@ class ServerMetrics:
         self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up.")
         self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the cache.")
         self.preemptions = counter("num_preemptions", "Sequences preempted.")
+        self.spec_drafts = counter("spec_decode_num_drafts", "Drafts verified.")
+        self.spec_draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens verified.")
+        self.spec_accepted_tokens = counter("spec_decode_num_accepted_tokens",
+                                            "Draft tokens accepted.")
+        self.spec_accepted_per_pos = Counter(
+            "tessera:spec_decode_num_accepted_tokens_per_pos",
+            "Draft tokens accepted, by position in the draft (0: first).",
+            [*_LABELS, "position"], registry=reg)
+        self.spec_drafted_per_pos = Counter(
+            "tessera:spec_decode_num_draft_tokens_per_pos",
+            "Draft tokens verified, by position in the draft (0: first).",
+            [*_LABELS, "position"], registry=reg)
         self.ttft = histogram("time_to_first_token_seconds", "Time to first token.")
         self.tpot = histogram("time_per_output_token_seconds", "Mean time per output token.")
         self.e2e = histogram("e2e_request_latency_seconds", "Request latency, end to end.")
@@ -79,6 +91,7 @@ class ModelMetrics:
         self.prefix_queries = server.prefix_queries.labels(model_name)
         self.prefix_hits = server.prefix_hits.labels(model_name)
         self.preemptions = server.preemptions.labels(model_name)
+        self._server = server
         self.ttft = server.ttft.labels(model_name)
         self.tpot = server.tpot.labels(model_name)
         self.e2e = server.e2e.labels(model_name)
@@ -111,7 +124,29 @@ class ModelMetrics:
         for metric, inc in pairs:
             if inc > 0:
                 metric.inc(inc)
+        if stats.spec_decode is not None:
+            self._update_spec_decode(stats.spec_decode, last.spec_decode or SpecDecodeStats())
         self._last = stats
+
+    def _update_spec_decode(self, now: SpecDecodeStats, last: SpecDecodeStats) -> None:
+        server, name = self._server, self.model_name
+        for metric, inc in (
+            (server.spec_drafts, now.num_drafts_total - last.num_drafts_total),
+            (server.spec_draft_tokens, now.num_draft_tokens_total - last.num_draft_tokens_total),
+            (server.spec_accepted_tokens,
+             now.num_accepted_tokens_total - last.num_accepted_tokens_total),
+        ):
+            if inc > 0:
+                metric.labels(name).inc(inc)
+        for metric, values, old in (
+            (server.spec_drafted_per_pos, now.drafted_per_position, last.drafted_per_position),
+            (server.spec_accepted_per_pos, now.accepted_per_position,
+             last.accepted_per_position),
+        ):
+            for pos, value in enumerate(values):
+                inc = value - (old[pos] if pos < len(old) else 0)
+                if inc > 0:
+                    metric.labels(name, str(pos)).inc(inc)
 
     def observe_request(self, arrival_s: float, first_token_s: float, num_tokens: int) -> None:
         """Record a finished request (times from ``time.monotonic``)."""
