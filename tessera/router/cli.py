@@ -56,6 +56,7 @@ def run_router(args: argparse.Namespace) -> int:
     import uvicorn
 
     from tessera.router.app import build_app
+    from tessera.serve.listen import listen_tcp
 
     logging.basicConfig(format="tessera router: %(levelname)s: %(message)s",
                         level=logging.WARNING)
@@ -65,10 +66,15 @@ def run_router(args: argparse.Namespace) -> int:
         print(f"tessera router: error: {exc}", file=sys.stderr)
         return 2
     try:
-        uvicorn.run(build_app(config), host=config.host, port=config.port,
-                    log_level=args.log_level, limit_concurrency=config.max_connections)
-    except (OSError, SystemExit) as exc:  # uvicorn exits when it cannot bind
-        print(f"tessera router: error: cannot serve on {config.host}:{config.port}: {exc}",
-              file=sys.stderr)
+        sock = listen_tcp(config.host, config.port)
+    except OSError as exc:
+        print(f"tessera router: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        server = uvicorn.Server(uvicorn.Config(
+            build_app(config), log_level=args.log_level,
+            limit_concurrency=config.max_connections))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
     return 0

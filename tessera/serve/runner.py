@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import signal
-import socket
 import sys
 from collections.abc import Generator
 
@@ -28,6 +27,7 @@ from tessera.serve.api_key import resolve_api_key
 from tessera.serve.api_server import build_app
 from tessera.serve.config import ServeConfig, ServedModel
 from tessera.serve.engine_client import EngineClient, EngineStartupError, Finished
+from tessera.serve.listen import listen_tcp
 from tessera.serve.metrics import ServerMetrics
 from tessera.serve.served_models import served_models_from_args
 from tessera.serve.state import ModelState, ServerState
@@ -85,20 +85,6 @@ def _begin_drain(state: ServerState, forced: bool) -> None:
     asyncio.get_running_loop().create_task(drain())
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        sock.close()
-        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from e
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
-
-
 async def _start_model(
     model: ServedModel, config: ServeConfig, client: EngineClient, metrics: ServerMetrics
 ) -> ModelState:
@@ -137,7 +123,7 @@ async def serve(args: argparse.Namespace) -> int:
     config = options_from_args(
         ServeConfig, args, models=models, api_key=resolve_api_key(args)
     )
-    sock = _bind(config.host, config.port)
+    sock = listen_tcp(config.host, config.port)
     metrics = ServerMetrics()
     clients: list[EngineClient] = []
     try:
