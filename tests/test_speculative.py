@@ -318,3 +318,45 @@ def test_bad_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         SchedulerConfig(**options)
 
+
+
+@pytest.mark.processes
+def test_server_streams_drafted_tokens_and_counts_them():
+    """Through `tessera serve --speculative-method ngram`: a streamed chat gives the same text
+    as a non-streamed one and as a server without drafts, the stream carries every token (a
+    step may add several), and /metrics counts drafts per position."""
+    import json
+
+    import httpx
+
+    from tessera.demo_model import SERVED_NAME
+    from tests.test_serve_util import ServerProcess
+
+    body = {"model": SERVED_NAME, "messages": [{"role": "user", "content": "Copy: qwertyui"}],
+            "max_tokens": 30, "temperature": 0}
+    texts = {}
+    for extra in ((), ("--speculative-method", "ngram", "--num-speculative-tokens", "6")):
+        srv = ServerProcess(model_dir(), *extra, name=SERVED_NAME)
+        try:
+            srv.wait_ready()
+            url = f"{srv.base_url}/v1/chat/completions"
+            whole = httpx.post(url, json=body, timeout=60).json()
+            chunks = []
+            with httpx.stream("POST", url, json=body | {"stream": True}, timeout=60) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        delta = json.loads(line[6:])["choices"][0]["delta"]
+                        chunks.append(delta.get("content") or "")
+            text = whole["choices"][0]["message"]["content"]
+            assert "".join(chunks) == text
+            texts[bool(extra)] = text
+            if extra:
+                assert srv.metric("tessera:spec_decode_num_accepted_tokens_total") > 0
+                assert srv.metric("tessera:spec_decode_num_draft_tokens_total") >= \
+                    srv.metric("tessera:spec_decode_num_accepted_tokens_total")
+                metrics = httpx.get(f"{srv.base_url}/metrics", timeout=5).text
+                assert 'tessera:spec_decode_num_accepted_tokens_per_pos_total{' in metrics
+                assert 'position="0"' in metrics
+        finally:
+            srv.stop()
+    assert texts[True] == texts[False] == "qwertyui"

@@ -152,3 +152,28 @@ def test_structured_outputs_through_a_worker_pool(model_factory):
                 structured=StructuredOutputs(regex="(")))
     finally:
         llm.close()
+
+
+def test_speculative_decoding_through_a_worker_pool():
+    """Drafts are verified on the attention workers (the FFN pool sees only more rows): the
+    demo model copies with the single engine's greedy tokens, and the pool's counters show
+    the accepted drafts."""
+    from tessera.demo_model import model_dir
+
+    options = dict(COMMON, speculative_method="ngram", kv_cache_memory=1 << 24)
+    llm0 = LLM(str(model_dir()), **options)
+    tok = llm0.get_tokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Copy: {w}"}],
+                                       tokenize=False, add_generation_prompt=True)
+               for w in ("abcdefgh", "qwerty", "zyxwvu", "mnop")]
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    expected = [o.outputs[0].token_ids for o in llm0.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(model_dir()), afd=AFDConfig(attention_workers=1, ffn_workers=1,
+                                              micro_batches=2), **options)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == expected
+        spec = llm.engine.stats().spec_decode
+        assert spec is not None and spec.num_accepted_tokens_total > 0
+    finally:
+        llm.close()
