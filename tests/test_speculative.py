@@ -82,6 +82,24 @@ def test_draft_length_follows_acceptance():
     assert s.drafted_per_position == [2, 2, 1, 1] and s.accepted_per_position == [2, 1, 0, 0]
 
 
+def test_outright_rejections_pause_drafting_longer_each_time():
+    d = drafter(num_speculative_tokens=2)
+    seq = decoding([1, 2, 3, 1, 2, 3, 1])
+    assert d.propose(seq, 8)
+    pauses = []
+    for _ in range(5):
+        d.observe(seq, 1, 0)  # rejected outright
+        num_skipped = 0
+        while not d.propose(seq, 8):
+            num_skipped += 1
+        pauses.append(num_skipped)
+    assert pauses == [1, 3, 7, 15, 15]
+    d.observe(seq, 1, 1)  # an acceptance ends the backoff
+    assert d.propose(seq, 8)
+    d.observe(seq, 1, 0)
+    assert d.propose(seq, 8) == [] and d.propose(seq, 8)  # a one-step pause again
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.integers(0, 3), min_size=2, max_size=40), st.integers(1, 3),
        st.integers(0, 3), st.integers(1, 6))

@@ -11,7 +11,10 @@ distribution), so a sequence whose drafts miss loses little.
 Each sequence keeps an index from every n-gram of its tokens to where the tokens after its
 latest occurrence start, extended as tokens arrive, so a lookup costs O(n) whatever the length.
 Its draft length adapts to what was accepted: it grows by one after a draft accepted in full and
-drops to one more than the accepted part after a rejection.
+drops to one more than the accepted part after a rejection. A draft rejected outright also
+pauses drafting for that sequence, for 1, 3, 7, then 15 steps as rejections repeat (reset by any
+acceptance): verifying costs a few rows of the step even when nothing is kept, and text that
+does not repeat its context would otherwise pay it on every step.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from dataclasses import dataclass, field
 from tessera.config import SchedulerConfig
 from tessera.engine.sequence import Sequence
 from tessera.outputs import SpecDecodeStats
+
+MAX_PAUSE_STEPS = 15
 
 
 @dataclass
@@ -32,6 +37,10 @@ class NgramIndex:
     """Occurrences ending before token ``num_indexed - 1`` are in the index."""
     draft_len: int = 0
     """How many tokens the next draft may have (0: not yet set)."""
+    num_paused_steps: int = 0
+    """Steps left without drafting."""
+    pause_len: int = 0
+    """Steps of the latest pause (doubled plus one on each outright rejection)."""
 
 
 @dataclass
@@ -80,6 +89,9 @@ class NgramDrafter:
             index = seq.ngram_index = NgramIndex(draft_len=self.max_draft_tokens)
         tokens = seq.token_ids
         self._extend(index, tokens)
+        if index.num_paused_steps > 0:
+            index.num_paused_steps -= 1
+            return []
         # The step computes positions num_tokens - 1 .. num_tokens - 1 + k, all below the
         # context length; and drafting past max_tokens would only be thrown away.
         limit = min(max_tokens, index.draft_len, self.max_model_len - len(tokens))
@@ -116,3 +128,8 @@ class NgramDrafter:
         if index is not None:
             index.draft_len = (min(self.max_draft_tokens, index.draft_len + 1)
                                if num_accepted == num_drafted else num_accepted + 1)
+            if num_accepted:
+                index.pause_len = 0
+            else:
+                index.pause_len = min(2 * index.pause_len + 1, MAX_PAUSE_STEPS)
+                index.num_paused_steps = index.pause_len
