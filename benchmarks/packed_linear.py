@@ -5,7 +5,7 @@ One pass over the weight matrices of the ~100M benchmark Llama (12 layers of fus
 fused gate/up and down projections, then the LM head: 109M weights, 438 MB in float32) at each
 row count, every matrix a distinct tensor so the pass streams from memory as a decode step
 does. Columns: ``F.linear`` (MKL), ``packed_linear`` forced onto oneDNN's layout and onto the
-weight panels (where the panel kernel runs: AVX-512 builds), and ``PackedLinear`` as the engine
+weight panels (where the panel kernel runs: AVX-512 or AVX2 builds), and ``PackedLinear`` as the engine
 calls it (its own layout and row threshold, see ``tessera/model/kernels/linear.py``). The LM
 head is left out above 64 rows (a step only samples a few rows). Best of several passes.
 
@@ -64,8 +64,8 @@ def _pass(kind: str, used: list[kl.PackedLinear], onednn: dict[int, torch.Tensor
                 F.linear(x, lin.weight)
             elif kind == "onednn":
                 kl.packed_linear(x, lin.weight, onednn[id(lin)], 1)
-            elif kind == "panels":
-                kl.packed_linear(x, lin.weight, panels[id(lin)], 1)
+            elif kind == "panels":  # the kernel itself, at every row count
+                torch.ops.tessera_kernels.panel_linear(x, panels[id(lin)], None)
             else:
                 lin(x)
     return run

@@ -3,6 +3,8 @@ count, what gets packed, and which layout."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,7 @@ def test_min_packed_rows_follows_the_cpu(vendor, big_rows, monkeypatch):
 
 def needs_panels() -> None:
     if not kl.panel_available():
-        pytest.skip("the weight-panel kernel needs the C++ kernels built with AVX-512")
+        pytest.skip("the weight-panel kernel needs the C++ kernels built with AVX-512 or AVX2")
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -174,3 +176,28 @@ def test_packed_experts_match_plain(expert_ids, monkeypatch):
             assert max(calls) < experts_mod.MAX_PACKED_ROWS
         else:
             assert calls == []
+
+
+def test_panels_take_few_rows_and_mkl_many_where_it_is_faster():
+    """On an AVX2 build a call takes the panels up to ``panel_max_rows`` (more for a weight
+    that streams from memory) and the plain weight beyond, exactly as ``F.linear``; an AVX-512
+    build takes the panels at every count."""
+    needs_panels()
+    gen = torch.Generator().manual_seed(3)
+    small = nn.Linear(64, 96, bias=False)
+    big = nn.Linear(1024, 1024, bias=False)  # 4 MiB
+    limits = [kl.panel_max_rows(m.weight) for m in (small, big)]
+    if kl.panel_available() and torch.ops.tessera_kernels.panel_micro_rows() >= 12:
+        assert limits == [sys.maxsize, sys.maxsize]
+        return
+    assert limits == [15, 64]
+    for linear, limit in ((small, 15), (big, 64)):
+        packed = kl.PackedLinear(linear)
+        for rows in (1, limit, limit + 1):
+            x = torch.randn(rows, linear.in_features, generator=gen)
+            want = F.linear(x, linear.weight)
+            got = packed(x)
+            if rows > limit:
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)

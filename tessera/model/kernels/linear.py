@@ -73,17 +73,23 @@ def panel_available() -> bool:
     return kernel_available() and bool(torch.ops.tessera_kernels.panel_native())
 
 
-@functools.cache
-def panel_max_rows() -> int:
-    """Most rows a call takes the weight panels for; more take the plain weight.
+def panel_max_rows(weight: torch.Tensor) -> int:
+    """Most rows a call with ``weight`` [out, in] takes the weight panels for; more take the
+    plain weight (MKL).
 
-    Why: an AVX2 build's micro-kernel multiplies 3 rows at a time (16 registers), which beats
-    MKL from 2 to 15 rows and loses to it from about 16 (15% at 64 rows of a 2048x512 weight on
-    an AVX2 AMD EPYC, 1 thread; benchmarks/packed_linear.py). An AVX-512 build's 12-row kernel
-    wins or ties at every count, so it takes every call."""
-    if not panel_available() or torch.ops.tessera_kernels.panel_micro_rows() >= 12:
+    Why: an AVX2 build's micro-kernel multiplies 3 rows at a time (16 registers). Where a
+    weight streams from memory (2 MiB or more) it beats MKL up to 64 rows and loses ~10% at
+    512 (the ~110M Llama's matrices, 2 threads, AVX2 AMD EPYC: benchmarks/RESULTS.md, "Float32
+    linears"); a small weight that stays in cache runs even with MKL at 16 rows and ~15%
+    behind it at 64. An AVX-512 build's 12-row kernel takes every call."""
+    if not _avx2_panels():
         return sys.maxsize
-    return 15
+    return 64 if weight.numel() * weight.element_size() >= 2 << 20 else 15
+
+
+@functools.cache
+def _avx2_panels() -> bool:
+    return panel_available() and torch.ops.tessera_kernels.panel_micro_rows() < 12
 
 
 def _packable(weight: torch.Tensor) -> bool:
@@ -166,12 +172,12 @@ def packed_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x [..., in] -> [..., out], through ``packed`` (from
     :func:`pack_weight` of ``weight``) when x has at least ``min_rows`` rows (and, for weight
-    panels, at most ``panel_max_rows()``)."""
+    panels, at most ``panel_max_rows(weight)``)."""
     rows = x.reshape(-1, x.shape[-1])  # [N, in]
     if rows.shape[0] < min_rows:
         return F.linear(x, weight, bias)
     if not packed.is_mkldnn:  # weight panels
-        if rows.shape[0] > panel_max_rows():
+        if rows.shape[0] > panel_max_rows(weight):
             return F.linear(x, weight, bias)
         return torch.ops.tessera_kernels.panel_linear(x, packed, bias)  # [..., out]
     if not rows.is_contiguous():
@@ -194,7 +200,7 @@ class PackedLinear(nn.Linear):
         # A buffer, not a parameter: the packed layout is not a checkpoint tensor.
         self.register_buffer("packed_weight", pack_weight(linear.weight), persistent=False)
         self.min_packed_rows = min_packed_rows(linear.weight)
-        self.max_packed_rows = (panel_max_rows() if self.packed_weight.dim() == 3
+        self.max_packed_rows = (panel_max_rows(linear.weight) if self.packed_weight.dim() == 3
                                 else sys.maxsize)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
