@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 namespace tessera_kernels {
@@ -32,6 +33,11 @@ namespace tessera_kernels {
 // way).
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                         const std::optional<at::Tensor>& bias);
+
+// The same with int8 panels [N/32, K, 32] and per-output-column scales [N]: x W^T * scales
+// (+ bias); weight-only quantization (panel_linear.cpp).
+at::Tensor int8_panel_linear(const at::Tensor& x, const at::Tensor& packed,
+                             const at::Tensor& scales, const std::optional<at::Tensor>& bias);
 
 }  // namespace tessera_kernels
 
@@ -43,16 +49,26 @@ namespace tessera_kernels {
 namespace panel {
 
 constexpr int kPanel = 32;       // output lanes of a panel: two AVX-512 or four AVX2 registers
-constexpr int64_t kChunk = 256;  // k per pass over a panel: 32 KiB of weights, fits L1
+// k per pass over a panel: 32 KiB of weights (256 k of float, 1024 of int8), fits L1.
+template <typename W>
+constexpr int64_t kChunk = (32 << 10) / (kPanel * static_cast<int64_t>(sizeof(W)));
+
+// Weights are float32, or int8 (weight-only quantization: the panel's per-column scales are
+// applied by the caller's epilogue, since they do not depend on k). Loads widen int8 to float.
 
 #if defined(__AVX512F__)
 constexpr int kRows = 12;        // rows per micro-kernel call: 24 accumulators
 
-// c[R, 32] (+)= a[R, kc] (row stride lda) x b[kc, 32]. While it runs, the kc x 32 floats at pf
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// c[R, 32] (+)= a[R, kc] (row stride lda) x b[kc, 32]. While it runs, the kc x 32 weights at pf
 // (the next chunk; may be null) are prefetched into L1, two lines per k.
-template <int R>
-inline void micro(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
-                  int64_t kc, float* __restrict__ c, bool accumulate, const float* pf) {
+template <int R, typename W>
+inline void micro(const float* __restrict__ a, int64_t lda, const W* __restrict__ b,
+                  int64_t kc, float* __restrict__ c, bool accumulate, const W* pf) {
   __m512 lo[R], hi[R];
   for (int i = 0; i < R; ++i) {
     lo[i] = accumulate ? _mm512_loadu_ps(c + i * kPanel) : _mm512_setzero_ps();
@@ -63,8 +79,8 @@ inline void micro(const float* __restrict__ a, int64_t lda, const float* __restr
       _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel + 16), _MM_HINT_T0);
     }
-    const __m512 b0 = _mm512_loadu_ps(b + k * kPanel);
-    const __m512 b1 = _mm512_loadu_ps(b + k * kPanel + 16);
+    const __m512 b0 = load16(b + k * kPanel);
+    const __m512 b1 = load16(b + k * kPanel + 16);
 #pragma GCC unroll 12
     for (int i = 0; i < R; ++i) {
       const __m512 av = _mm512_set1_ps(a[i * lda + k]);
@@ -78,21 +94,30 @@ inline void micro(const float* __restrict__ a, int64_t lda, const float* __restr
   }
 }
 
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, bool, const float*);
+template <typename W>
+using MicroFn = void (*)(const float*, int64_t, const W*, int64_t, float*, bool, const W*);
 
-// kMicroByRows[r]: the micro-kernel for r rows (r = 1..kRows).
-const MicroFn kMicroByRows[kRows + 1] = {
-    nullptr,    &micro<1>,  &micro<2>,  &micro<3>, &micro<4>,  &micro<5>, &micro<6>,
-    &micro<7>,  &micro<8>,  &micro<9>,  &micro<10>, &micro<11>, &micro<12>};
+// kMicroByRows<W>[r]: the micro-kernel for r rows (r = 1..kRows).
+template <typename W>
+const MicroFn<W> kMicroByRows[kRows + 1] = {
+    nullptr,          &micro<1, W>,  &micro<2, W>,  &micro<3, W>, &micro<4, W>,
+    &micro<5, W>,     &micro<6, W>,  &micro<7, W>,  &micro<8, W>, &micro<9, W>,
+    &micro<10, W>,    &micro<11, W>, &micro<12, W>};
 
 #else  // AVX2 + FMA
 
 constexpr int kRows = 3;  // rows per micro-kernel call: 12 accumulators
 
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 // As the AVX-512 micro-kernel: c[R, 32] (+)= a[R, kc] x b[kc, 32], prefetching pf.
-template <int R>
-inline void micro(const float* __restrict__ a, int64_t lda, const float* __restrict__ b,
-                  int64_t kc, float* __restrict__ c, bool accumulate, const float* pf) {
+template <int R, typename W>
+inline void micro(const float* __restrict__ a, int64_t lda, const W* __restrict__ b,
+                  int64_t kc, float* __restrict__ c, bool accumulate, const W* pf) {
   // Named registers, fully unrolled: arrays indexed in loops would be spilled to the stack.
   __m256 c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23;
   c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = c20 = c21 = c22 = c23 = _mm256_setzero_ps();
@@ -113,9 +138,9 @@ inline void micro(const float* __restrict__ a, int64_t lda, const float* __restr
       _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(pf + k * kPanel + 16), _MM_HINT_T0);
     }
-    const float* bk = b + k * kPanel;
-    const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8);
-    const __m256 b2 = _mm256_loadu_ps(bk + 16), b3 = _mm256_loadu_ps(bk + 24);
+    const W* bk = b + k * kPanel;
+    const __m256 b0 = load8(bk), b1 = load8(bk + 8);
+    const __m256 b2 = load8(bk + 16), b3 = load8(bk + 24);
     const __m256 a0 = _mm256_broadcast_ss(a + k);
     c00 = _mm256_fmadd_ps(a0, b0, c00), c01 = _mm256_fmadd_ps(a0, b1, c01);
     c02 = _mm256_fmadd_ps(a0, b2, c02), c03 = _mm256_fmadd_ps(a0, b3, c03);
@@ -142,9 +167,11 @@ inline void micro(const float* __restrict__ a, int64_t lda, const float* __restr
   }
 }
 
-using MicroFn = void (*)(const float*, int64_t, const float*, int64_t, float*, bool, const float*);
+template <typename W>
+using MicroFn = void (*)(const float*, int64_t, const W*, int64_t, float*, bool, const W*);
 
-const MicroFn kMicroByRows[kRows + 1] = {nullptr, &micro<1>, &micro<2>, &micro<3>};
+template <typename W>
+const MicroFn<W> kMicroByRows[kRows + 1] = {nullptr, &micro<1, W>, &micro<2, W>, &micro<3, W>};
 
 #endif
 
@@ -156,30 +183,65 @@ inline int64_t row_block(int64_t K) {
   return std::max<int64_t>(48, rows / kRows * kRows);
 }
 
+// dst[0, n) = float(src[0, n)), n a multiple of 16, prefetching the n weights at pf (may be
+// null) into L1 meanwhile.
+template <typename W>
+inline void widen(const W* __restrict__ src, int64_t n, float* __restrict__ dst, const W* pf) {
+  for (int64_t i = 0; i < n; i += 16) {
+    if (pf != nullptr && (i * static_cast<int64_t>(sizeof(W))) % 64 == 0) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf + i), _MM_HINT_T0);
+    }
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(dst + i, load16(src + i));
+#else
+    _mm256_storeu_ps(dst + i, load8(src + i));
+    _mm256_storeu_ps(dst + i + 8, load8(src + i + 8));
+#endif
+  }
+}
+
 // a [n, K] (row stride K) times every panel of `packed` [num_panels, K, 32]. Each panel's
 // result for rows [r0, r0 + rows) goes to epilogue(panel, r0, rows, c), c row-major [rows, 32].
 // Panels are split over threads (disjoint output columns, so epilogues never race).
-template <typename Epilogue>
-void panels_gemm(const float* a, int64_t n, int64_t K, const float* packed, int64_t num_panels,
+//
+// Narrow weights (int8) are widened in registers where a row block has at most kRows rows (a
+// decode step: each weight is used once). With more rows, each chunk is widened once into an
+// L1 buffer that the float micro-kernel then runs every row over: widening inside the
+// micro-kernel would be repeated for every kRows rows, and costs about as much as the FMAs.
+template <typename W, typename Epilogue>
+void panels_gemm(const float* a, int64_t n, int64_t K, const W* packed, int64_t num_panels,
                  const Epilogue& epilogue) {
+  constexpr bool kNarrow = !std::is_same_v<W, float>;
   const int64_t block = row_block(K);
   for (int64_t r_begin = 0; r_begin < n; r_begin += block) {
     const int64_t r_end = std::min(n, r_begin + block);
+    const bool staged = kNarrow && r_end - r_begin > kRows;
+    const int64_t chunk = staged ? kChunk<float> : kChunk<W>;
     at::parallel_for(0, num_panels, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> c(static_cast<size_t>(r_end - r_begin) * kPanel);
+      std::vector<float> wide(staged ? static_cast<size_t>(chunk * kPanel) : 0);
       for (int64_t p = begin; p < end; ++p) {
-        const float* panel = packed + p * K * kPanel;
-        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
-          const int64_t kc = std::min(kChunk, K - k0);
-          const float* b = panel + k0 * kPanel;
+        const W* panel = packed + p * K * kPanel;
+        for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+          const int64_t kc = std::min(chunk, K - k0);
+          const W* b = panel + k0 * kPanel;
           // Panels are contiguous, so the next chunk (of this panel or the next) starts right
           // after this one; none to fetch after this thread's last.
           const bool last = p + 1 == end && k0 + kc == K;
-          const float* pf = last ? nullptr : b + kc * kPanel;
+          const W* pf = last ? nullptr : b + kc * kPanel;
+          if (staged) {
+            widen(b, kc * kPanel, wide.data(), pf);
+            for (int64_t r0 = r_begin; r0 < r_end; r0 += kRows) {
+              const int rows = static_cast<int>(std::min<int64_t>(kRows, r_end - r0));
+              kMicroByRows<float>[rows](a + r0 * K + k0, K, wide.data(), kc,
+                                        c.data() + (r0 - r_begin) * kPanel, k0 > 0, nullptr);
+            }
+            continue;
+          }
           for (int64_t r0 = r_begin; r0 < r_end; r0 += kRows) {
             const int rows = static_cast<int>(std::min<int64_t>(kRows, r_end - r0));
-            kMicroByRows[rows](a + r0 * K + k0, K, b, kc, c.data() + (r0 - r_begin) * kPanel,
-                               k0 > 0, r0 == r_begin ? pf : nullptr);
+            kMicroByRows<W>[rows](a + r0 * K + k0, K, b, kc, c.data() + (r0 - r_begin) * kPanel,
+                                  k0 > 0, r0 == r_begin ? pf : nullptr);
           }
         }
         epilogue(p, r_begin, r_end - r_begin, c.data());
