@@ -14,6 +14,7 @@ from tessera.kv.store_url import parse_store_url
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DATA_PLANES = ("auto", "torch", "shm")
 SPECULATIVE_METHODS = ("ngram",)
+QUANTIZATION_SCHEMES = ("int8",)
 MAX_SPECULATIVE_TOKENS = 16
 
 
@@ -373,6 +374,9 @@ class EngineConfig:
     seed: int = option(0, "seed for requests that do not bring their own")
     num_threads: int | None = option(
         None, "CPU threads for torch (default: torch's)", flag="--threads")
+    quantization: str | None = option(
+        None, "quantize the weights at load time: int8 (weight-only, one scale per output "
+        "channel; activations stay in the model's dtype)", choices=QUANTIZATION_SCHEMES)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     afd: AFDConfig | None = None
@@ -389,6 +393,12 @@ class EngineConfig:
             raise ValueError(f"device must be cpu, cuda or auto, got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_SCHEMES:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_SCHEMES)}, "
+                             f"got {self.quantization!r}")
+        if self.quantization is not None and self.afd is not None:
+            raise ValueError("quantization is not supported in a Transformerless pool yet "
+                             "(its FFN workers load the weights themselves)")
         if self.cluster is not None and self.afd is not None:
             raise ValueError("data_parallel instances of a Transformerless pool are not "
                              "supported: give data_parallel or attention_workers/ffn_workers")

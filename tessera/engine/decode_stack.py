@@ -19,9 +19,9 @@ from torch import nn
 from tessera.model.context import StepContext
 from tessera.model.dense import AttentionUnit, DenseFFNUnit
 from tessera.model.kernels.decode_units import (
-    always_packed,
     decode_units_available,
-    max_plain_rows,
+    max_native_rows,
+    op_scales,
     op_weight,
 )
 from tessera.model.kernels.paged_decode import decode_kernel_applies
@@ -52,11 +52,13 @@ class DenseDecodeStack:
                 op_weight(a.o_proj), a.o_proj.bias,
                 f.norm.weight, op_weight(f.gate_up_proj), f.gate_up_proj.bias,
                 op_weight(f.down_proj), f.down_proj.bias,
+                op_scales(a.qkv_proj), op_scales(a.o_proj), op_scales(f.gate_up_proj),
+                op_scales(f.down_proj),
             ]
-        plain = [m for a, f in zip(attns, ffns, strict=True) for m in
-                 (a.qkv_proj, a.o_proj, f.gate_up_proj, f.down_proj) if not always_packed(m)]
-        # Beyond this many rows some linear handed over plain would take its packed path.
-        self.max_rows = min([MAX_ROWS, *(max_plain_rows(m) for m in plain)])
+        linears = [m for a, f in zip(attns, ffns, strict=True)
+                   for m in (a.qkv_proj, a.o_proj, f.gate_up_proj, f.down_proj)]
+        # Beyond this many rows some linear's Python path would differ from what the op runs.
+        self.max_rows = min([MAX_ROWS, *(max_native_rows(m) for m in linears)])
 
     @classmethod
     def from_units(cls, units: list[nn.Module]) -> DenseDecodeStack | None:

@@ -28,6 +28,7 @@ from tessera.kv.fingerprint import layout_fingerprint
 from tessera.kv.tiered import TieredKVConnector
 from tessera.model.dense import DecoderModel
 from tessera.model.kernels.linear import pack_linears
+from tessera.model.kernels.quant_linear import quantize_linears
 from tessera.model.loader import load_model
 from tessera.outputs import EngineStats, RequestOutput, StepOutput
 from tessera.platform import get_platform
@@ -67,7 +68,10 @@ class LLMEngine:
             config.model, config.dtype, self.platform.device, expert_ids=expert_ids,
             keep=keep_param,
         )
-        # Before the KV pool is sized: packing moves the weights (see kernels.linear).
+        # Before the KV pool is sized: quantizing and packing move the weights (see
+        # kernels.quant_linear and kernels.linear).
+        if config.quantization is not None:
+            quantize_linears(self.model, config.quantization)
         pack_linears(self.model)
         self.tokenizer = load_tokenizer(config.model)
 

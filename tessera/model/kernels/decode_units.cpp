@@ -69,8 +69,14 @@ const c10::TypedOperatorHandle<PackedLinearSig>& packed_linear_op() {
 // the same op, with the same arguments, as PackedLinear's packed path in Python: weight panels
 // [out/32, in, 32] through panel_linear, oneDNN's layout (an opaque mkldnn tensor) through its
 // op; a plain [out, in] weight through ATen's linear.
+// int8 panels (weight-only quantization, see quant_linear.py) come with their scales.
 at::Tensor unit_linear(const at::Tensor& x, const at::Tensor& weight,
-                       const std::optional<at::Tensor>& bias) {
+                       const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& scales = std::nullopt) {
+  if (weight.dim() == 3 && weight.scalar_type() == at::kChar) {
+    TORCH_CHECK(scales.has_value(), "unit_linear: int8 panels need their scales");
+    return tessera_kernels::int8_panel_linear(x, weight, *scales, bias);
+  }
   if (weight.dim() == 3) return tessera_kernels::panel_linear(x, weight, bias);
   if (weight.is_mkldnn()) {
     return packed_linear_op().call(x, weight, bias, "none", c10::List<std::optional<at::Scalar>>(),
@@ -83,16 +89,20 @@ at::Tensor unit_linear(const at::Tensor& x, const at::Tensor& weight,
 // paged decode attention -> o_proj -> residual add. hidden: [B, D], one token per sequence;
 // kv_cache: [2, num_blocks, block_size, KVH, d]; slots, positions, seq_lens: [B] int64;
 // block_tables: [B, max_blocks] int64. Returns the new residual stream [B, D].
-at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
-                            const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-                            const std::optional<at::Tensor>& q_norm_weight,
-                            const std::optional<at::Tensor>& k_norm_weight,
-                            const at::Tensor& o_weight, const std::optional<at::Tensor>& o_bias,
-                            const at::Tensor& positions, const at::Tensor& cos,
-                            const at::Tensor& sin, const at::Tensor& kv_cache,
-                            const at::Tensor& slots, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
-                            double scale, int64_t window) {
+// qkv_scales / o_scales: the scales of int8 weights (None for float ones).
+at::Tensor attention_decode_q(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
+                              const at::Tensor& qkv_weight,
+                              const std::optional<at::Tensor>& qkv_bias,
+                              const std::optional<at::Tensor>& q_norm_weight,
+                              const std::optional<at::Tensor>& k_norm_weight,
+                              const at::Tensor& o_weight, const std::optional<at::Tensor>& o_bias,
+                              const at::Tensor& positions, const at::Tensor& cos,
+                              const at::Tensor& sin, const at::Tensor& kv_cache,
+                              const at::Tensor& slots, const at::Tensor& block_tables,
+                              const at::Tensor& seq_lens, int64_t num_heads,
+                              int64_t num_kv_heads, double scale, int64_t window,
+                              const std::optional<at::Tensor>& qkv_scales,
+                              const std::optional<at::Tensor>& o_scales) {
   TORCH_CHECK(hidden.dim() == 2 && kv_cache.dim() == 5, "attention_decode: shapes");
   const int64_t tokens = hidden.size(0);
   const int64_t head_dim = kv_cache.size(4);
@@ -101,8 +111,8 @@ at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_wei
       qkv_weight.dim() == 3 ? qkv_weight.size(0) * qkv_weight.size(2) : qkv_weight.size(0);
   TORCH_CHECK(qkv_rows == q_size + 2 * kv_size, "attention_decode: qkv_weight rows");
 
-  at::Tensor qkv =
-      unit_linear(rms_norm_op().call(hidden, norm_weight, eps), qkv_weight, qkv_bias);
+  at::Tensor qkv = unit_linear(rms_norm_op().call(hidden, norm_weight, eps), qkv_weight, qkv_bias,
+                               qkv_scales);
   at::Tensor q = qkv.narrow(1, 0, q_size).view({tokens, num_heads, head_dim});
   at::Tensor k = qkv.narrow(1, q_size, kv_size).view({tokens, num_kv_heads, head_dim});
   at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({tokens, num_kv_heads, head_dim});
@@ -118,25 +128,53 @@ at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_wei
 
   at::Tensor o = paged_decode_op().call(q.contiguous(), kv_cache, block_tables, seq_lens, scale,
                                         window);  // [B, H, d]
-  return unit_linear(o.view({tokens, q_size}), o_weight, o_bias).add_(hidden);
+  return unit_linear(o.view({tokens, q_size}), o_weight, o_bias, o_scales).add_(hidden);
+}
+
+at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
+                            const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+                            const std::optional<at::Tensor>& q_norm_weight,
+                            const std::optional<at::Tensor>& k_norm_weight,
+                            const at::Tensor& o_weight, const std::optional<at::Tensor>& o_bias,
+                            const at::Tensor& positions, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& kv_cache,
+                            const at::Tensor& slots, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
+                            double scale, int64_t window) {
+  return attention_decode_q(hidden, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight,
+                            k_norm_weight, o_weight, o_bias, positions, cos, sin, kv_cache, slots,
+                            block_tables, seq_lens, num_heads, num_kv_heads, scale, window,
+                            std::nullopt, std::nullopt);
 }
 
 // The dense FFN unit with SiLU: norm -> gate_up -> silu(gate) * up -> down -> residual add.
 // hidden: [T, D]; returns the new residual stream [T, D].
+at::Tensor ffn_decode_q(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
+                        const at::Tensor& gate_up_weight,
+                        const std::optional<at::Tensor>& gate_up_bias,
+                        const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
+                        const std::optional<at::Tensor>& gate_up_scales,
+                        const std::optional<at::Tensor>& down_scales) {
+  TORCH_CHECK(hidden.dim() == 2, "ffn_decode: hidden must be [T, D]");
+  at::Tensor gate_up = unit_linear(rms_norm_op().call(hidden, norm_weight, eps), gate_up_weight,
+                                   gate_up_bias, gate_up_scales);
+  return unit_linear(silu_mul_op().call(gate_up), down_weight, down_bias, down_scales)
+      .add_(hidden);
+}
+
 at::Tensor ffn_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
                       const at::Tensor& gate_up_weight,
                       const std::optional<at::Tensor>& gate_up_bias,
                       const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias) {
-  TORCH_CHECK(hidden.dim() == 2, "ffn_decode: hidden must be [T, D]");
-  at::Tensor gate_up =
-      unit_linear(rms_norm_op().call(hidden, norm_weight, eps), gate_up_weight, gate_up_bias);
-  return unit_linear(silu_mul_op().call(gate_up), down_weight, down_bias).add_(hidden);
+  return ffn_decode_q(hidden, norm_weight, eps, gate_up_weight, gate_up_bias, down_weight,
+                      down_bias, std::nullopt, std::nullopt);
 }
 
-// Per-layer parameter slots of dense_decode_stack, in this order (absent ones are None).
+// Per-layer parameter slots of dense_decode_stack, in this order (absent ones are None; the
+// *S slots are the scales of int8 weights).
 enum Slot : int64_t {
   kAttnNorm, kQkvW, kQkvB, kQNorm, kKNorm, kOW, kOB, kFfnNorm, kGateUpW, kGateUpB, kDownW, kDownB,
-  kNumSlots
+  kQkvS, kOS, kGateUpS, kDownS, kNumSlots
 };
 
 // Every layer of a dense decoder (attention unit then SiLU FFN unit) for a decode-only step, one
@@ -157,10 +195,12 @@ at::Tensor dense_decode_stack(const at::Tensor& hidden,
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     const int64_t base = layer * kNumSlots;
     auto p = [&](Slot slot) -> std::optional<at::Tensor> { return params.get(base + slot); };
-    h = attention_decode(h, *p(kAttnNorm), eps, *p(kQkvW), p(kQkvB), p(kQNorm), p(kKNorm), *p(kOW),
-                         p(kOB), positions, cos, sin, kv_caches[layer], slots, block_tables,
-                         seq_lens, num_heads, num_kv_heads, scale, windows[layer]);
-    h = ffn_decode(h, *p(kFfnNorm), eps, *p(kGateUpW), p(kGateUpB), *p(kDownW), p(kDownB));
+    h = attention_decode_q(h, *p(kAttnNorm), eps, *p(kQkvW), p(kQkvB), p(kQNorm), p(kKNorm),
+                           *p(kOW), p(kOB), positions, cos, sin, kv_caches[layer], slots,
+                           block_tables, seq_lens, num_heads, num_kv_heads, scale, windows[layer],
+                           p(kQkvS), p(kOS));
+    h = ffn_decode_q(h, *p(kFfnNorm), eps, *p(kGateUpW), p(kGateUpB), *p(kDownW), p(kDownB),
+                     p(kGateUpS), p(kDownS));
   }
   return h;
 }

@@ -18,6 +18,7 @@ from torch import nn
 
 from tessera.model.kernels.fused import on_cpu_kernel
 from tessera.model.kernels.linear import PackedLinear
+from tessera.model.kernels.quant_linear import Int8Linear
 
 
 def max_plain_rows(linear: nn.Module) -> int:
@@ -27,17 +28,38 @@ def max_plain_rows(linear: nn.Module) -> int:
     return sys.maxsize if type(linear) is nn.Linear else -1
 
 
-def always_packed(linear: nn.Module) -> TypeGuard[PackedLinear]:
-    """Whether ``linear`` takes its packed path at every row count (from one row)."""
+def always_packed(linear: nn.Module) -> TypeGuard[PackedLinear | Int8Linear]:
+    """Whether ``linear`` takes its packed path at every row count the native ops run (from
+    one row: float panels or oneDNN's layout, or int8 panels up to their row bound)."""
+    if isinstance(linear, Int8Linear):
+        return linear.panels
     return isinstance(linear, PackedLinear) and linear.min_packed_rows <= 1
 
 
-def op_weight(linear: nn.Linear) -> torch.Tensor:
+def op_weight(linear: nn.Module) -> torch.Tensor:
     """The weight a native op multiplies by: the packed layout for a linear that always takes its
     packed path, the plain weight otherwise (the ops run each as the Python unit would)."""
-    if always_packed(linear):
+    if isinstance(linear, Int8Linear):
+        return linear.qweight
+    if isinstance(linear, PackedLinear) and linear.min_packed_rows <= 1:
         return linear.packed_weight
-    return linear.weight
+    weight = linear.weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def op_scales(linear: nn.Module) -> torch.Tensor | None:
+    """The per-column scales of an int8 linear's weight (None for float weights)."""
+    return linear.scales if isinstance(linear, Int8Linear) else None
+
+
+def max_native_rows(linear: nn.Module) -> int:
+    """Most rows for which a native op computes ``linear(x)`` as the Python unit does."""
+    if isinstance(linear, Int8Linear):
+        return linear.max_panel_rows if linear.panels else -1
+    if always_packed(linear):
+        return sys.maxsize
+    return max_plain_rows(linear)
 
 
 def decode_units_available(hidden: torch.Tensor) -> bool:
