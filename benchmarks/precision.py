@@ -2,9 +2,10 @@
 same requests, one run.
 
 Model: the ~110M-parameter random Llama of ``benchmarks/models.py`` (float32 checkpoint).
-Tessera runs it with float32 weights and with weight-only int8 (``quantization="int8"``:
+Tessera runs it in float32, in bfloat16 (``dtype="bfloat16"``: weights, activations and KV
+cache; matmuls sum in float32) and with weight-only int8 (``quantization="int8"``:
 int8 weights, one float32 scale per output channel, float32 activations); llama.cpp with the
-checkpoint converted to f32 and to q8_0 GGUFs (q8_0: int8 weights with a scale per block of 32,
+checkpoint converted to f32, bf16 and q8_0 GGUFs (q8_0: int8 weights with a scale per block of 32,
 8.5 bits a weight), measured by its own ``llama-batched-bench`` (built with ``llama-server``,
 see ``benchmarks/peers/llama_server.py``). Workload: B prompts of 128 tokens, 64 greedy output tokens each (EOS
 ignored), all submitted at once, B = 1 and 64; total tokens/s (prompt + output over wall time).
@@ -44,16 +45,16 @@ def workload(batch: int) -> Workload:
             for i in range(batch)]
 
 
-def tessera_run(model_dir: str, batch: int, threads: int,
+def tessera_run(model_dir: str, batch: int, threads: int, dtype: str,
                 quantization: str | None) -> dict[str, Any]:
     from tessera import LLM, SamplingParams
 
-    llm = LLM(model_dir, dtype="float32", device="cpu", num_threads=threads,
+    llm = LLM(model_dir, dtype=dtype, device="cpu", num_threads=threads,
               kv_cache_memory=2 << 30, quantization=quantization)
     weight_bytes = sum(b.numel() * b.element_size() for name, b in
                        llm.engine.model.named_buffers() if name.endswith(("qweight", "scales")))
-    weight_bytes += sum(m.weight.numel() * 4 for m in llm.engine.model.modules()
-                        if type(m).__name__ == "PackedLinear")
+    weight_bytes += sum(m.weight.numel() * m.weight.element_size()
+                        for m in llm.engine.model.modules() if type(m).__name__ == "PackedLinear")
     params = SamplingParams(temperature=0.0, max_tokens=OUTPUT_TOKENS, ignore_eos=True)
     llm.generate([[400] * 16], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     requests = workload(batch)
@@ -131,9 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     rate = isolated(streaming_gb_s, t)["gb_s"]
     rows: list[dict[str, Any]] = []
     for batch in (int(b) for b in args.batches.split(",")):
-        for tessera_q, peer_type, label in ((None, "f32", "float32 / f32"),
-                                            ("int8", "q8_0", "int8 / q8_0")):
-            ours = isolated(tessera_run, model_dir, batch, t, tessera_q)
+        for dtype, tessera_q, peer_type, label in (
+                ("float32", None, "f32", "float32 / f32"),
+                ("bfloat16", None, "bf16", "bfloat16 / bf16"),
+                ("float32", "int8", "q8_0", "int8 / q8_0")):
+            ours = isolated(tessera_run, model_dir, batch, t, dtype, tessera_q)
             try:
                 peer = (llamacpp_run(model_dir, batch, t, peer_type)
                         if args.peers == "llamacpp" else {"error": "not run"})

@@ -100,7 +100,26 @@ def test_panels_only_for_output_sizes_that_fill_them():
     needs_panels()
     assert kl.pack_weight(torch.randn(64, 48)).shape == (2, 48, 32)
     assert kl.pack_weight(torch.randn(40, 48)).is_mkldnn  # 40 rows: oneDNN's layout
-    assert not kl.panel_fits(torch.randn(64, 48).to(torch.bfloat16))
+    assert kl.panel_fits(torch.randn(64, 48).to(torch.bfloat16))  # bfloat16 panels
+    assert not kl.can_pack(torch.randn(40, 48).to(torch.bfloat16))  # nothing else for it
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 17, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_bfloat16_panels_sum_in_float32(rows, bias):
+    """bfloat16 weights and activations in panels: the float32 product of the same bfloat16
+    values, rounded once to bfloat16 (few rows widen in registers, many through a buffer)."""
+    needs_panels()
+    gen = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(300, 64, bias=bias).to(torch.bfloat16)
+    packed = kl.PackedLinear(linear)
+    assert packed.packed_weight.dtype == torch.bfloat16 and packed.min_packed_rows == 1
+    x = torch.randn(rows, 300, generator=gen).to(torch.bfloat16)
+    got = packed(x)
+    want = F.linear(x.float(), linear.weight.float(),
+                    None if linear.bias is None else linear.bias.float()).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
 class _Unit(nn.Module):

@@ -82,7 +82,9 @@ def panel_max_rows(weight: torch.Tensor) -> int:
     512 (the ~110M Llama's matrices, 2 threads, AVX2 AMD EPYC: benchmarks/RESULTS.md, "Float32
     linears"); a small weight that stays in cache runs even with MKL at 16 rows and ~15%
     behind it at 64. An AVX-512 build's 12-row kernel takes every call."""
-    if not _avx2_panels():
+    if not _avx2_panels() or weight.dtype == torch.bfloat16:
+        # bfloat16: the plain path would be torch's bfloat16 matmul, which on a CPU without
+        # native bfloat16 dot products widens the weight on every call.
         return sys.maxsize
     return 64 if weight.numel() * weight.element_size() >= 2 << 20 else 15
 
@@ -102,13 +104,22 @@ def _packable(weight: torch.Tensor) -> bool:
 
 
 def panel_fits(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` [out, in] is packed in panels (else in oneDNN's layout)."""
-    return _packable(weight) and weight.shape[0] % PANEL == 0 and panel_available()
+    """Whether ``weight`` [out, in] is packed in panels (else in oneDNN's layout): float32 or
+    bfloat16 (panels keep the weight's dtype; the kernel sums in float32)."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and weight.dim() == 2
+        and weight.numel() > 0
+        and weight.shape[0] % PANEL == 0
+        and panel_available()
+    )
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` [out, in] would be packed (CPU float32, non-empty, a kernel usable)."""
-    return _packable(weight) and (panel_fits(weight) or packing_available())
+    """Whether ``weight`` [out, in] would be packed (CPU, non-empty, a kernel usable: panels
+    for float32 or bfloat16, oneDNN's layout for float32)."""
+    return panel_fits(weight) or (_packable(weight) and packing_available())
 
 
 @functools.cache

@@ -53,13 +53,18 @@ constexpr int kPanel = 32;       // output lanes of a panel: two AVX-512 or four
 template <typename W>
 constexpr int64_t kChunk = (32 << 10) / (kPanel * static_cast<int64_t>(sizeof(W)));
 
-// Weights are float32, or int8 (weight-only quantization: the panel's per-column scales are
-// applied by the caller's epilogue, since they do not depend on k). Loads widen int8 to float.
+// Weights are float32, bfloat16 (held as uint16_t: the top half of a float32), or int8
+// (weight-only quantization: the panel's per-column scales are applied by the caller's
+// epilogue, since they do not depend on k). Loads widen them to float.
 
 #if defined(__AVX512F__)
 constexpr int kRows = 12;        // rows per micro-kernel call: 24 accumulators
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
 inline __m512 load16(const int8_t* p) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
@@ -109,6 +114,10 @@ const MicroFn<W> kMicroByRows[kRows + 1] = {
 constexpr int kRows = 3;  // rows per micro-kernel call: 12 accumulators
 
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  return _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(
       _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));

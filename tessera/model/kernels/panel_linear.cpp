@@ -22,14 +22,21 @@ namespace tessera_kernels {
 
 namespace {
 
-// x [..., K] times panels [N/32, K, 32] of float or int8 weights; each output column is scaled
-// by scales[col] (int8 only) and offset by bias[col] (if given) -> [..., N] float32.
+// x [..., K] times panels [N/32, K, 32] of float, bfloat16 or int8 weights; each output
+// column is scaled by scales[col] (int8 only) and offset by bias[col] (if given) ->
+// [..., N] in x's dtype. A bfloat16 x is widened to float first (its rows are few where
+// speed matters) and the result rounded back; the sums are float32 throughout.
 template <typename W>
-at::Tensor run_panels(const char* name, const at::Tensor& x, const at::Tensor& packed,
-                      const float* scales, const std::optional<at::Tensor>& bias) {
+at::Tensor run_panels(const char* name, const at::Tensor& x_in, const at::Tensor& packed,
+                      const float* scales, const std::optional<at::Tensor>& bias_in) {
   using panel::kPanel;
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, name,
-              ": x must be float32 [..., K]");
+  TORCH_CHECK((x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16) &&
+                  x_in.dim() >= 1,
+              name, ": x must be float32 or bfloat16 [..., K]");
+  const bool narrow = x_in.scalar_type() != at::kFloat;
+  const at::Tensor x = narrow ? x_in.to(at::kFloat) : x_in;
+  std::optional<at::Tensor> bias = bias_in;
+  if (narrow && bias.has_value() && bias->defined()) bias = bias->to(at::kFloat).contiguous();
   const int64_t K = x.size(-1), N = packed.size(0) * kPanel;
   TORCH_CHECK(packed.size(1) == K, name, ": x has ", K, " features, the weight ",
               packed.size(1));
@@ -44,9 +51,10 @@ at::Tensor run_panels(const char* name, const at::Tensor& x, const at::Tensor& p
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   at::Tensor out = at::empty(shape, x.options());  // [..., N], rows contiguous
-  if (n == 0 || N == 0) return out;
+  if (n == 0 || N == 0) return narrow ? out.to(x_in.scalar_type()) : out;
   float* o = out.data_ptr<float>();
-  panel::panels_gemm(rows.data_ptr<float>(), n, K, packed.data_ptr<W>(), packed.size(0),
+  panel::panels_gemm(rows.data_ptr<float>(), n, K, static_cast<const W*>(packed.data_ptr()),
+                     packed.size(0),
                      [&](int64_t p, int64_t r0, int64_t rows, const float* c) {
                        const float* b = bias_data ? bias_data + p * kPanel : nullptr;
                        const float* s = scales ? scales + p * kPanel : nullptr;
@@ -61,7 +69,7 @@ at::Tensor run_panels(const char* name, const at::Tensor& x, const at::Tensor& p
                          }
                        }
                      });
-  return out;
+  return narrow ? out.to(x_in.scalar_type()) : out;
 }
 
 }  // namespace
@@ -69,8 +77,13 @@ at::Tensor run_panels(const char* name, const at::Tensor& x, const at::Tensor& p
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed,
                         const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == panel::kPanel && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kFloat,
-              "panel_linear: the weight must be contiguous float32 panels [N/32, K, 32]");
+                  (packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kBFloat16),
+              "panel_linear: the weight must be contiguous float32 or bfloat16 panels "
+              "[N/32, K, 32]");
+  if (packed.scalar_type() == at::kBFloat16) {
+    // Panels are read through their bits (uint16_t), widened in registers.
+    return run_panels<uint16_t>("panel_linear", x, packed, nullptr, bias);
+  }
   return run_panels<float>("panel_linear", x, packed, nullptr, bias);
 }
 
