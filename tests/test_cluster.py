@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tessera import LLM, SamplingParams
+from tessera.outputs import SpecDecodeStats
 from tests.models import reference_gaps
 from tests.test_kv_tiers import TOL, _prompts
 from tests.test_serve_util import ServerProcess, pid_alive
@@ -240,5 +241,29 @@ def test_a_stalled_instance_is_replaced_and_its_requests_finish_elsewhere(model_
         _until(lambda: not pid_alive(victim_pid), "the stalled instance was not killed")
         _until(lambda: engine.stats() is not None and all(engine.router.up),
                "the stalled instance was not restarted")
+    finally:
+        llm.close()
+
+
+def test_speculative_decoding_in_every_instance():
+    """Each instance drafts and verifies on its own: the demo model's copies come out as from
+    the single engine, several tokens a step reach the front in order, and the front sums the
+    instances' draft counters."""
+    from tessera.demo_model import model_dir
+
+    options = dict(COMMON, speculative_method="ngram", num_speculative_tokens=8)
+    single = LLM(str(model_dir()), **options)
+    tok = single.get_tokenizer()
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Copy: {w}"}],
+                                       tokenize=False, add_generation_prompt=True)
+               for w in ("abcdefgh", "qwerty", "zyxwvu", "mnopqr")]
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    want = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
+    llm = LLM(str(model_dir()), data_parallel=2, router_policy="round_robin", **options)
+    try:
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        assert got == want
+        _until(lambda: (llm.engine.stats().spec_decode or SpecDecodeStats())
+               .num_accepted_tokens_total > 0, "no accepted draft counted")
     finally:
         llm.close()
