@@ -90,19 +90,18 @@ at::Tensor unit_linear(const at::Tensor& x, const at::Tensor& weight,
 // kv_cache: [2, num_blocks, block_size, KVH, d]; slots, positions, seq_lens: [B] int64;
 // block_tables: [B, max_blocks] int64. Returns the new residual stream [B, D].
 // qkv_scales / o_scales: the scales of int8 weights (None for float ones).
-at::Tensor attention_decode_q(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
-                              const at::Tensor& qkv_weight,
-                              const std::optional<at::Tensor>& qkv_bias,
-                              const std::optional<at::Tensor>& q_norm_weight,
-                              const std::optional<at::Tensor>& k_norm_weight,
-                              const at::Tensor& o_weight, const std::optional<at::Tensor>& o_bias,
-                              const at::Tensor& positions, const at::Tensor& cos,
-                              const at::Tensor& sin, const at::Tensor& kv_cache,
-                              const at::Tensor& slots, const at::Tensor& block_tables,
-                              const at::Tensor& seq_lens, int64_t num_heads,
-                              int64_t num_kv_heads, double scale, int64_t window,
-                              const std::optional<at::Tensor>& qkv_scales,
-                              const std::optional<at::Tensor>& o_scales) {
+at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
+                            const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
+                            const std::optional<at::Tensor>& q_norm_weight,
+                            const std::optional<at::Tensor>& k_norm_weight,
+                            const at::Tensor& o_weight, const std::optional<at::Tensor>& o_bias,
+                            const at::Tensor& positions, const at::Tensor& cos,
+                            const at::Tensor& sin, const at::Tensor& kv_cache,
+                            const at::Tensor& slots, const at::Tensor& block_tables,
+                            const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
+                            double scale, int64_t window,
+                            const std::optional<at::Tensor>& qkv_scales,
+                            const std::optional<at::Tensor>& o_scales) {
   TORCH_CHECK(hidden.dim() == 2 && kv_cache.dim() == 5, "attention_decode: shapes");
   const int64_t tokens = hidden.size(0);
   const int64_t head_dim = kv_cache.size(4);
@@ -131,30 +130,15 @@ at::Tensor attention_decode_q(const at::Tensor& hidden, const at::Tensor& norm_w
   return unit_linear(o.view({tokens, q_size}), o_weight, o_bias, o_scales).add_(hidden);
 }
 
-at::Tensor attention_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
-                            const at::Tensor& qkv_weight, const std::optional<at::Tensor>& qkv_bias,
-                            const std::optional<at::Tensor>& q_norm_weight,
-                            const std::optional<at::Tensor>& k_norm_weight,
-                            const at::Tensor& o_weight, const std::optional<at::Tensor>& o_bias,
-                            const at::Tensor& positions, const at::Tensor& cos,
-                            const at::Tensor& sin, const at::Tensor& kv_cache,
-                            const at::Tensor& slots, const at::Tensor& block_tables,
-                            const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads,
-                            double scale, int64_t window) {
-  return attention_decode_q(hidden, norm_weight, eps, qkv_weight, qkv_bias, q_norm_weight,
-                            k_norm_weight, o_weight, o_bias, positions, cos, sin, kv_cache, slots,
-                            block_tables, seq_lens, num_heads, num_kv_heads, scale, window,
-                            std::nullopt, std::nullopt);
-}
-
 // The dense FFN unit with SiLU: norm -> gate_up -> silu(gate) * up -> down -> residual add.
 // hidden: [T, D]; returns the new residual stream [T, D].
-at::Tensor ffn_decode_q(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
-                        const at::Tensor& gate_up_weight,
-                        const std::optional<at::Tensor>& gate_up_bias,
-                        const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
-                        const std::optional<at::Tensor>& gate_up_scales,
-                        const std::optional<at::Tensor>& down_scales) {
+// gate_up_scales / down_scales: the scales of int8 weights (None for float ones).
+at::Tensor ffn_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
+                      const at::Tensor& gate_up_weight,
+                      const std::optional<at::Tensor>& gate_up_bias,
+                      const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias,
+                      const std::optional<at::Tensor>& gate_up_scales,
+                      const std::optional<at::Tensor>& down_scales) {
   TORCH_CHECK(hidden.dim() == 2, "ffn_decode: hidden must be [T, D]");
   at::Tensor gate_up = unit_linear(rms_norm_op().call(hidden, norm_weight, eps), gate_up_weight,
                                    gate_up_bias, gate_up_scales);
@@ -162,13 +146,6 @@ at::Tensor ffn_decode_q(const at::Tensor& hidden, const at::Tensor& norm_weight,
       .add_(hidden);
 }
 
-at::Tensor ffn_decode(const at::Tensor& hidden, const at::Tensor& norm_weight, double eps,
-                      const at::Tensor& gate_up_weight,
-                      const std::optional<at::Tensor>& gate_up_bias,
-                      const at::Tensor& down_weight, const std::optional<at::Tensor>& down_bias) {
-  return ffn_decode_q(hidden, norm_weight, eps, gate_up_weight, gate_up_bias, down_weight,
-                      down_bias, std::nullopt, std::nullopt);
-}
 
 // Per-layer parameter slots of dense_decode_stack, in this order (absent ones are None; the
 // *S slots are the scales of int8 weights).
@@ -195,12 +172,12 @@ at::Tensor dense_decode_stack(const at::Tensor& hidden,
   for (int64_t layer = 0; layer < num_layers; ++layer) {
     const int64_t base = layer * kNumSlots;
     auto p = [&](Slot slot) -> std::optional<at::Tensor> { return params.get(base + slot); };
-    h = attention_decode_q(h, *p(kAttnNorm), eps, *p(kQkvW), p(kQkvB), p(kQNorm), p(kKNorm),
-                           *p(kOW), p(kOB), positions, cos, sin, kv_caches[layer], slots,
-                           block_tables, seq_lens, num_heads, num_kv_heads, scale, windows[layer],
-                           p(kQkvS), p(kOS));
-    h = ffn_decode_q(h, *p(kFfnNorm), eps, *p(kGateUpW), p(kGateUpB), *p(kDownW), p(kDownB),
-                     p(kGateUpS), p(kDownS));
+    h = attention_decode(h, *p(kAttnNorm), eps, *p(kQkvW), p(kQkvB), p(kQNorm), p(kKNorm),
+                         *p(kOW), p(kOB), positions, cos, sin, kv_caches[layer], slots,
+                         block_tables, seq_lens, num_heads, num_kv_heads, scale, windows[layer],
+                         p(kQkvS), p(kOS));
+    h = ffn_decode(h, *p(kFfnNorm), eps, *p(kGateUpW), p(kGateUpB), *p(kDownW), p(kDownB),
+                   p(kGateUpS), p(kDownS));
   }
   return h;
 }
@@ -213,10 +190,11 @@ TORCH_LIBRARY_FRAGMENT(tessera_kernels, m) {
       "Tensor? qkv_bias, Tensor? q_norm_weight, Tensor? k_norm_weight, Tensor o_weight, "
       "Tensor? o_bias, Tensor positions, Tensor cos, Tensor sin, Tensor(a!) kv_cache, "
       "Tensor slots, Tensor block_tables, Tensor seq_lens, int num_heads, int num_kv_heads, "
-      "float scale, int window) -> Tensor");
+      "float scale, int window, Tensor? qkv_scales=None, Tensor? o_scales=None) -> Tensor");
   m.def(
       "ffn_decode(Tensor hidden, Tensor norm_weight, float eps, Tensor gate_up_weight, "
-      "Tensor? gate_up_bias, Tensor down_weight, Tensor? down_bias) -> Tensor");
+      "Tensor? gate_up_bias, Tensor down_weight, Tensor? down_bias, "
+      "Tensor? gate_up_scales=None, Tensor? down_scales=None) -> Tensor");
   m.def(
       "dense_decode_stack(Tensor hidden, Tensor?[] params, float eps, int[] windows, "
       "Tensor positions, Tensor cos, Tensor sin, Tensor(a!)[] kv_caches, Tensor slots, "

@@ -28,11 +28,8 @@ def max_plain_rows(linear: nn.Module) -> int:
     return sys.maxsize if type(linear) is nn.Linear else -1
 
 
-def always_packed(linear: nn.Module) -> TypeGuard[PackedLinear | Int8Linear]:
-    """Whether ``linear`` takes its packed path at every row count the native ops run (from
-    one row: float panels or oneDNN's layout, or int8 panels up to their row bound)."""
-    if isinstance(linear, Int8Linear):
-        return linear.panels
+def always_packed(linear: nn.Module) -> TypeGuard[PackedLinear]:
+    """Whether ``linear`` takes its packed path from one row (up to ``max_packed_rows``)."""
     return isinstance(linear, PackedLinear) and linear.min_packed_rows <= 1
 
 
@@ -41,7 +38,7 @@ def op_weight(linear: nn.Module) -> torch.Tensor:
     packed path, the plain weight otherwise (the ops run each as the Python unit would)."""
     if isinstance(linear, Int8Linear):
         return linear.qweight
-    if isinstance(linear, PackedLinear) and linear.min_packed_rows <= 1:
+    if always_packed(linear):
         return linear.packed_weight
     weight = linear.weight
     assert isinstance(weight, torch.Tensor)
@@ -58,7 +55,7 @@ def max_native_rows(linear: nn.Module) -> int:
     if isinstance(linear, Int8Linear):
         return linear.max_panel_rows if linear.panels else -1
     if always_packed(linear):
-        return sys.maxsize
+        return linear.max_packed_rows
     return max_plain_rows(linear)
 
 

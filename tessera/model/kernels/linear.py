@@ -94,10 +94,10 @@ def _avx2_panels() -> bool:
     return panel_available() and torch.ops.tessera_kernels.panel_micro_rows() < 12
 
 
-def _packable(weight: torch.Tensor) -> bool:
+def _packable(weight: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
     return (
         weight.device.type == "cpu"
-        and weight.dtype == torch.float32
+        and weight.dtype in dtypes
         and weight.dim() == 2
         and weight.numel() > 0
     )
@@ -107,10 +107,7 @@ def panel_fits(weight: torch.Tensor) -> bool:
     """Whether ``weight`` [out, in] is packed in panels (else in oneDNN's layout): float32 or
     bfloat16 (panels keep the weight's dtype; the kernel sums in float32)."""
     return (
-        weight.device.type == "cpu"
-        and weight.dtype in (torch.float32, torch.bfloat16)
-        and weight.dim() == 2
-        and weight.numel() > 0
+        _packable(weight, (torch.float32, torch.bfloat16))
         and weight.shape[0] % PANEL == 0
         and panel_available()
     )
