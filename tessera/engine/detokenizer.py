@@ -48,16 +48,18 @@ class IncrementalDetokenizer:
         self.read_offset = len(prompt_ids)
         self.text = ""
 
-    def step(self, token_ids: list[int]) -> str:
-        """Append the text of tokens added since the last call; returns the new text."""
+    def step(self, token_ids: list[int], num_tokens: int | None = None) -> str:
+        """Append the text of tokens added since the last call, up to the first
+        ``num_tokens`` of ``token_ids`` (default: all); returns the new text."""
         decode = self.tokenizer.decode
+        end = len(token_ids) if num_tokens is None else num_tokens
         prefix: str = decode(token_ids[self.prefix_offset : self.read_offset],
                              skip_special_tokens=True)
-        full: str = decode(token_ids[self.prefix_offset :], skip_special_tokens=True)
+        full: str = decode(token_ids[self.prefix_offset : end], skip_special_tokens=True)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""  # an incomplete character: wait for more tokens
         delta = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(token_ids)
+        self.prefix_offset, self.read_offset = self.read_offset, end
         self.text += delta
         return delta
 

@@ -171,7 +171,7 @@ class RequestTable:
         else:
             detok = req.detokenizers[seq.index]
             if detok is not None and p.stop:
-                delta = detok.step(seq.token_ids[:num_tokens])
+                delta = detok.step(seq.token_ids, num_tokens)
                 cut = find_stop(detok.text, len(delta), p.stop) if delta else -1
                 if cut != -1:
                     req.stop_texts[seq.index] = detok.text[:cut]

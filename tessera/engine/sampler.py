@@ -93,18 +93,22 @@ class Sampler:
         else:
             token_t, accept_t = self._sample_random(logits, seqs, draft_rows)
 
+        # The step's device sync: one copy, of the tokens and any random acceptances.
+        token_ids: list[int]
+        random_ok: list[int] | None = None
+        if accept_t is None:
+            token_ids = token_t.tolist()
+        else:
+            token_ids, random_ok = torch.stack([token_t, accept_t.long()]).tolist()
+        accepted: list[bool] | None = None
         if draft_rows:
-            # One copy for tokens and random acceptances: the step's device sync.
-            both = torch.stack([token_t, token_t if accept_t is None else accept_t.long()])
-            host = both.tolist()
-            token_ids: list[int] = host[0]
             accepted = [False] * len(seqs)
             for row, d in draft_rows:
-                accepted[row] = (token_ids[row] == d if params[row].greedy
-                                 else bool(host[1][row]))
-        else:
-            token_ids = token_t.tolist()  # the step's device sync
-            accepted = None
+                if params[row].greedy:
+                    accepted[row] = token_ids[row] == d
+                else:
+                    assert random_ok is not None
+                    accepted[row] = bool(random_ok[row])
         if constrained:
             assert self.grammars is not None
             self.grammars.accept(seqs, token_ids)
