@@ -3,6 +3,7 @@ token of every completion that advanced (for streaming), and its stats."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -153,12 +154,12 @@ class SpecDecodeStats(msgspec.Struct, frozen=True):
             add(self.accepted_per_position, other.accepted_per_position))
 
 
-def merge_spec_decode(stats: list[EngineStats]) -> SpecDecodeStats | None:
+def merge_spec_decode(stats: Iterable[SpecDecodeStats | None]) -> SpecDecodeStats | None:
     """The speculative decoding counters of several engines summed (None if none drafts)."""
     total: SpecDecodeStats | None = None
     for s in stats:
-        if s.spec_decode is not None:
-            total = s.spec_decode.merge(total)
+        if s is not None:
+            total = s.merge(total)
     return total
 
 

@@ -422,7 +422,8 @@ class AFDEngine:
         return EngineStats(**{
             name: getattr(base, name) + sum(getattr(s, name) for s in self._stats.values())
             for name in counters
-        }, spec_decode=merge_spec_decode([base, *self._stats.values()]))
+        }, spec_decode=merge_spec_decode(
+            s.spec_decode for s in (base, *self._stats.values())))
 
     def stats(self) -> EngineStats:
         """Totals over the workers as of their latest reports (taken in without waiting);

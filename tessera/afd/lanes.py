@@ -188,6 +188,6 @@ class Lanes:
             num_prefix_queried_tokens_total=sum(s.num_prefix_queried_tokens for s in schedulers),
             num_prefix_hit_tokens_total=sum(s.num_prefix_hit_tokens for s in schedulers),
             kv_tiers=() if self.kv_connector is None else self.kv_connector.stats(),
-            spec_decode=merge_spec_decode([EngineStats(spec_decode=s.drafter.stats.snapshot())
-                                           for s in schedulers if s.drafter is not None]),
+            spec_decode=merge_spec_decode(s.drafter.stats.snapshot() for s in schedulers
+                                          if s.drafter is not None),
         )

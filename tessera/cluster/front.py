@@ -333,7 +333,7 @@ class ClusterEngine:
     @staticmethod
     def _sum_counters(stats: list[EngineStats]) -> EngineStats:
         return EngineStats(**{name: sum(getattr(s, name) for s in stats) for name in _COUNTERS},
-                           spec_decode=merge_spec_decode(stats))
+                           spec_decode=merge_spec_decode(s.spec_decode for s in stats))
 
     def stats(self) -> EngineStats:
         """Totals over the instances as of their latest reports, taken in without waiting
