@@ -51,6 +51,7 @@ from benchmarks.peers.llamacpp import convert_to_gguf  # noqa: E402
 from benchmarks.serving import _free_port, _stop, _wait_ready  # noqa: E402
 from tessera.demo_model import model_dir  # noqa: E402
 from tessera.demo_model.tasks import copy, held_out_additions, reverse, word  # noqa: E402
+from tessera.demo_model.train import render  # noqa: E402
 
 GGUF = REPO_ROOT / ".bench" / "models" / "demo-f32.gguf"
 MAX_TOKENS = 64
@@ -63,9 +64,8 @@ def prompts(tokenizer: Any, num: int) -> dict[str, list[list[int]]]:
     tasks = {"copy": [copy(word(rng)) for _ in range(num)],
              "reverse": [reverse(word(rng)) for _ in range(num)],
              "sum": held_out_additions(num)}
-    return {name: [list(tokenizer.apply_chat_template(
-        [{"role": "user", "content": e.question}], tokenize=True, add_generation_prompt=True,
-        return_dict=False)) for e in examples] for name, examples in tasks.items()}
+    return {name: [tokenizer.encode(render(e)[0], add_special_tokens=False) for e in examples]
+            for name, examples in tasks.items()}
 
 
 def bpe_copy(src: Path, dst: Path) -> Path:

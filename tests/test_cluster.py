@@ -250,13 +250,12 @@ def test_speculative_decoding_in_every_instance():
     the single engine, several tokens a step reach the front in order, and the front sums the
     instances' draft counters."""
     from tessera.demo_model import model_dir
+    from tessera.demo_model.tasks import copy
+    from tessera.demo_model.train import render
 
     options = dict(COMMON, speculative_method="ngram", num_speculative_tokens=8)
     single = LLM(str(model_dir()), **options)
-    tok = single.get_tokenizer()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Copy: {w}"}],
-                                       tokenize=False, add_generation_prompt=True)
-               for w in ("abcdefgh", "qwerty", "zyxwvu", "mnopqr")]
+    prompts = [render(copy(w))[0] for w in ("abcdefgh", "qwerty", "zyxwvu", "mnopqr")]
     params = SamplingParams(temperature=0.0, max_tokens=20)
     want = [o.outputs[0].token_ids for o in single.generate(prompts, params, use_tqdm=False)]
     llm = LLM(str(model_dir()), data_parallel=2, router_policy="round_robin", **options)

@@ -16,6 +16,7 @@ from tessera import LLM, SamplingParams
 from tessera.config import AFDConfig, EngineConfig
 from tessera.demo_model import model_dir
 from tessera.demo_model.tasks import copy, held_out_additions, is_correct, word
+from tessera.demo_model.train import render
 from tessera.model.kernels.quant_linear import Int8Linear, quantize_int8, quantize_linears
 from tests.models import reference_gaps
 
@@ -88,10 +89,7 @@ def test_demo_model_answers_as_well_in_int8():
     int8 = LLM(str(model_dir()), dtype="float32", quantization="int8")
     rng = random.Random(4)
     examples = held_out_additions(40) + [copy(word(rng)) for _ in range(10)]
-    tok = fp32.get_tokenizer()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": e.question}],
-                                       tokenize=False, add_generation_prompt=True)
-               for e in examples]
+    prompts = [render(e)[0] for e in examples]
     params = SamplingParams(temperature=0.0, max_tokens=64)
     want = fp32.generate(prompts, params, use_tqdm=False)
     got = int8.generate(prompts, params, use_tqdm=False)

@@ -15,6 +15,7 @@ from tessera import LLM, SamplingParams
 from tessera.config import SchedulerConfig
 from tessera.demo_model import model_dir
 from tessera.demo_model.tasks import copy, held_out_additions, reverse, word
+from tessera.demo_model.train import render
 from tessera.engine.block_manager import BlockManager
 from tessera.engine.ngram_drafter import NgramDrafter
 from tessera.engine.sampler import Sampler
@@ -246,20 +247,18 @@ def test_greedy_rows_accept_exactly_their_argmax():
 # ------------------------------------------------------------------------------ end to end
 
 
-def demo_prompts(llm: LLM) -> list[str]:
+def demo_prompts() -> list[str]:
     rng = random.Random(3)
     examples = ([copy(word(rng)) for _ in range(4)] + [reverse(word(rng)) for _ in range(2)]
                 + held_out_additions(4))
-    tok = llm.get_tokenizer()
-    return [tok.apply_chat_template([{"role": "user", "content": e.question}], tokenize=False,
-                                    add_generation_prompt=True) for e in examples]
+    return [render(e)[0] for e in examples]
 
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_demo_model_greedy_output_is_unchanged(batched):
     plain = LLM(str(model_dir()), dtype="float32", max_num_batched_tokens=24)
     spec = LLM(str(model_dir()), dtype="float32", max_num_batched_tokens=24, **NGRAM)
-    prompts = demo_prompts(plain)
+    prompts = demo_prompts()
     greedy = SamplingParams(temperature=0.0, max_tokens=60)
     if batched:  # continuous batching and chunked prefill (24-token steps) alongside drafts
         want = plain.generate(prompts, greedy, use_tqdm=False)
@@ -284,10 +283,8 @@ def test_stops_inside_an_accepted_draft():
     step end the output exactly where decoding without drafts ends it."""
     plain = LLM(str(model_dir()), dtype="float32")
     spec = LLM(str(model_dir()), dtype="float32", **NGRAM, num_speculative_tokens=8)
-    tok = plain.get_tokenizer()
-    prompt = tok.apply_chat_template([{"role": "user", "content": "Copy: abcdefgh"}],
-                                     tokenize=False, add_generation_prompt=True)
-    stop_id = tok.convert_tokens_to_ids("e")
+    prompt = render(copy("abcdefgh"))[0]
+    stop_id = plain.get_tokenizer().convert_tokens_to_ids("e")
     for params in (SamplingParams(temperature=0.0, max_tokens=4),
                    SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[stop_id]),
                    SamplingParams(temperature=0.0, max_tokens=30, stop=["ef"])):
@@ -319,7 +316,7 @@ def test_random_models_match_the_reference_with_drafts(model_factory, arch):
 
 def test_seeded_sampling_is_reproducible_with_drafts():
     spec = LLM(str(model_dir()), dtype="float32", **NGRAM)
-    prompts = demo_prompts(spec)[:4]
+    prompts = demo_prompts()[:4]
     params = SamplingParams(temperature=0.8, max_tokens=40, seed=11)
     first = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]
     again = [o.outputs[0].token_ids for o in spec.generate(prompts, params, use_tqdm=False)]

@@ -159,13 +159,12 @@ def test_speculative_decoding_through_a_worker_pool():
     demo model copies with the single engine's greedy tokens, and the pool's counters show
     the accepted drafts."""
     from tessera.demo_model import model_dir
+    from tessera.demo_model.tasks import copy
+    from tessera.demo_model.train import render
 
     options = dict(COMMON, speculative_method="ngram", kv_cache_memory=1 << 24)
     llm0 = LLM(str(model_dir()), **options)
-    tok = llm0.get_tokenizer()
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Copy: {w}"}],
-                                       tokenize=False, add_generation_prompt=True)
-               for w in ("abcdefgh", "qwerty", "zyxwvu", "mnop")]
+    prompts = [render(copy(w))[0] for w in ("abcdefgh", "qwerty", "zyxwvu", "mnop")]
     params = SamplingParams(temperature=0.0, max_tokens=20)
     expected = [o.outputs[0].token_ids for o in llm0.generate(prompts, params, use_tqdm=False)]
     llm = LLM(str(model_dir()), afd=AFDConfig(attention_workers=1, ffn_workers=1,
